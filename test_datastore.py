@@ -1,0 +1,1174 @@
+"""The specification of datastore, one section per requirement.
+
+Process tests use real subprocesses, crash tests a real SIGKILL, thread tests
+real threads. Every store lives under pytest's tmp_path.
+"""
+
+import dbm.dumb
+import hashlib
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+import datastore
+from datastore import (
+    MAX_KEY_LENGTH, MAX_STORE_BYTES, MAX_VALUE_BYTES, MIN_STORE_BYTES,
+    CorruptStoreError, DataStore, DataStoreError, DataStoreTypeError,
+    DataStoreValueError, InvalidKeyError, InvalidTTLError, InvalidValueError,
+    KeyExistsError, KeyNotFoundError, KeyTypeError, StoreClosedError,
+    StoreForkedError, StoreFullError, StoreLockedError, TTLTypeError,
+    ValueTypeError,
+)
+
+HERE = Path(__file__).resolve().parent
+POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="needs fork and signals")
+
+
+# --- Helpers --------------------------------------------------------------
+
+class Clock:
+    """A clock the test moves by hand; starts at the real time."""
+
+    def __init__(self):
+        self.now = time.time()
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def store(path):
+    with DataStore(path) as s:
+        yield s
+
+
+def snapshot(folder):
+    """Name -> SHA-256 of every file in folder: to prove nothing changed.
+
+    Lock files are only listed, never opened: closing any descriptor of a
+    lock file drops this process's POSIX lock on it.
+    """
+    return {p.name: "lock" if p.suffix == ".lock" else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+def files_size(path):
+    """Total bytes of all of a store's files."""
+    folder, name = Path(path).parent, Path(path).name
+    return sum(p.stat().st_size for p in folder.iterdir()
+               if p.name.startswith(name + "."))
+
+
+def run_python(code, *args, timeout=60, **kwargs):
+    """Run code in a fresh interpreter that can import datastore."""
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env,
+                          **kwargs)
+
+
+def spawn_python(code, *args, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+
+
+def expect_line(proc, expected, timeout=60):
+    """Read one line from proc; on a mismatch kill it and fail with its stderr."""
+    watchdog = threading.Timer(timeout, proc.kill)  # a hung child cannot hang us
+    watchdog.start()
+    try:
+        line = proc.stdout.readline().strip()
+    finally:
+        watchdog.cancel()
+    if line != expected:
+        proc.kill()
+        pytest.fail(f"expected {expected!r}, got {line!r}; stderr: {proc.stderr.read()}")
+
+
+HOLDER = """
+    import sys, datastore
+    store = datastore.DataStore(sys.argv[1])
+    store.create("held", {"by": "holder"})
+    print("ready", flush=True)
+    sys.stdin.readline()       # wait until told to close
+    store.close()
+    print("closed", flush=True)
+"""
+
+
+@pytest.fixture
+def holder(path):
+    """Another process that holds the store open until the test ends."""
+    proc = spawn_python(HOLDER, path)
+    expect_line(proc, "ready")
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+    proc.stdout.close(), proc.stderr.close(), proc.stdin.close()
+
+
+OPEN_IN_CHILD = """
+    import sys, datastore
+    try:
+        datastore.DataStore(sys.argv[1]).close()
+        print("opened")
+    except datastore.StoreLockedError as exc:
+        print("locked:", exc)
+"""
+
+
+# --- The public interface -------------------------------------------------
+
+def test_constants_have_the_documented_values():
+    assert (MAX_KEY_LENGTH, MAX_VALUE_BYTES, MAX_STORE_BYTES) == (32, 16384, 1024 ** 3)
+
+
+def test_create_then_read_returns_an_equal_value(store):
+    value = {"name": "Ada", "born": 1815, "langs": ["en", "fr"], "ok": True,
+             "none": None, "pi": 3.14159, "nested": {"a": {"b": []}}}
+    store.create("ada", value)
+    assert store.read("ada") == value
+
+
+def test_store_path_is_resolved_and_files_sit_beside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with DataStore(Path("sub") / "dir" / "s") as s:  # missing folders are created
+        assert s.path == (tmp_path / "sub" / "dir" / "s").resolve()
+        assert s.path.is_absolute()
+    names = sorted(p.name for p in (tmp_path / "sub" / "dir").iterdir())
+    assert names == ["s.dat", "s.dir", "s.lock"]
+
+
+def test_data_survives_close_and_reopen(path):
+    with DataStore(path) as s:
+        s.create("k", {"v": 1})
+        s.create("gone", {"v": 2})
+        s.delete("gone")
+    with DataStore(path) as s:
+        assert s.read("k") == {"v": 1}
+        with pytest.raises(KeyNotFoundError):
+            s.read("gone")
+
+
+def test_files_are_a_dbm_dumb_database_of_the_live_keys(path):
+    with DataStore(path) as s:
+        s.create("a", {"v": 1})
+        s.create("b", {"v": 2})
+        s.delete("b")
+        s.create("c", {"v": 3})
+    with dbm.dumb.open(str(path), "r") as db:
+        keys = set(db.keys())
+        live = {k for k in keys if datastore._unpack_record(db[k]) is not None
+                and datastore._unpack_record(db[k]).kind == datastore._VALUE}
+    assert live == {b"a", b"c"}
+    assert keys - live == {b"b", datastore._HEADER_KEY}  # a tombstone and the header
+
+
+def test_context_manager_closes_the_store(path):
+    with DataStore(path) as s:
+        s.create("k", {})
+    with pytest.raises(StoreClosedError):
+        s.read("k")
+
+
+def test_repr_names_path_and_state(path):
+    s = DataStore(path)
+    assert repr(s) == f"<DataStore {str(s.path)!r} open>"
+    s.close()
+    assert repr(s) == f"<DataStore {str(s.path)!r} closed>"
+
+
+# --- Keys -----------------------------------------------------------------
+
+@pytest.mark.parametrize("key", [
+    "a", "x" * 32, "line\nbreak", "nul\x00byte", "tab\tand 'quotes\"",
+    "ключ", "鍵", "🔑" * 32, "\\", "é" * 32, "\udbff\udfff"[:0] + "\U0010ffff",
+])
+def test_any_key_of_1_to_32_characters_round_trips(path, key):
+    with DataStore(path) as s:
+        s.create(key, {"key": key})
+        assert s.read(key) == {"key": key}
+    with DataStore(path) as s:  # also through the index written at close
+        assert s.read(key) == {"key": key}
+        s.delete(key)
+        with pytest.raises(KeyNotFoundError):
+            s.read(key)
+
+
+BAD_KEYS = [
+    (None, KeyTypeError), (1, KeyTypeError), (b"bytes", KeyTypeError),
+    (["k"], KeyTypeError), ("", InvalidKeyError), ("x" * 33, InvalidKeyError),
+    ("🔑" * 33, InvalidKeyError), ("lone \ud800 surrogate", InvalidKeyError),
+]
+
+
+@pytest.mark.parametrize("key, error", BAD_KEYS)
+@pytest.mark.parametrize("op", ["create", "read", "delete"])
+def test_bad_keys_are_refused_and_nothing_changes(store, key, error, op):
+    store.create("present", {"v": 1})
+    before = snapshot(store.path.parent)
+    args = (key, {"v": 1}) if op == "create" else (key,)
+    with pytest.raises(error) as info:
+        getattr(store, op)(*args)
+    base = TypeError if error is KeyTypeError else ValueError
+    assert isinstance(info.value, base) and isinstance(info.value, DataStoreError)
+    assert "key" in str(info.value)
+    assert snapshot(store.path.parent) == before
+    assert store.read("present") == {"v": 1}
+
+
+def test_key_length_error_names_limit_and_actual_length(store):
+    with pytest.raises(InvalidKeyError, match=r"1 to 32 characters, got 33"):
+        store.create("x" * 33, {})
+
+
+# --- Values ---------------------------------------------------------------
+
+def json_size(value):
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+def value_of_size(size, char="x"):
+    """A dict whose compact UTF-8 JSON is exactly `size` bytes."""
+    room = size - json_size({"v": ""})
+    width = len(char.encode())
+    value = {"v": char * (room // width) + "x" * (room % width)}
+    assert json_size(value) == size
+    return value
+
+
+def test_value_of_exactly_16384_bytes_is_accepted(store):
+    value = value_of_size(MAX_VALUE_BYTES)
+    store.create("big", value)
+    assert store.read("big") == value
+
+
+@pytest.mark.parametrize("char", ["x", "é"])  # é is 2 bytes: UTF-8, not characters
+def test_value_of_16385_bytes_is_refused_with_sizes_in_message(store, char):
+    value = value_of_size(MAX_VALUE_BYTES + 1, char)
+    before = snapshot(store.path.parent)
+    with pytest.raises(InvalidValueError, match="16385 bytes .* limit is 16384"):
+        store.create("big", value)
+    assert snapshot(store.path.parent) == before
+
+
+def circular():
+    value = {}
+    value["self"] = value
+    return value
+
+
+def deeply_nested():
+    value = {}
+    for _ in range(100_000):
+        value = {"a": value}
+    return value
+
+
+BAD_VALUES = [
+    (None, ValueTypeError), ([1, 2], ValueTypeError), ('{"a": 1}', ValueTypeError),
+    (42, ValueTypeError), ({"n": float("nan")}, InvalidValueError),
+    ({"n": float("inf")}, InvalidValueError), ({"n": -float("inf")}, InvalidValueError),
+    ({"s": {1, 2}}, InvalidValueError), ({"b": b"bytes"}, InvalidValueError),
+    ({"o": object()}, InvalidValueError), (circular(), InvalidValueError),
+    (deeply_nested(), InvalidValueError), ({"t": (1, 2)}, InvalidValueError),
+    ({1: "int key"}, InvalidValueError), ({"s": "lone \udc80"}, InvalidValueError),
+    ({(1, 2): "tuple key"}, InvalidValueError),
+]
+
+
+@pytest.mark.parametrize("value, error", BAD_VALUES)
+def test_bad_values_are_refused_and_nothing_changes(store, value, error):
+    before = snapshot(store.path.parent)
+    with pytest.raises(error) as info:
+        store.create("k", value)
+    base = TypeError if error is ValueTypeError else ValueError
+    assert isinstance(info.value, base) and isinstance(info.value, DataStoreError)
+    assert "'k'" in str(info.value)
+    assert snapshot(store.path.parent) == before
+    with pytest.raises(KeyNotFoundError):
+        store.read("k")
+
+
+def test_stored_value_is_a_copy_both_ways(store):
+    value = {"list": [1, 2], "inner": {"a": 1}}
+    store.create("k", value)
+    value["list"].append(3)
+    value["inner"]["a"] = 99
+    first = store.read("k")
+    assert first == {"list": [1, 2], "inner": {"a": 1}}
+    first["list"].clear()
+    assert store.read("k") == {"list": [1, 2], "inner": {"a": 1}}
+    assert store.read("k") is not store.read("k")
+
+
+def test_empty_dict_and_unicode_values_round_trip(store):
+    store.create("empty", {})
+    store.create("text", {"ключ": "значение", "emoji": "🙂", "nul": "\x00"})
+    assert store.read("empty") == {}
+    assert store.read("text") == {"ключ": "значение", "emoji": "🙂", "nul": "\x00"}
+
+
+# --- Create, read, delete -------------------------------------------------
+
+def test_create_on_a_live_key_raises_and_keeps_the_old_value(store):
+    store.create("k", {"v": "old"})
+    before = snapshot(store.path.parent)
+    with pytest.raises(KeyExistsError, match="'k' already exists"):
+        store.create("k", {"v": "new"})
+    assert store.read("k") == {"v": "old"}
+    assert snapshot(store.path.parent) == before
+
+
+@pytest.mark.parametrize("op", ["read", "delete"])
+def test_missing_key_raises_key_not_found_which_is_a_key_error(store, op):
+    before = snapshot(store.path.parent)
+    with pytest.raises(KeyError) as info:
+        getattr(store, op)("nope")
+    assert isinstance(info.value, KeyNotFoundError)
+    assert str(info.value) == "key 'nope' not found"
+    assert info.value.key == "nope"
+    assert snapshot(store.path.parent) == before
+
+
+def test_delete_then_key_is_gone_and_can_be_created_again(store):
+    store.create("k", {"v": 1})
+    store.delete("k")
+    with pytest.raises(KeyNotFoundError):
+        store.read("k")
+    with pytest.raises(KeyNotFoundError):
+        store.delete("k")
+    store.create("k", {"v": 2, "bigger": "x" * 3000})  # too big for the old slot
+    assert store.read("k") == {"v": 2, "bigger": "x" * 3000}
+    store.delete("k")
+    store.create("k", {"v": 3})  # fits the slot: rewritten in place
+    assert store.read("k") == {"v": 3}
+
+
+def test_recreated_keys_survive_reopen_with_the_newest_value(path):
+    with DataStore(path) as s:
+        for i in range(5):
+            s.create("k", {"v": i, "pad": "x" * (i * 700)})
+            s.delete("k")
+        s.create("k", {"v": "last"})
+    with DataStore(path) as s:
+        assert s.read("k") == {"v": "last"}
+
+
+# --- Time to live ---------------------------------------------------------
+
+def test_key_expires_at_create_time_plus_ttl(store):
+    clock = store._clock = Clock()
+    store.create("k", {"v": 1}, ttl=10)
+    clock.advance(9.999)
+    assert store.read("k") == {"v": 1}
+    clock.advance(0.001)
+    with pytest.raises(KeyNotFoundError):
+        store.read("k")
+    with pytest.raises(KeyNotFoundError):
+        store.delete("k")
+    store.create("k", {"v": 2})  # an expired key may be created again
+    assert store.read("k") == {"v": 2}
+
+
+def test_expired_key_is_not_written_by_read_or_delete(store):
+    clock = store._clock = Clock()
+    store.create("k", {"v": 1}, ttl=1)
+    clock.advance(2)
+    before = snapshot(store.path.parent)
+    for op in (store.read, store.delete):
+        with pytest.raises(KeyNotFoundError):
+            op("k")
+    assert snapshot(store.path.parent) == before
+
+
+def test_expiry_is_wall_clock_and_survives_reopen(path):
+    with DataStore(path) as s:
+        s.create("short", {"v": 1}, ttl=1)
+        s.create("long", {"v": 2}, ttl=3600)
+    time.sleep(1.1)
+    with DataStore(path) as s:
+        with pytest.raises(KeyNotFoundError):
+            s.read("short")
+        assert s.read("long") == {"v": 2}
+        clock = s._clock = Clock()
+        clock.advance(3600)
+        with pytest.raises(KeyNotFoundError):
+            s.read("long")
+
+
+BAD_TTLS = [
+    (True, TTLTypeError), (1.5, TTLTypeError), (1.0, TTLTypeError), ("10", TTLTypeError),
+    (0, InvalidTTLError), (-1, InvalidTTLError), (10 ** 12, InvalidTTLError),
+    (10 ** 400, InvalidTTLError),
+]
+
+
+@pytest.mark.parametrize("ttl, error", BAD_TTLS)
+def test_bad_ttls_are_refused_and_nothing_changes(store, ttl, error):
+    before = snapshot(store.path.parent)
+    with pytest.raises(error) as info:
+        store.create("k", {"v": 1}, ttl=ttl)
+    base = TypeError if error is TTLTypeError else ValueError
+    assert isinstance(info.value, base) and isinstance(info.value, DataStoreError)
+    assert "ttl" in str(info.value)
+    assert snapshot(store.path.parent) == before
+
+
+def test_largest_ttl_reaches_the_year_9999(store):
+    ttl = datastore._LATEST_EXPIRY - int(time.time()) - 10
+    store.create("k", {"v": 1}, ttl=ttl)
+    assert store.read("k") == {"v": 1}
+
+
+# --- Closed store and exceptions ------------------------------------------
+
+@pytest.mark.parametrize("call", [
+    lambda s: s.create("k", {}), lambda s: s.read("k"), lambda s: s.delete("k"),
+    lambda s: s.sync(), lambda s: s.compact(),
+])
+def test_every_operation_on_a_closed_store_raises(path, call):
+    s = DataStore(path)
+    s.create("k", {})
+    s.close()
+    s.close()  # idempotent
+    with pytest.raises(StoreClosedError, match="is closed"):
+        call(s)
+
+
+def test_all_errors_share_one_root_and_pickle_with_their_attributes(store):
+    errors = [cls for cls in vars(datastore).values()
+              if isinstance(cls, type) and issubclass(cls, Exception)]
+    assert {e.__name__ for e in errors} == {n for n in datastore.__all__ if n.endswith("Error")}
+    assert all(issubclass(e, DataStoreError) for e in errors) and len(errors) == 16
+    with pytest.raises(KeyNotFoundError) as info:
+        store.read("nope")
+    copy = pickle.loads(pickle.dumps(info.value))
+    assert type(copy) is KeyNotFoundError
+    assert (str(copy), copy.key, copy.path) == (str(info.value), "nope", store.path)
+    for cls in errors:
+        again = pickle.loads(pickle.dumps(cls("message", key="k", path="p")))
+        assert (type(again), str(again), again.key, again.path) == (cls, "message", "k", "p")
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"max_bytes": "big"}, DataStoreTypeError), ({"max_bytes": True}, DataStoreTypeError),
+    ({"max_bytes": MIN_STORE_BYTES - 1}, DataStoreValueError),
+])
+def test_bad_max_bytes_is_refused(path, kwargs, error):
+    with pytest.raises(error):
+        DataStore(path, **kwargs)
+    assert not path.parent.joinpath("store.dat").exists()
+
+
+@pytest.mark.parametrize("bad, error", [(42, DataStoreTypeError), (b"x", DataStoreTypeError),
+                                        ("", DataStoreValueError)])
+def test_bad_path_is_refused(bad, error):
+    with pytest.raises(error):
+        DataStore(bad)
+
+
+# --- One process per store ------------------------------------------------
+
+@POSIX_ONLY
+def test_second_process_is_refused_at_once_with_the_path(path, holder):
+    started = time.monotonic()
+    result = run_python(OPEN_IN_CHILD, path)
+    assert result.stdout.startswith("locked:"), result.stderr
+    assert str(path) in result.stdout and "another process" in result.stdout
+    assert time.monotonic() - started < 5  # no waiting for the lock
+    with pytest.raises(StoreLockedError, match="another process"):
+        DataStore(path)
+
+
+@POSIX_ONLY
+def test_next_opener_succeeds_after_the_holder_closes(path, holder):
+    holder.stdin.write("close\n")
+    holder.stdin.flush()
+    expect_line(holder, "closed")
+    with DataStore(path) as s:
+        assert s.read("held") == {"by": "holder"}
+
+
+@POSIX_ONLY
+def test_next_opener_succeeds_after_the_holder_is_killed(path, holder):
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    with DataStore(path) as s:
+        assert s.read("held") == {"by": "holder"}
+
+
+@POSIX_ONLY
+def test_second_open_in_the_same_process_is_refused_and_keeps_the_lock(path):
+    first = DataStore(path)
+    first.create("k", {"v": 1})
+    with pytest.raises(StoreLockedError, match="already open in this process"):
+        DataStore(path)
+    # The refused open must not have dropped the first one's lock.
+    assert run_python(OPEN_IN_CHILD, path).stdout.startswith("locked:")
+    assert first.read("k") == {"v": 1}
+    first.close()
+    assert run_python(OPEN_IN_CHILD, path).stdout.strip() == "opened"
+
+
+@POSIX_ONLY
+def test_relative_and_symlinked_paths_are_the_same_store(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with DataStore(tmp_path / "real" / "s"):
+        with pytest.raises(StoreLockedError):
+            DataStore(tmp_path / "link" / "s")
+        monkeypatch.chdir(tmp_path / "real")
+        with pytest.raises(StoreLockedError):
+            DataStore("s")
+
+
+@POSIX_ONLY
+def test_forked_child_cannot_use_the_store_and_writes_nothing(path):
+    store = DataStore(path)
+    store.create("k", {"v": 1})
+    before = snapshot(path.parent)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what happened through the pipe
+        outcome = []
+        for call in (lambda: store.read("k"), lambda: store.create("c", {}),
+                     lambda: store.delete("k"), store.sync):
+            try:
+                call()
+                outcome.append("worked")
+            except StoreForkedError:
+                outcome.append("refused")
+        store.close()  # forgets the store, writes nothing
+        os.write(write_end, json.dumps(outcome).encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end) as f:
+        assert json.loads(f.read()) == ["refused"] * 4
+    assert snapshot(path.parent) == before
+    assert run_python(OPEN_IN_CHILD, path).stdout.startswith("locked:")
+    assert store.read("k") == {"v": 1}
+    store.close()
+
+
+@POSIX_ONLY
+def test_forked_child_exiting_normally_leaves_the_parents_files_and_lock(path):
+    # The child runs atexit and garbage collection, where dbm.dumb would
+    # rewrite its index; the store must stop it.
+    code = """
+        import hashlib, os, sys, datastore
+        from pathlib import Path
+        store = datastore.DataStore(sys.argv[1])
+        for i in range(50):
+            store.create(f"k{i}", {"v": i})
+        store.delete("k0")
+        digest = lambda: [hashlib.sha256(Path(sys.argv[1] + s).read_bytes()).hexdigest()
+                          for s in (".dat", ".dir")]
+        before = digest()
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)          # a normal exit: atexit handlers, then teardown
+        os.waitpid(pid, 0)
+        print("unchanged" if digest() == before else "changed", flush=True)
+        sys.stdin.readline()
+        store.create("after", {"v": 1})
+        store.close()
+    """
+    proc = spawn_python(code, path)
+    try:
+        expect_line(proc, "unchanged")
+        assert run_python(OPEN_IN_CHILD, path).stdout.startswith("locked:")
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.communicate()
+    with DataStore(path) as s:
+        assert s.read("after") == {"v": 1} and s.read("k49") == {"v": 49}
+
+
+# --- Threads --------------------------------------------------------------
+
+def run_threads(target, count):
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+
+
+def test_sixteen_threads_racing_to_create_one_key_one_wins(store):
+    barrier = threading.Barrier(16)
+    results = []
+
+    def racer(i):
+        barrier.wait()
+        try:
+            store.create("prize", {"winner": i})
+            results.append(("won", i))
+        except KeyExistsError:
+            results.append(("lost", i))
+
+    run_threads(racer, 16)
+    winners = [i for outcome, i in results if outcome == "won"]
+    assert len(winners) == 1 and len(results) == 16
+    assert store.read("prize") == {"winner": winners[0]}
+
+
+def test_eight_threads_with_their_own_keys_lose_nothing(path):
+    per_thread = 1500
+    errors = []
+    with DataStore(path) as s:
+        def worker(t):
+            try:
+                for i in range(per_thread):
+                    s.create(f"t{t}-{i}", {"t": t, "i": i})
+                    assert s.read(f"t{t}-{i}") == {"t": t, "i": i}
+                    if i % 3 == 0:
+                        s.delete(f"t{t}-{i}")
+            except Exception as exc:  # reported below, with the thread
+                errors.append((t, repr(exc)))
+
+        run_threads(worker, 8)
+    assert errors == []
+    with DataStore(path) as s:
+        for t in range(8):
+            for i in range(per_thread):
+                if i % 3 == 0:
+                    with pytest.raises(KeyNotFoundError):
+                        s.read(f"t{t}-{i}")
+                else:
+                    assert s.read(f"t{t}-{i}") == {"t": t, "i": i}
+
+
+def test_threads_reading_while_others_delete_and_compact(path):
+    with DataStore(path, max_bytes=MIN_STORE_BYTES * 4) as s:
+        for i in range(100):
+            s.create(f"stay{i}", {"i": i})
+        stop = threading.Event()
+        errors = []
+
+        def reader(_):
+            while not stop.is_set():
+                for i in range(0, 100, 7):
+                    if s.read(f"stay{i}") != {"i": i}:
+                        errors.append(i)
+
+        def churner(_):
+            try:
+                for i in range(600):
+                    s.create(f"tmp{i}", {"pad": "x" * 300})
+                    s.delete(f"tmp{i}")
+                    if i % 200 == 0:
+                        s.compact()
+            finally:
+                stop.set()
+
+        run_threads(lambda i: churner(i) if i == 0 else reader(i), 4)
+        assert errors == []
+
+
+# --- Default location -----------------------------------------------------
+
+@pytest.fixture
+def fresh_default(monkeypatch):
+    """Make the module-level functions open a new default store, then close it."""
+    monkeypatch.setattr(datastore, "_default_store", None)
+    yield
+    if datastore._default_store is not None:
+        datastore._default_store.close()
+
+
+def test_module_functions_use_the_store_in_xdg_data_home(tmp_path, monkeypatch, fresh_default):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    datastore.create("k", {"v": 1}, ttl=60)
+    assert datastore.read("k") == {"v": 1}
+    datastore.delete("k")
+    with pytest.raises(KeyNotFoundError):
+        datastore.read("k")
+    assert datastore._default_store.path == tmp_path / "xdg" / "datastore" / "default"
+    datastore.create("kept", {"v": 2})
+    datastore._default_store.close()  # as at interpreter exit
+    with DataStore(tmp_path / "xdg" / "datastore" / "default") as s:
+        assert s.read("kept") == {"v": 2}
+
+
+@POSIX_ONLY
+def test_default_folder_is_private_and_files_are_owner_only(tmp_path, monkeypatch, fresh_default):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    datastore.create("k", {"v": 1})
+    folder = tmp_path / ".local" / "share" / "datastore"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes == {"default.dat": 0o600, "default.dir": 0o600, "default.lock": 0o600}
+
+
+@pytest.mark.parametrize("platform, env, expected", [
+    ("linux", {"XDG_DATA_HOME": "relative/ignored"}, ".local/share/datastore/default"),
+    ("darwin", {}, "Library/Application Support/datastore/default"),
+    ("win32", {"LOCALAPPDATA": "{home}/AppData/Local"}, "AppData/Local/datastore/default"),
+])
+def test_default_path_per_platform(tmp_path, monkeypatch, platform, env, expected):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value.format(home=tmp_path))
+    monkeypatch.setattr(sys, "platform", platform)
+    assert datastore._default_path() == tmp_path / expected
+
+
+# --- The size cap ---------------------------------------------------------
+
+def fill(store, prefix, size=400, ttl=None, check_cap=True):
+    """Create keys until StoreFullError; return how many fitted."""
+    count = 0
+    while True:
+        before = snapshot(store.path.parent) if check_cap and count % 16 == 0 else None
+        try:
+            store.create(f"{prefix}{count}", {"pad": "x" * size}, ttl=ttl)
+        except StoreFullError:
+            if before is not None:
+                assert snapshot(store.path.parent) == before
+            return count
+        count += 1
+        if check_cap:
+            assert files_size(store.path) <= store.max_bytes
+
+
+def test_files_never_exceed_max_bytes_and_full_store_still_reads_and_deletes(path):
+    with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
+        count = fill(s, "k")
+        assert count > 50
+        before = snapshot(path.parent)
+        with pytest.raises(StoreFullError, match="full.*max_bytes=65536"):
+            s.create("one more", {"pad": "x" * 400})
+        assert snapshot(path.parent) == before
+        assert s.read("k0") == {"pad": "x" * 400}
+        s.delete("k0")
+        assert files_size(path) <= s.max_bytes
+    assert files_size(path) <= MIN_STORE_BYTES  # also after close writes .dir
+
+
+def test_the_write_exactly_at_the_cap_fits_and_the_next_does_not(path):
+    # Fill with the smallest records, so the last one lands within a few bytes.
+    with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
+        count = 0
+        while True:
+            try:
+                s.create(f"{count:x}", {})
+            except StoreFullError:
+                break
+            count += 1
+        assert MIN_STORE_BYTES - files_size(path) < 600  # one block and a line
+        assert files_size(path) <= MIN_STORE_BYTES
+
+
+def test_space_comes_back_after_deleting_everything(path):
+    with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as s:
+        first = fill(s, "a")
+        for i in range(first):
+            s.delete(f"a{i}")
+        second = fill(s, "b")
+        assert second >= 0.9 * first
+
+
+def test_space_comes_back_after_expiry_without_reading(path):
+    with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as s:
+        clock = s._clock = Clock()
+        first = fill(s, "a", ttl=1)
+        clock.advance(2)
+        second = fill(s, "b", ttl=1)
+        assert second >= 0.9 * first
+
+
+def test_space_comes_back_after_reopen_too(path):
+    with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as s:
+        first = fill(s, "a")
+        for i in range(first):
+            s.delete(f"a{i}")
+    with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as s:
+        assert fill(s, "b") >= 0.9 * first
+
+
+def test_compaction_shrinks_the_files_and_keeps_live_data(path):
+    with DataStore(path) as s:
+        for i in range(300):
+            s.create(f"k{i}", {"i": i, "pad": "x" * 600})
+        for i in range(0, 300, 2):
+            s.delete(f"k{i}")
+        before = files_size(path)
+        s.compact()
+        assert files_size(path) < 0.6 * before
+        for i in range(300):
+            if i % 2:
+                assert s.read(f"k{i}") == {"i": i, "pad": "x" * 600}
+            else:
+                with pytest.raises(KeyNotFoundError):
+                    s.read(f"k{i}")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["store.dat", "store.dir",
+                                                              "store.lock"]
+
+
+def test_fill_the_default_one_gib_with_16_kib_values(path):
+    value = value_of_size(MAX_VALUE_BYTES)
+    with DataStore(path) as s:
+        assert s.max_bytes == MAX_STORE_BYTES
+        count = 0
+        while True:
+            try:
+                s.create(f"{count}", value)
+            except StoreFullError:
+                break
+            count += 1
+        assert files_size(path) <= MAX_STORE_BYTES
+        assert count > 0.95 * MAX_STORE_BYTES / (33 * 512)  # 33 blocks a value
+        assert s.read("0") == value and s.read(str(count - 1)) == value
+    assert files_size(path) <= MAX_STORE_BYTES
+
+
+# --- Crash safety ---------------------------------------------------------
+
+CRASH_WORKER = """
+    import json, random, sys, datastore
+    path, start, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    live = json.loads(sys.stdin.readline())
+    rng = random.Random(seed)
+    store = datastore.DataStore(path, max_bytes=datastore.MIN_STORE_BYTES * 2)
+    compact = store._compact     # report compactions, to prove some were cut
+
+    def reported():
+        print("compacting", flush=True)
+        compact()
+        print("compacted", flush=True)
+
+    store._compact = reported
+    print("ready", flush=True)
+    i = start
+    while True:
+        if live and rng.random() < 0.45:
+            key = live.pop(rng.randrange(len(live)))
+            print("begin D", key, flush=True)
+            store.delete(key)
+        else:
+            key, size = f"k{i}", rng.randrange(0, 1500)
+            i += 1
+            print("begin C", key, size, flush=True)
+            try:
+                store.create(key, {"key": key, "pad": "x" * size})
+            except datastore.StoreFullError:
+                print("full", flush=True)
+                continue
+            live.append(key)
+        print("done", flush=True)
+"""
+
+
+def value_for(key, size):
+    return {"key": key, "pad": "x" * size}
+
+
+@POSIX_ONLY
+def test_kill_9_at_random_instants_loses_no_acknowledged_operation(path):
+    rng = random.Random(1234)
+    live = {}  # key -> pad size, as acknowledged so far
+    deleted = set()
+    kills = compactions = kills_in_compaction = 0
+    for round_number in range(24):
+        proc = spawn_python(CRASH_WORKER, path, round_number * 100_000, round_number)
+        proc.stdin.write(json.dumps(sorted(live)) + "\n")
+        proc.stdin.flush()
+        expect_line(proc, "ready")
+        time.sleep(rng.uniform(0.0, 0.25))
+        proc.send_signal(signal.SIGKILL)
+        out = proc.stdout.read()  # not communicate(): readline() buffered some
+        proc.wait(timeout=30)
+        proc.stdin.close(), proc.stdout.close(), proc.stderr.close()
+        kills += 1
+        compactions += out.count("compacted")
+        kills_in_compaction += out.count("compacting") > out.count("compacted")
+        lines = out.splitlines()
+        if lines and not out.endswith("\n"):
+            lines.pop()  # a line cut by the kill: that operation is in flight
+        in_flight = None
+        for line in lines:
+            if line.startswith("begin"):
+                in_flight = line.split()[1:]
+            elif line in ("done", "full"):
+                if line == "done" and in_flight[0] == "C":
+                    live[in_flight[1]] = int(in_flight[2])
+                elif line == "done":
+                    deleted.add(in_flight[1])
+                    del live[in_flight[1]]
+                in_flight = None
+        with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as s:
+            assert files_size(path) <= s.max_bytes
+            for key, size in live.items():
+                if in_flight and in_flight[1] == key:  # a delete in flight
+                    try:
+                        assert s.read(key) == value_for(key, size)
+                    except KeyNotFoundError:
+                        deleted.add(key)
+                        del live[key]
+                        break
+                else:
+                    assert s.read(key) == value_for(key, size), key
+            for key in deleted:
+                with pytest.raises(KeyNotFoundError):
+                    s.read(key)
+            if in_flight and in_flight[0] == "C":  # a create in flight: all or nothing
+                key, size = in_flight[1], int(in_flight[2])
+                try:
+                    assert s.read(key) == value_for(key, size)
+                    live[key] = size
+                except KeyNotFoundError:
+                    pass
+        # Nothing else is there: the whole index, read as dbm.dumb sees it.
+        with dbm.dumb.open(str(path), "r") as db:
+            present = {k.decode() for k in db.keys() if k != datastore._HEADER_KEY
+                       and datastore._unpack_record(db[k]).kind == datastore._VALUE}
+        assert present == set(live)
+        assert not list(path.parent.glob("*.compact.*"))
+    assert kills >= 20 and len(deleted) > 20
+    assert compactions > 20 and kills_in_compaction >= 3
+
+
+# A child that SIGKILLs itself just before its n-th file-system step: every
+# open, write-to-disk (fsync), rename, replace or remove, in dbm.dumb or here.
+CRASH_AT_STEP = """
+    import builtins, io, os, signal, sys, datastore
+    path, action, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    count = 0
+
+    def counted(real):
+        def wrapper(*args, **kwargs):
+            global count
+            count += 1
+            if count == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return wrapper
+
+    store = None if action == "recover" else datastore.DataStore(path, max_bytes=2 ** 20)
+    for name in ("replace", "rename", "remove", "unlink", "fsync"):
+        setattr(os, name, counted(getattr(os, name)))
+    io.open = builtins.open = counted(io.open)
+    if action == "compact":
+        store.compact()
+    elif action == "close":
+        store.close()
+    elif action == "recover":
+        datastore.DataStore(path).close()
+    print("finished", count, flush=True)
+    os._exit(0)                   # no close after compaction: test it alone
+"""
+
+
+def prepare_store_for_crash(path):
+    """A store with live, deleted, expired and re-created keys. Returns the live ones."""
+    expected = {}
+    with DataStore(path, max_bytes=2 ** 20) as s:
+        for i in range(12):
+            s.create(f"k{i}", {"i": i, "pad": "x" * (i * 90)})
+            expected[f"k{i}"] = {"i": i, "pad": "x" * (i * 90)}
+        for i in range(0, 12, 3):
+            s.delete(f"k{i}")
+            del expected[f"k{i}"]
+        s.create("k3", {"again": "y" * 1200})  # moved: bigger than its old slot
+        expected["k3"] = {"again": "y" * 1200}
+        s.create("ttl", {"v": 1}, ttl=1)
+        time.sleep(1.05)  # "ttl" is now expired
+    return expected
+
+
+def left_dirty(path):
+    """Make the store look like its writer was killed (header still "open")."""
+    code = """
+        import os, sys, datastore
+        s = datastore.DataStore(sys.argv[1], max_bytes=2 ** 20)
+        s.create("late", {"v": "late"})
+        s.delete("k1")
+        os._exit(0)
+    """
+    assert run_python(code, path).returncode == 0
+
+
+@POSIX_ONLY
+@pytest.mark.parametrize("action", ["compact", "close", "recover"])
+def test_kill_9_at_every_step_of_compaction_close_and_recovery(tmp_path, action):
+    template = tmp_path / "template" / "store"
+    expected = prepare_store_for_crash(template)
+    if action == "recover":
+        left_dirty(template)
+        expected["late"] = {"v": "late"}
+        del expected["k1"]
+    step = 1
+    while True:
+        path = tmp_path / f"step{step}" / "store"
+        shutil.copytree(template.parent, path.parent)
+        result = run_python(CRASH_AT_STEP, path, action, step)
+        killed = result.returncode == -signal.SIGKILL
+        assert killed or result.returncode == 0, result.stderr
+        with DataStore(path, max_bytes=2 ** 20) as s:
+            for key, value in expected.items():
+                assert s.read(key) == value, (action, step, key)
+            for key in ("k0", "k6", "k9", "ttl") + (("k1",) if action == "recover" else ()):
+                with pytest.raises(KeyNotFoundError):
+                    s.read(key)
+        assert not list(path.parent.glob("*.compact.*"))
+        if not killed:
+            break
+        step += 1
+    # The hook did cut the run short at each of several steps before this one.
+    assert step > 5 and result.stdout.split() == ["finished", str(step - 1)]
+
+
+# --- Corrupt or foreign files ---------------------------------------------
+
+def make_store(path, count=20):
+    with DataStore(path) as s:
+        for i in range(count):
+            s.create(f"k{i}", {"i": i})
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"garbage", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40, b"\x00" * 4096,
+    b"DataStr1" + b"\x00" * 100,
+])
+def test_foreign_data_file_raises_corrupt_store_error_and_is_left_alone(path, content):
+    make_store(path)
+    Path(f"{path}.dat").write_bytes(content)
+    before = snapshot(path.parent)
+    with pytest.raises(CorruptStoreError) as info:
+        DataStore(path)
+    assert str(path) in str(info.value)
+    assert snapshot(path.parent) == before
+
+
+def test_index_without_data_file_raises_corrupt_store_error(path):
+    make_store(path)
+    os.remove(f"{path}.dat")
+    before = snapshot(path.parent)
+    with pytest.raises(CorruptStoreError, match="missing"):
+        DataStore(path)
+    assert snapshot(path.parent) == before
+
+
+@pytest.mark.parametrize("damage", [
+    lambda text: "",                                     # emptied
+    lambda text: text[: len(text) // 2],                 # cut mid-line
+    lambda text: text[: text.index("\n", len(text) // 2) + 1],  # cut at a line end
+    lambda text: text.replace("(", "((((", 1),            # hand-edited
+    lambda text: "(" * 100_000 + "\n" + text,             # nested enough to crash a parser
+    lambda text: "import os; os.system('touch pwned')\n" + text,  # never executed
+    lambda text: text.encode().hex(),                     # garbage
+])
+def test_damaged_index_is_rebuilt_from_the_data_file(path, damage):
+    make_store(path)
+    dir_path = Path(f"{path}.dir")
+    dir_path.write_text(damage(dir_path.read_text("latin-1")), "latin-1")
+    with DataStore(path) as s:
+        for i in range(20):
+            assert s.read(f"k{i}") == {"i": i}
+    assert not (path.parent / "pwned").exists()
+
+
+def test_missing_index_is_rebuilt_from_the_data_file(path):
+    make_store(path)
+    os.remove(f"{path}.dir")
+    with DataStore(path) as s:
+        assert s.read("k7") == {"i": 7}
+
+
+def test_damaged_record_raises_corrupt_store_error_on_read(path):
+    make_store(path, 3)
+    dat = Path(f"{path}.dat")
+    data = bytearray(dat.read_bytes())
+    data[data.index(b'{"i":1}') + 5] ^= 0x01  # flip a bit inside the value of k1
+    dat.write_bytes(bytes(data))
+    with DataStore(path) as s:
+        assert s.read("k0") == {"i": 0}
+        with pytest.raises(CorruptStoreError, match="damaged") as info:
+            s.read("k1")
+        assert str(path) in str(info.value)
+
+
+def test_record_damaged_before_a_crash_is_dropped_by_recovery(path):
+    make_store(path, 3)
+    left_dirty_code = """
+        import os, sys, datastore
+        datastore.DataStore(sys.argv[1]).create("k9", {"i": 9})
+        os._exit(0)
+    """
+    assert run_python(left_dirty_code, path).returncode == 0
+    dat = Path(f"{path}.dat")
+    data = bytearray(dat.read_bytes())
+    data[data.index(b'{"i":1}') + 5] ^= 0x01
+    dat.write_bytes(bytes(data))
+    with DataStore(path) as s:
+        assert s.read("k9") == {"i": 9} and s.read("k2") == {"i": 2}
+        with pytest.raises(KeyNotFoundError):
+            s.read("k1")
+
+
+def test_unfinished_compaction_files_are_discarded_at_open(path):
+    make_store(path)
+    Path(f"{path}.compact.dat").write_bytes(b"half written")
+    Path(f"{path}.compact.dir").write_text("'k1', (0, 5)\n")
+    with DataStore(path) as s:
+        assert s.read("k1") == {"i": 1}
+    assert not list(path.parent.glob("*.compact.*"))
+
+
+# --- Memory ---------------------------------------------------------------
+
+def test_memory_per_key_is_within_1_5x_of_dbm_dumbs_index(tmp_path):
+    count = 20_000
+    with DataStore(tmp_path / "ours") as s:
+        for i in range(count):
+            s.create(f"key{i:08d}", {"i": i}, ttl=3600 if i % 2 else None)
+    with dbm.dumb.open(str(tmp_path / "plain"), "c") as db:
+        for i in range(count):
+            db[f"key{i:08d}"] = b"x" * 40
+
+    def retained(opener):
+        tracemalloc.start()
+        try:
+            handle = opener()
+            size = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        return handle, size
+
+    db, plain = retained(lambda: dbm.dumb.open(str(tmp_path / "plain"), "r"))
+    db.close()
+    store, ours = retained(lambda: DataStore(tmp_path / "ours"))
+    store.create("one more", {"v": 1}, ttl=60)  # and after writing, with a ttl
+    store.close()
+    assert ours <= 1.5 * plain, (ours / count, plain / count)
