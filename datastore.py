@@ -84,6 +84,7 @@ Limits
   file systems.
 """
 
+import argparse
 import atexit
 import dbm.dumb
 import json
@@ -916,3 +917,48 @@ def read(key):
 def delete(key):
     """``DataStore.delete`` on the default store (opened on first use)."""
     _default().delete(key)
+
+
+# --- Command line ---------------------------------------------------------
+
+def main(argv=None):
+    """``python datastore.py [--path PATH] create|read|delete ...``.
+
+    Returns the exit status: 0 on success, 1 on an error (one line on
+    stderr), 2 on a usage error (from argparse).
+    """
+    parser = argparse.ArgumentParser(
+        prog="datastore", description="Create, read or delete a key in a store.")
+    parser.add_argument("--path", help="the store (default: the default store "
+                        "in your data folder)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    create_parser = commands.add_parser("create", help="create KEY with a JSON object")
+    create_parser.add_argument("key")
+    create_parser.add_argument("json", help='a JSON object, e.g. \'{"a": 1}\'')
+    create_parser.add_argument("--ttl", type=int, metavar="SECONDS",
+                               help="delete the key after this many seconds")
+    commands.add_parser("read", help="print KEY's JSON object").add_argument("key")
+    commands.add_parser("delete", help="delete KEY").add_argument("key")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "create":
+            try:
+                value = json.loads(args.json)
+            except ValueError as exc:
+                raise InvalidValueError(f"JSON for {args.key!r} is not valid: {exc}",
+                                        key=args.key) from None
+        with DataStore(args.path) as store:
+            if args.command == "create":
+                store.create(args.key, value, ttl=args.ttl)
+            elif args.command == "read":
+                print(json.dumps(store.read(args.key), ensure_ascii=False))
+            else:
+                store.delete(args.key)
+    except (DataStoreError, OSError) as exc:
+        print(f"datastore: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,11 +5,13 @@ real threads. Every store lives under pytest's tmp_path.
 """
 
 import dbm.dumb
+import doctest
 import hashlib
 import json
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -1172,3 +1174,147 @@ def test_memory_per_key_is_within_1_5x_of_dbm_dumbs_index(tmp_path):
     store.create("one more", {"v": 1}, ttl=60)  # and after writing, with a ttl
     store.close()
     assert ours <= 1.5 * plain, (ours / count, plain / count)
+
+
+# --- Command line ---------------------------------------------------------
+
+def cli(*args, env=None, module=False):
+    """Run the command line in a subprocess; return (status, stdout, stderr)."""
+    command = ["-m", "datastore"] if module else [str(HERE / "datastore.py")]
+    result = subprocess.run([sys.executable, *command, *map(str, args)],
+                            capture_output=True, text=True, timeout=60, cwd=HERE,
+                            env=dict(os.environ, **(env or {})))
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_cli_creates_reads_and_deletes(path):
+    assert cli("--path", path, "create", "k", '{"name": "Ada", "n": [1, 2]}') == (0, "", "")
+    assert cli("--path", path, "read", "k") == (0, '{"name": "Ada", "n": [1, 2]}\n', "")
+    assert cli("--path", path, "delete", "k") == (0, "", "")
+    status, out, err = cli("--path", path, "read", "k")
+    assert (status, out, err) == (1, "", "datastore: error: key 'k' not found\n")
+
+
+def test_cli_create_with_ttl_expires(path):
+    assert cli("--path", path, "create", "k", "{}", "--ttl", "1")[0] == 0
+    with DataStore(path) as s:
+        assert s.read("k") == {}
+        clock = s._clock = Clock()
+        clock.advance(1)
+        with pytest.raises(KeyNotFoundError):
+            s.read("k")
+
+
+def test_python_dash_m_datastore_works_the_same(path):
+    assert cli("--path", path, "create", "k", '{"a": "é"}', module=True)[0] == 0
+    assert cli("--path", path, "read", "k", module=True) == (0, '{"a": "é"}\n', "")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["create", "k", "not json"], "JSON for 'k' is not valid"),
+    (["create", "k", "[1, 2]"], "must be a dict, not list"),
+    (["create", "k", "{}", "--ttl", "0"], "must be positive"),
+    (["create", "x" * 33, "{}"], "1 to 32 characters"),
+    (["create", "k", '{"n": NaN}'], "not plain JSON"),
+    (["delete", "missing"], "not found"),
+])
+def test_cli_errors_are_one_line_on_stderr_with_status_1(path, args, message):
+    status, out, err = cli("--path", path, *args)
+    assert status == 1 and out == ""
+    assert err.startswith("datastore: error: ") and message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [[], ["frobnicate"], ["read"], ["create", "k"],
+                                  ["create", "k", "{}", "--ttl", "soon"]])
+def test_cli_usage_errors_exit_with_status_2(path, args):
+    status, out, err = cli("--path", path, *args)
+    assert status == 2 and "usage:" in err and "Traceback" not in err
+
+
+@POSIX_ONLY
+def test_cli_says_when_another_process_holds_the_store(path, holder):
+    status, _, err = cli("--path", path, "read", "held")
+    assert status == 1
+    assert err == (f"datastore: error: store {path} is in use by another process; "
+                   "only one process at a time may open it\n")
+
+
+def test_cli_without_path_uses_the_default_store(tmp_path):
+    env = {"XDG_DATA_HOME": str(tmp_path)}
+    assert cli("create", "k", '{"v": 1}', env=env)[0] == 0
+    with DataStore(tmp_path / "datastore" / "default") as s:
+        assert s.read("k") == {"v": 1}
+
+
+# --- README, docstring and sample -----------------------------------------
+
+def readme_blocks(kind):
+    return re.findall(rf"```{kind}\n(.*?)```", (HERE / "README.md").read_text(), re.S)
+
+
+def run_doctest(text, globs, name):
+    test = doctest.DocTestParser().get_doctest(text, globs, name, name, 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner.run(test)
+    return runner.tries, runner.failures
+
+
+def test_readme_python_examples_run(tmp_path, monkeypatch, fresh_default):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    blocks = readme_blocks("pycon")
+    assert len(blocks) == 2
+    globs = {}
+    for block in blocks:
+        tries, failures = run_doctest(block, globs, "README.md")
+        assert tries >= 4 and failures == 0
+
+
+def test_readme_shell_examples_run(tmp_path):
+    shutil.copy(HERE / "datastore.py", tmp_path)
+    blocks = [block for block in readme_blocks("console") if block.startswith("$ ")]
+    assert blocks
+    for block in blocks:
+        expected, got = [], []
+        for line in block.splitlines():
+            if not line.startswith("$ "):
+                expected.append(line)
+                continue
+            command = line[2:]
+            if command.startswith("python "):
+                command = f"{sys.executable} {command[len('python '):]}"
+            result = subprocess.run(["bash", "-c", command], cwd=tmp_path, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    timeout=60)
+            got.extend(result.stdout.splitlines())
+        assert got == expected
+
+
+def test_readme_setup_commands_are_the_ones_ci_runs():
+    setup = readme_blocks("console")[0].splitlines()
+    assert setup == ["python -m pip install -r requirements.txt && python sample.py",
+                     "python -m pytest -q"]
+    ci = (HERE / ".ci" / "run").read_text()
+    assert "-m pip install --quiet --disable-pip-version-check -r requirements.txt" in ci
+    assert ci.rstrip().endswith("-m pytest -q")
+
+
+def test_module_docstring_example_runs(tmp_path):
+    tries, failures = run_doctest(datastore.__doc__, {"folder": tmp_path}, "datastore")
+    assert tries == 2 and failures == 0
+
+
+def test_sample_runs_again_and_again_with_the_same_result():
+    outputs = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, str(HERE / "sample.py")], cwd=HERE,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and result.stderr == ""
+        # The temporary folder's name differs from run to run; nothing else may.
+        outputs.append(re.sub(r"/tmp\w*/", "/TMP/", result.stdout))
+    assert outputs[0] == outputs[1]
+    for shown in ("KeyExistsError", "KeyNotFoundError: key 'session' not found",
+                  "InvalidKeyError", "InvalidValueError", "in use by another process",
+                  "The store lives at"):
+        assert shown in outputs[0]
