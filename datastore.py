@@ -283,13 +283,6 @@ def _bucket(expires_at, exponent):
     return math.ceil(expires_at / width) * width
 
 
-def _pack_record(kind, key, expires_at=0.0, exponent=0, body=b""):
-    head = _RECORD.pack(_RECORD_MAGIC, kind, len(key), exponent, expires_at,
-                        len(body), 0)[:_CRC_AT]
-    crc = zlib.crc32(body, zlib.crc32(key, zlib.crc32(head)))
-    return b"".join((head, crc.to_bytes(4, "little"), key, body))
-
-
 class _Fields(NamedTuple):
     kind: int
     key: bytes
@@ -300,6 +293,14 @@ class _Fields(NamedTuple):
     @property
     def size(self):  # of the whole record
         return _RECORD.size + len(self.key) + len(self.body)
+
+
+def _pack_record(fields):
+    kind, key, expires_at, exponent, body = fields
+    head = _RECORD.pack(_RECORD_MAGIC, kind, len(key), exponent, expires_at,
+                        len(body), 0)[:_CRC_AT]
+    crc = zlib.crc32(body, zlib.crc32(key, zlib.crc32(head)))
+    return b"".join((head, crc.to_bytes(4, "little"), key, body))
 
 
 def _unpack_record(record):
@@ -422,7 +423,9 @@ _open_stores = {}
 _open_stores_lock = threading.Lock()
 
 
+@atexit.register
 def _close_open_stores():
+    """Close every store still open when Python exits, as a clean close."""
     for store in list(_open_stores.values()):
         store.close()
 
@@ -440,11 +443,12 @@ class _Space:
         self.live = _BLOCK  # the header's block
         self.expiring = {}  # bucket time -> bytes
 
-    def add(self, size, expires_at, exponent, sign=1):
-        slot = sign * _blocks(size) * _BLOCK
+    def add(self, fields, sign=1):
+        """Count a value record as live (sign=-1: no longer)."""
+        slot = sign * _blocks(fields.size) * _BLOCK
         self.live += slot
-        if expires_at:
-            bucket = _bucket(expires_at, exponent)
+        if fields.expires_at:
+            bucket = _bucket(fields.expires_at, fields.exponent)
             left = self.expiring.get(bucket, 0) + slot
             if left:
                 self.expiring[bucket] = left
@@ -518,8 +522,6 @@ class DataStore:
                     self._detach()
                 self._lock.release()
                 raise
-            if not _open_stores:
-                atexit.register(_close_open_stores)
             _open_stores[str(self.path)] = self
 
     def __repr__(self):
@@ -549,7 +551,8 @@ class DataStore:
             self._check_usable()
             now = self._clock()
             expires_at, exponent = _check_ttl(key, ttl, now)
-            record = _pack_record(_VALUE, key_bytes, expires_at, exponent, body)
+            new = _Fields(_VALUE, key_bytes, expires_at, exponent, body)
+            record = _pack_record(new)
             old = self._get(key_bytes)
             if old is not None and _is_live(old, now):
                 raise KeyExistsError(f"key {key!r} already exists", key=key,
@@ -558,7 +561,7 @@ class DataStore:
                 old = None  # compaction dropped the dead record
             self._put(key_bytes, record, old)
             if self._space is not None:
-                self._space.add(len(record), expires_at, exponent)
+                self._space.add(new)
 
     def read(self, key):
         """Return a new dict equal to the value stored under ``key``.
@@ -588,7 +591,8 @@ class DataStore:
         with self._mutex:
             self._check_usable()
             old = self._get_live(key, key_bytes)
-            self._put(key_bytes, _pack_record(_TOMBSTONE, key_bytes), old)
+            tombstone = _Fields(_TOMBSTONE, key_bytes, 0.0, 0, b"")
+            self._put(key_bytes, _pack_record(tombstone), old)
 
     def compact(self):
         """Rewrite the files without dead records, now.
@@ -786,7 +790,7 @@ class DataStore:
         self._dat_size += dat_growth
         self._dir_size += dir_growth
         if old is not None and old.kind == _VALUE and self._space is not None:
-            self._space.add(old.size, old.expires_at, old.exponent, sign=-1)
+            self._space.add(old, sign=-1)
 
     # --- Space accounting and compaction ---
 
@@ -796,11 +800,9 @@ class DataStore:
         self._dir_size = os.path.getsize(self._dir)
         self._space = space
 
-    def _live_records(self, now=None):
-        """Yield (key, record, fields) for every record in the index.
-
-        With `now`, only the live ones. Reads every record: O(keys).
-        """
+    def _records(self, now=None):
+        """Yield (key, record, fields) for every record in the index, or with
+        `now` for the live ones. Reads every record: O(keys)."""
         for key in self._db.keys():
             if key != _HEADER_KEY:
                 record = self._read_record(key)
@@ -820,9 +822,9 @@ class DataStore:
         excess = self._dat_size + self._dir_size + dat_growth + dir_growth - self.max_bytes
         if excess > 0 and self._space is None:  # once per open, when full
             self._space = _Space()
-            for _, record, fields in self._live_records():
+            for _, _, fields in self._records():
                 if fields.kind == _VALUE:
-                    self._space.add(len(record), fields.expires_at, fields.exponent)
+                    self._space.add(fields)
         dead = 0 if self._space is None else max(0, self._dat_size - self._space.live)
         threshold = self.max_bytes // 16
         if excess > 0:
@@ -846,7 +848,7 @@ class DataStore:
 
     def _compact(self):
         """Rewrite the live records into fresh files and switch to them."""
-        space = self._write_fresh(self._live_records(self._clock()))
+        space = self._write_fresh(self._records(self._clock()))
         # Closing makes dbm.dumb rewrite the old .dir: harmless, as the old
         # header says "open", so that .dir is never trusted.
         self._close_dbm()
@@ -870,7 +872,7 @@ class DataStore:
                 db[_HEADER_KEY] = _pack_header(_STATE_OPEN)
                 for key, record, fields in records:
                     db[key] = record
-                    space.add(len(record), fields.expires_at, fields.exponent)
+                    space.add(fields)
             finally:
                 db.close()  # writes .compact.dir
             _remove(base + ".bak")
