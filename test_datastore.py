@@ -1319,3 +1319,24 @@ def test_sample_runs_again_and_again_with_the_same_result():
                   "InvalidKeyError", "InvalidValueError", "in use by another process",
                   "The store lives at"):
         assert shown in outputs[0]
+
+
+# --- The benchmark script -------------------------------------------------
+
+@pytest.mark.parametrize("peers", ["as installed", "missing"])
+def test_benchmark_runs_and_skips_missing_peers_with_a_hint(peers):
+    # Blocking a module in sys.modules makes importing it raise ImportError.
+    block = ("import sys; sys.modules['diskcache'] = sys.modules['sqlitedict'] = None; "
+             if peers == "missing" else "import sys; ")
+    code = (block + "sys.argv = ['benchmark.py', '--n', '300', '--rounds', '1', "
+            "'--sizes', '100,300']; import runpy; runpy.run_path('benchmark.py', "
+            "run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "| DataStore |" in result.stdout and "| shelve (dbm.dumb) |" in result.stdout
+    assert "300 keys against 100" in result.stdout
+    if peers == "missing":
+        assert "skipping diskcache: python -m pip install diskcache" in result.stderr
+        assert "skipping sqlitedict: python -m pip install sqlitedict" in result.stderr
+        assert "| diskcache |" not in result.stdout
