@@ -49,7 +49,9 @@ We use ``dbm.dumb`` only in the ways that are safe:
 * create over a dead (deleted or expired) key: ``db[key] = record`` rewrites
   the dead record in place, or appends it if it is larger;
 * delete: ``db[key] = tombstone``, a small record written over the live one in
-  place. We never call ``del db[key]``, which rewrites the whole index.
+  place. We never call ``del db[key]``, which rewrites the whole index;
+* read: the (offset, size) in dbm.dumb's index, read through one handle we keep
+  open, because ``db[key]`` opens ``.dat`` anew on every call.
 
 Why a crash cannot hurt
 -----------------------
@@ -61,8 +63,8 @@ says *closed* and its size and CRC-32 match; otherwise the index is rebuilt by
 scanning ``.dat``. A record is valid only if its CRC-32 matches, so a torn
 write is never mistaken for data, and JSON text cannot contain a valid record
 header. For each key the valid record at the highest offset wins: ``dbm.dumb``
-only moves a value forward (to the end of the file), and it only overwrites or
-moves records that are already dead, so older copies are always dead ones. Each
+only moves a value forward (to the end of the file), and we only let it
+overwrite or move records that are already dead, so older copies are dead. Each
 create or delete that returned has its whole record in ``.dat`` (process
 crash), and each one before ``sync()`` or ``close()`` is also fsynced (power
 loss).
@@ -77,7 +79,7 @@ rename, and if it comes before the commit, the next open deletes the unfinished
 
 Limits
 ------
-* The index lives in memory, as it does in ``dbm.dumb`` (about 200 bytes per
+* The index lives in memory, as it does in ``dbm.dumb`` (about 190 bytes per
   key); values are read from disk on every call and never cached.
 * Opening a store reads its whole index: about a second per 100,000 keys.
   After a crash, and during compaction, writing fresh files takes about 60
