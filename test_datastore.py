@@ -855,6 +855,25 @@ def test_fill_the_default_one_gib_with_16_kib_values(path):
     assert files_size(path) <= MAX_STORE_BYTES
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_sync_fsyncs_the_data_file_and_close_fsyncs_both(path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    with DataStore(path) as s:
+        s.create("k", {"v": 1})
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        s.sync()
+        assert synced == ["store.dat"]
+        synced.clear()
+    # The index and the data first, then the header's "closed" mark.
+    assert synced == ["store.dir", "store.dat", "store.dat"]
+
+
 # --- Crash safety ---------------------------------------------------------
 
 CRASH_WORKER = """
