@@ -561,9 +561,19 @@ class DataStore:
             if old is not None and _is_live(old, now):
                 raise KeyExistsError(f"key {key!r} already exists", key=key,
                                      path=self.path)
-            if self._make_room(key, key_bytes, old, len(record), now):
+            growth = self._growth(key_bytes, old, len(record))
+            if self._should_compact(growth, now):
+                self._compact()
                 old = None  # compaction dropped the dead record
-            self._put(key_bytes, record, old)
+                growth = self._growth(key_bytes, None, len(record))
+            used = self._dat_size + self._dir_size
+            if used + sum(growth) > self.max_bytes:
+                raise StoreFullError(
+                    f"store {self.path} is full: creating {key!r} needs "
+                    f"{sum(growth)} more bytes, and its files already use {used} of "
+                    f"max_bytes={self.max_bytes}; delete keys or open it with a "
+                    "larger max_bytes", key=key, path=self.path)
+            self._put(key_bytes, record, old, growth)
             if self._space is not None:
                 self._space.add(new)
 
@@ -595,8 +605,8 @@ class DataStore:
         with self._mutex:
             self._check_usable()
             old = self._get_live(key, key_bytes)
-            tombstone = _Fields(_TOMBSTONE, key_bytes, 0.0, 0, b"")
-            self._put(key_bytes, _pack_record(tombstone), old)
+            record = _pack_record(_Fields(_TOMBSTONE, key_bytes, 0.0, 0, b""))
+            self._put(key_bytes, record, old, self._growth(key_bytes, old, len(record)))
 
     def compact(self):
         """Rewrite the files without dead records, now.
@@ -787,9 +797,10 @@ class DataStore:
         pos = self._dat_size + (-self._dat_size % _BLOCK)
         return pos + size - self._dat_size, _index_line_size(key_bytes, pos, size)
 
-    def _put(self, key_bytes, record, old):
-        """Write a record for key over `old`, its current record (or None)."""
-        dat_growth, dir_growth = self._growth(key_bytes, old, len(record))
+    def _put(self, key_bytes, record, old, growth):
+        """Write a record for key over `old`, its current record (or None);
+        `growth` is what _growth says the files grow by."""
+        dat_growth, dir_growth = growth
         self._db[key_bytes] = record
         self._dat_size += dat_growth
         self._dir_size += dir_growth
@@ -814,41 +825,28 @@ class DataStore:
                 if now is None or _is_live(fields, now):
                     yield key, record, fields
 
-    def _make_room(self, key, key_bytes, old, size, now):
-        """Compact first if the write needs it, or if half of .dat is dead.
+    def _should_compact(self, growth, now):
+        """Whether to compact before a create that grows the files by `growth`:
+        if the create needs the room, or if half of .dat is dead.
 
         Compaction costs time in proportion to the live data, so it runs only
         once at least a sixteenth of max_bytes is reclaimable: averaged over
         the writes that made that garbage, the cost per write stays flat.
-        Returns True if it compacted. Raises StoreFullError if there is no room.
         """
-        dat_growth, dir_growth = self._growth(key_bytes, old, size)
-        excess = self._dat_size + self._dir_size + dat_growth + dir_growth - self.max_bytes
+        excess = self._dat_size + self._dir_size + sum(growth) - self.max_bytes
         if excess > 0 and self._space is None:  # once per open, when full
             self._space = _Space()
             for _, _, fields in self._records():
                 if fields.kind == _VALUE:
                     self._space.add(fields)
-        dead = 0 if self._space is None else max(0, self._dat_size - self._space.live)
+        if self._space is None:
+            return False  # nothing known to be dead, and the write fits
+        dead = max(0, self._dat_size - self._space.live)
         threshold = self.max_bytes // 16
         if excess > 0:
             reclaimable = dead + self._space.expired(now)
-            worth_it = reclaimable >= max(threshold, excess + _BLOCK)
-        else:
-            worth_it = dead >= threshold and 2 * dead >= self._dat_size
-        if worth_it:
-            self._compact()
-            dat_growth, dir_growth = self._growth(key_bytes, None, size)
-            excess = (self._dat_size + self._dir_size + dat_growth + dir_growth
-                      - self.max_bytes)
-        if excess > 0:
-            raise StoreFullError(
-                f"store {self.path} is full: creating {key!r} needs "
-                f"{dat_growth + dir_growth} more bytes, and its files already use "
-                f"{self._dat_size + self._dir_size} of max_bytes={self.max_bytes}; "
-                "delete keys or open it with a larger max_bytes",
-                key=key, path=self.path)
-        return worth_it
+            return reclaimable >= max(threshold, excess + _BLOCK)
+        return dead >= threshold and 2 * dead >= self._dat_size
 
     def _compact(self):
         """Rewrite the live records into fresh files and switch to them."""
