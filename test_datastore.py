@@ -81,19 +81,23 @@ def files_size(path):
                if p.name.startswith(name + "."))
 
 
-def run_python(code, *args, timeout=60, **kwargs):
-    """Run code in a fresh interpreter that can import datastore."""
-    env = dict(os.environ, PYTHONPATH=str(HERE))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env=env,
-                          **kwargs)
+def python_command(code, *args):
+    """The command line, and an environment that can import datastore."""
+    command = [sys.executable, "-c", textwrap.dedent(code), *map(str, args)]
+    return command, dict(os.environ, PYTHONPATH=str(HERE))
 
 
-def spawn_python(code, *args, **kwargs):
-    env = dict(os.environ, PYTHONPATH=str(HERE))
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, **kwargs)
+def run_python(code, *args, timeout=60):
+    """Run code in a fresh interpreter; return the CompletedProcess."""
+    command, env = python_command(code, *args)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def spawn_python(code, *args):
+    """Start code in a fresh interpreter, with pipes to talk to it."""
+    command, env = python_command(code, *args)
+    return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 def expect_line(proc, expected, timeout=60):
