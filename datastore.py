@@ -326,7 +326,8 @@ def _record_length(head):
     """The length a record starting with `head` claims, if plausible."""
     if len(head) < _RECORD.size or not head.startswith(_RECORD_MAGIC):
         return None
-    length = _RECORD.size + head[5] + _RECORD.unpack_from(head)[5]
+    _, _, key_len, _, _, body_len, _ = _RECORD.unpack_from(head)
+    length = _RECORD.size + key_len + body_len
     return length if length <= _MAX_RECORD else None
 
 
@@ -734,7 +735,7 @@ class DataStore:
         """Finish a compaction that committed, or discard one that did not."""
         base = self._compact_base
         if os.path.exists(base + ".dat"):  # not committed: throw it away
-            _remove(base + ".dir", base + ".bak", base + ".dat")
+            self._discard_fresh()
         elif os.path.exists(base + ".dir"):  # committed: finish the switch
             os.replace(base + ".dir", self._dir)
             _remove(base + ".bak")
@@ -866,7 +867,7 @@ class DataStore:
         CRC-32. Returns the _Space of what it wrote.
         """
         base = self._compact_base
-        _remove(base + ".dir", base + ".bak", base + ".dat")
+        self._discard_fresh()
         space = _Space()
         try:
             db = dbm.dumb.open(base, "n", 0o600)
@@ -882,9 +883,16 @@ class DataStore:
             dir_size, dir_crc = _size_and_crc(base + ".dir")
             _write_header(base + ".dat", _STATE_CLOSED, dir_size, dir_crc)
         except BaseException:
-            _remove(base + ".dir", base + ".bak", base + ".dat")
+            self._discard_fresh()
             raise
         return space
+
+    def _discard_fresh(self):
+        """Delete unfinished fresh files. .dat goes last: while it exists, the
+        next open knows the compaction did not commit; a lone .compact.dir
+        would mean that it did."""
+        base = self._compact_base
+        _remove(base + ".dir", base + ".bak", base + ".dat")
 
     def _switch_to_fresh(self):
         """Make the fresh files the store's; the first rename is the commit."""
