@@ -1,7 +1,8 @@
 """A small persistent key-value store in one file, for one process at a time.
 
+    >>> import tempfile
     >>> from datastore import DataStore
-    >>> with DataStore(folder / "people") as store:
+    >>> with tempfile.TemporaryDirectory() as folder, DataStore(folder + "/people") as store:
     ...     store.create("ada", {"born": 1815, "known for": "the first program"})
     ...     store.read("ada")["born"]
     1815
@@ -14,97 +15,141 @@ Guarantees
   16 KiB as compact UTF-8 JSON, and ``read`` returns a dict equal to the one
   stored (values JSON would change, such as tuples or non-string keys, are
   refused). ``create`` never overwrites a live key.
-* A key created with ``ttl=N`` is gone N seconds (wall-clock time) after the
-  create returned; it can then be created again.
-* The store's files never add up to more than ``max_bytes`` (1 GiB by default)
-  after an operation; space freed by deletes and expiry is reclaimed.
-* Every operation that returned is on disk: killing the process at any instant
-  loses nothing that returned, and the operation that was running is either
-  wholly done or not done at all. ``sync()`` and ``close()`` also fsync, so what
-  they cover survives a power cut.
+* A key created with ``ttl=N`` expires N seconds after the clock reading the
+  create takes just before it writes (wall-clock time, ``time.time()``); from
+  then on it is gone for ``read`` and ``delete`` and may be created again.
+* The store's files never add up to more than ``max_bytes`` (1 GiB by
+  default), at any instant, and the space of deleted and expired values is
+  used again by the next write that needs it.
+* Every call costs about the same however many keys the store holds: no call
+  but opening, closing and ``compact()`` does work in proportion to the store.
+* Every operation that returned is in the files: killing the process at any
+  instant loses nothing that returned, and the operation that was running is
+  either wholly done or not done at all. ``sync()`` and ``close()`` also
+  fsync, so what they cover survives a power cut.
 * One process at a time may open a store; any number of its threads may use it.
-* Every error is a ``DataStoreError``, and a call that raises leaves the files as
-  they were.
+* Every error is a ``DataStoreError`` (or, for the operating system's own
+  failures such as a full disk, the ``OSError`` it raised), and a call that
+  raises changes nothing a later call could observe.
 
 On disk
 -------
-A store named ``path`` is a ``dbm.dumb`` database, ``path.dat`` and
-``path.dir``, plus ``path.lock`` for the inter-process lock. ``dbm.dumb`` keeps
-each value at a 512-byte boundary of ``.dat`` and writes one line
-``'key', (offset, size)`` to ``.dir`` per key it adds. Each value we give it is
-a *record* that describes itself::
+A store named ``path`` is ``path.dat``, ``path.dir`` and ``path.lock`` (for the
+inter-process lock). ``.dat`` and ``.dir`` have the format of a ``dbm.dumb``
+database: after a clean ``close()``, ``dbm.dumb.open(path, "r")`` opens the
+store and lists exactly its live keys. The code that reads and writes them is
+ours, not ``dbm.dumb``'s, which opens the files by name for every write,
+appends a ``.dir`` line per new key, never reuses space, and parses ``.dir``
+one ``ast.literal_eval`` at a time.
 
-    magic "DSr1" | kind (1 value, 2 tombstone) | key length | expiry bucket
-    | expires_at (float seconds, 0 = never) | body length | CRC-32 | key | body
+``.dat`` is a sequence of 512-byte blocks. Block 0 holds the *header*::
 
-where the body is the value as compact JSON. The value of a reserved key, which
-no user key can equal, is the store's *header* at offset 0 of ``.dat``: its
-state (open or closed) and, when closed, the size and CRC-32 of the ``.dir``
-written at that close.
+    magic "DataStr2" | state (0 closed, 1 open) | next sequence number
+    | size and CRC-32 of .dir | offset and size of the expiry table | CRC-32
 
-We use ``dbm.dumb`` only in the ways that are safe:
+Every other block is either the first block of a *record*, a block inside
+one, or free space. A record starts at a block boundary and describes itself
+with a 32-byte head::
 
-* create of a new key: ``db[key] = record`` appends the record to ``.dat``,
-  then a line to ``.dir``;
-* create over a dead (deleted or expired) key: ``db[key] = record`` rewrites
-  the dead record in place, or appends it if it is larger;
-* delete: ``db[key] = tombstone``, a small record written over the live one in
-  place. We never call ``del db[key]``, which rewrites the whole index;
-* read: the (offset, size) in dbm.dumb's index, read through one handle we keep
-  open, because ``db[key]`` opens ``.dat`` anew on every call.
+    magic "DSr2" | kind | key length | 0 | sequence number | expires_at
+    | length | CRC-32 of the head, the key and the body
+
+* kind 1, a *value*: the key (UTF-8) and the body (the value as compact JSON)
+  follow the head; expires_at is a ``time.time()`` value, or 0.0 for never.
+* kind 2, a *free marker*: no key or body; ``length`` is the number of blocks
+  of free space that start here.
+* kind 3, the *expiry table*: written at close, the body is base64 text of
+  (line of ``.dir``, expires_at) pairs for the keys that have a ttl.
+
+The kind is a byte below 0x20, which JSON and base64 text never contain, and a
+key starts 32 bytes into its block: so nothing a user stores can look like a
+head at a block boundary.
+
+``.dir`` is a snapshot written at a clean close, one line per live key in
+``dbm.dumb``'s text format, ``'key', (offset, size)``, with the key decoded
+as Latin-1 (the key's UTF-8 bytes, one character each).
+
+How a call changes the files
+----------------------------
+The store keeps in memory an index (key -> offset, size and expiry of its
+record), the free extents (by start, by end and by size, merged with free
+neighbours), the keys that have a ttl in order of expiry, and the sizes of the
+files. It changes memory only after the bytes are written.
+
+* ``create`` takes the best-fitting free extent, or appends to ``.dat``. If
+  it splits an extent, it first writes a free marker for the remainder. The
+  write of the record is the *commit point*: from then on the key exists.
+* ``delete`` writes a free marker over the record's head: that write is the
+  commit point. The blocks join the free extents.
+* An expired key costs nothing when it expires. Each write then reclaims a
+  few expired keys, earliest first, by writing a free marker over each (so a
+  reclaimed key can never come back, even if the clock is set back).
+* Free space at the end of ``.dat`` is given back by truncating the file. When
+  more than an eighth of ``.dat`` is free, or the files are near ``max_bytes``,
+  each write also moves a few records from the end of ``.dat`` into free
+  extents nearer the start: it writes the copy (with a new sequence number),
+  then truncates the original away. ``compact()`` does all of that at once.
+
+Any work after a commit point (freeing, moving, truncating) that fails is
+left for a later call to retry; the call that committed does not raise.
 
 Why a crash cannot hurt
 -----------------------
-``.dat`` is the truth; ``.dir`` is only a cache of it. At open the header is
-marked *open* (and fsynced) before anything else is written, and only a clean
-``close()`` marks it *closed*, after ``dbm.dumb`` has rewritten ``.dir`` and
-both files are fsynced. At the next open, ``.dir`` is used only if the header
-says *closed* and its size and CRC-32 match; otherwise the index is rebuilt by
-scanning ``.dat``. A record is valid only if its CRC-32 matches, so a torn
-write is never mistaken for data, and JSON text cannot contain a valid record
-header. For each key the valid record at the highest offset wins: ``dbm.dumb``
-only moves a value forward (to the end of the file), and we only let it
-overwrite or move records that are already dead, so older copies are dead. Each
-create or delete that returned has its whole record in ``.dat`` (process
-crash), and each one before ``sync()`` or ``close()`` is also fsynced (power
-loss).
+``.dat`` is the truth; ``.dir`` is only a snapshot of the index. Opening a
+store marks its header *open* (fsynced) before anything else is written; only
+a clean ``close()`` marks it *closed*, after ``.dir``, the expiry table and
+``.dat`` are written and fsynced. The next open trusts ``.dir`` only if the
+header says *closed* and the size and CRC-32 of ``.dir`` match; otherwise it
+scans ``.dat``:
 
-Compaction writes the live records into fresh files ``path.compact.dat`` and
-``path.compact.dir`` (header *closed*), fsyncs them, and then renames
-``.compact.dat`` over ``.dat``: that rename is the commit. Renaming
-``.compact.dir`` over ``.dir`` follows; if a crash comes between the two, the
-next open sees ``.compact.dir`` without ``.compact.dat`` and finishes the
-rename, and if it comes before the commit, the next open deletes the unfinished
-``.compact.*`` files.
+* A record counts only if its CRC-32 matches, so a torn write is never taken
+  for data. Free markers and the expiry table are recognised too, so the scan
+  can tell free space from damage; damage beyond the one record a crash can
+  tear is logged on the ``datastore`` logger.
+* Each key has at most one valid record at rest. While a record is being
+  moved there are two, and the higher sequence number wins; the scan then
+  invalidates the other before the store is used. Sequence numbers never go
+  back: the header holds a bound that every number issued while open stays
+  below, and the scan starts above both that bound and every record it saw.
+* A record that an earlier ``sync()`` (or open) made durable is never
+  invalidated or truncated away before its copy is fsynced, so a power cut
+  cannot lose both. A failed fsync refuses further writes until reopened,
+  because the kernel may have dropped the pages it could not write.
 
 Limits
 ------
-* The index lives in memory, as it does in ``dbm.dumb`` (about 190 bytes per
-  key); values are read from disk on every call and never cached.
-* Opening a store reads its whole index: about a second per 100,000 keys.
-  After a crash, and during compaction, writing fresh files takes about 60
-  microseconds per live key.
+* The index lives in memory: about 130 bytes per key (less than ``dbm.dumb``'s
+  dict of tuples). Values are read from disk on every call and never cached.
+* Opening reads the whole ``.dir``, and after a crash scans the whole ``.dat``.
 * The lock is a POSIX record lock (``fasteners``); it does not work on network
   file systems.
 """
 
+from __future__ import annotations
+
 import argparse
+import ast
 import atexit
-import dbm.dumb
+import base64
+import gc
 import json
-import math
+import logging
 import os
+import re
+import stat
 import struct
 import sys
 import threading
 import time
 import zlib
+from array import array
+from bisect import bisect_left, bisect_right
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Callable, Iterator, Optional
 
 import fasteners
 
-__version__ = "1.0.0"
+__version__ = "2.0.0"
 __all__ = [
     "DataStore", "create", "read", "delete",
     "MAX_KEY_LENGTH", "MAX_VALUE_BYTES", "MAX_STORE_BYTES", "MIN_STORE_BYTES",
@@ -120,25 +165,59 @@ MAX_VALUE_BYTES = 16 * 1024     # compact UTF-8 JSON
 MAX_STORE_BYTES = 1024 ** 3     # all of a store's files together, by default
 MIN_STORE_BYTES = 64 * 1024     # room for the header and a few largest values
 
-# dbm.dumb starts every value at a multiple of this many bytes of .dat.
-_BLOCK = 512
+_log = logging.getLogger("datastore")
+
 # The latest expiry we accept: 9999-12-31 23:59:59 UTC, the end of datetime.
 _LATEST_EXPIRY = 253402300799
+# The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
+_LARGEST_STORE = 1 << 40
 
-# The header: magic, state, size and CRC-32 of the .dir written at the last
-# clean close, and a CRC-32 of the fields before it.
-_HEADER = struct.Struct("<8sB3xQII")
-_HEADER_MAGIC = b"DataStr1"
-_HEADER_KEY = b"\xffdatastore header"  # 0xff never occurs in UTF-8 keys
-_STATE_CLOSED, _STATE_OPEN = 0, 1
+# Records start at multiples of this many bytes, as in dbm.dumb.
+_BLOCK = 512
+# A record's head: magic, kind, key length, 0, sequence number, expires_at,
+# length, CRC-32. _FIELDS is the same without the CRC, which covers it.
+_HEAD = struct.Struct("<4sBBHQdII")
+_FIELDS = struct.Struct("<4sBBHQdI")
+_MAGIC = b"DSr2"
+_VALUE, _FREE, _TABLE = 1, 2, 3
+_MAX_KEY_BYTES = 4 * MAX_KEY_LENGTH
+_MAX_RECORD = _HEAD.size + _MAX_KEY_BYTES + MAX_VALUE_BYTES
+_MAX_BLOCKS = -(-_MAX_RECORD // _BLOCK)  # 33
+# Free extents are binned by length: 1 to _MAX_BLOCKS blocks, then longer.
+_LONG = _MAX_BLOCKS + 1
 
-# A record: magic, kind, key length, expiry bucket exponent, expires_at, body
-# length, then a CRC-32 of the fields before it, the key and the body.
-_RECORD = struct.Struct("<4sBBBxdII")
-_RECORD_MAGIC = b"DSr1"
-_VALUE, _TOMBSTONE = 1, 2
-_CRC_AT = _RECORD.size - 4
-_MAX_RECORD = _RECORD.size + 4 * MAX_KEY_LENGTH + MAX_VALUE_BYTES
+# The header in block 0: magic, state, next sequence number (closed) or the
+# bound on those issued (open), size and CRC-32 of .dir, offset and size of
+# the expiry table, CRC-32 of the fields before it.
+_HEADER = struct.Struct("<8sB3xQQIQII")
+_HEADER_MAGIC = b"DataStr2"
+_CLOSED, _OPEN = 0, 1
+_LEASE = 1 << 20  # sequence numbers issued per header write while open
+# An expiry-table entry: line number in .dir, expires_at as float bits.
+_TABLE_ENTRY = struct.Struct("<IQ")
+
+# The index maps a key to one int: record size | block << 16 | expiry << 48,
+# where expiry is the bits of expires_at as a float64 (0 for never). The bits
+# of non-negative floats order as the floats do, so they compare directly.
+_SIZE_MASK = 0xFFFF
+_BLOCK_MASK = 0xFFFFFFFF
+_SLOT_MASK = (1 << 48) - 1
+_FLOAT = struct.Struct("<d")
+_BITS = struct.Struct("<Q")
+
+# Work a single call may do besides its own: expired keys reclaimed and
+# records moved toward the start of .dat.
+_RECLAIM_BATCH = 16
+_MOVE_BATCH = 4
+_SCAN_CHUNK = 1 << 22  # bytes of .dat read at a time by a scan
+
+# Version 1.0 stores, converted at their first open: the header magic, and a
+# record's head (magic, kind 1 value or 2 tombstone, key length, unused,
+# expires_at, body length, CRC-32).
+_V1_HEADER = struct.Struct("<8sB3xQII")
+_V1_HEADER_MAGIC = b"DataStr1"
+_V1_HEAD = struct.Struct("<4sBBBxdII")
+_V1_MAGIC = b"DSr1"
 
 
 # --- Exceptions -----------------------------------------------------------
@@ -149,13 +228,21 @@ class DataStoreError(Exception):
     ``key`` and ``path``, where they apply, name the key and the store.
     """
 
-    def __init__(self, message, *, key=None, path=None):
+    def __init__(self, message: str, *, key: Optional[str] = None,
+                 path: Any = None) -> None:
         super().__init__(message)
         self.key = key
         self.path = path
 
-    def __str__(self):
+    def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+    def __reduce__(self) -> Any:
+        return _rebuild_error, (type(self), str(self), self.key, self.path)
+
+
+def _rebuild_error(cls: type, message: str, key: Optional[str], path: Any) -> Any:
+    return cls(message, key=key, path=path)
 
 
 class DataStoreTypeError(DataStoreError, TypeError):
@@ -218,9 +305,9 @@ class CorruptStoreError(DataStoreError):
     """A store file is damaged or is not a store file."""
 
 
-# --- Helpers --------------------------------------------------------------
+# --- Checking arguments ---------------------------------------------------
 
-def _encode_key(key):
+def _encode_key(key: object) -> bytes:
     """Return the key as UTF-8 bytes, or raise if it is not a valid key."""
     if not isinstance(key, str):
         raise KeyTypeError(f"key must be a str, not {type(key).__name__}")
@@ -235,7 +322,7 @@ def _encode_key(key):
                               key=key) from None
 
 
-def _encode_value(key, value):
+def _encode_value(key: str, value: object) -> bytes:
     """Return the value as compact UTF-8 JSON, or raise if it is not storable."""
     if not isinstance(value, dict):
         raise ValueTypeError(
@@ -262,10 +349,10 @@ def _encode_value(key, value):
     return body
 
 
-def _check_ttl(key, ttl, now):
-    """Return expires_at (0.0 for never) and the expiry bucket exponent."""
+def _expiry(key: str, ttl: object, now: float) -> float:
+    """Return expires_at for a ttl given at time `now` (0.0 for never)."""
     if ttl is None:
-        return 0.0, 0
+        return 0.0
     if isinstance(ttl, bool) or not isinstance(ttl, int):
         raise TTLTypeError(
             f"ttl for {key!r} must be None or an int of seconds, "
@@ -276,128 +363,1009 @@ def _check_ttl(key, ttl, now):
         raise InvalidTTLError(
             f"ttl for {key!r} is too large: {ttl} seconds is past the year 9999",
             key=key)
-    # Expiry buckets are about a sixteenth of the ttl wide, so the number of
-    # buckets stays small however many keys carry a ttl.
-    return now + ttl, max(0, ttl.bit_length() - 4)
+    return now + ttl
 
 
-def _bucket(expires_at, exponent):
-    """The time at which a record is counted as reclaimable (>= expires_at)."""
-    width = 1 << exponent
-    return math.ceil(expires_at / width) * width
+# --- Records, blocks and files --------------------------------------------
 
-
-class _Fields(NamedTuple):
-    kind: int
-    key: bytes
-    expires_at: float
-    exponent: int
-    body: bytes
-
-    @property
-    def size(self):  # of the whole record
-        return _RECORD.size + len(self.key) + len(self.body)
-
-
-def _pack_record(fields):
-    kind, key, expires_at, exponent, body = fields
-    head = _RECORD.pack(_RECORD_MAGIC, kind, len(key), exponent, expires_at,
-                        len(body), 0)[:_CRC_AT]
-    crc = zlib.crc32(body, zlib.crc32(key, zlib.crc32(head)))
-    return b"".join((head, crc.to_bytes(4, "little"), key, body))
-
-
-def _unpack_record(record):
-    """Return the record's _Fields, or None if it is not a valid record."""
-    if len(record) < _RECORD.size:
-        return None
-    magic, kind, key_len, exponent, expires_at, body_len, crc = (
-        _RECORD.unpack_from(record))
-    if (magic != _RECORD_MAGIC or kind not in (_VALUE, _TOMBSTONE)
-            or len(record) != _RECORD.size + key_len + body_len
-            or zlib.crc32(record[_RECORD.size:],
-                          zlib.crc32(record[:_CRC_AT])) != crc):
-        return None
-    key = record[_RECORD.size:_RECORD.size + key_len]
-    return _Fields(kind, key, expires_at, exponent, record[_RECORD.size + key_len:])
-
-
-def _record_length(head):
-    """The length a record starting with `head` claims, if plausible."""
-    if len(head) < _RECORD.size or not head.startswith(_RECORD_MAGIC):
-        return None
-    _, _, key_len, _, _, body_len, _ = _RECORD.unpack_from(head)
-    length = _RECORD.size + key_len + body_len
-    return length if length <= _MAX_RECORD else None
-
-
-def _is_live(fields, now):
-    return fields.kind == _VALUE and (fields.expires_at == 0.0
-                                      or now < fields.expires_at)
-
-
-def _blocks(size):
+def _blocks(size: int) -> int:
     return -(-size // _BLOCK)
 
 
-def _index_line_size(key, pos, size):
-    """Bytes dbm.dumb writes to .dir for one key (it writes Latin-1 text)."""
-    line = "%r, %r\n" % (key.decode("Latin-1"), (pos, size))
-    return len(line) + len(os.linesep) - 1
+def _float_bits(value: float) -> int:
+    return int(_BITS.unpack(_FLOAT.pack(value))[0])
 
 
-def _pack_header(state, dir_size=0, dir_crc=0):
-    head = _HEADER.pack(_HEADER_MAGIC, state, dir_size, dir_crc, 0)[:-4]
-    return head + zlib.crc32(head).to_bytes(4, "little")
+def _bits_float(bits: int) -> float:
+    return float(_FLOAT.unpack(_BITS.pack(bits))[0])
 
 
-def _read_header(dat_path):
-    """Return (state, dir_size, dir_crc), or None for an empty data file."""
-    with open(dat_path, "rb") as f:
-        data = f.read(_HEADER.size)
-    if not data:
+def _pack_value(seq: int, key: bytes, expires_at: float, body: bytes) -> bytes:
+    fields = _FIELDS.pack(_MAGIC, _VALUE, len(key), 0, seq, expires_at, len(body))
+    crc = zlib.crc32(body, zlib.crc32(key, zlib.crc32(fields)))
+    return b"".join((fields, crc.to_bytes(4, "little"), key, body))
+
+
+def _pack_marker(kind: int, length: int, body: bytes = b"", seq: int = 0) -> bytes:
+    """A free marker (length in blocks) or an expiry table (its body)."""
+    fields = _FIELDS.pack(_MAGIC, kind, 0, 0, seq, 0.0, length)
+    return fields + zlib.crc32(body, zlib.crc32(fields)).to_bytes(4, "little") + body
+
+
+def _parse_item(buf: bytes, off: int) -> Optional[tuple[int, int, bytes, float, int, int]]:
+    """The valid record or free marker at buf[off:], or None.
+
+    Returns (kind, seq, key, expires_at, length, total bytes). A table longer
+    than what `buf` holds also gives None: the caller reads it whole.
+    """
+    if len(buf) - off < _HEAD.size:
         return None
-    if (len(data) < _HEADER.size or not data.startswith(_HEADER_MAGIC)
-            or zlib.crc32(data[:-4]) != int.from_bytes(data[-4:], "little")):
-        raise CorruptStoreError(
-            f"{dat_path} is not a datastore data file (bad header); "
-            "move it away or open a different path", path=dat_path)
-    _, state, dir_size, dir_crc, _ = _HEADER.unpack(data)
-    return state, dir_size, dir_crc
+    magic, kind, key_len, zero, seq, expires_at, length, crc = _HEAD.unpack_from(buf, off)
+    if magic != _MAGIC or zero or not 0.0 <= expires_at <= _LATEST_EXPIRY:
+        return None
+    if kind == _VALUE:
+        if not 0 < key_len <= _MAX_KEY_BYTES or length > MAX_VALUE_BYTES:
+            return None
+        total = _HEAD.size + key_len + length
+    elif kind in (_FREE, _TABLE) and not key_len and length:
+        total = _HEAD.size + (length if kind == _TABLE else 0)
+    else:
+        return None
+    if off + total > len(buf):
+        return None
+    view = memoryview(buf)[off:off + total]
+    if zlib.crc32(view[_HEAD.size:], zlib.crc32(view[:_HEAD.size - 4])) != crc:
+        return None
+    return kind, seq, bytes(view[_HEAD.size:_HEAD.size + key_len]), expires_at, length, total
 
 
-def _write_header(dat_path, state, dir_size=0, dir_crc=0):
-    # 28 bytes at offset 0, inside one disk sector: written whole or not at all.
-    with open(dat_path, "r+b") as f:
-        f.write(_pack_header(state, dir_size, dir_crc))
-        f.flush()
-        os.fsync(f.fileno())
+def _valid_key(key: bytes) -> bool:
+    try:
+        return 1 <= len(key.decode("utf-8")) <= MAX_KEY_LENGTH
+    except UnicodeDecodeError:
+        return False
 
 
-def _size_and_crc(path):
-    size, crc = 0, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            size += len(chunk)
-            crc = zlib.crc32(chunk, crc)
-    return size, crc
+def _line_length(key: bytes, block: int, size: int) -> int:
+    """Bytes of key's line in .dir: ``'key', (offset, size)`` and a newline."""
+    return len(repr(key.decode("latin-1"))) + len(str(block * _BLOCK)) + len(str(size)) + 7
 
 
-def _fsync_file(path):
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+def _table_room(entries: int) -> int:
+    """Bytes an expiry table of `entries` may add to .dat, alignment included."""
+    if not entries:
+        return 0
+    return _BLOCK - 1 + _HEAD.size + 4 * -(-_TABLE_ENTRY.size * entries // 3)
 
 
-def _fsync_folder(folder):
-    if os.name == "posix":  # elsewhere a rename is durable without this
-        fd = os.open(folder, os.O_RDONLY)
+# A .dir line, for the common key that repr() writes between single quotes
+# with no escapes (group 1); any other key is read with ast.literal_eval
+# (group 2). Offsets and sizes are groups 3 and 4.
+_DIR_LINE = re.compile(rb"^(?:'([^'\\\n]*)'|(.+?)), \((\d+), (\d+)\)$", re.M)
+
+
+def _write_at(fd: int, data: bytes, pos: int) -> None:
+    """Write all of data at pos (seek and write where there is no pwrite)."""
+    view = memoryview(data)
+    while view:
+        if hasattr(os, "pwrite"):
+            written = os.pwrite(fd, view, pos)
+        else:  # Windows: the caller holds the store's lock, so no one moves the offset
+            os.lseek(fd, pos, os.SEEK_SET)
+            written = os.write(fd, view)
+        view = view[written:]
+        pos += written
+
+
+def _read_at(fd: int, size: int, pos: int) -> bytes:
+    """Read up to size bytes at pos: fewer only at the end of the file."""
+    chunks = []
+    while size > 0:
+        if hasattr(os, "pread"):
+            chunk = os.pread(fd, size, pos)
+        else:
+            os.lseek(fd, pos, os.SEEK_SET)
+            chunk = os.read(fd, size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+        pos += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _candidates(fd: int, size: int, magic: bytes) -> Iterator[tuple[int, bytes, int]]:
+    """(block, buffer, offset) for each block of .dat after the header that
+    starts with `magic`. The buffer holds at least _MAX_RECORD bytes from the
+    offset, or up to the end of the file."""
+    pos = _BLOCK
+    while pos < size:
+        buf = _read_at(fd, min(_SCAN_CHUNK + _MAX_RECORD, size - pos), pos)
+        stop = min(_SCAN_CHUNK, len(buf))
+        off = buf.find(magic, 0, stop + len(magic) - 1)
+        while 0 <= off < stop:
+            if off % _BLOCK == 0:
+                yield (pos + off) // _BLOCK, buf, off
+                off += _BLOCK
+            else:
+                off += _BLOCK - off % _BLOCK
+            off = buf.find(magic, off, stop + len(magic) - 1)
+        pos += _SCAN_CHUNK
+
+
+class _Header:
+    """The fields of a valid header (see _HEADER)."""
+
+    def __init__(self, data: bytes) -> None:
+        (_, self.state, self.seq, self.dir_size, self.dir_crc, self.table_pos,
+         self.table_size, _) = _HEADER.unpack(data)
+
+    @staticmethod
+    def parse(data: bytes) -> Optional[_Header]:
+        if (len(data) < _HEADER.size or not data.startswith(_HEADER_MAGIC)
+                or zlib.crc32(data[:_HEADER.size - 4])
+                != int.from_bytes(data[_HEADER.size - 4:_HEADER.size], "little")):
+            return None
+        header = _Header(data[:_HEADER.size])
+        return header if header.state in (_CLOSED, _OPEN) else None
+
+
+def _is_v1_header(data: bytes) -> bool:
+    return (len(data) >= _V1_HEADER.size and data.startswith(_V1_HEADER_MAGIC)
+            and zlib.crc32(data[:_V1_HEADER.size - 4])
+            == int.from_bytes(data[_V1_HEADER.size - 4:_V1_HEADER.size], "little"))
+
+
+def _fsync(fd: int) -> None:
+    """Make fd's writes durable. On macOS, fsync only reaches the drive's
+    cache; F_FULLFSYNC asks the drive to write it (where the file system
+    supports it)."""
+    if sys.platform == "darwin":
+        import fcntl  # POSIX only, so imported where it is used
         try:
-            os.fsync(fd)
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
+
+
+# --- The keys that have a ttl, in order of expiry -------------------------
+
+class _Expiries:
+    """(expiry, key) pairs in ascending order, kept as sorted runs.
+
+    Expiries are float bits (see the index). Each run holds at most
+    2 * _RUN pairs in two parallel sequences, so adding or removing a pair is
+    a bisection over the runs' first expiries and a short memmove, and the
+    earliest pairs are at the front: 16 bytes a pair.
+    """
+
+    _RUN = 512
+
+    def __init__(self) -> None:
+        self.firsts: list[int] = []         # the first expiry of each run
+        self.exps: list[array[int]] = []    # each run's expiries, ascending
+        self.keys: list[list[bytes]] = []   # each run's keys, in that order
+        self.count = 0
+
+    def load(self, pairs: list[tuple[int, bytes]]) -> None:
+        """Fill an empty instance with these (expiry, key) pairs."""
+        pairs.sort()
+        for at in range(0, len(pairs), self._RUN):
+            run = pairs[at:at + self._RUN]
+            self.firsts.append(run[0][0])
+            self.exps.append(array("Q", [exp for exp, _ in run]))
+            self.keys.append([key for _, key in run])
+        self.count = len(pairs)
+
+    def add(self, exp: int, key: bytes) -> None:
+        if not self.exps:
+            self.firsts.append(exp)
+            self.exps.append(array("Q", [exp]))
+            self.keys.append([key])
+        else:
+            i = max(bisect_right(self.firsts, exp) - 1, 0)
+            run, keys = self.exps[i], self.keys[i]
+            j = bisect_right(run, exp)
+            run.insert(j, exp)
+            keys.insert(j, key)
+            if j == 0:
+                self.firsts[i] = exp
+            if len(run) > 2 * self._RUN:
+                self.exps.insert(i + 1, run[self._RUN:])
+                self.keys.insert(i + 1, keys[self._RUN:])
+                self.firsts.insert(i + 1, run[self._RUN])
+                del run[self._RUN:], keys[self._RUN:]
+        self.count += 1
+
+    def remove(self, exp: int, key: bytes) -> None:
+        i = max(bisect_left(self.firsts, exp) - 1, 0)
+        while i < len(self.exps):
+            run, keys = self.exps[i], self.keys[i]
+            lo = bisect_left(run, exp)
+            hi = bisect_right(run, exp, lo)
+            try:
+                at = keys.index(key, lo, hi)
+            except ValueError:
+                pass
+            else:
+                del run[at], keys[at]
+                if not run:
+                    del self.exps[i], self.keys[i], self.firsts[i]
+                elif at == 0:
+                    self.firsts[i] = run[0]
+                self.count -= 1
+                return
+            if hi < len(run):
+                break
+            i += 1
+        raise KeyError(key)  # the index and the expiries disagree: a bug
+
+    def due(self, now: int, limit: int) -> list[bytes]:
+        """Up to `limit` keys whose expiry is at or before `now`, earliest first."""
+        due: list[bytes] = []
+        for run, keys in zip(self.exps, self.keys):
+            end = bisect_right(run, now, 0, min(len(run), limit - len(due)))
+            due.extend(keys[:end])
+            if end < len(run) or len(due) >= limit:
+                break
+        return due
+
+    def count_due(self, now: int) -> int:
+        total = 0
+        for run in self.exps:
+            if run[-1] > now:
+                return total + bisect_right(run, now)
+            total += len(run)
+        return total
+
+
+# --- The storage engine ---------------------------------------------------
+
+class _StoreFull(Exception):
+    """A write would take the files over max_bytes. (The engine's own signal:
+    DataStore turns it into StoreFullError.)"""
+
+    def __init__(self, needed: int, used: int) -> None:
+        super().__init__(needed, used)
+        self.needed, self.used = needed, used
+
+
+class _Engine:
+    """The files of one store: records and free space in .dat, the snapshot in .dir.
+
+    It deals in bytes keys, records, 512-byte blocks and file descriptors,
+    held open for the store's life and never reopened by name. It knows no
+    locks, threads, clocks or users: the caller serialises every call and
+    passes the time where expiry matters. See the module docstring for the
+    format and the crash argument.
+    """
+
+    def __init__(self, base: str, max_bytes: int) -> None:
+        self.dat_path, self.dir_path = base + ".dat", base + ".dir"
+        self.max_bytes = max_bytes
+        self.index: dict[bytes, int] = {}       # key -> slot (see _SIZE_MASK)
+        self.expiries = _Expiries()             # keys that have a ttl
+        self.free_at: dict[int, int] = {}       # free extent: start -> blocks
+        self.free_to: dict[int, int] = {}       # free extent: end -> start
+        self.bins: list[set[int]] = [set() for _ in range(_LONG + 1)]  # by length
+        self.free_blocks = 0
+        self.dat_size = 0     # bytes of .dat, from what was written
+        self.dir_bytes = 0    # bytes .dir will hold at close: its lines
+        self.seq = 1          # the next sequence number
+        self.lease = 0        # the header's bound on sequence numbers issued
+        self.durable_seq = 0  # records below this number have been fsynced
+        self.stale: list[tuple[bytes, int]] = []  # superseded copies to invalidate
+        self.failed: Optional[OSError] = None     # a failed fsync: no more writes
+        self.stuck = (0, 0)   # (end of .dat, blocks) when the last record fit nowhere
+        self.dat = self.dir = -1
+        self._open_files()
+
+    # --- Opening ---
+
+    def _open_files(self) -> None:
+        flags = os.O_RDWR | getattr(os, "O_BINARY", 0)
+        try:
+            self.dat = os.open(self.dat_path, flags)
+        except FileNotFoundError:
+            if os.path.exists(self.dir_path) and os.path.getsize(self.dir_path):
+                raise CorruptStoreError(
+                    f"{self.dir_path} exists but {self.dat_path} is missing; "
+                    "restore the data file or move the index away",
+                    path=self.dir_path) from None
+            self.dat = os.open(self.dat_path, flags | os.O_CREAT, 0o600)
+        try:
+            self._load()
+        except BaseException:
+            self.close_files()
+            raise
+
+    def _load(self) -> None:
+        size = os.fstat(self.dat).st_size
+        first = _read_at(self.dat, min(size, _HEADER.size), 0)
+        header = _Header.parse(first)
+        v1 = header is None and _is_v1_header(first)
+        if size and header is None and not v1 and not self._holds_records():
+            raise CorruptStoreError(
+                f"{self.dat_path} is not a datastore data file (no valid header "
+                "or record); move it away or open a different path",
+                path=self.dat_path)
+        self.dir = os.open(self.dir_path, os.O_RDWR | os.O_CREAT
+                           | getattr(os, "O_BINARY", 0), 0o600)
+        if not size and os.fstat(self.dir).st_size:
+            raise CorruptStoreError(
+                f"{self.dat_path} is empty but {self.dir_path} is not; "
+                "restore the data file or move the index away", path=self.dat_path)
+        gc_was_on = gc.isenabled()
+        gc.disable()  # loading makes millions of objects, none of them cyclic
+        try:
+            if v1:
+                self._convert_v1()
+            elif header is not None and header.state == _CLOSED and self._load_snapshot(header):
+                pass
+            elif size:
+                self._recover(header)
         finally:
-            os.close(fd)
+            if gc_was_on:
+                gc.enable()
+        self.lease = self.seq + _LEASE
+        self._write_header(_OPEN)  # before anything else is written
+        self.durable_seq = self.seq
+        os.ftruncate(self.dir, 0)  # a stale snapshot: rewritten at close
+        self._try(self._trim)
+
+    def _load_snapshot(self, header: _Header) -> bool:
+        """Load the index from the .dir and expiry table a clean close wrote.
+
+        Returns False if they do not match the header (then scan .dat). What
+        matches but does not make sense raises CorruptStoreError.
+        """
+        self.dat_size = os.fstat(self.dat).st_size
+        if os.fstat(self.dir).st_size != header.dir_size:
+            return False
+        text = _read_at(self.dir, header.dir_size, 0)
+        table = self._read_table(header.table_pos, header.table_size)
+        if zlib.crc32(text) != header.dir_crc or table is None:
+            return False
+        lines = _DIR_LINE.findall(text)
+        if len(lines) != text.count(b"\n") or (text and not text.endswith(b"\n")):
+            raise self._damaged(self.dir_path, "a line is not of dbm.dumb's form")
+        index, dat_size = self.index, self.dat_size
+        for simple, quoted, pos_text, size_text in lines:
+            key = simple or self._literal_key(quoted)
+            pos, size = int(pos_text), int(size_text)
+            if (pos % _BLOCK or not _BLOCK <= pos <= dat_size - size
+                    or not _HEAD.size < size <= _MAX_RECORD or not _valid_key(key)):
+                raise self._damaged(self.dir_path, f"bad entry {key!r}")
+            index[key] = size | pos // _BLOCK << 16
+        if len(index) != len(lines):
+            raise self._damaged(self.dir_path, "a key is listed twice")
+        self.dir_bytes = len(text)
+        keys = list(index)  # in the order of the lines
+        expiring = []
+        for line, exp in table:
+            if line >= len(keys) or index[keys[line]] >> 48:
+                raise self._damaged(self.dat_path, "bad expiry table")
+            index[keys[line]] |= exp << 48
+            expiring.append((exp, keys[line]))
+        self.expiries.load(expiring)
+        self.seq = header.seq
+        self._derive_free(None)
+        return True
+
+    def _literal_key(self, quoted: bytes) -> bytes:
+        try:
+            key = ast.literal_eval(quoted.decode("latin-1"))
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            key = None
+        if not isinstance(key, str):
+            raise self._damaged(self.dir_path, f"bad key {quoted[:80]!r}")
+        return key.encode("latin-1")
+
+    def _read_table(self, pos: int, size: int) -> Optional[list[tuple[int, int]]]:
+        """The expiry table's (line, expiry) pairs, or None if damaged."""
+        if not size:
+            return [] if not pos else None
+        if pos % _BLOCK or pos < _BLOCK or pos + size > self.dat_size:
+            return None
+        item = _parse_item(_read_at(self.dat, size, pos), 0)
+        if item is None or item[0] != _TABLE or item[5] != size:
+            return None
+        try:
+            raw = base64.b64decode(_read_at(self.dat, item[4], pos + _HEAD.size),
+                                   validate=True)
+        except ValueError:
+            return None
+        if len(raw) % _TABLE_ENTRY.size:
+            return None
+        entries = list(_TABLE_ENTRY.iter_unpack(raw))
+        if not all(0 < exp <= _float_bits(_LATEST_EXPIRY) for _, exp in entries):
+            return None
+        return entries
+
+    def _derive_free(self, marked: Optional[dict[int, int]]) -> None:
+        """Make every block no record holds a free extent. With `marked` (the
+        free markers a scan found: block -> length), also write a marker at
+        the start of each extent that has no exact one yet."""
+        at = 1  # block 0 is the header
+        for slot in sorted(slot & _SLOT_MASK for slot in self.index.values()):
+            block = slot >> 16
+            if block < at:
+                raise self._damaged(self.dat_path, f"records overlap at block {block}")
+            if block > at:
+                self._new_free(at, block - at, marked)
+            at = block + _blocks(slot & _SIZE_MASK)
+        end = _blocks(self.dat_size)
+        if end > at:
+            self._new_free(at, end - at, marked)
+
+    def _new_free(self, start: int, length: int, marked: Optional[dict[int, int]]) -> None:
+        if marked is not None and marked.get(start) != length:
+            self._write_marker(start, length)
+        self._add_free(start, length)
+
+    def _holds_records(self) -> bool:
+        """Whether .dat holds any valid record or marker of ours (for a file
+        whose header is not valid: damaged, or not a store's)."""
+        size = os.fstat(self.dat).st_size
+        return any(_parse_item(buf, off) for _, buf, off in _candidates(self.dat, size, _MAGIC))
+
+    def _recover(self, header: Optional[_Header]) -> None:
+        """Rebuild the index by scanning .dat (see "Why a crash cannot hurt")."""
+        self.dat_size = os.fstat(self.dat).st_size
+        losers, marked, damage, newest = self._scan()
+        self.seq = max(header.seq if header else 1, newest + 1)
+        self._count_index()
+        for block, length in losers:  # older copies of keys: never again valid
+            self._write_marker(block, length)
+        self._derive_free(marked)
+        self._report_damage(damage)
+
+    def _count_index(self) -> None:
+        """Count .dir's lines and list the expiries, for an index from a scan."""
+        self.dir_bytes = sum(_line_length(key, (slot >> 16) & _BLOCK_MASK, slot & _SIZE_MASK)
+                             for key, slot in self.index.items())
+        self.expiries.load([(slot >> 48, key) for key, slot in self.index.items() if slot >> 48])
+
+    def _scan(self) -> tuple[list[tuple[int, int]], dict[int, int],
+                             list[tuple[int, int]], int]:
+        """Read every valid item of .dat into the index (newest copy of each key).
+
+        Returns the older copies (block, blocks), the free markers (block ->
+        blocks), the regions no item explains (block, blocks) and the highest
+        sequence number seen.
+        """
+        index = self.index
+        newest = 0
+        losers: list[tuple[int, int]] = []
+        marked: dict[int, int] = {}
+        damage: list[tuple[int, int]] = []
+        explained = 1  # blocks before this one are accounted for
+        for block, buf, off in _candidates(self.dat, self.dat_size, _MAGIC):
+            item = _parse_item(buf, off)
+            if item is None and buf[off + 4:off + 5] == bytes([_TABLE]):  # a long table
+                total = _HEAD.size + _HEAD.unpack_from(buf, off)[6]
+                if block * _BLOCK + total <= self.dat_size:
+                    item = _parse_item(_read_at(self.dat, total, block * _BLOCK), 0)
+            if item is None:
+                continue
+            kind, seq, key, expires_at, length, total = item
+            if kind == _VALUE and not _valid_key(key):
+                continue
+            if block > explained:
+                damage.append((explained, block - explained))
+            extent = length if kind == _FREE else _blocks(total)
+            explained = max(explained, block + extent)
+            if kind == _FREE:
+                marked[block] = length
+                continue
+            if kind == _TABLE:
+                continue
+            newest = max(newest, seq)
+            slot = total | block << 16 | (_float_bits(expires_at) << 48 if expires_at else 0)
+            old = index.setdefault(key, slot)
+            if old != slot:  # two copies: the higher sequence number wins
+                old_block, old_size = (old >> 16) & _BLOCK_MASK, old & _SIZE_MASK
+                old_seq = _HEAD.unpack(_read_at(self.dat, _HEAD.size, old_block * _BLOCK))[4]
+                if seq > old_seq:
+                    index[key] = slot
+                    losers.append((old_block, _blocks(old_size)))
+                else:
+                    losers.append((block, extent))
+        end = _blocks(self.dat_size)
+        if end > explained:
+            damage.append((explained, end - explained))
+        return losers, marked, damage, newest
+
+    def _report_damage(self, damage: list[tuple[int, int]]) -> None:
+        """Warn of damage a crash cannot explain: a crash tears at most the one
+        record (or free marker) being written, no longer than a record."""
+        if len(damage) > 1 or any(length > _MAX_BLOCKS for _, length in damage):
+            _log.warning(
+                "datastore %s: recovered %d keys; skipped %d damaged region(s) "
+                "of %d bytes in all, which a crash alone does not explain",
+                self.dat_path[:-4], len(self.index), len(damage),
+                sum(length for _, length in damage) * _BLOCK)
+
+    def _damaged(self, path: str, detail: str) -> CorruptStoreError:
+        return CorruptStoreError(f"{path} is damaged: {detail}; move the store "
+                                 "away and restore a backup", path=path)
+
+    def _convert_v1(self) -> None:
+        """Convert a store written by version 1.0, in place.
+
+        The 1.0 header stays until the end, so a crash here converts again: a
+        key's version 2 record, if any, beats its 1.0 records; else its 1.0
+        record at the highest offset wins, as it did in 1.0 (a tombstone
+        there means deleted). Each 1.0 value is copied as a version 2 record,
+        then invalidated; superseded 1.0 records go before tombstones, which
+        until then hide them.
+        """
+        for leftover in (".bak", ".compact.dat", ".compact.dir", ".compact.bak"):
+            _remove(self.dat_path[:-4] + leftover)  # 1.0's own temporary files
+        self.dat_size = os.fstat(self.dat).st_size
+        newest: dict[bytes, tuple[int, int, float, Optional[bytes]]] = {}
+        older: list[tuple[int, int]] = []
+        for block, buf, off in _candidates(self.dat, self.dat_size, _V1_MAGIC):
+            if len(buf) - off < _V1_HEAD.size:
+                continue
+            _, kind, key_len, _, expires_at, body_len, crc = _V1_HEAD.unpack_from(buf, off)
+            key_at = off + _V1_HEAD.size
+            end = key_at + key_len + body_len
+            if kind not in (1, 2) or end > len(buf) or zlib.crc32(
+                    buf[key_at:end], zlib.crc32(buf[off:key_at - 4])) != crc:
+                continue
+            key = buf[key_at:key_at + key_len]
+            if key in newest:
+                older.append(newest[key][:2])
+            newest[key] = (block, _blocks(end - off), expires_at,
+                           buf[key_at + key_len:end] if kind == 1 else None)
+        losers, marked, _, seq = self._scan()  # from a conversion cut short
+        self.seq = seq + 1
+        self.lease = self.seq + _LEASE  # the 1.0 header stays until the end
+        self._count_index()
+        tombstones, convert = [], {}
+        for key, (block, length, expires_at, body) in newest.items():
+            if key in self.index:
+                older.append((block, length))
+            elif body is None:
+                tombstones.append((block, length))
+            elif not _valid_key(key) or len(body) > MAX_VALUE_BYTES or not 0 <= expires_at <= _LATEST_EXPIRY:
+                raise self._damaged(self.dat_path, f"bad 1.0 record {key!r}")
+            else:
+                convert[key] = (block, length, expires_at, body)
+        for block, length in losers + older + tombstones:
+            self._write_marker(block, length)
+        holders = {b"\0" + key: length * _BLOCK | block << 16  # hold their blocks
+                   for key, (block, length, _, _) in convert.items()}
+        self.index.update(holders)
+        self._derive_free(marked)
+        for key, (block, length, expires_at, body) in convert.items():
+            del self.index[b"\0" + key]
+            self._put_record(key, body, expires_at)
+            self._write_marker(block, length)
+            self._add_free(block, length)
+        _fsync(self.dat)  # the copies reach the disk before the new header
+
+    # --- Reading ---
+
+    def slot(self, key: bytes, now: float) -> Optional[int]:
+        """key's slot if it has a live record at `now`, else None. No I/O."""
+        slot = self.index.get(key)
+        if slot is None or (slot >> 48 and slot >> 48 <= _float_bits(now)):
+            return None
+        return slot
+
+    def get(self, key: bytes, now: float) -> Optional[bytes]:
+        """The body of key's live record, or None."""
+        slot = self.slot(key, now)
+        if slot is None:
+            return None
+        size = slot & _SIZE_MASK
+        record = _read_at(self.dat, size, ((slot >> 16) & _BLOCK_MASK) * _BLOCK)
+        key_end = _HEAD.size + len(key)
+        if (len(record) != size or record[:4] != _MAGIC or record[4] != _VALUE
+                or record[_HEAD.size:key_end] != key
+                or zlib.crc32(record[_HEAD.size:], zlib.crc32(record[:_HEAD.size - 4]))
+                != int.from_bytes(record[_HEAD.size - 4:_HEAD.size], "little")):
+            raise CorruptStoreError(
+                f"the record of {key.decode('utf-8', 'replace')!r} in "
+                f"{self.dat_path} is damaged", path=self.dat_path)
+        return record[key_end:]
+
+    def used(self) -> int:
+        """Bytes the files hold or may need at close: .dat, .dir, expiry table."""
+        return self.dat_size + self.dir_bytes + _table_room(self.expiries.count)
+
+    # --- Writing ---
+
+    def put(self, key: bytes, body: bytes, expires_at: float, now: float) -> None:
+        """Make key's record one holding `body`, whether or not it has one.
+
+        Raises _StoreFull (nothing written) if there is no room.
+        """
+        self._check_writable()
+        old = self.index.get(key)
+        if old is not None and old >> 48 and old >> 48 <= _float_bits(now):
+            self._drop(key, old)  # expired: its space may serve the new record
+            old = None
+        self._put_record(key, body, expires_at, now)
+        if old is not None:
+            self._supersede(key, old)
+        self._tidy(now)
+
+    def remove(self, key: bytes, now: float) -> bool:
+        """Delete key's live record; False if it has none."""
+        slot = self.slot(key, now)
+        if slot is None:
+            return False
+        self._check_writable()
+        self._drop(key, slot)
+        self._tidy(now)
+        return True
+
+    def _check_writable(self) -> None:
+        if self.failed is not None:
+            raise OSError(
+                f"an earlier fsync of {self.dat_path} failed ({self.failed}), so "
+                "writes since may be lost; close the store and open it again")
+        while self.stale:  # a superseded copy left valid must go first
+            self._invalidate(self.stale[-1])
+            self.stale.pop()
+
+    def _put_record(self, key: bytes, body: bytes, expires_at: float,
+                    now: Optional[float] = None) -> None:
+        """Write a new record for key and point the index at it (the commit)."""
+        size = _HEAD.size + len(key) + len(body)
+        blocks = _blocks(size)
+        old = self.index.get(key)
+        fixed = -_line_length(key, (old >> 16) & _BLOCK_MASK, old & _SIZE_MASK) if old else 0
+        if expires_at and not (old and old >> 48):
+            fixed += _table_room(self.expiries.count + 1) - _table_room(self.expiries.count)
+        block = self._allocate(size, lambda block: fixed + _line_length(key, block, size), now)
+        record = _pack_value(self._next_seq(), key, expires_at, body)
+        self._write_record(block, blocks, record)
+        exp = _float_bits(expires_at) if expires_at else 0
+        self.index[key] = size | block << 16 | exp << 48
+        self.dir_bytes += _line_length(key, block, size)
+        if old is not None:
+            self.dir_bytes -= _line_length(key, (old >> 16) & _BLOCK_MASK, old & _SIZE_MASK)
+            if old >> 48:
+                self.expiries.remove(old >> 48, key)
+        if exp:
+            self.expiries.add(exp, key)
+
+    def _allocate(self, size: int, extra: Callable[[int], int],
+                  now: Optional[float]) -> int:
+        """Where to write a record of `size` bytes (see _place) such that the
+        files stay within max_bytes with extra(block) more bytes for .dir and
+        the expiry table.
+
+        Tries reclaiming expired keys and moving records to make room, a
+        bounded amount; raises _StoreFull if that is not enough.
+        """
+        for attempt in range(3):
+            block, growth = self._place(size)
+            needed = growth + extra(block)
+            if self.used() + needed <= self.max_bytes:
+                return block
+            if attempt == 0 and now is not None:
+                self._reclaim(now, _RECLAIM_BATCH * 4)
+            elif attempt == 1:
+                self._move(_MOVE_BATCH * 4)
+        raise _StoreFull(needed, self.used())
+
+    def _place(self, size: int) -> tuple[int, int]:
+        """(block, bytes .dat grows by) for a record of `size` bytes: the
+        start of the smallest free extent it fits, or the end of .dat."""
+        block = self._fitting_extent(_blocks(size))
+        if block is not None:
+            return block, 0
+        block = _blocks(self.dat_size)
+        return block, block * _BLOCK + size - self.dat_size
+
+    def _fitting_extent(self, blocks: int) -> Optional[int]:
+        if self.free_blocks >= blocks:
+            for length in range(blocks, _LONG + 1):
+                if self.bins[length]:
+                    start = self.bins[length].pop()
+                    self.bins[length].add(start)  # pop() then add(): a cheap peek
+                    return start
+        return None
+
+    def _write_record(self, block: int, blocks: int, record: bytes) -> None:
+        """Write record at block: into a free extent (splitting off and marking
+        the rest first) or at the end of .dat. Memory changes only after."""
+        length = self.free_at.get(block)
+        if length is None:  # appending
+            try:
+                _write_at(self.dat, record, block * _BLOCK)
+            except OSError:
+                self._undo_append()
+                raise
+            self.dat_size = block * _BLOCK + len(record)
+            return
+        try:
+            if length > blocks:
+                self._write_marker(block + blocks, length - blocks)
+            _write_at(self.dat, record, block * _BLOCK)
+        except OSError:
+            self._try(self._write_marker, block, length)  # it may be torn
+            raise
+        self._remove_free(block)
+        if length > blocks:
+            self._add_free(block + blocks, length - blocks)
+
+    def _undo_append(self) -> None:
+        """After a failed append, cut .dat back, or count what stayed as free."""
+        try:
+            os.ftruncate(self.dat, self.dat_size)
+        except OSError:
+            size = os.fstat(self.dat).st_size
+            if size > self.dat_size:
+                start = _blocks(self.dat_size)
+                self.dat_size = size
+                if _blocks(size) > start:
+                    self._add_free(start, _blocks(size) - start)
+
+    def _drop(self, key: bytes, slot: int) -> None:
+        """Delete key: a free marker over its record's head is the commit."""
+        block, size = (slot >> 16) & _BLOCK_MASK, slot & _SIZE_MASK
+        self._write_marker(block, _blocks(size))
+        del self.index[key]
+        self.dir_bytes -= _line_length(key, block, size)
+        if slot >> 48:
+            self.expiries.remove(slot >> 48, key)
+        self._add_free(block, _blocks(size))
+
+    def _supersede(self, key: bytes, old: int) -> None:
+        """Invalidate key's previous copy, after its new one is written.
+
+        The new copy has already committed, so a failure here is not the
+        caller's: the old copy waits on a list that the next write empties
+        before it does anything else.
+        """
+        try:
+            self._invalidate((key, old))
+        except OSError:
+            self.stale.append((key, old))
+
+    def _invalidate(self, copy: tuple[bytes, int]) -> None:
+        """Write a free marker over a superseded copy of a key and free it.
+        If that copy was durable, the key's new copy is fsynced first."""
+        block, blocks = (copy[1] >> 16) & _BLOCK_MASK, _blocks(copy[1] & _SIZE_MASK)
+        if _HEAD.unpack(_read_at(self.dat, _HEAD.size, block * _BLOCK))[4] < self.durable_seq:
+            self._sync()
+        self._write_marker(block, blocks)
+        self._add_free(block, blocks)
+
+    def _next_seq(self) -> int:
+        if self.seq >= self.lease:
+            self.lease = self.seq + _LEASE
+            self._write_header(_OPEN)
+        self.seq += 1
+        return self.seq - 1
+
+    def _write_marker(self, block: int, length: int) -> None:
+        _write_at(self.dat, _pack_marker(_FREE, length), block * _BLOCK)
+
+    def _write_header(self, state: int, dir_size: int = 0, dir_crc: int = 0,
+                      table: tuple[int, int] = (0, 0)) -> None:
+        # Within one disk sector, at offset 0: written whole or not at all.
+        fields = _HEADER.pack(_HEADER_MAGIC, state, self.seq if state == _CLOSED
+                              else self.lease, dir_size, dir_crc, *table, 0)
+        data = fields[:-4] + zlib.crc32(fields[:-4]).to_bytes(4, "little")
+        _write_at(self.dat, data, 0)
+        self.dat_size = max(self.dat_size, len(data))
+        self._sync()
+
+    def _sync(self) -> None:
+        try:
+            _fsync(self.dat)
+        except OSError as exc:
+            self.failed = exc
+            raise
+        self.durable_seq = self.seq
+
+    def sync(self) -> None:
+        self._check_writable()
+        self._sync()
+
+    # --- Free extents (memory only) ---
+
+    def _add_free(self, start: int, length: int) -> None:
+        """Count blocks [start, start + length) free, merged with free neighbours."""
+        before = self.free_to.get(start)
+        if before is not None:
+            length += self._remove_free(before)
+            start = before
+        after = self.free_at.get(start + length)
+        if after is not None:
+            length += self._remove_free(start + length)
+        self.free_at[start] = length
+        self.free_to[start + length] = start
+        self.bins[min(length, _LONG)].add(start)
+        self.free_blocks += length
+
+    def _remove_free(self, start: int) -> int:
+        length = self.free_at.pop(start)
+        del self.free_to[start + length]
+        self.bins[min(length, _LONG)].discard(start)
+        self.free_blocks -= length
+        return length
+
+    # --- Upkeep: bounded work after each write ---
+
+    def _tidy(self, now: float) -> None:
+        """Reclaim a few expired keys, give back a free tail, and when .dat has
+        much free space or the files near the cap, move a few records down.
+        Runs after a call's commit point: a failure is left for later."""
+        try:
+            self._reclaim(now, _RECLAIM_BATCH)
+            self._trim()
+            if self.free_blocks and (
+                    self.free_blocks * _BLOCK * 8 > self.dat_size
+                    or self.used() + 16 * _MAX_BLOCKS * _BLOCK > self.max_bytes) and not (
+                    self.stuck[0] == _blocks(self.dat_size)
+                    and self._fitting_extent(self.stuck[1]) is None):
+                self._move(_MOVE_BATCH)
+        except OSError as exc:
+            _log.debug("datastore %s: upkeep failed, will retry: %s", self.dat_path, exc)
+
+    def _reclaim(self, now: float, limit: int) -> None:
+        """Free up to `limit` expired keys' records, earliest first."""
+        for key in self.expiries.due(_float_bits(now), limit):
+            self._drop(key, self.index[key])
+
+    def _trim(self) -> None:
+        """Give a free extent at the end of .dat back to the file system."""
+        start = self.free_to.get(_blocks(self.dat_size))
+        if start is not None:
+            os.ftruncate(self.dat, start * _BLOCK)
+            self._remove_free(start)
+            self.dat_size = start * _BLOCK
+
+    def _move(self, limit: int) -> int:
+        """Move up to `limit` records from the end of .dat into free extents
+        nearer the start, then truncate them away. Returns how many moved.
+
+        The copies are fsynced before the originals go if any original was
+        durable. If truncating fails, free markers invalidate the originals.
+        """
+        moved: list[tuple[bytes, int]] = []
+        passed: list[int] = []  # free extents above the records moved
+        durable = False
+        end = _blocks(self.dat_size)
+        while len(moved) < limit:
+            if end in self.free_to:
+                end = self.free_to[end]
+                passed.append(end)
+            found = self._last_record(end)
+            if found is None:
+                break
+            key, block, seq, record = found
+            blocks = _blocks(len(record))
+            target = self._fitting_extent(blocks)
+            if target is None or target >= block:
+                break
+            new_seq = self._next_seq()
+            copy = record[:8] + new_seq.to_bytes(8, "little") + record[16:_HEAD.size - 4]
+            crc = zlib.crc32(record[_HEAD.size:], zlib.crc32(copy))
+            self._write_record(target, blocks, copy + crc.to_bytes(4, "little")
+                               + record[_HEAD.size:])
+            old = self.index[key]
+            self.index[key] = (old & ~(_BLOCK_MASK << 16)) | target << 16
+            self.dir_bytes += len(str(target * _BLOCK)) - len(str(block * _BLOCK))
+            moved.append((key, old))
+            durable = durable or seq < self.durable_seq
+            end = block
+        if not moved:
+            if found is not None:  # the last record fits no free extent
+                self.stuck = (_blocks(self.dat_size), _blocks(len(found[3])))
+            return 0
+        try:
+            if durable:
+                self._sync()
+        except OSError:
+            self.stale.extend(moved)
+            raise
+        try:
+            os.ftruncate(self.dat, end * _BLOCK)
+        except OSError:
+            for key, old in moved:  # the originals stay: invalidate each
+                self._supersede(key, old)
+        else:
+            for start in passed:
+                if start >= end:
+                    self._remove_free(start)
+            self.dat_size = end * _BLOCK
+        return len(moved)
+
+    def _last_record(self, end: int) -> Optional[tuple[bytes, int, int, bytes]]:
+        """(key, block, seq, record) of the live record that ends at block
+        `end`, read from disk, or None if none does."""
+        first = max(1, end - _MAX_BLOCKS)
+        buf = _read_at(self.dat, (end - first) * _BLOCK, first * _BLOCK)
+        off = len(buf)
+        while off > 0:
+            off = buf.rfind(_MAGIC, 0, off)
+            if off < 0:
+                return None
+            if off % _BLOCK:
+                continue
+            item = _parse_item(buf, off)
+            if item is None:
+                continue  # the magic inside a value's text
+            kind, seq, key, _, _, total = item
+            block = first + off // _BLOCK
+            slot = self.index.get(key)
+            if (kind == _VALUE and slot is not None and (slot >> 16) & _BLOCK_MASK == block
+                    and block + _blocks(total) == end):
+                return key, block, seq, buf[off:off + total]
+            return None
+        return None
+
+    def compact(self, now: float) -> None:
+        """All the upkeep at once: reclaim every expired key, move records
+        down until none fits lower, and truncate."""
+        self._check_writable()
+        self._reclaim(now, len(self.index))
+        self._trim()
+        while self._move(1024):
+            pass
+        self._trim()
+
+    # --- Closing ---
+
+    def close(self, now: float) -> None:
+        """Write the snapshot (.dir and the expiry table), fsync, mark the
+        header closed, and close the files; they are closed even if it raises."""
+        try:
+            if self.failed is None:
+                self._check_writable()
+                self._reclaim(now, len(self.index))  # .dir lists live keys only
+                self._trim()
+                table = self._write_table()
+                lines = b"".join(b"%s, (%d, %d)\n" % (
+                    repr(key.decode("latin-1")).encode("latin-1"),
+                    ((slot >> 16) & _BLOCK_MASK) * _BLOCK, slot & _SIZE_MASK)
+                    for key, slot in self.index.items())
+                _write_at(self.dir, lines, 0)
+                os.ftruncate(self.dir, len(lines))
+                _fsync(self.dir)
+                self._sync()  # the records .dir points at, before the header trusts it
+                self._write_header(_CLOSED, len(lines), zlib.crc32(lines), table)
+        finally:
+            self.close_files()
+
+    def _write_table(self) -> tuple[int, int]:
+        """Write the expiry table into .dat; return its (offset, size)."""
+        entries = [_TABLE_ENTRY.pack(line, slot >> 48)
+                   for line, slot in enumerate(self.index.values()) if slot >> 48]
+        if not entries:
+            return 0, 0
+        body = base64.b64encode(b"".join(entries))
+        record = _pack_marker(_TABLE, len(body), body, self.seq)
+        block, _ = self._place(len(record))  # used() has counted its room all along
+        self._write_record(block, _blocks(len(record)), record)
+        return block * _BLOCK, len(record)
+
+    def close_files(self) -> None:
+        for fd in (self.dat, self.dir):
+            if fd >= 0:
+                os.close(fd)
+        self.dat = self.dir = -1
+
+    def _try(self, action: Any, *args: Any) -> None:
+        """Best effort, on a path that is already failing."""
+        try:
+            action(*args)
+        except OSError:
+            pass
 
 
-def _remove(*paths):
+def _remove(*paths: str) -> None:
     for path in paths:
         try:
             os.remove(path)
@@ -405,9 +1373,10 @@ def _remove(*paths):
             pass
 
 
-def _default_path():
+def _default_path() -> Path:
     """The default store in the user's data folder for this platform."""
     home = Path.home()
+    base: Any
     if sys.platform == "win32":
         base = os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local"
     elif sys.platform == "darwin":
@@ -424,44 +1393,15 @@ def _default_path():
 # Stores open in this process, by resolved path. A POSIX lock does not keep a
 # process from opening the same files twice, and closing the second one's lock
 # file would silently drop the first one's lock, so we refuse that here.
-_open_stores = {}
+_open_stores: dict[str, DataStore] = {}
 _open_stores_lock = threading.Lock()
 
 
 @atexit.register
-def _close_open_stores():
+def _close_open_stores() -> None:
     """Close every store still open when Python exits, as a clean close."""
     for store in list(_open_stores.values()):
         store.close()
-
-
-class _Space:
-    """What compaction would keep of .dat: the 512-byte blocks of value
-    records, and for those with a ttl, how many bytes expire by when.
-
-    Expired values still count as live here; ``expired(now)`` says how much of
-    ``live`` they are. Buckets are kept per expiry time rounded up, so there
-    are few of them (see ``_check_ttl``).
-    """
-
-    def __init__(self):
-        self.live = _BLOCK  # the header's block
-        self.expiring = {}  # bucket time -> bytes
-
-    def add(self, fields, sign=1):
-        """Count a value record as live (sign=-1: no longer)."""
-        slot = sign * _blocks(fields.size) * _BLOCK
-        self.live += slot
-        if fields.expires_at:
-            bucket = _bucket(fields.expires_at, fields.exponent)
-            left = self.expiring.get(bucket, 0) + slot
-            if left:
-                self.expiring[bucket] = left
-            else:
-                del self.expiring[bucket]
-
-    def expired(self, now):
-        return sum(size for bucket, size in self.expiring.items() if bucket <= now)
 
 
 # --- The store ------------------------------------------------------------
@@ -480,13 +1420,14 @@ class DataStore:
     ``path`` or a ``max_bytes`` below ``MIN_STORE_BYTES``.
     """
 
-    def __init__(self, path=None, *, max_bytes=MAX_STORE_BYTES):
+    def __init__(self, path: Any = None, *, max_bytes: int = MAX_STORE_BYTES) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
             raise DataStoreTypeError(
                 f"max_bytes must be an int, not {type(max_bytes).__name__}")
-        if max_bytes < MIN_STORE_BYTES:
+        if not MIN_STORE_BYTES <= max_bytes <= _LARGEST_STORE:
             raise DataStoreValueError(
-                f"max_bytes must be at least {MIN_STORE_BYTES}, got {max_bytes}")
+                f"max_bytes must be from {MIN_STORE_BYTES} to {_LARGEST_STORE}, "
+                f"got {max_bytes}")
         if path is None:
             path = _default_path()
         elif not isinstance(path, (str, os.PathLike)) or isinstance(
@@ -497,15 +1438,10 @@ class DataStore:
             raise DataStoreValueError("path must not be empty")
         self.path = Path(os.path.realpath(path))
         self.max_bytes = max_bytes
-        self._dat = f"{self.path}.dat"
-        self._dir = f"{self.path}.dir"
-        self._bak = f"{self.path}.bak"  # dbm.dumb's copy of the old .dir
-        self._compact_base = f"{self.path}.compact"
-        self._mutex = threading.Lock()  # guards everything below, and the files
+        self._mutex = threading.Lock()  # guards the engine and its files
         self._pid = os.getpid()
         self._clock = time.time         # tests replace it
-        self._db = None                 # the dbm.dumb database while open
-        self._reader = None             # .dat, opened once for reading
+        self._engine: Optional[_Engine] = None
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with _open_stores_lock:
@@ -521,434 +1457,171 @@ class DataStore:
                     "only one process at a time may open it", path=self.path)
             try:
                 os.chmod(f"{self.path}.lock", 0o600)
-                self._open_files()
+                self._engine = _Engine(str(self.path), max_bytes)
             except BaseException:
-                if self._db is not None:
-                    self._detach()
                 self._lock.release()
                 raise
             _open_stores[str(self.path)] = self
 
-    def __repr__(self):
-        state = "open" if self._db is not None else "closed"
+    def __repr__(self) -> str:
+        state = "open" if self._engine is not None else "closed"
         return f"<DataStore {str(self.path)!r} {state}>"
 
-    def __enter__(self):
+    def __enter__(self) -> DataStore:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # --- Public operations ---
 
-    def create(self, key, value, ttl=None):
+    def create(self, key: str, value: dict[str, Any], ttl: Optional[int] = None) -> None:
         """Store ``value`` (a dict) under a new ``key``, for ``ttl`` seconds or for ever.
 
         Raises ``KeyExistsError`` if the key is live, ``StoreFullError`` if the
-        store has no room even after reclaiming dead records, and the
-        ``KeyTypeError``/``InvalidKeyError``, ``ValueTypeError``/
-        ``InvalidValueError`` and ``TTLTypeError``/``InvalidTTLError`` pairs for
-        bad arguments. The value is on disk when this returns.
+        files have no room for it even after reusing the space of deleted and
+        expired keys, and the ``KeyTypeError``/``InvalidKeyError``,
+        ``ValueTypeError``/``InvalidValueError`` and
+        ``TTLTypeError``/``InvalidTTLError`` pairs for bad arguments. The value
+        is in the files when this returns.
         """
         key_bytes = _encode_key(key)
         body = _encode_value(key, value)
         with self._mutex:
-            self._check_usable()
+            engine = self._usable()
             now = self._clock()
-            expires_at, exponent = _check_ttl(key, ttl, now)
-            new = _Fields(_VALUE, key_bytes, expires_at, exponent, body)
-            record = _pack_record(new)
-            old = self._get(key_bytes)
-            if old is not None and _is_live(old, now):
+            expires_at = _expiry(key, ttl, now)
+            if engine.slot(key_bytes, now) is not None:
                 raise KeyExistsError(f"key {key!r} already exists", key=key,
                                      path=self.path)
-            growth = self._growth(key_bytes, old, len(record))
-            if self._should_compact(growth, now):
-                self._compact()
-                old = None  # compaction dropped the dead record
-                growth = self._growth(key_bytes, None, len(record))
-            used = self._dat_size + self._dir_size
-            if used + sum(growth) > self.max_bytes:
+            try:
+                engine.put(key_bytes, body, expires_at, now)
+            except _StoreFull as full:
                 raise StoreFullError(
                     f"store {self.path} is full: creating {key!r} needs "
-                    f"{sum(growth)} more bytes, and its files already use {used} of "
-                    f"max_bytes={self.max_bytes}; delete keys or open it with a "
-                    "larger max_bytes", key=key, path=self.path)
-            self._put(key_bytes, record, old, growth)
-            if self._space is not None:
-                self._space.add(new)
+                    f"{full.needed} more bytes, and its files already use "
+                    f"{full.used} of max_bytes={self.max_bytes}; delete keys or "
+                    "open it with a larger max_bytes", key=key, path=self.path) from None
 
-    def read(self, key):
+    def read(self, key: str) -> dict[str, Any]:
         """Return a new dict equal to the value stored under ``key``.
 
         Raises ``KeyNotFoundError`` if the key was never created, was deleted
-        or has expired, and ``KeyTypeError``/``InvalidKeyError`` for a bad key.
+        or has expired, ``KeyTypeError``/``InvalidKeyError`` for a bad key, and
+        ``CorruptStoreError`` if its record is damaged.
         """
         key_bytes = _encode_key(key)
         with self._mutex:
-            self._check_usable()
-            body = self._get_live(key, key_bytes).body
+            body = self._usable().get(key_bytes, self._clock())
+        if body is None:
+            raise KeyNotFoundError(f"key {key!r} not found", key=key, path=self.path)
         try:
-            return json.loads(body.decode("utf-8"))
+            value = json.loads(body.decode("utf-8"))
         except (ValueError, RecursionError):  # CRC-valid, yet not our JSON
+            value = None
+        if not isinstance(value, dict):
             raise CorruptStoreError(
-                f"the value of {key!r} in {self._dat} is not valid JSON",
-                key=key, path=self._dat) from None
+                f"the value of {key!r} in {self.path}.dat is not a JSON object",
+                key=key, path=f"{self.path}.dat")
+        return value
 
-    def delete(self, key):
+    def delete(self, key: str) -> None:
         """Delete ``key``.
 
         Raises ``KeyNotFoundError`` if the key was never created, was deleted
         or has expired, and ``KeyTypeError``/``InvalidKeyError`` for a bad key.
-        The delete is on disk when this returns.
+        The delete is in the files when this returns.
         """
         key_bytes = _encode_key(key)
         with self._mutex:
-            self._check_usable()
-            old = self._get_live(key, key_bytes)
-            record = _pack_record(_Fields(_TOMBSTONE, key_bytes, 0.0, 0, b""))
-            self._put(key_bytes, record, old, self._growth(key_bytes, old, len(record)))
+            if not self._usable().remove(key_bytes, self._clock()):
+                raise KeyNotFoundError(f"key {key!r} not found", key=key, path=self.path)
 
-    def compact(self):
-        """Rewrite the files without dead records, now.
+    def compact(self) -> None:
+        """Reclaim all dead space now and give it back to the file system.
 
-        The store does this by itself when it needs the room, or when half of
-        ``.dat`` is dead; call it to give disk space back sooner. Needs free
-        disk space for the live data while it runs.
+        Each write already does a little of this; call it to shrink the files
+        at once. It takes time in proportion to the store and needs no disk
+        space beyond the store's own files.
         """
         with self._mutex:
-            self._check_usable()
-            self._compact()
+            self._usable().compact(self._clock())
 
-    def sync(self):
+    def sync(self) -> None:
         """Make every operation that has returned survive a power cut (fsync)."""
         with self._mutex:
-            self._check_usable()
-            _fsync_file(self._dat)
+            self._usable().sync()
 
-    def close(self):
+    def close(self) -> None:
         """Write the index, fsync, and release the lock. Calling it again does nothing.
 
-        After it, every operation raises ``StoreClosedError``. In a process
-        forked from the one that opened the store it only forgets the store:
-        the files and the lock belong to the parent.
+        After it, every operation raises ``StoreClosedError``. The lock is
+        released even if writing fails (the next open then scans the data
+        file). In a process forked from the one that opened the store it only
+        forgets the store: the files and the lock belong to the parent.
         """
         with self._mutex:
-            if self._db is None:
+            engine, self._engine = self._engine, None
+            if engine is None:
                 return
             try:
                 if os.getpid() != self._pid:
-                    self._detach()
-                    return
-                try:
-                    self._close_dbm()  # dbm.dumb rewrites .dir (via .bak)
-                    _fsync_file(self._dir)
-                    dir_size, dir_crc = _size_and_crc(self._dir)
-                    _fsync_file(self._dat)
-                    _write_header(self._dat, _STATE_CLOSED, dir_size, dir_crc)
-                    _remove(self._bak)
-                finally:
-                    self._db = None
-                    self._lock.release()
+                    engine.close_files()  # without writing: they are the parent's
+                else:
+                    try:
+                        engine.close(self._clock())
+                    finally:
+                        self._lock.release()
             finally:
                 with _open_stores_lock:
                     if _open_stores.get(str(self.path)) is self:
                         del _open_stores[str(self.path)]
 
-    # --- Opening and recovery ---
+    # --- Private helpers ---
 
-    def _open_files(self):
-        """Open the dbm.dumb database, recovering from a crash if needed."""
-        self._finish_compaction()
-        header = _read_header(self._dat) if os.path.exists(self._dat) else None
-        if header is None:
-            if os.path.exists(self._dir) and os.path.getsize(self._dir) > 0:
-                raise CorruptStoreError(
-                    f"{self._dir} exists but {self._dat} is missing or empty; "
-                    "restore the data file or move the index away", path=self._dir)
-            # A new store: write an empty one, as compaction would.
-            space = self._write_fresh(())
-            self._switch_to_fresh()
-        elif (header[0] == _STATE_CLOSED and os.path.exists(self._dir)
-                and _size_and_crc(self._dir) == header[1:]):
-            space = None  # not counted until it is needed
-        else:  # not closed cleanly, or the index was changed: rebuild it
-            space = self._write_fresh(self._recovered_records())
-            self._switch_to_fresh()
-        self._db = self._open_dbm()
-        self._start_accounting(space)
-        _remove(self._bak)
-        _write_header(self._dat, _STATE_OPEN)
-
-    def _open_dbm(self):
-        """Open the dbm.dumb database, and .dat once for reading records."""
-        try:
-            db = dbm.dumb.open(str(self.path), "w", 0o600)
-        except (SyntaxError, ValueError, TypeError, RecursionError,
-                MemoryError, UnicodeError) as exc:
-            raise CorruptStoreError(f"cannot read the index {self._dir}: {exc}",
-                                    path=self._dir) from None
-        if _HEADER_KEY not in db:
-            db.close()
-            raise CorruptStoreError(f"the index {self._dir} has no header entry",
-                                    path=self._dir)
-        # Unbuffered, so it never serves bytes dbm.dumb has since overwritten.
-        self._reader = open(self._dat, "rb", buffering=0)
-        return db
-
-    def _close_dbm(self):
-        """Close dbm.dumb (it rewrites .dir) and the reader."""
-        self._reader.close()
-        self._reader = None
-        db, self._db = self._db, None
-        db.close()
-
-    def _recovered_records(self):
-        """Yield (key, record, fields) for each live key, found by scanning .dat.
-
-        For each key the valid record at the highest offset is the newest one.
-        """
-        newest = {}
-        with open(self._dat, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            pos = _BLOCK  # block 0 holds the header
-            while pos < size:
-                f.seek(pos)
-                head = f.read(_RECORD.size)
-                length = _record_length(head)
-                if length is not None and pos + length <= size:
-                    fields = _unpack_record(head + f.read(length - len(head)))
-                    if fields is not None:
-                        newest[fields.key] = (pos, length)
-                        pos += _blocks(length) * _BLOCK
-                        continue
-                pos += _BLOCK  # torn or unused space: try the next block
-            now = self._clock()
-            for key, (pos, length) in newest.items():
-                f.seek(pos)
-                record = f.read(length)
-                fields = _unpack_record(record)
-                if _is_live(fields, now):
-                    yield key, record, fields
-
-    def _finish_compaction(self):
-        """Finish a compaction that committed, or discard one that did not."""
-        base = self._compact_base
-        if os.path.exists(base + ".dat"):  # not committed: throw it away
-            self._discard_fresh()
-        elif os.path.exists(base + ".dir"):  # committed: finish the switch
-            os.replace(base + ".dir", self._dir)
-            _remove(base + ".bak")
-            _fsync_folder(self.path.parent)
-
-    # --- Reading and writing records ---
-
-    def _check_usable(self):
+    def _usable(self) -> _Engine:
         if os.getpid() != self._pid:
             raise StoreForkedError(
                 f"store {self.path} was opened by process {self._pid}, not this "
                 "one; a child process must open the store itself, after the "
                 "parent has closed it", path=self.path)
-        if self._db is None:
+        if self._engine is None:
             raise StoreClosedError(f"store {self.path} is closed", path=self.path)
-
-    def _check_record(self, key_bytes, record):
-        fields = _unpack_record(record)
-        if fields is None or fields.key != key_bytes:
-            raise CorruptStoreError(
-                f"the record of {key_bytes.decode('utf-8', 'replace')!r} in "
-                f"{self._dat} is damaged", path=self._dat)
-        return fields
-
-    def _read_record(self, key_bytes):
-        """Return key's current record, or raise KeyError.
-
-        This is dbm.dumb's db[key] without its cost: that opens .dat anew on
-        every call, which took two thirds of a read. We look up the same
-        (offset, size) in dbm.dumb's index and read through our open handle.
-        """
-        pos, size = self._db._index[key_bytes]  # may raise KeyError
-        self._reader.seek(pos)
-        return self._reader.read(size)
-
-    def _get(self, key_bytes):
-        """Return the fields of key's current record, or None if it has none."""
-        try:
-            record = self._read_record(key_bytes)
-        except KeyError:
-            return None
-        return self._check_record(key_bytes, record)
-
-    def _get_live(self, key, key_bytes):
-        fields = self._get(key_bytes)
-        if fields is None or not _is_live(fields, self._clock()):
-            raise KeyNotFoundError(f"key {key!r} not found", key=key, path=self.path)
-        return fields
-
-    def _growth(self, key_bytes, old, size):
-        """Bytes .dat and .dir grow by if key is set to a record of `size` bytes.
-
-        This mirrors dbm.dumb's __setitem__: a record that fits in the blocks
-        of the old one is written over it; any other is appended to .dat, and a
-        new key also appends a line to .dir. A moved key's line changes when
-        .dir is rewritten at close, so that is counted now too.
-        """
-        if old is not None and _blocks(size) <= _blocks(old.size):
-            return 0, 0
-        pos = self._dat_size + (-self._dat_size % _BLOCK)
-        return pos + size - self._dat_size, _index_line_size(key_bytes, pos, size)
-
-    def _put(self, key_bytes, record, old, growth):
-        """Write a record for key over `old`, its current record (or None);
-        `growth` is what _growth says the files grow by."""
-        dat_growth, dir_growth = growth
-        self._db[key_bytes] = record
-        self._dat_size += dat_growth
-        self._dir_size += dir_growth
-        if old is not None and old.kind == _VALUE and self._space is not None:
-            self._space.add(old, sign=-1)
-
-    # --- Space accounting and compaction ---
-
-    def _start_accounting(self, space):
-        """Take the file sizes; space None means "not counted yet"."""
-        self._dat_size = os.path.getsize(self._dat)
-        self._dir_size = os.path.getsize(self._dir)
-        self._space = space
-
-    def _records(self, now=None):
-        """Yield (key, record, fields) for every record in the index, or with
-        `now` for the live ones. Reads every record: O(keys)."""
-        for key in self._db.keys():
-            if key != _HEADER_KEY:
-                record = self._read_record(key)
-                fields = self._check_record(key, record)
-                if now is None or _is_live(fields, now):
-                    yield key, record, fields
-
-    def _should_compact(self, growth, now):
-        """Whether to compact before a create that grows the files by `growth`:
-        if the create needs the room, or if half of .dat is dead.
-
-        Compaction costs time in proportion to the live data, so it runs only
-        once at least a sixteenth of max_bytes is reclaimable: averaged over
-        the writes that made that garbage, the cost per write stays flat.
-        """
-        excess = self._dat_size + self._dir_size + sum(growth) - self.max_bytes
-        if excess > 0 and self._space is None:  # once per open, when full
-            self._space = _Space()
-            for _, _, fields in self._records():
-                if fields.kind == _VALUE:
-                    self._space.add(fields)
-        if self._space is None:
-            return False  # nothing known to be dead, and the write fits
-        dead = max(0, self._dat_size - self._space.live)
-        threshold = self.max_bytes // 16
-        if excess > 0:
-            reclaimable = dead + self._space.expired(now)
-            return reclaimable >= max(threshold, excess + _BLOCK)
-        return dead >= threshold and 2 * dead >= self._dat_size
-
-    def _compact(self):
-        """Rewrite the live records into fresh files and switch to them."""
-        space = self._write_fresh(self._records(self._clock()))
-        # Closing makes dbm.dumb rewrite the old .dir: harmless, as the old
-        # header says "open", so that .dir is never trusted.
-        self._close_dbm()
-        self._switch_to_fresh()
-        self._db = self._open_dbm()
-        _write_header(self._dat, _STATE_OPEN)
-        self._start_accounting(space)
-
-    def _write_fresh(self, records):
-        """Write (key, record, fields) into path.compact.{dat,dir}, fsynced.
-
-        The header of the new .dat says "closed" with the new .dir's size and
-        CRC-32. Returns the _Space of what it wrote.
-        """
-        base = self._compact_base
-        self._discard_fresh()
-        space = _Space()
-        try:
-            db = dbm.dumb.open(base, "n", 0o600)
-            try:
-                db[_HEADER_KEY] = _pack_header(_STATE_OPEN)
-                for key, record, fields in records:
-                    db[key] = record
-                    space.add(fields)
-            finally:
-                db.close()  # writes .compact.dir
-            _remove(base + ".bak")
-            _fsync_file(base + ".dir")
-            dir_size, dir_crc = _size_and_crc(base + ".dir")
-            _write_header(base + ".dat", _STATE_CLOSED, dir_size, dir_crc)
-        except BaseException:
-            self._discard_fresh()
-            raise
-        return space
-
-    def _discard_fresh(self):
-        """Delete unfinished fresh files. .dat goes last: while it exists, the
-        next open knows the compaction did not commit; a lone .compact.dir
-        would mean that it did."""
-        base = self._compact_base
-        _remove(base + ".dir", base + ".bak", base + ".dat")
-
-    def _switch_to_fresh(self):
-        """Make the fresh files the store's; the first rename is the commit."""
-        base = self._compact_base
-        _fsync_folder(self.path.parent)
-        os.replace(base + ".dat", self._dat)
-        os.replace(base + ".dir", self._dir)
-        _remove(self._bak)
-        _fsync_folder(self.path.parent)
-
-    def _detach(self):
-        """Drop the database without letting dbm.dumb write anything.
-
-        dbm.dumb rewrites its index when closed or garbage-collected. Setting
-        its index to None is how its own close() marks it closed, and makes
-        that rewrite a no-op.
-        """
-        self._db._index = None
-        self._db = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        return self._engine
 
 
 # --- Module-level functions on a default store ----------------------------
 
-_default_store = None
+_default_store: Optional[DataStore] = None
 _default_store_lock = threading.Lock()
 
 
-def _default():
+def _default() -> DataStore:
     global _default_store
     with _default_store_lock:
-        if _default_store is None or _default_store._db is None:
+        if _default_store is None or _default_store._engine is None:
             _default_store = DataStore()
         return _default_store
 
 
-def create(key, value, ttl=None):
+def create(key: str, value: dict[str, Any], ttl: Optional[int] = None) -> None:
     """``DataStore.create`` on the default store (opened on first use)."""
     _default().create(key, value, ttl)
 
 
-def read(key):
+def read(key: str) -> dict[str, Any]:
     """``DataStore.read`` on the default store (opened on first use)."""
     return _default().read(key)
 
 
-def delete(key):
+def delete(key: str) -> None:
     """``DataStore.delete`` on the default store (opened on first use)."""
     _default().delete(key)
 
 
 # --- Command line ---------------------------------------------------------
 
-def main(argv=None):
+def main(argv: Optional[list[str]] = None) -> int:
     """``python datastore.py [--path PATH] create|read|delete ...``.
 
     Returns the exit status: 0 on success, 1 on an error (one line on
