@@ -120,6 +120,15 @@ def expect_line(proc, expected, timeout=60):
         pytest.fail(f"expected {expected!r}, got {line!r}; stderr: {proc.stderr.read()}")
 
 
+def abandon(store):
+    """Leave a store as a killed process would: files closed, nothing written
+    at close, the lock released."""
+    store._engine.close_files()
+    store._engine = None
+    store._lock.release()
+    del datastore._open_stores[str(store.path)]
+
+
 HOLDER = """
     import sys, datastore
     store = datastore.DataStore(sys.argv[1])
@@ -933,6 +942,115 @@ def test_close_releases_the_lock_and_registry_even_when_it_raises(path, monkeypa
         assert again.read("k") == {"v": 1}
 
 
+def test_a_full_store_takes_a_same_size_value_after_one_delete(path):
+    with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
+        fill(s, "k", size=700)
+        s.delete("k00007")
+        s.create("n00007", {"pad": "x" * 700})  # another key of the same length
+        with pytest.raises(StoreFullError):
+            s.create("n00008", {"pad": "x" * 700})
+        assert counted_size(s) <= s.max_bytes
+
+
+def test_a_full_store_takes_a_same_size_value_after_one_expires(path, clock):
+    with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
+        s._clock = clock
+        s.create("t0000", {"pad": "x" * 700}, ttl=5)
+        fill(s, "k", size=700)
+        clock.advance(5)
+        s.create("n0000", {"pad": "x" * 700})  # no read of "t0000" first
+        assert counted_size(s) <= s.max_bytes
+
+
+def test_expired_keys_are_reclaimed_a_few_per_call(path, clock):
+    with DataStore(path) as s:
+        s._clock = clock
+        for i in range(2000):
+            s.create(f"k{i}", {"i": i}, ttl=10)
+        clock.advance(10)
+        s.create("first", {})
+        reclaimed = 2000 - sum(key.startswith(b"k") for key in s._engine.index)
+        assert 0 < reclaimed <= datastore._RECLAIM_BATCH
+        for i in range(2000 // datastore._RECLAIM_BATCH):
+            s.create(f"more{i}", {})
+        assert not any(key.startswith(b"k") for key in s._engine.index)
+
+
+def test_no_call_moves_more_than_a_few_records(path, monkeypatch):
+    writes = []
+    with DataStore(path) as s:
+        for i in range(3000):
+            s.create(f"k{i}", {"i": i, "pad": "x" * (i % 7 * 100)})
+        s._engine._move = lambda limit: 0
+        for i in range(0, 3000, 2):
+            s.delete(f"k{i}")
+        del s._engine._move
+        before = files_size(path)
+        real = os.pwrite
+        monkeypatch.setattr(os, "pwrite", lambda *args: writes.append(1) or real(*args))
+        most = 0
+        for i in range(1, 3000, 4):
+            writes.clear()
+            s.delete(f"k{i}")
+            most = max(most, len(writes))
+        assert files_size(path) < before / 2  # the moves did shrink the file
+        assert most <= 2 + 2 * datastore._MOVE_BATCH  # the delete, then a batch
+
+
+POLLER = """
+    import os, sys, time
+    folder, name = sys.argv[1], sys.argv[2]
+    print("polling", flush=True)
+    largest = 0
+    while not os.path.exists(os.path.join(folder, "stop")):
+        total = 0
+        for entry in os.scandir(folder):
+            if entry.name.startswith(name + "."):
+                try:
+                    total += entry.stat().st_size
+                except FileNotFoundError:
+                    pass
+        largest = max(largest, total)
+        time.sleep(0.001)
+    print(largest, flush=True)
+"""
+
+
+def test_another_process_never_sees_the_files_over_max_bytes(tmp_path, clock):
+    path, max_bytes = tmp_path / "store", MIN_STORE_BYTES * 4
+    poller = spawn_python(POLLER, tmp_path, "store")
+    rng = random.Random(5)
+    moves = []
+    try:
+        expect_line(poller, "polling")
+        with DataStore(path, max_bytes=max_bytes) as s:
+            s._clock = clock
+            move = s._engine._move
+            s._engine._move = lambda limit: moves.append(move(limit)) or moves[-1]
+            live = []
+            for i in range(6000):
+                if live and rng.random() < (0.7 if counted_size(s) > 0.9 * max_bytes else 0.3):
+                    s.delete(live.pop(rng.randrange(len(live))))
+                else:
+                    ttl = rng.choice([None, None, 1])
+                    try:
+                        s.create(f"k{i}", {"pad": "x" * rng.randrange(2000)}, ttl=ttl)
+                    except StoreFullError:
+                        continue
+                    if not ttl:
+                        live.append(f"k{i}")
+                clock.advance(0.01)
+                if i % 1500 == 1499:
+                    s.compact()
+        (tmp_path / "stop").touch()
+        largest = int(poller.stdout.readline())
+    finally:
+        poller.kill()
+        poller.communicate()
+    assert sum(moves) > 100
+    assert 0.8 * max_bytes < largest <= max_bytes
+
+
 # --- Crash safety ---------------------------------------------------------
 
 CRASH_WORKER = """
@@ -1192,6 +1310,107 @@ def test_kill_9_at_every_file_system_step_then_again_after_deleting(tmp_path, ac
     assert content == states[-1]
 
 
+RENAMED_HOLDER = """
+    import sys, datastore
+    store = datastore.DataStore(sys.argv[1])
+    store.create("a", {"by": "first"})
+    print("ready", flush=True)
+    sys.stdin.readline()
+    store.create("a2", {"by": "first"})
+    store.delete("a")
+    store.close()
+    print("closed", flush=True)
+"""
+
+
+@POSIX_ONLY
+def test_a_renamed_folder_keeps_the_writes_of_the_process_that_opened_it(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    proc = spawn_python(RENAMED_HOLDER, old / "store")
+    try:
+        expect_line(proc, "ready")
+        old.rename(new)
+        second = """
+            import sys, datastore
+            with datastore.DataStore(sys.argv[1]) as s:
+                s.create("b", {"by": "second"})
+        """
+        assert run_python(second, old / "store").returncode == 0
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        expect_line(proc, "closed")
+    finally:
+        proc.kill()
+        proc.communicate()
+    with DataStore(old / "store") as s:
+        assert live_content(s) == {"b": {"by": "second"}}
+    with DataStore(new / "store") as s:
+        assert live_content(s) == {"a2": {"by": "first"}}
+
+
+def test_a_reclaimed_expired_key_stays_gone_when_the_clock_goes_back(path, clock):
+    s = DataStore(path)
+    s._clock = clock
+    s.create("k", {"v": 1}, ttl=10)
+    clock.advance(10)
+    s.create("other", {})  # the write that reclaims "k"
+    assert b"k" not in s._engine.index
+    clock.advance(-10)
+    with pytest.raises(KeyNotFoundError):
+        s.read("k")
+    abandon(s)  # and after a crash, which scans .dat
+    with DataStore(path) as s:
+        s._clock = clock
+        assert live_content(s) == {"other": {}}
+
+
+def test_sequence_numbers_keep_rising_across_reopen_and_recovery(path):
+    def highest_on_disk(store):
+        engine = store._engine
+        return max(datastore._HEAD.unpack(datastore._read_at(
+            engine.dat, datastore._HEAD.size, (slot >> 16 & datastore._BLOCK_MASK) * 512))[4]
+            for slot in engine.index.values())
+
+    with DataStore(path) as s:
+        for i in range(10):
+            s.create(f"k{i}", {"i": i})
+    with DataStore(path) as s:  # from the header written at close
+        assert s._engine.seq > highest_on_disk(s)
+        s.create("k10", {})
+        bound = s._engine.lease  # what the header says no number issued reaches
+        abandon(s)
+    with DataStore(path) as s:  # from the scan, and not below the header's bound
+        assert s._engine.seq > highest_on_disk(s) and s._engine.seq >= bound
+
+
+@pytest.mark.parametrize("synced", [pytest.param(True, id="after-sync"),
+                                    pytest.param(False, id="not-synced")])
+def test_a_durable_record_is_moved_only_after_its_copy_is_fsynced(path, monkeypatch, synced):
+    calls = []
+    with DataStore(path) as s:
+        for i in range(40):
+            s.create(f"k{i}", {"i": i})
+        s._engine._move = lambda limit: 0
+        for i in range(0, 40, 2):
+            s.delete(f"k{i}")
+        del s._engine._move
+        if synced:
+            s.sync()
+        for name in ("pwrite", "fsync", "ftruncate"):
+            real = getattr(os, name)
+            monkeypatch.setattr(os, name, lambda *a, name=name, real=real:
+                                calls.append(name) or real(*a))
+        s.compact()
+        monkeypatch.undo()
+        assert s._engine.free_blocks == 0 and live_content(s) == {
+            f"k{i}": {"i": i} for i in range(1, 40, 2)}
+    copies = calls.index("pwrite")
+    if synced:  # copies, fsync, then the originals cut away
+        assert copies < calls.index("fsync") < calls.index("ftruncate")
+    else:  # nothing had reached the disk for sure: no need to wait for it
+        assert "fsync" not in calls and copies < calls.index("ftruncate")
+
+
 # --- Corrupt or foreign files ---------------------------------------------
 
 def make_store(path, count=20):
@@ -1278,6 +1497,193 @@ def test_record_damaged_before_a_crash_is_dropped_by_recovery(path):
         assert s.read("k9") == {"i": 9} and s.read("k2") == {"i": 2}
         with pytest.raises(KeyNotFoundError):
             s.read("k1")
+
+
+def test_a_damaged_header_in_a_file_of_records_means_recover_not_foreign(path):
+    make_store(path)
+    data = bytearray(Path(f"{path}.dat").read_bytes())
+    data[20] ^= 0xFF  # inside the header's fields: its CRC no longer matches
+    Path(f"{path}.dat").write_bytes(bytes(data))
+    with DataStore(path) as s:
+        assert live_content(s) == {f"k{i}": {"i": i} for i in range(20)}
+
+
+def test_recovery_warns_of_damage_a_crash_cannot_explain(path, caplog):
+    s = DataStore(path)
+    for i in range(40):
+        s.create(f"k{i}", {"i": i, "pad": "x" * 600})
+    abandon(s)
+    data = bytearray(Path(f"{path}.dat").read_bytes())
+    for key in (b"k5", b"k30"):  # two records far apart: more than one torn write
+        data[data.index(b'"pad"', data.index(key + b'{"i"'))] ^= 1
+    Path(f"{path}.dat").write_bytes(bytes(data))
+    with DataStore(path) as s:
+        assert len(live_content(s)) == 38
+    assert "recovered 38 keys; skipped 2 damaged region(s) of 2048 bytes" in caplog.text  # 2 blocks each
+
+
+# --- I/O errors -------------------------------------------------------------
+
+class FailingCall:
+    """Make the n-th call of os.write, pwrite, fsync, ftruncate or replace
+    raise OSError, as a full disk or a failing one would."""
+
+    NAMES = ("write", "pwrite", "fsync", "ftruncate", "replace")
+
+    def __init__(self, monkeypatch, n):
+        self.n, self.count, self.failed = n, 0, None
+        for name in self.NAMES:
+            monkeypatch.setattr(os, name, self.wrap(name, getattr(os, name)))
+
+    def wrap(self, name, real):
+        def call(*args):
+            self.count += 1
+            if self.count == self.n:
+                self.failed = name
+                code = errno.EIO if name == "fsync" else errno.ENOSPC
+                raise OSError(code, f"injected failure of os.{name}")
+            return real(*args)
+        return call
+
+
+def store_for_io_errors(path, clock):
+    """A store with free extents, records after them and expired keys."""
+    with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as s:
+        s._clock = clock
+        s._engine._move = lambda limit: 0
+        for i in range(30):
+            s.create(f"k{i}", {"i": i, "pad": "x" * (i % 5 * 300)})
+        for i in range(0, 30, 3):
+            s.delete(f"k{i}")
+        for i in range(5):
+            s.create(f"t{i}", {"i": i}, ttl=1)
+        clock.advance(1)  # the t keys have expired; close() reclaims them
+        s.create("t9", {"i": 9}, ttl=1)
+        return live_content(s)
+
+
+IO_OPERATIONS = {  # the call, and how it changes what the store holds
+    "create": (lambda s: s.create("new", {"pad": "n" * 900}),
+               lambda c: dict(c, new={"pad": "n" * 900})),
+    "create-over-expired": (lambda s: s.create("t9", {"v": "again"}),
+                            lambda c: dict(c, t9={"v": "again"})),
+    "delete": (lambda s: s.delete("k29"), lambda c: {k: v for k, v in c.items() if k != "k29"}),
+    "compact": (lambda s: s.compact(), lambda c: c),
+    "close": (lambda s: s.close(), lambda c: c),
+}
+
+
+@pytest.mark.parametrize("operation", list(IO_OPERATIONS))
+def test_each_write_fsync_and_truncate_failing_in_turn(tmp_path, monkeypatch, operation, clock):
+    template = tmp_path / "template" / "store"
+    before = store_for_io_errors(template, clock)
+    before.pop("t9")
+    clock.advance(1)  # "t9" has expired too
+    call, change = IO_OPERATIONS[operation]
+    after = change(before)
+    n = 1
+    while True:
+        path = tmp_path / f"n{n}" / "store"
+        shutil.copytree(template.parent, path.parent)
+        s = DataStore(path, max_bytes=MIN_STORE_BYTES * 2)
+        s._clock = clock
+        with monkeypatch.context() as patch:
+            fault = FailingCall(patch, n)
+            try:
+                call(s)
+                raised = None
+            except OSError as exc:
+                raised = exc
+        assert (raised is None) or fault.failed, raised
+        if operation != "close":
+            assert files_size(path) <= counted_size(s) <= s.max_bytes
+            content = live_content(s)
+            assert content == (before if raised else after), (fault.failed, n)
+            if s._engine.failed:  # an fsync failed: writes wait for a reopen
+                with pytest.raises(OSError, match="open it again"):
+                    s.create("probe", {})
+            else:  # the store still works
+                s.create("probe", {"v": 1})
+                s.delete("probe")
+            s.close()
+        else:  # closed either way, lock released
+            content = before
+            with pytest.raises(StoreClosedError):
+                s.read("k1")
+        assert files_size(path) <= MIN_STORE_BYTES * 2
+        with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as again:
+            again._clock = clock
+            assert live_content(again) == content
+        if fault.failed is None:
+            break
+        n += 1
+    assert n > {"create": 3, "delete": 2, "compact": 5, "close": 5}.get(operation, 3)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real file system of 320 KiB (tmpfs), where the tests run as root on Linux."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root on Linux")
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(folder)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_disk_raises_oserror_and_leaves_a_working_store(small_disk):
+    path = small_disk / "store"
+    rng = random.Random(7)
+    live, full = {}, 0
+    s = DataStore(path, max_bytes=MIN_STORE_BYTES * 64)  # more than the disk holds
+    for i in range(5000):
+        value = {"pad": "x" * rng.randrange(100, 3000)}
+        try:
+            s.create(f"k{i}", value)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+            full += 1
+            with pytest.raises(KeyNotFoundError):
+                s.read(f"k{i}")
+            for victim in rng.sample(sorted(live), 3):  # deleting needs no room
+                s.delete(victim)
+                del live[victim]
+            if full == 30:
+                break
+        else:
+            live[f"k{i}"] = value
+        if i % 50 == 0:
+            assert live_content(s) == live
+    assert full == 30 and live_content(s) == live
+    try:
+        s.close()  # writing .dir may not fit: then the next open scans .dat
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    with DataStore(path, max_bytes=MIN_STORE_BYTES * 64) as s:
+        assert live_content(s) == live
+        for key in sorted(live)[: len(live) // 2]:
+            s.delete(key)
+            del live[key]
+        s.compact()
+    with DataStore(path) as s:  # that close had room
+        assert live_content(s) == live
+
+
+def test_the_store_works_where_os_has_no_pread_or_pwrite(path, monkeypatch):
+    monkeypatch.delattr(os, "pread")  # as on Windows: seek, then read or write
+    monkeypatch.delattr(os, "pwrite")
+    with DataStore(path) as s:
+        for i in range(50):
+            s.create(f"k{i}", {"i": i, "pad": "x" * (i * 50)})
+        for i in range(0, 50, 2):
+            s.delete(f"k{i}")
+        s.compact()
+    with DataStore(path) as s:
+        assert live_content(s) == {f"k{i}": {"i": i, "pad": "x" * (i * 50)}
+                                   for i in range(1, 50, 2)}
 
 
 # --- Stores written by version 1.0 ----------------------------------------
