@@ -879,14 +879,18 @@ class _Engine:
         return losers, marked, damage, newest
 
     def _report_damage(self, damage: list[tuple[int, int]]) -> None:
-        """Warn of damage a crash cannot explain: a crash tears at most the one
-        record (or free marker) being written, no longer than a record."""
+        """Say what recovery skipped. A crash tears at most the one record
+        (or free marker) being written: more than that is damage, a warning."""
+        skipped = sum(length for _, length in damage) * _BLOCK
         if len(damage) > 1 or any(length > _MAX_BLOCKS for _, length in damage):
             _log.warning(
                 "datastore %s: recovered %d keys; skipped %d damaged region(s) "
                 "of %d bytes in all, which a crash alone does not explain",
-                self.dat_path[:-4], len(self.index), len(damage),
-                sum(length for _, length in damage) * _BLOCK)
+                self.dat_path[:-4], len(self.index), len(damage), skipped)
+        else:
+            _log.info("datastore %s: recovered %d keys after a crash%s",
+                      self.dat_path[:-4], len(self.index),
+                      f"; skipped {skipped} bytes of a torn write" if damage else "")
 
     def _damaged(self, path: str, detail: str) -> CorruptStoreError:
         return CorruptStoreError(f"{path} is damaged: {detail}; move the store "
@@ -1110,9 +1114,18 @@ class _Engine:
                     self._add_free(start, _blocks(size) - start)
 
     def _drop(self, key: bytes, slot: int) -> None:
-        """Delete key: a free marker over its record's head is the commit."""
+        """Delete key: a free marker over its record's head is the commit.
+
+        If that write fails part-way, the head it was writing over is put
+        back, so that a failed delete leaves the record readable.
+        """
         block, size = (slot >> 16) & _BLOCK_MASK, slot & _SIZE_MASK
-        self._write_marker(block, _blocks(size))
+        head = _read_at(self.dat, _HEAD.size, block * _BLOCK)
+        try:
+            self._write_marker(block, _blocks(size))
+        except OSError:
+            self._try(_write_at, self.dat, head, block * _BLOCK)
+            raise
         del self.index[key]
         self.dir_bytes -= _line_length(key, block, size)
         if slot >> 48:

@@ -9,6 +9,7 @@ import doctest
 import errno
 import hashlib
 import json
+import logging
 import os
 import pickle
 import random
@@ -1310,6 +1311,25 @@ def test_kill_9_at_every_file_system_step_then_again_after_deleting(tmp_path, ac
     assert content == states[-1]
 
 
+def test_recovery_keeps_the_newest_copy_and_invalidates_the_others(path):
+    s = DataStore(path)
+    for key in ("a", "x", "k", "b"):
+        s.create(key, {"v": key})
+    s._engine._move = lambda limit: 0  # no move may overwrite the older copy
+    s.delete("x")  # a free block before "k", so "k" is not at the start of a gap
+    engine = s._engine
+    newer = datastore._pack_value(engine.seq + 5, b"k", 0.0, b'{"v":"newer"}')
+    datastore._write_at(engine.dat, newer, datastore._blocks(engine.dat_size) * 512)
+    abandon(s)  # two valid copies of "k", the newer one after the older
+    with DataStore(path) as s:
+        assert live_content(s) == {"a": {"v": "a"}, "k": {"v": "newer"}, "b": {"v": "b"}}
+        s._engine._move = lambda limit: 0
+        s.delete("k")
+        abandon(s)  # had recovery left the older copy valid, it would be back
+    with DataStore(path) as s:
+        assert live_content(s) == {"a": {"v": "a"}, "b": {"v": "b"}}
+
+
 RENAMED_HOLDER = """
     import sys, datastore
     store = datastore.DataStore(sys.argv[1])
@@ -1351,6 +1371,7 @@ def test_a_renamed_folder_keeps_the_writes_of_the_process_that_opened_it(tmp_pat
 def test_a_reclaimed_expired_key_stays_gone_when_the_clock_goes_back(path, clock):
     s = DataStore(path)
     s._clock = clock
+    s._engine._move = lambda limit: 0  # no move may overwrite the expired record
     s.create("k", {"v": 1}, ttl=10)
     clock.advance(10)
     s.create("other", {})  # the write that reclaims "k"
@@ -1447,6 +1468,7 @@ def test_index_without_data_file_raises_corrupt_store_error(path):
     lambda text: text[: len(text) // 2],                 # cut mid-line
     lambda text: text[: text.index("\n", len(text) // 2) + 1],  # cut at a line end
     lambda text: text.replace("(", "((((", 1),            # hand-edited
+    lambda text: text.replace("'k1',", "'k2',", 1),       # the same size: only the CRC tells
     lambda text: "(" * 100_000 + "\n" + text,             # nested enough to crash a parser
     lambda text: "import os; os.system('touch pwned')\n" + text,  # never executed
     lambda text: text.encode().hex(),                     # garbage
@@ -1526,7 +1548,8 @@ def test_recovery_warns_of_damage_a_crash_cannot_explain(path, caplog):
 
 class FailingCall:
     """Make the n-th call of os.write, pwrite, fsync, ftruncate or replace
-    raise OSError, as a full disk or a failing one would."""
+    raise OSError, as a full disk or a failing one would. A write writes
+    half of its bytes first: a short write, then the error."""
 
     NAMES = ("write", "pwrite", "fsync", "ftruncate", "replace")
 
@@ -1540,6 +1563,8 @@ class FailingCall:
             self.count += 1
             if self.count == self.n:
                 self.failed = name
+                if name in ("write", "pwrite") and len(args[1]) > 1:
+                    real(args[0], args[1][:len(args[1]) // 2], *args[2:])
                 code = errno.EIO if name == "fsync" else errno.ENOSPC
                 raise OSError(code, f"injected failure of os.{name}")
             return real(*args)
@@ -1565,6 +1590,8 @@ def store_for_io_errors(path, clock):
 IO_OPERATIONS = {  # the call, and how it changes what the store holds
     "create": (lambda s: s.create("new", {"pad": "n" * 900}),
                lambda c: dict(c, new={"pad": "n" * 900})),
+    "create-at-the-end": (lambda s: s.create("big", {"pad": "b" * 9000}),  # fits no free extent
+                          lambda c: dict(c, big={"pad": "b" * 9000})),
     "create-over-expired": (lambda s: s.create("t9", {"v": "again"}),
                             lambda c: dict(c, t9={"v": "again"})),
     "delete": (lambda s: s.delete("k29"), lambda c: {k: v for k, v in c.items() if k != "k29"}),
@@ -1574,7 +1601,8 @@ IO_OPERATIONS = {  # the call, and how it changes what the store holds
 
 
 @pytest.mark.parametrize("operation", list(IO_OPERATIONS))
-def test_each_write_fsync_and_truncate_failing_in_turn(tmp_path, monkeypatch, operation, clock):
+def test_each_write_fsync_and_truncate_failing_in_turn(tmp_path, monkeypatch, operation,
+                                                       clock, caplog):
     template = tmp_path / "template" / "store"
     before = store_for_io_errors(template, clock)
     before.pop("t9")
@@ -1605,19 +1633,26 @@ def test_each_write_fsync_and_truncate_failing_in_turn(tmp_path, monkeypatch, op
             else:  # the store still works
                 s.create("probe", {"v": 1})
                 s.delete("probe")
-            s.close()
+            abandon(s)  # then a crash: what the failure left must scan clean
         else:  # closed either way, lock released
             content = before
             with pytest.raises(StoreClosedError):
                 s.read("k1")
         assert files_size(path) <= MIN_STORE_BYTES * 2
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="datastore")
         with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as again:
+            again._clock = clock
+            assert live_content(again) == content
+        assert "skipped" not in caplog.text, (fault.failed, n)  # no write was in flight
+        with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as again:  # after close
             again._clock = clock
             assert live_content(again) == content
         if fault.failed is None:
             break
         n += 1
-    assert n > {"create": 3, "delete": 2, "compact": 5, "close": 5}.get(operation, 3)
+    assert n > {"create": 3, "create-at-the-end": 2, "delete": 2, "compact": 5,
+                "close": 5}.get(operation, 3)
 
 
 @pytest.fixture
@@ -1655,6 +1690,7 @@ def test_a_full_disk_raises_oserror_and_leaves_a_working_store(small_disk):
                 break
         else:
             live[f"k{i}"] = value
+        assert files_size(path) <= counted_size(s)  # even after a short write
         if i % 50 == 0:
             assert live_content(s) == live
     assert full == 30 and live_content(s) == live
