@@ -459,19 +459,15 @@ def _write_at(fd: int, data: bytes, pos: int) -> None:
 
 def _read_at(fd: int, size: int, pos: int) -> bytes:
     """Read up to size bytes at pos: fewer only at the end of the file."""
-    chunks = []
-    while size > 0:
-        if hasattr(os, "pread"):
-            chunk = os.pread(fd, size, pos)
-        else:
-            os.lseek(fd, pos, os.SEEK_SET)
-            chunk = os.read(fd, size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size -= len(chunk)
-        pos += len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if hasattr(os, "pread"):
+        data = os.pread(fd, size, pos)
+    else:  # Windows: the caller holds the store's lock, so no one moves the offset
+        os.lseek(fd, pos, os.SEEK_SET)
+        data = os.read(fd, size)
+    if 0 < len(data) < size:  # a short read, which a regular file rarely gives
+        more = _read_at(fd, size - len(data), pos + len(data))
+        data += more
+    return data
 
 
 def _candidates(fd: int, size: int, magic: bytes) -> Iterator[tuple[int, bytes, int]]:
@@ -1298,8 +1294,15 @@ class _Engine:
     def _last_record(self, end: int) -> Optional[tuple[bytes, int, int, bytes]]:
         """(key, block, seq, record) of the live record that ends at block
         `end`, read from disk, or None if none does."""
-        first = max(1, end - _MAX_BLOCKS)
-        buf = _read_at(self.dat, (end - first) * _BLOCK, first * _BLOCK)
+        if end <= 1:
+            return None
+        last = _read_at(self.dat, _BLOCK, (end - 1) * _BLOCK)  # most records: one block
+        item = _parse_item(last, 0)
+        if item is not None:
+            first, buf = end - 1, last
+        else:
+            first = max(1, end - _MAX_BLOCKS)
+            buf = _read_at(self.dat, (end - first) * _BLOCK, first * _BLOCK)
         off = len(buf)
         while off > 0:
             off = buf.rfind(_MAGIC, 0, off)
