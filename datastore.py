@@ -131,6 +131,7 @@ import argparse
 import ast
 import atexit
 import base64
+import builtins
 import gc
 import json
 import logging
@@ -151,7 +152,7 @@ import fasteners
 
 __version__ = "2.0.0"
 __all__ = [
-    "DataStore", "create", "read", "delete",
+    "DataStore", "create", "read", "delete", "set", "get", "keys", "ttl",
     "MAX_KEY_LENGTH", "MAX_VALUE_BYTES", "MAX_STORE_BYTES", "MIN_STORE_BYTES",
     "DataStoreError", "DataStoreTypeError", "DataStoreValueError",
     "KeyTypeError", "InvalidKeyError", "ValueTypeError", "InvalidValueError",
@@ -645,7 +646,8 @@ class _Engine:
         self.expiries = _Expiries()             # keys that have a ttl
         self.free_at: dict[int, int] = {}       # free extent: start -> blocks
         self.free_to: dict[int, int] = {}       # free extent: end -> start
-        self.bins: list[set[int]] = [set() for _ in range(_LONG + 1)]  # by length
+        # (builtins.set: this module's own set() stores a value)
+        self.bins: list[set[int]] = [builtins.set() for _ in range(_LONG + 1)]  # by length
         self.free_blocks = 0
         self.dat_size = 0     # bytes of .dat, from what was written
         self.dir_bytes = 0    # bytes .dir will hold at close: its lines
@@ -655,6 +657,8 @@ class _Engine:
         self.stale: list[tuple[bytes, int]] = []  # superseded copies to invalidate
         self.failed: Optional[OSError] = None     # a failed fsync: no more writes
         self.stuck = (0, 0)   # (end of .dat, blocks) when the last record fit nowhere
+        self.by_blocks = [0] * (_MAX_BLOCKS + 1)  # indexed records by blocks taken
+        self.largest = 0      # blocks of the largest indexed record
         self.dat = self.dir = -1
         self._open_files()
 
@@ -785,13 +789,17 @@ class _Engine:
         free markers a scan found: block -> length), also write a marker at
         the start of each extent that has no exact one yet."""
         at = 1  # block 0 is the header
+        by_blocks = self.by_blocks
         for slot in sorted(slot & _SLOT_MASK for slot in self.index.values()):
             block = slot >> 16
             if block < at:
                 raise self._damaged(self.dat_path, f"records overlap at block {block}")
             if block > at:
                 self._new_free(at, block - at, marked)
-            at = block + _blocks(slot & _SIZE_MASK)
+            blocks = _blocks(slot & _SIZE_MASK)
+            by_blocks[blocks] += 1
+            at = block + blocks
+        self.largest = max((n for n in range(_MAX_BLOCKS + 1) if by_blocks[n]), default=0)
         end = _blocks(self.dat_size)
         if end > at:
             self._new_free(at, end - at, marked)
@@ -943,6 +951,7 @@ class _Engine:
         self._derive_free(marked)
         for key, (block, length, expires_at, body) in convert.items():
             del self.index[b"\0" + key]
+            self._count(length, -1)
             self._put_record(key, body, expires_at)
             self._write_marker(block, length)
             self._add_free(block, length)
@@ -956,6 +965,21 @@ class _Engine:
         if slot is None or (slot >> 48 and slot >> 48 <= _float_bits(now)):
             return None
         return slot
+
+    def expires_at(self, key: bytes, now: float) -> Optional[float]:
+        """expires_at of key's live record (0.0 for never), or None. No I/O."""
+        slot = self.slot(key, now)
+        return None if slot is None else _bits_float(slot >> 48)
+
+    def count(self, now: float) -> int:
+        """The number of live keys at `now`. No I/O."""
+        return len(self.index) - self.expiries.count_due(_float_bits(now))
+
+    def keys(self, now: float) -> list[bytes]:
+        """The live keys at `now`, in no particular order. No I/O."""
+        now_bits = _float_bits(now)
+        return [key for key, slot in self.index.items()
+                if not slot >> 48 or slot >> 48 > now_bits]
 
     def get(self, key: bytes, now: float) -> Optional[bytes]:
         """The body of key's live record, or None."""
@@ -983,6 +1007,9 @@ class _Engine:
     def put(self, key: bytes, body: bytes, expires_at: float, now: float) -> None:
         """Make key's record one holding `body`, whether or not it has one.
 
+        The new record is written before the old one is invalidated, so a
+        crash leaves one or the other. A new key must leave room in the cap
+        for a copy of the largest record; replacing a live one may use it.
         Raises _StoreFull (nothing written) if there is no room.
         """
         self._check_writable()
@@ -1023,24 +1050,36 @@ class _Engine:
         fixed = -_line_length(key, (old >> 16) & _BLOCK_MASK, old & _SIZE_MASK) if old else 0
         if expires_at and not (old and old >> 48):
             fixed += _table_room(self.expiries.count + 1) - _table_room(self.expiries.count)
-        block = self._allocate(size, lambda block: fixed + _line_length(key, block, size), now)
+        keep = 0 if old or now is None else max(self.largest, blocks) * _BLOCK
+        block = self._allocate(size, lambda block: fixed + _line_length(key, block, size),
+                               now, keep)
         record = _pack_value(self._next_seq(), key, expires_at, body)
         self._write_record(block, blocks, record)
         exp = _float_bits(expires_at) if expires_at else 0
         self.index[key] = size | block << 16 | exp << 48
         self.dir_bytes += _line_length(key, block, size)
+        self._count(blocks, 1)
         if old is not None:
             self.dir_bytes -= _line_length(key, (old >> 16) & _BLOCK_MASK, old & _SIZE_MASK)
+            self._count(_blocks(old & _SIZE_MASK), -1)
             if old >> 48:
                 self.expiries.remove(old >> 48, key)
         if exp:
             self.expiries.add(exp, key)
 
+    def _count(self, blocks: int, change: int) -> None:
+        """Count an indexed record of `blocks` blocks in (1) or out (-1)."""
+        self.by_blocks[blocks] += change
+        if change > 0:
+            self.largest = max(self.largest, blocks)
+        while self.largest and not self.by_blocks[self.largest]:
+            self.largest -= 1
+
     def _allocate(self, size: int, extra: Callable[[int], int],
-                  now: Optional[float]) -> int:
+                  now: Optional[float], keep: int = 0) -> int:
         """Where to write a record of `size` bytes (see _place) such that the
         files stay within max_bytes with extra(block) more bytes for .dir and
-        the expiry table.
+        the expiry table, and `keep` bytes to spare.
 
         Tries reclaiming expired keys and moving records to make room, a
         bounded amount; raises _StoreFull if that is not enough.
@@ -1048,13 +1087,13 @@ class _Engine:
         for attempt in range(3):
             block, growth = self._place(size)
             needed = growth + extra(block)
-            if self.used() + needed <= self.max_bytes:
+            if self.used() + needed + keep <= self.max_bytes:
                 return block
             if attempt == 0 and now is not None:
                 self._reclaim(now, _RECLAIM_BATCH * 4)
             elif attempt == 1:
                 self._move(_MOVE_BATCH * 4)
-        raise _StoreFull(needed, self.used())
+        raise _StoreFull(needed + keep, self.used())
 
     def _place(self, size: int) -> tuple[int, int]:
         """(block, bytes .dat grows by) for a record of `size` bytes: the
@@ -1124,6 +1163,7 @@ class _Engine:
             raise
         del self.index[key]
         self.dir_bytes -= _line_length(key, block, size)
+        self._count(_blocks(size), -1)
         if slot >> 48:
             self.expiries.remove(slot >> 48, key)
         self._add_free(block, _blocks(size))
@@ -1390,7 +1430,10 @@ def _remove(*paths: str) -> None:
 
 
 def _default_path() -> Path:
-    """The default store in the user's data folder for this platform."""
+    """The default store: $DATASTORE_PATH if set, else `default` in the user's
+    data folder for this platform."""
+    if os.environ.get("DATASTORE_PATH"):
+        return Path(os.environ["DATASTORE_PATH"])
     home = Path.home()
     base: Any
     if sys.platform == "win32":
@@ -1436,7 +1479,8 @@ class DataStore:
     ``path`` or a ``max_bytes`` below ``MIN_STORE_BYTES``.
     """
 
-    def __init__(self, path: Any = None, *, max_bytes: int = MAX_STORE_BYTES) -> None:
+    def __init__(self, path: Any = None, *, max_bytes: int = MAX_STORE_BYTES,
+                 timeout: Optional[float] = 0) -> None:
         if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
             raise DataStoreTypeError(
                 f"max_bytes must be an int, not {type(max_bytes).__name__}")
@@ -1444,6 +1488,13 @@ class DataStore:
             raise DataStoreValueError(
                 f"max_bytes must be from {MIN_STORE_BYTES} to {_LARGEST_STORE}, "
                 f"got {max_bytes}")
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float))):
+            raise DataStoreTypeError(
+                f"timeout must be None or a number of seconds, not {type(timeout).__name__}")
+        if timeout is not None and not 0 <= timeout < float("inf"):
+            raise DataStoreValueError(
+                f"timeout must be 0 or more seconds (or None to wait for ever), got {timeout}")
         if path is None:
             path = _default_path()
         elif not isinstance(path, (str, os.PathLike)) or isinstance(
@@ -1460,24 +1511,36 @@ class DataStore:
         self._engine: Optional[_Engine] = None
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _open_stores_lock:
+        with _open_stores_lock:  # reserve the path while we wait for the lock
             if str(self.path) in _open_stores:
                 raise StoreLockedError(
                     f"store {self.path} is already open in this process; "
                     "use that DataStore or close it first", path=self.path)
+            _open_stores[str(self.path)] = self
+        try:
             self._lock = fasteners.InterProcessLock(f"{self.path}.lock")
-            if not self._lock.acquire(blocking=False):
+            if not self._lock.acquire(blocking=timeout != 0, timeout=timeout):
                 self._lock.lockfile.close()  # we hold no lock on it to lose
+                waited = f"; gave up after waiting {timeout:g} s" if timeout else ""
                 raise StoreLockedError(
                     f"store {self.path} is in use by another process; "
-                    "only one process at a time may open it", path=self.path)
+                    f"only one process at a time may open it{waited}", path=self.path)
             try:
                 os.chmod(f"{self.path}.lock", 0o600)
                 self._engine = _Engine(str(self.path), max_bytes)
+            except _StoreFull as full:
+                self._lock.release()
+                raise StoreFullError(
+                    f"store {self.path} needs {full.used + full.needed} bytes to "
+                    f"convert to this version, more than max_bytes={max_bytes}; "
+                    "open it with a larger max_bytes", path=self.path) from None
             except BaseException:
                 self._lock.release()
                 raise
-            _open_stores[str(self.path)] = self
+        except BaseException:
+            with _open_stores_lock:
+                del _open_stores[str(self.path)]
+            raise
 
     def __repr__(self) -> str:
         state = "open" if self._engine is not None else "closed"
@@ -1488,6 +1551,24 @@ class DataStore:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    def __len__(self) -> int:
+        """The number of live keys (expired ones not counted). Reads no value."""
+        with self._mutex:
+            return self._usable().count(self._clock())
+
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is live. Reads nothing from disk.
+
+        Raises ``KeyTypeError``/``InvalidKeyError`` for a bad key.
+        """
+        key_bytes = _encode_key(key)
+        with self._mutex:
+            return self._usable().slot(key_bytes, self._clock()) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        """Iterate over ``keys()``: a list taken when iteration starts."""
+        return iter(self.keys())
 
     # --- Public operations ---
 
@@ -1510,14 +1591,59 @@ class DataStore:
             if engine.slot(key_bytes, now) is not None:
                 raise KeyExistsError(f"key {key!r} already exists", key=key,
                                      path=self.path)
-            try:
-                engine.put(key_bytes, body, expires_at, now)
-            except _StoreFull as full:
-                raise StoreFullError(
-                    f"store {self.path} is full: creating {key!r} needs "
-                    f"{full.needed} more bytes, and its files already use "
-                    f"{full.used} of max_bytes={self.max_bytes}; delete keys or "
-                    "open it with a larger max_bytes", key=key, path=self.path) from None
+            self._put(engine, key, key_bytes, body, expires_at, now)
+
+    def set(self, key: str, value: dict[str, Any], ttl: Optional[int] = None) -> None:
+        """Store ``value`` under ``key`` whether or not the key is live, with a
+        new ``ttl`` (``None``: for ever).
+
+        Atomic: the new value is written before the old one is given up, so
+        after a crash at any instant the key holds one or the other. Raises
+        like ``create``, but never ``KeyExistsError``. Creates leave room in
+        ``max_bytes`` for one more copy of the largest value stored, which
+        ``set`` uses, so on a full store replacing a value with one no larger
+        does not raise ``StoreFullError``. The value is in the files when this
+        returns.
+        """
+        key_bytes = _encode_key(key)
+        body = _encode_value(key, value)
+        with self._mutex:
+            engine = self._usable()
+            now = self._clock()
+            self._put(engine, key, key_bytes, body, _expiry(key, ttl, now), now)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """Return the value stored under ``key``, or ``default`` if the key was
+        never created, was deleted or has expired.
+
+        Raises ``KeyTypeError``/``InvalidKeyError`` for a bad key and
+        ``CorruptStoreError`` if its record is damaged.
+        """
+        try:
+            return self.read(key)
+        except KeyNotFoundError:
+            return default
+
+    def keys(self) -> list[str]:
+        """The live keys, as a list taken at the call, in no particular order.
+        Reads no value from disk."""
+        with self._mutex:
+            keys = self._usable().keys(self._clock())
+        return [key.decode("utf-8") for key in keys]
+
+    def ttl(self, key: str) -> Optional[float]:
+        """Seconds until ``key`` expires, or ``None`` if it has no ttl.
+
+        Raises ``KeyNotFoundError`` if the key was never created, was deleted
+        or has expired, and ``KeyTypeError``/``InvalidKeyError`` for a bad key.
+        """
+        key_bytes = _encode_key(key)
+        with self._mutex:
+            now = self._clock()
+            expires_at = self._usable().expires_at(key_bytes, now)
+        if expires_at is None:
+            raise KeyNotFoundError(f"key {key!r} not found", key=key, path=self.path)
+        return expires_at - now if expires_at else None
 
     def read(self, key: str) -> dict[str, Any]:
         """Return a new dict equal to the value stored under ``key``.
@@ -1595,6 +1721,18 @@ class DataStore:
 
     # --- Private helpers ---
 
+    def _put(self, engine: _Engine, key: str, key_bytes: bytes, body: bytes,
+             expires_at: float, now: float) -> None:
+        try:
+            engine.put(key_bytes, body, expires_at, now)
+        except _StoreFull as full:
+            raise StoreFullError(
+                f"store {self.path} is full: writing {key!r} needs {full.needed} "
+                f"more bytes (with room kept for replacing the largest value), and "
+                f"its files already use {full.used} of max_bytes={self.max_bytes}; "
+                "delete keys or open it with a larger max_bytes",
+                key=key, path=self.path) from None
+
     def _usable(self) -> _Engine:
         if os.getpid() != self._pid:
             raise StoreForkedError(
@@ -1635,41 +1773,88 @@ def delete(key: str) -> None:
     _default().delete(key)
 
 
+def set(key: str, value: dict[str, Any], ttl: Optional[int] = None) -> None:  # noqa: A001
+    """``DataStore.set`` on the default store (opened on first use)."""
+    _default().set(key, value, ttl)
+
+
+def get(key: str, default: Any = None) -> Any:
+    """``DataStore.get`` on the default store (opened on first use)."""
+    return _default().get(key, default)
+
+
+def keys() -> list[str]:
+    """``DataStore.keys`` on the default store (opened on first use)."""
+    return _default().keys()
+
+
+def ttl(key: str) -> Optional[float]:
+    """``DataStore.ttl`` on the default store (opened on first use)."""
+    return _default().ttl(key)
+
+
 # --- Command line ---------------------------------------------------------
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python datastore.py [--path PATH] create|read|delete ...``.
+    """``python datastore.py [--path PATH] [--timeout SECONDS] COMMAND ...``.
 
     Returns the exit status: 0 on success, 1 on an error (one line on
     stderr), 2 on a usage error (from argparse).
     """
     parser = argparse.ArgumentParser(
-        prog="datastore", description="Create, read or delete a key in a store.")
-    parser.add_argument("--path", help="the store (default: the default store "
-                        "in your data folder)")
+        prog="datastore", description="Use a store from the command line.")
+    parser.add_argument("--version", action="version", version=f"datastore {__version__}")
+    parser.add_argument("--path", help="the store (default: $DATASTORE_PATH, or the "
+                        "default store in your data folder)")
+    parser.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
+                        help="wait this long for another process to close the store")
     commands = parser.add_subparsers(dest="command", required=True)
-    create_parser = commands.add_parser("create", help="create KEY with a JSON object")
-    create_parser.add_argument("key")
-    create_parser.add_argument("json", help='a JSON object, e.g. \'{"a": 1}\'')
-    create_parser.add_argument("--ttl", type=int, metavar="SECONDS",
-                               help="delete the key after this many seconds")
+    for name, does in (("create", "create KEY, which must not be live"),
+                       ("set", "store KEY, live or not")):
+        write = commands.add_parser(name, help=does)
+        write.add_argument("key")
+        write.add_argument("json", help='a JSON object, e.g. \'{"a": 1}\', or - to '
+                           "read it from standard input")
+        write.add_argument("--ttl", type=int, metavar="SECONDS",
+                           help="delete the key after this many seconds")
     commands.add_parser("read", help="print KEY's JSON object").add_argument("key")
     commands.add_parser("delete", help="delete KEY").add_argument("key")
+    commands.add_parser("ttl", help="print KEY's seconds to live (null: no ttl)"
+                        ).add_argument("key")
+    keys_parser = commands.add_parser("keys", help="print the live keys, sorted, one a line")
+    keys_parser.add_argument("--json", action="store_true",
+                             help="print a JSON array instead (keys may hold newlines)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "create":
+        if args.command in ("create", "set"):
+            text = sys.stdin.read() if args.json == "-" else args.json
             try:
-                value = json.loads(args.json)
-            except ValueError as exc:
+                value = json.loads(text)
+            except (ValueError, RecursionError) as exc:
                 raise InvalidValueError(f"JSON for {args.key!r} is not valid: {exc}",
                                         key=args.key) from None
-        with DataStore(args.path) as store:
+        with DataStore(args.path, timeout=args.timeout) as store:
             if args.command == "create":
                 store.create(args.key, value, ttl=args.ttl)
+            elif args.command == "set":
+                store.set(args.key, value, ttl=args.ttl)
             elif args.command == "read":
-                print(json.dumps(store.read(args.key), ensure_ascii=False))
-            else:
+                output = json.dumps(store.read(args.key), ensure_ascii=False)
+            elif args.command == "delete":
                 store.delete(args.key)
+            elif args.command == "ttl":
+                output = json.dumps(store.ttl(args.key))
+            elif args.json:
+                output = json.dumps(sorted(store.keys()), ensure_ascii=False)
+            else:
+                output = "\n".join(sorted(store.keys()))
+        if args.command in ("read", "ttl", "keys") and (output or args.command != "keys"):
+            try:
+                print(output)
+            except UnicodeEncodeError as exc:
+                raise DataStoreError(
+                    f"the output cannot be written in {sys.stdout.encoding}: {exc.reason}; "
+                    "set PYTHONIOENCODING=utf-8") from None
     except (DataStoreError, OSError) as exc:
         print(f"datastore: error: {exc}", file=sys.stderr)
         return 1

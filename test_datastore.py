@@ -407,6 +407,153 @@ def test_recreated_keys_survive_reopen_with_the_newest_value(path):
         assert s.read("k") == {"v": "last"}
 
 
+# --- set, get, in, len, keys and ttl ---------------------------------------
+
+def test_set_stores_whether_or_not_the_key_is_live(store, clock):
+    store._clock = clock
+    store.set("k", {"v": 1})                 # a new key
+    store.set("k", {"v": 2, "pad": "x" * 3000}, ttl=10)  # over a live one, larger
+    assert store.read("k") == {"v": 2, "pad": "x" * 3000} and store.ttl("k") == 10
+    store.set("k", {"v": 3})                 # smaller, and no ttl any more
+    assert store.read("k") == {"v": 3} and store.ttl("k") is None
+    with pytest.raises(KeyExistsError):      # create still refuses a live key
+        store.create("k", {"v": 4})
+    store.set("t", {"v": 1}, ttl=1)
+    clock.advance(1)
+    store.set("t", {"v": 2})                 # over an expired one
+    assert store.read("t") == {"v": 2} and len(store) == 2
+
+
+def test_set_refuses_bad_arguments_and_changes_nothing(store):
+    store.set("k", {"v": 1})
+    for args, error in [(("", {}), InvalidKeyError), (("k", []), ValueTypeError),
+                        (("k", {"t": (1,)}), InvalidValueError), (("k", {}, 0), InvalidTTLError)]:
+        with pytest.raises(error):
+            store.set(*args)
+    assert store.read("k") == {"v": 1}
+
+
+def test_get_returns_the_default_for_a_missing_or_expired_key(store, clock):
+    store._clock = clock
+    store.create("k", {"v": 1})
+    store.create("t", {"v": 2}, ttl=5)
+    clock.advance(5)
+    assert store.get("k") == {"v": 1}
+    assert store.get("t") is None and store.get("nope", {"d": 0}) == {"d": 0}
+    with pytest.raises(KeyTypeError):  # a bad key still raises
+        store.get(1)
+
+
+def test_in_is_true_for_live_keys_only_and_reads_no_value(store, clock, monkeypatch):
+    store._clock = clock
+    store.create("k", {"v": 1})
+    store.create("t", {"v": 2}, ttl=5)
+    store.create("gone", {})
+    store.delete("gone")
+    monkeypatch.setattr(os, "pread", None)  # any read from disk would fail
+    assert "k" in store and "t" in store
+    assert "gone" not in store and "never" not in store
+    clock.advance(5)
+    assert "t" not in store
+    with pytest.raises(InvalidKeyError):
+        "" in store
+
+
+def test_len_keys_and_iter_count_live_keys_exactly(path, clock):
+    s = DataStore(path)
+    s._clock = clock
+    for i in range(300):
+        s.create(f"k{i}", {"i": i}, ttl=10 if i % 3 == 0 else None)
+    for i in range(0, 300, 5):
+        s.delete(f"k{i}")
+    live = {f"k{i}" for i in range(300) if i % 5}
+    assert len(s) == len(live) and set(s.keys()) == live and set(s) == live
+    clock.advance(10)  # the ttl keys expire, none reclaimed yet
+    live = {key for key in live if int(key[1:]) % 3}
+    assert len(s) == len(live) and set(s.keys()) == live
+    s.create("new", {})  # reclaims a few expired keys
+    live.add("new")
+    assert len(s) == len(live) and sorted(s) == sorted(live)
+    s.compact()
+    assert len(s) == len(live) and set(s) == live
+    abandon(s)  # recovery after a crash
+    with DataStore(path) as s:
+        s._clock = clock
+        assert len(s) == len(live) and set(s) == live
+    with DataStore(path) as s:  # the snapshot a clean close wrote
+        s._clock = clock
+        assert len(s) == len(live) and set(s) == live
+        assert bool(s) is True
+        for key in list(s):
+            s.delete(key)
+        assert len(s) == 0 and not s and list(s) == []  # empty: falsy, like a dict
+
+
+def test_keys_is_a_snapshot_safe_while_other_threads_write(store):
+    for i in range(500):
+        store.create(f"k{i}", {})
+    snapshot_keys = store.keys()
+    errors = []
+
+    def writer(t):
+        for i in range(500):
+            store.set(f"w{t}-{i}", {})
+            store.delete(f"k{(t * 500 + i) % 500}") if t == 0 else None
+
+    def reader(t):
+        for _ in range(50):
+            for key in store:  # iterating while the writers change the store
+                assert isinstance(key, str)
+
+    run_threads(lambda t: writer(t) if t < 2 else reader(t), 4, errors)
+    assert errors == []
+    assert len(snapshot_keys) == 500  # the list taken before did not change
+
+
+def test_ttl_gives_seconds_left_or_none(store, clock):
+    store._clock = clock
+    store.create("t", {}, ttl=100)
+    store.create("forever", {})
+    clock.advance(40.5)
+    assert store.ttl("t") == pytest.approx(59.5) and store.ttl("forever") is None
+    clock.advance(59.5)
+    for key in ("t", "never"):
+        with pytest.raises(KeyNotFoundError, match=f"'{key}' not found"):
+            store.ttl(key)
+
+
+def test_set_on_a_full_store_replaces_values_no_larger(path):
+    with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
+        count = fill(s, "k", size=700)
+        for round in range(3):
+            for i in range(count):
+                s.set(f"k{i:05d}", {"pad": "y" * (700 - round * 100)})
+                assert counted_size(s) <= s.max_bytes
+        assert all(s.read(f"k{i:05d}") == {"pad": "y" * 500} for i in range(count))
+
+
+def test_sixteen_threads_setting_one_key_all_succeed(store):
+    barrier = threading.Barrier(16)
+    errors = []
+
+    def setter(i):
+        barrier.wait()
+        for n in range(50):
+            store.set("shared", {"by": i, "n": n})
+
+    run_threads(setter, 16, errors)
+    assert errors == [] and store.read("shared")["n"] == 49
+
+
+def test_module_functions_set_get_keys_and_ttl(tmp_path, monkeypatch, fresh_default):
+    monkeypatch.setenv("DATASTORE_PATH", str(tmp_path / "elsewhere" / "store"))
+    datastore.set("a", {"v": 1}, ttl=60)
+    datastore.set("a", {"v": 2})
+    assert datastore.get("a") == {"v": 2} and datastore.get("b", 0) == 0
+    assert datastore.keys() == ["a"] and datastore.ttl("a") is None
+    assert datastore._default_store.path == tmp_path / "elsewhere" / "store"
+
+
 # --- Time to live ---------------------------------------------------------
 
 def test_key_expires_at_create_time_plus_ttl(store):
@@ -575,6 +722,55 @@ def test_relative_and_symlinked_paths_are_the_same_store(tmp_path, monkeypatch):
             DataStore("s")
 
 
+def close_later(holder, seconds):
+    """Tell the holder process to close its store after `seconds`."""
+    def close():
+        holder.stdin.write("close\n")
+        holder.stdin.flush()
+    timer = threading.Timer(seconds, close)
+    timer.start()
+    return timer
+
+
+@POSIX_ONLY
+@pytest.mark.parametrize("timeout", [pytest.param(10, id="10s"), pytest.param(None, id="none")])
+def test_timeout_waits_for_another_process_to_close(path, holder, timeout):
+    started = time.monotonic()
+    close_later(holder, 0.5)
+    with DataStore(path, timeout=timeout) as s:
+        assert s.read("held") == {"by": "holder"}
+    assert time.monotonic() - started >= 0.4
+
+
+@POSIX_ONLY
+def test_timeout_that_runs_out_says_how_long_it_waited(path, holder):
+    started = time.monotonic()
+    with pytest.raises(StoreLockedError, match=r"another process.*waiting 0.3 s"):
+        DataStore(path, timeout=0.3)
+    assert 0.3 <= time.monotonic() - started < 5
+
+
+def test_timeout_on_a_store_this_process_holds_raises_at_once(path):
+    with DataStore(path):
+        started = time.monotonic()
+        with pytest.raises(StoreLockedError, match="already open in this process"):
+            DataStore(path, timeout=None)
+        assert time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("timeout, error", [
+    pytest.param("1", DataStoreTypeError, id="str"),
+    pytest.param(True, DataStoreTypeError, id="bool"),
+    pytest.param(-1, DataStoreValueError, id="negative"),
+    pytest.param(float("nan"), DataStoreValueError, id="nan"),
+    pytest.param(float("inf"), DataStoreValueError, id="inf"),
+])
+def test_bad_timeouts_are_refused(path, timeout, error):
+    with pytest.raises(error, match="timeout"):
+        DataStore(path, timeout=timeout)
+    assert not path.parent.joinpath("store.dat").exists()
+
+
 @POSIX_ONLY
 def test_forked_child_cannot_use_the_store_and_writes_nothing(path):
     store = DataStore(path)
@@ -643,13 +839,25 @@ def test_forked_child_exiting_normally_leaves_the_parents_files_and_lock(path):
 
 # --- Threads --------------------------------------------------------------
 
-def run_threads(target, count):
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
+def run_threads(target, count, errors=None):
+    """Run target(i) in `count` threads; an exception in one goes into
+    `errors` (pytest would only warn of it), or fails the test at once."""
+    caught = [] if errors is None else errors
+
+    def guarded(i):
+        try:
+            target(i)
+        except BaseException as exc:  # reported with the thread's number
+            caught.append((i, repr(exc)))
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors is None:
+        assert caught == []
 
 
 def test_sixteen_threads_racing_to_create_one_key_one_wins(store):
@@ -729,6 +937,7 @@ def test_threads_reading_while_others_delete_and_compact(path):
 def fresh_default(monkeypatch):
     """Make the module-level functions open a new default store, then close it."""
     monkeypatch.setattr(datastore, "_default_store", None)
+    monkeypatch.delenv("DATASTORE_PATH", raising=False)
     yield
     if datastore._default_store is not None:
         datastore._default_store.close()
@@ -820,8 +1029,9 @@ def test_the_write_exactly_at_the_cap_fits_and_the_next_does_not(path):
             except StoreFullError:
                 break
             count += 1
-        assert MIN_STORE_BYTES - counted_size(s) < 600  # one block and a line
-    assert MIN_STORE_BYTES - 600 < files_size(path) <= MIN_STORE_BYTES  # .dir written
+        kept = 512  # room for set() to write a copy of the largest record
+        assert MIN_STORE_BYTES - counted_size(s) < 600 + kept  # one block and a line
+    assert MIN_STORE_BYTES - 600 - kept < files_size(path) <= MIN_STORE_BYTES  # .dir written
 
 
 def test_space_comes_back_after_deleting_everything(path):
@@ -1076,6 +1286,14 @@ CRASH_WORKER = """
         if rng.random() < 0.02:
             print("begin M", flush=True)
             store.compact()
+        elif live and rng.random() < 0.2:
+            key, size = rng.choice(live), rng.randrange(0, 1500)
+            print("begin S", key, size, flush=True)
+            try:
+                store.set(key, {"key": key, "pad": "x" * size})
+            except datastore.StoreFullError:
+                print("full", flush=True)
+                continue
         elif live and rng.random() < 0.45:
             key = live.pop(rng.randrange(len(live)))
             print("begin D", key, flush=True)
@@ -1136,7 +1354,7 @@ def test_kill_9_at_random_instants_loses_no_acknowledged_operation(path, caplog)
             if line.startswith("begin"):
                 in_flight = line.split()[1:]
             elif line in ("done", "full"):
-                if line == "done" and in_flight[0] == "C":
+                if line == "done" and in_flight[0] in "CS":
                     live[in_flight[1]] = int(in_flight[2])
                 elif line == "done" and in_flight[0] == "D":
                     deleted.add(in_flight[1])
@@ -1149,8 +1367,9 @@ def test_kill_9_at_random_instants_loses_no_acknowledged_operation(path, caplog)
         if in_flight and in_flight[0] == "D" and in_flight[1] not in content:
             deleted.add(in_flight[1])  # the delete in flight happened
             del live[in_flight[1]]
-        if in_flight and in_flight[0] == "C" and in_flight[1] in content:
-            live[in_flight[1]] = int(in_flight[2])  # the create in flight happened
+        if in_flight and in_flight[0] in "CS" and content.get(in_flight[1]) == value_for(
+                in_flight[1], int(in_flight[2])):
+            live[in_flight[1]] = int(in_flight[2])  # the create or set in flight happened
         assert content == {key: value_for(key, size) for key, size in live.items()}
         assert not deleted & set(content)
         assert "damaged" not in caplog.text  # a crash is not damage
@@ -1198,6 +1417,9 @@ CRASH_AT_STEP = """
     elif action == "reclaim":    # expired keys freed by the next writes
         store.create("ttl", {"v": "again"})
         store.create("new", {"v": 1})
+    elif action == "set":        # over a value an earlier sync() made durable
+        store.sync()
+        store.set("k5", {"v": "new", "pad": "s" * 1500})
     elif action == "close":
         store.close()
     print("finished", count, flush=True)
@@ -1260,6 +1482,7 @@ CRASH_ACTIONS = {  # what each action may leave, in order, as changes to the sto
     "move": [{}],
     "truncate": [{}, {"LAST": None}],
     "reclaim": [{}, {"ttl": {"v": "again"}}, {"ttl": {"v": "again"}, "new": {"v": 1}}],
+    "set": [{}, {"k5": {"v": "new", "pad": "s" * 1500}}],
     "close": [{}],
     "recover": [{}],
     "convert": [{}],
@@ -1306,7 +1529,7 @@ def test_kill_9_at_every_file_system_step_then_again_after_deleting(tmp_path, ac
             break
         step += 1
     # The hook did cut the run short at each step before this one.
-    assert step > {"reuse": 2, "truncate": 2, "reclaim": 4}.get(action, 5)
+    assert step > {"reuse": 2, "truncate": 2, "reclaim": 4, "set": 4}.get(action, 5)
     assert result.stdout.split() == ["finished", str(step - 1)]
     assert content == states[-1]
 
@@ -1328,6 +1551,25 @@ def test_recovery_keeps_the_newest_copy_and_invalidates_the_others(path):
         abandon(s)  # had recovery left the older copy valid, it would be back
     with DataStore(path) as s:
         assert live_content(s) == {"a": {"v": "a"}, "b": {"v": "b"}}
+
+
+def test_set_over_a_durable_value_fsyncs_the_new_one_before_giving_up_the_old(
+        path, monkeypatch):
+    calls = []
+    with DataStore(path) as s:
+        s.create("k", {"v": "old"})
+        s.sync()
+        for name in ("pwrite", "fsync"):
+            real = getattr(os, name)
+            monkeypatch.setattr(os, name, lambda *a, name=name, real=real:
+                                calls.append((name, bytes(a[1][:8]) if name == "pwrite" else None))
+                                or real(*a))
+        s.set("k", {"v": "new"})
+        monkeypatch.undo()
+        assert s.read("k") == {"v": "new"}
+    new_record = calls.index(("pwrite", datastore._MAGIC + bytes([datastore._VALUE, 1, 0, 0])))
+    old_invalidated = calls.index(("pwrite", datastore._MAGIC + bytes([datastore._FREE, 0, 0, 0])))
+    assert new_record < calls.index(("fsync", None)) < old_invalidated
 
 
 RENAMED_HOLDER = """
@@ -1866,6 +2108,49 @@ def test_cli_without_path_uses_the_default_store(tmp_path):
     assert cli("create", "k", '{"v": 1}', env=env)[0] == 0
     with DataStore(tmp_path / "datastore" / "default") as s:
         assert s.read("k") == {"v": 1}
+
+
+def test_cli_set_keys_and_ttl(path):
+    assert cli("--path", path, "set", "k", '{"v": 1}') == (0, "", "")
+    assert cli("--path", path, "set", "k", '{"v": 2}', "--ttl", "3600") == (0, "", "")
+    assert cli("--path", path, "create", "a\nb", "{}") == (0, "", "")  # a key with a newline
+    assert cli("--path", path, "read", "k") == (0, '{"v": 2}\n', "")
+    status, out, _ = cli("--path", path, "ttl", "k")
+    assert status == 0 and 3590 < float(out) <= 3600
+    assert cli("--path", path, "ttl", "a\nb") == (0, "null\n", "")
+    assert cli("--path", path, "keys") == (0, "a\nb\nk\n", "")
+    assert cli("--path", path, "keys", "--json") == (0, '["a\\nb", "k"]\n', "")
+
+
+def test_cli_reads_the_json_from_standard_input_for_a_dash(path):
+    result = subprocess.run([sys.executable, str(HERE / "datastore.py"), "--path", str(path),
+                             "set", "k", "-"], input='{"from": "stdin", "é": 1}',
+                            capture_output=True, text=True, encoding="utf-8", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert cli("--path", path, "read", "k") == (0, '{"from": "stdin", "é": 1}\n', "")
+
+
+def test_cli_version_and_empty_keys(path):
+    assert cli("--version") == (0, f"datastore {datastore.__version__}\n", "")
+    assert cli("--path", path, "keys") == (0, "", "")
+    assert cli("--path", path, "keys", "--json") == (0, "[]\n", "")
+
+
+@POSIX_ONLY
+def test_cli_timeout_waits_for_the_holder(path, holder):
+    close_later(holder, 0.5)
+    assert cli("--path", path, "--timeout", "30", "read", "held") == (
+        0, '{"by": "holder"}\n', "")
+
+
+def test_cli_errors_for_deep_json_and_unprintable_output_are_one_line(path):
+    deep = '{"a":' * 5000 + "1" + "}" * 5000
+    status, out, err = cli("--path", path, "create", "deep", deep)
+    assert status == 1 and "not valid" in err and err.count("\n") == 1
+    assert cli("--path", path, "create", "é", '{"é": 1}')[0] == 0
+    for args in (["read", "é"], ["keys"]):
+        status, out, err = cli("--path", path, *args, env={"PYTHONIOENCODING": "ascii"})
+        assert status == 1 and "PYTHONIOENCODING=utf-8" in err and err.count("\n") == 1
 
 
 # --- README, docstring and sample -----------------------------------------
