@@ -48,6 +48,17 @@ def main():
             step("read 'session'", lambda: store.read("session"))
             step("create 'session' again", lambda: store.create(
                 "session", {"user": "grace"}, ttl=60))
+            step("seconds 'session' has left", lambda: round(store.ttl("session")))
+
+            print("\nOverwrite, look up, count and list:")
+            step("set 'counter' (new)", lambda: store.set("counter", {"n": 1}))
+            step("set 'counter' (over the old value)", lambda: store.set("counter", {"n": 2}))
+            step("read 'counter'", lambda: store.read("counter"))
+            step("get 'missing' with a default", lambda: store.get("missing", {"n": 0}))
+            step("'counter' in store", lambda: "counter" in store)
+            step("'missing' in store", lambda: "missing" in store)
+            step("len(store)", lambda: len(store))
+            step("sorted(store.keys())", lambda: sorted(store.keys()))
 
             print("\nBad input is refused, and nothing is written:")
             step("create a 33-character key", lambda: store.create("k" * 33, {}))
@@ -64,11 +75,11 @@ def main():
 
         print("\nClosed, and opened again from the shell (python datastore.py ...):")
         for args in (["read", "session"], ["create", "note", '{"text": "from the shell"}'],
-                     ["read", "note"], ["read", "ada"]):
+                     ["read", "note"], ["read", "ada"], ["keys"]):
             shell = subprocess.run(
                 [sys.executable, datastore.__file__, "--path", str(store.path), *args],
                 capture_output=True, text=True)
-            output = (shell.stdout or shell.stderr).strip() or "(no output)"
+            output = (shell.stdout or shell.stderr).strip().replace("\n", " ") or "(no output)"
             print(f"  {' '.join(args):<40} -> exit {shell.returncode}: {output}")
 
 if __name__ == "__main__":

@@ -2187,9 +2187,7 @@ def test_readme_shell_examples_run(tmp_path):
             if not line.startswith("$ "):
                 expected.append(line)
                 continue
-            command = line[2:]
-            if command.startswith("python "):
-                command = f"{sys.executable} {command[len('python '):]}"
+            command = re.sub(r"(^|\| )python ", rf"\g<1>{sys.executable} ", line[2:])
             result = subprocess.run(["bash", "-c", command], cwd=tmp_path, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     timeout=60)
