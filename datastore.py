@@ -129,7 +129,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import atexit
 import base64
 import builtins
 import gc
@@ -142,6 +141,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 import zlib
 from array import array
 from bisect import bisect_left, bisect_right
@@ -150,10 +150,14 @@ from typing import Any, Callable, Iterator, Optional
 
 import fasteners
 
+if sys.platform != "win32":
+    import fcntl  # flock; on Windows only fasteners' lock on path.lock applies
+
 __version__ = "2.0.0"
 __all__ = [
-    "DataStore", "create", "read", "delete", "set", "get", "keys", "ttl",
-    "MAX_KEY_LENGTH", "MAX_VALUE_BYTES", "MAX_STORE_BYTES", "MIN_STORE_BYTES",
+    "DataStore", "create", "read", "delete", "set", "get", "keys", "ttl", "close",
+    "MAX_KEY_LENGTH", "MAX_VALUE_BYTES", "MAX_VALUE_DEPTH", "MAX_STORE_BYTES",
+    "MIN_STORE_BYTES",
     "DataStoreError", "DataStoreTypeError", "DataStoreValueError",
     "KeyTypeError", "InvalidKeyError", "ValueTypeError", "InvalidValueError",
     "TTLTypeError", "InvalidTTLError", "KeyExistsError", "KeyNotFoundError",
@@ -165,6 +169,7 @@ MAX_KEY_LENGTH = 32             # characters (code points)
 MAX_VALUE_BYTES = 16 * 1024     # compact UTF-8 JSON
 MAX_STORE_BYTES = 1024 ** 3     # all of a store's files together, by default
 MIN_STORE_BYTES = 64 * 1024     # room for the header and a few largest values
+MAX_VALUE_DEPTH = 100           # dicts and lists nested in a value, the value included
 
 _log = logging.getLogger("datastore")
 
@@ -194,6 +199,7 @@ _HEADER = struct.Struct("<8sB3xQQIQII")
 _HEADER_MAGIC = b"DataStr2"
 _CLOSED, _OPEN = 0, 1
 _LEASE = 1 << 20  # sequence numbers issued per header write while open
+_MAX_SEQ = 1 << 62  # larger ones in a file are damage (they would overflow)
 # An expiry-table entry: line number in .dir, expires_at as float bits.
 _TABLE_ENTRY = struct.Struct("<IQ")
 
@@ -308,19 +314,67 @@ class CorruptStoreError(DataStoreError):
 
 # --- Checking arguments ---------------------------------------------------
 
-def _encode_key(key: object) -> bytes:
-    """Return the key as UTF-8 bytes, or raise if it is not a valid key."""
-    if not isinstance(key, str):
-        raise KeyTypeError(f"key must be a str, not {type(key).__name__}")
+def _encode_key(key: object) -> tuple[str, bytes]:
+    """Return the key as a plain str and as UTF-8, or raise if it is not valid.
+
+    A str subclass is copied first (str.__str__), so that no method it
+    overrides (__len__, encode, __eq__) takes part in the checks.
+    """
+    if type(key) is not str:
+        if not isinstance(key, str):
+            raise KeyTypeError(f"key must be a str, not {type(key).__name__}")
+        key = str.__str__(key)
     if not 1 <= len(key) <= MAX_KEY_LENGTH:
         raise InvalidKeyError(
             f"key must be 1 to {MAX_KEY_LENGTH} characters, "
             f"got {len(key)}: {key!r}", key=key)
     try:
-        return key.encode("utf-8")
+        return key, key.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidKeyError(f"key {key!r} cannot be encoded as UTF-8: {exc.reason}",
                               key=key) from None
+
+
+class _NotPlain(Exception):
+    """What makes a value not plain JSON (see _plain)."""
+
+
+def _plain(value: object, depth: int) -> Any:
+    """A copy of `value` made only of dict, list, str, int, float, bool and
+    None, or raise _NotPlain.
+
+    It refuses what JSON would change (tuples, non-str keys, NaN), so that
+    read() returns an equal value, and nesting deeper than MAX_VALUE_DEPTH,
+    which json.loads may not return when called a few frames deep. Subclasses
+    are read through their base type's own methods (dict.items, str.__str__,
+    ...), so nothing they override decides what is stored.
+    """
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float or isinstance(value, float):
+        number = float.__float__(value)  # type: ignore[arg-type]
+        if number != number or number in (float("inf"), float("-inf")):
+            raise _NotPlain(f"{number} is not a JSON number")
+        return number
+    if isinstance(value, (dict, list)):
+        if depth >= MAX_VALUE_DEPTH:
+            raise _NotPlain(f"it is nested more than {MAX_VALUE_DEPTH} levels deep "
+                            "(or refers to itself)")
+        if isinstance(value, list):
+            return [_plain(item, depth + 1) for item in list.__iter__(value)]
+        copy = {}
+        for name, item in dict.items(value):  # type: ignore[arg-type]
+            if not isinstance(name, str):
+                raise _NotPlain(f"key {name!r} is not a str (JSON would make it one)")
+            copy[str.__str__(name)] = _plain(item, depth + 1)
+        return copy
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):  # but not bool, which cannot be subclassed
+        return int.__int__(value)
+    raise _NotPlain(f"a {kind.__name__} is not JSON" + (
+        " (use a list: JSON would make it one)" if isinstance(value, tuple) else ""))
 
 
 def _encode_value(key: str, value: object) -> bytes:
@@ -329,24 +383,16 @@ def _encode_value(key: str, value: object) -> bytes:
         raise ValueTypeError(
             f"value for {key!r} must be a dict, not {type(value).__name__}", key=key)
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
-        body = text.encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as exc:
-        # json's own messages ("Object of type set is not JSON serializable",
-        # "Circular reference detected", ...) say what is wrong.
-        raise InvalidValueError(f"value for {key!r} is not plain JSON: {exc}",
+        body = json.dumps(_plain(value, 0), separators=(",", ":"), ensure_ascii=False,
+                          check_circular=False).encode("utf-8")
+    except (_NotPlain, UnicodeEncodeError) as exc:
+        reason = exc.reason if isinstance(exc, UnicodeEncodeError) else exc
+        raise InvalidValueError(f"value for {key!r} is not plain JSON: {reason}",
                                 key=key) from None
     if len(body) > MAX_VALUE_BYTES:
         raise InvalidValueError(
             f"value for {key!r} is {len(body)} bytes as JSON; "
             f"the limit is {MAX_VALUE_BYTES}", key=key)
-    # read() must return what was stored, so refuse what JSON would change:
-    # tuples (become lists) and non-string object keys (become strings).
-    if json.loads(text) != value:
-        raise InvalidValueError(
-            f"value for {key!r} would not read back equal: use lists rather "
-            "than tuples and str keys only", key=key)
     return body
 
 
@@ -365,6 +411,14 @@ def _expiry(key: str, ttl: object, now: float) -> float:
             f"ttl for {key!r} is too large: {ttl} seconds is past the year 9999",
             key=key)
     return now + ttl
+
+
+def _is_json_object(body: bytes) -> bool:
+    """Whether a record's body is a JSON object, as read() would return it."""
+    try:
+        return isinstance(json.loads(body.decode("utf-8")), dict)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        return False
 
 
 # --- Records, blocks and files --------------------------------------------
@@ -402,7 +456,8 @@ def _parse_item(buf: bytes, off: int) -> Optional[tuple[int, int, bytes, float, 
     if len(buf) - off < _HEAD.size:
         return None
     magic, kind, key_len, zero, seq, expires_at, length, crc = _HEAD.unpack_from(buf, off)
-    if magic != _MAGIC or zero or not 0.0 <= expires_at <= _LATEST_EXPIRY:
+    if (magic != _MAGIC or zero or not 0.0 <= expires_at <= _LATEST_EXPIRY
+            or seq >= _MAX_SEQ):
         return None
     if kind == _VALUE:
         if not 0 < key_len <= _MAX_KEY_BYTES or length > MAX_VALUE_BYTES:
@@ -442,7 +497,7 @@ def _table_room(entries: int) -> int:
 # A .dir line, for the common key that repr() writes between single quotes
 # with no escapes (group 1); any other key is read with ast.literal_eval
 # (group 2). Offsets and sizes are groups 3 and 4.
-_DIR_LINE = re.compile(rb"^(?:'([^'\\\n]*)'|(.+?)), \((\d+), (\d+)\)$", re.M)
+_DIR_LINE = re.compile(rb"^(?:'([^'\\\n]*)'|(.+?)), \((\d{1,19}), (\d{1,5})\)$", re.M)
 
 
 def _write_at(fd: int, data: bytes, pos: int) -> None:
@@ -504,7 +559,7 @@ class _Header:
                 != int.from_bytes(data[_HEADER.size - 4:_HEADER.size], "little")):
             return None
         header = _Header(data[:_HEADER.size])
-        return header if header.state in (_CLOSED, _OPEN) else None
+        return header if header.state in (_CLOSED, _OPEN) and header.seq < _MAX_SEQ else None
 
 
 def _is_v1_header(data: bytes) -> bool:
@@ -620,6 +675,10 @@ class _Expiries:
 
 # --- The storage engine ---------------------------------------------------
 
+class _Locked(Exception):
+    """Another process holds the data file's lock. (DataStore says so.)"""
+
+
 class _StoreFull(Exception):
     """A write would take the files over max_bytes. (The engine's own signal:
     DataStore turns it into StoreFullError.)"""
@@ -639,7 +698,7 @@ class _Engine:
     format and the crash argument.
     """
 
-    def __init__(self, base: str, max_bytes: int) -> None:
+    def __init__(self, base: str, max_bytes: int, deadline: Optional[float] = None) -> None:
         self.dat_path, self.dir_path = base + ".dat", base + ".dir"
         self.max_bytes = max_bytes
         self.index: dict[bytes, int] = {}       # key -> slot (see _SIZE_MASK)
@@ -660,26 +719,61 @@ class _Engine:
         self.by_blocks = [0] * (_MAX_BLOCKS + 1)  # indexed records by blocks taken
         self.largest = 0      # blocks of the largest indexed record
         self.dat = self.dir = -1
-        self._open_files()
-
-    # --- Opening ---
-
-    def _open_files(self) -> None:
-        flags = os.O_RDWR | getattr(os, "O_BINARY", 0)
         try:
-            self.dat = os.open(self.dat_path, flags)
-        except FileNotFoundError:
-            if os.path.exists(self.dir_path) and os.path.getsize(self.dir_path):
-                raise CorruptStoreError(
-                    f"{self.dir_path} exists but {self.dat_path} is missing; "
-                    "restore the data file or move the index away",
-                    path=self.dir_path) from None
-            self.dat = os.open(self.dat_path, flags | os.O_CREAT, 0o600)
-        try:
+            self.dat = self._open_file(self.dat_path)
+            self._lock(deadline)
             self._load()
         except BaseException:
             self.close_files()
             raise
+
+    # --- Opening ---
+
+    def _open_file(self, path: str) -> int:
+        """A descriptor of a regular file, held for the store's life. Anything
+        else (a folder, a FIFO, a device) is refused before a byte is read."""
+        flags = os.O_RDWR | getattr(os, "O_BINARY", 0)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            if path == self.dat_path and os.path.exists(self.dir_path):
+                if not os.path.isfile(self.dir_path) or os.path.getsize(self.dir_path):
+                    raise CorruptStoreError(
+                        f"{self.dir_path} exists but {self.dat_path} is missing; "
+                        "restore the data file or move the index away",
+                        path=self.dir_path) from None
+            fd = os.open(path, flags | os.O_CREAT, 0o600)
+        except IsADirectoryError:
+            raise CorruptStoreError(f"{path} is a folder, not a store file; move it away",
+                                    path=path) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptStoreError(f"{path} is not a regular file; move it away", path=path)
+        return fd
+
+    def _lock(self, deadline: Optional[float]) -> None:
+        """Lock .dat for the store's life, waiting until `deadline` at most.
+
+        An flock belongs to this open file, so only closing this descriptor
+        drops it (unlike fasteners' lock on path.lock, which closing any
+        descriptor of that file drops, and which deleting the file defeats).
+        Then check that the file at the path is the one locked.
+        """
+        if sys.platform == "win32":
+            return  # fasteners' lock on path.lock is the only one there
+        delay = 0.005
+        while True:
+            try:
+                fcntl.flock(self.dat, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise _Locked() from None
+                time.sleep(delay)
+                delay = min(2 * delay, 0.1)
+        held, there = os.fstat(self.dat), os.stat(self.dat_path)
+        if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
+            raise _Locked()  # replaced while we waited: another opener's now
 
     def _load(self) -> None:
         size = os.fstat(self.dat).st_size
@@ -691,8 +785,7 @@ class _Engine:
                 f"{self.dat_path} is not a datastore data file (no valid header "
                 "or record); move it away or open a different path",
                 path=self.dat_path)
-        self.dir = os.open(self.dir_path, os.O_RDWR | os.O_CREAT
-                           | getattr(os, "O_BINARY", 0), 0o600)
+        self.dir = self._open_file(self.dir_path)
         if not size and os.fstat(self.dir).st_size:
             raise CorruptStoreError(
                 f"{self.dat_path} is empty but {self.dir_path} is not; "
@@ -722,7 +815,8 @@ class _Engine:
         matches but does not make sense raises CorruptStoreError.
         """
         self.dat_size = os.fstat(self.dat).st_size
-        if os.fstat(self.dir).st_size != header.dir_size:
+        if (os.fstat(self.dir).st_size != header.dir_size
+                or header.dir_size > self.max_bytes):
             return False
         text = _read_at(self.dir, header.dir_size, 0)
         table = self._read_table(header.table_pos, header.table_size)
@@ -757,7 +851,7 @@ class _Engine:
     def _literal_key(self, quoted: bytes) -> bytes:
         try:
             key = ast.literal_eval(quoted.decode("latin-1"))
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
+        except Exception:  # whatever literal_eval makes of bad text
             key = None
         if not isinstance(key, str):
             raise self._damaged(self.dir_path, f"bad key {quoted[:80]!r}")
@@ -767,7 +861,8 @@ class _Engine:
         """The expiry table's (line, expiry) pairs, or None if damaged."""
         if not size:
             return [] if not pos else None
-        if pos % _BLOCK or pos < _BLOCK or pos + size > self.dat_size:
+        if (pos % _BLOCK or pos < _BLOCK or pos + size > self.dat_size
+                or size > self.max_bytes // 32):  # 16 bytes a key, 512 or more a key
             return None
         item = _parse_item(_read_at(self.dat, size, pos), 0)
         if item is None or item[0] != _TABLE or item[5] != size:
@@ -850,7 +945,8 @@ class _Engine:
             item = _parse_item(buf, off)
             if item is None and buf[off + 4:off + 5] == bytes([_TABLE]):  # a long table
                 total = _HEAD.size + _HEAD.unpack_from(buf, off)[6]
-                if block * _BLOCK + total <= self.dat_size:
+                if (block * _BLOCK + total <= self.dat_size
+                        and total <= self.max_bytes // 32):
                     item = _parse_item(_read_at(self.dat, total, block * _BLOCK), 0)
             if item is None:
                 continue
@@ -997,6 +1093,15 @@ class _Engine:
                 f"the record of {key.decode('utf-8', 'replace')!r} in "
                 f"{self.dat_path} is damaged", path=self.dat_path)
         return record[key_end:]
+
+    def records(self) -> Iterator[tuple[bytes, Optional[bytes]]]:
+        """(key, body) for every indexed record, expired or not, read from
+        disk; body None if the record is damaged. O(keys)."""
+        for key in list(self.index):
+            try:
+                yield key, self.get(key, 0.0)  # at time 0 nothing has expired
+            except CorruptStoreError:
+                yield key, None
 
     def used(self) -> int:
         """Bytes the files hold or may need at close: .dat, .dir, expiry table."""
@@ -1429,11 +1534,43 @@ def _remove(*paths: str) -> None:
             pass
 
 
+def _store_path(path: Any) -> Path:
+    """The resolved path of a store, or raise if `path` cannot name one."""
+    if path is None:
+        return _default_path()
+    if not isinstance(path, (str, os.PathLike)) or isinstance(os.fspath(path), bytes):
+        raise DataStoreTypeError(
+            f"path must be a str or os.PathLike, not {type(path).__name__}")
+    text = str.__str__(os.fspath(path))
+    if not text:
+        raise DataStoreValueError("path must not be empty")
+    if "\0" in text:
+        raise DataStoreValueError(f"path {text!r} contains a NUL character")
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError as exc:
+        raise DataStoreValueError(
+            f"path {text!r} cannot be encoded for the file system: {exc.reason}") from None
+    name = os.path.basename(text)
+    if text.endswith(("/", os.sep)) or name in (".", ".."):
+        raise DataStoreValueError(
+            f"path {text!r} names a folder, not a store: give the store a name in "
+            f"it, such as {os.path.join(text, 'store')!r} (files store.dat, "
+            "store.dir and store.lock)")
+    resolved = Path(os.path.realpath(text))
+    if resolved.is_dir():
+        raise DataStoreValueError(
+            f"path {text!r} is a folder; a store there would be the files "
+            f"{resolved}.dat, .dir and .lock beside it. Give the store a name in "
+            f"the folder instead, such as {str(resolved / 'store')!r}")
+    return resolved
+
+
 def _default_path() -> Path:
     """The default store: $DATASTORE_PATH if set, else `default` in the user's
-    data folder for this platform."""
+    data folder for this platform, which must be the user's own."""
     if os.environ.get("DATASTORE_PATH"):
-        return Path(os.environ["DATASTORE_PATH"])
+        return _store_path(os.environ["DATASTORE_PATH"])
     home = Path.home()
     base: Any
     if sys.platform == "win32":
@@ -1446,21 +1583,87 @@ def _default_path() -> Path:
             base = home / ".local" / "share"
     folder = Path(base) / "datastore"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if sys.platform != "win32":  # as ssh does with ~/.ssh
+        info = os.stat(folder)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            raise DataStoreError(
+                f"the default store's folder {folder} is not a folder of yours "
+                f"(owner uid {info.st_uid}, you are {os.getuid()}); remove it or "
+                "set DATASTORE_PATH to a store in a folder you own", path=folder)
+        if info.st_mode & 0o077:  # readable by others: make it private
+            os.chmod(folder, 0o700)
     return folder / "default"
 
 
-# Stores open in this process, by resolved path. A POSIX lock does not keep a
-# process from opening the same files twice, and closing the second one's lock
-# file would silently drop the first one's lock, so we refuse that here.
-_open_stores: dict[str, DataStore] = {}
+def _lock_file_identity(lock_path: str) -> tuple[int, int]:
+    """(st_dev, st_ino) of a store's lock file, created if missing.
+
+    Taken with os.stat, never by opening the file: closing a descriptor of it
+    would drop a lock this process holds on it through another DataStore.
+    """
+    try:
+        info = os.stat(lock_path)
+    except FileNotFoundError:  # nobody in this process can hold a lock on it
+        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600))
+        info = os.stat(lock_path)
+    if not stat.S_ISREG(info.st_mode):
+        raise CorruptStoreError(f"{lock_path} is not a regular file; move it away",
+                                path=lock_path)
+    return info.st_dev, info.st_ino
+
+
+# Stores open in this process, by the identity of their lock file: a second
+# spelling of the same files (a symbolic link, a bind mount, another letter
+# case on macOS) is refused, since POSIX locks do not keep a process from
+# opening the files twice, and closing the second lock file descriptor would
+# silently drop the first one's lock. Held weakly: a store that is garbage
+# collected leaves, after its finalizer closed it.
+_open_stores: weakref.WeakValueDictionary[tuple[int, int], DataStore] = (
+    weakref.WeakValueDictionary())
 _open_stores_lock = threading.Lock()
 
 
-@atexit.register
-def _close_open_stores() -> None:
-    """Close every store still open when Python exits, as a clean close."""
+def _after_fork_in_child() -> None:
+    """In a child made by fork(): let go of the parent's stores and start the
+    module's locks afresh (another thread may have held them at the fork).
+
+    The child closes its copies of each store's descriptors and never
+    unlocks: an flock is shared with the parent, which still holds it.
+    """
+    global _open_stores_lock, _default_store_lock
+    _open_stores_lock = threading.Lock()
+    _default_store_lock = threading.Lock()
     for store in list(_open_stores.values()):
-        store.close()
+        if store._engine is not None:
+            store._engine.close_files()
+    _open_stores.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> None:
+    """Close a store that was garbage collected, or still open at exit.
+
+    It runs in whatever thread triggers the collection, so it takes no lock
+    that thread could hold: the registry drops the store by itself, and the
+    store's own mutex is free (any thread inside a call would hold a
+    reference). At exit, a daemon thread may still be inside a call: then it
+    leaves the files to the next open's recovery rather than wait.
+    """
+    if os.getpid() != pid:
+        engine.close_files()  # a forked child: the files and locks are the parent's
+        return
+    if not mutex.acquire(timeout=1.0):
+        return
+    try:
+        engine.close(time.time())
+    except OSError:
+        pass  # not closed cleanly: the next open scans the data file
+    finally:
+        mutex.release()
+        lock.release()
 
 
 # --- The store ------------------------------------------------------------
@@ -1495,15 +1698,7 @@ class DataStore:
         if timeout is not None and not 0 <= timeout < float("inf"):
             raise DataStoreValueError(
                 f"timeout must be 0 or more seconds (or None to wait for ever), got {timeout}")
-        if path is None:
-            path = _default_path()
-        elif not isinstance(path, (str, os.PathLike)) or isinstance(
-                os.fspath(path), bytes):
-            raise DataStoreTypeError(
-                f"path must be a str or os.PathLike, not {type(path).__name__}")
-        elif not os.fspath(path):
-            raise DataStoreValueError("path must not be empty")
-        self.path = Path(os.path.realpath(path))
+        self.path = _store_path(path)
         self.max_bytes = max_bytes
         self._mutex = threading.Lock()  # guards the engine and its files
         self._pid = os.getpid()
@@ -1511,36 +1706,50 @@ class DataStore:
         self._engine: Optional[_Engine] = None
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with _open_stores_lock:  # reserve the path while we wait for the lock
-            if str(self.path) in _open_stores:
+        lock_path = f"{self.path}.lock"
+        with _open_stores_lock:  # reserve the store while we wait for its locks
+            identity = _lock_file_identity(lock_path)
+            if identity in _open_stores:
                 raise StoreLockedError(
                     f"store {self.path} is already open in this process; "
                     "use that DataStore or close it first", path=self.path)
-            _open_stores[str(self.path)] = self
+            _open_stores[identity] = self
+        self._identity = identity
         try:
-            self._lock = fasteners.InterProcessLock(f"{self.path}.lock")
-            if not self._lock.acquire(blocking=timeout != 0, timeout=timeout):
-                self._lock.lockfile.close()  # we hold no lock on it to lose
-                waited = f"; gave up after waiting {timeout:g} s" if timeout else ""
-                raise StoreLockedError(
-                    f"store {self.path} is in use by another process; "
-                    f"only one process at a time may open it{waited}", path=self.path)
-            try:
-                os.chmod(f"{self.path}.lock", 0o600)
-                self._engine = _Engine(str(self.path), max_bytes)
-            except _StoreFull as full:
-                self._lock.release()
-                raise StoreFullError(
-                    f"store {self.path} needs {full.used + full.needed} bytes to "
-                    f"convert to this version, more than max_bytes={max_bytes}; "
-                    "open it with a larger max_bytes", path=self.path) from None
-            except BaseException:
-                self._lock.release()
-                raise
+            self._engine = self._open(lock_path, timeout)
         except BaseException:
             with _open_stores_lock:
-                del _open_stores[str(self.path)]
+                _open_stores.pop(identity, None)
             raise
+        self._finalizer = weakref.finalize(self, _finalize, self._mutex, self._engine,
+                                           self._lock, self._pid)
+
+    def _open(self, lock_path: str, timeout: Optional[float]) -> _Engine:
+        """Take both locks (waiting up to `timeout`) and open the files."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._lock = fasteners.InterProcessLock(lock_path)
+        if not self._lock.acquire(blocking=timeout != 0, timeout=timeout):
+            self._lock.lockfile.close()  # we hold no lock on it to lose
+            raise self._in_use(timeout)
+        try:
+            os.chmod(lock_path, 0o600)
+            return _Engine(str(self.path), self.max_bytes, deadline)
+        except _Locked:
+            raise self._in_use(timeout) from None
+        except _StoreFull as full:
+            raise StoreFullError(
+                f"store {self.path} needs {full.used + full.needed} bytes to "
+                f"convert to this version, more than max_bytes={self.max_bytes}; "
+                "open it with a larger max_bytes", path=self.path) from None
+        finally:
+            if self._engine is None and sys.exc_info()[0] is not None:
+                self._lock.release()
+
+    def _in_use(self, timeout: Optional[float]) -> StoreLockedError:
+        waited = f"; gave up after waiting {timeout:g} s" if timeout else ""
+        return StoreLockedError(
+            f"store {self.path} is in use by another process; only one process "
+            f"at a time may open it{waited}", path=self.path)
 
     def __repr__(self) -> str:
         state = "open" if self._engine is not None else "closed"
@@ -1554,6 +1763,7 @@ class DataStore:
 
     def __len__(self) -> int:
         """The number of live keys (expired ones not counted). Reads no value."""
+        self._check_process()
         with self._mutex:
             return self._usable().count(self._clock())
 
@@ -1562,7 +1772,8 @@ class DataStore:
 
         Raises ``KeyTypeError``/``InvalidKeyError`` for a bad key.
         """
-        key_bytes = _encode_key(key)
+        key, key_bytes = _encode_key(key)
+        self._check_process()
         with self._mutex:
             return self._usable().slot(key_bytes, self._clock()) is not None
 
@@ -1582,8 +1793,9 @@ class DataStore:
         ``TTLTypeError``/``InvalidTTLError`` pairs for bad arguments. The value
         is in the files when this returns.
         """
-        key_bytes = _encode_key(key)
+        key, key_bytes = _encode_key(key)
         body = _encode_value(key, value)
+        self._check_process()
         with self._mutex:
             engine = self._usable()
             now = self._clock()
@@ -1605,8 +1817,9 @@ class DataStore:
         does not raise ``StoreFullError``. The value is in the files when this
         returns.
         """
-        key_bytes = _encode_key(key)
+        key, key_bytes = _encode_key(key)
         body = _encode_value(key, value)
+        self._check_process()
         with self._mutex:
             engine = self._usable()
             now = self._clock()
@@ -1627,6 +1840,7 @@ class DataStore:
     def keys(self) -> list[str]:
         """The live keys, as a list taken at the call, in no particular order.
         Reads no value from disk."""
+        self._check_process()
         with self._mutex:
             keys = self._usable().keys(self._clock())
         return [key.decode("utf-8") for key in keys]
@@ -1637,7 +1851,8 @@ class DataStore:
         Raises ``KeyNotFoundError`` if the key was never created, was deleted
         or has expired, and ``KeyTypeError``/``InvalidKeyError`` for a bad key.
         """
-        key_bytes = _encode_key(key)
+        key, key_bytes = _encode_key(key)
+        self._check_process()
         with self._mutex:
             now = self._clock()
             expires_at = self._usable().expires_at(key_bytes, now)
@@ -1652,7 +1867,8 @@ class DataStore:
         or has expired, ``KeyTypeError``/``InvalidKeyError`` for a bad key, and
         ``CorruptStoreError`` if its record is damaged.
         """
-        key_bytes = _encode_key(key)
+        key, key_bytes = _encode_key(key)
+        self._check_process()
         with self._mutex:
             body = self._usable().get(key_bytes, self._clock())
         if body is None:
@@ -1661,7 +1877,7 @@ class DataStore:
             value = json.loads(body.decode("utf-8"))
         except (ValueError, RecursionError):  # CRC-valid, yet not our JSON
             value = None
-        if not isinstance(value, dict):
+        if not isinstance(value, dict):  # (check() uses _is_json_object)
             raise CorruptStoreError(
                 f"the value of {key!r} in {self.path}.dat is not a JSON object",
                 key=key, path=f"{self.path}.dat")
@@ -1674,7 +1890,8 @@ class DataStore:
         or has expired, and ``KeyTypeError``/``InvalidKeyError`` for a bad key.
         The delete is in the files when this returns.
         """
-        key_bytes = _encode_key(key)
+        key, key_bytes = _encode_key(key)
+        self._check_process()
         with self._mutex:
             if not self._usable().remove(key_bytes, self._clock()):
                 raise KeyNotFoundError(f"key {key!r} not found", key=key, path=self.path)
@@ -1686,11 +1903,38 @@ class DataStore:
         at once. It takes time in proportion to the store and needs no disk
         space beyond the store's own files.
         """
+        self._check_process()
         with self._mutex:
             self._usable().compact(self._clock())
 
+    def check(self) -> dict[str, int]:
+        """Read every record and return a report: ``keys`` (records in the
+        index, expired ones not yet reclaimed included), ``live_keys``,
+        ``damaged_records`` and ``dead_bytes`` (free space inside the data file).
+
+        Raises ``CorruptStoreError``, with the same numbers, if any record is
+        damaged or does not hold a JSON object. It reads the whole store, so
+        it takes time in proportion to it, and other calls wait meanwhile.
+        """
+        self._check_process()
+        with self._mutex:
+            engine = self._usable()
+            damaged = [key for key, body in engine.records()
+                       if body is None or not _is_json_object(body)]
+            report = {"keys": len(engine.index), "live_keys": engine.count(self._clock()),
+                      "damaged_records": len(damaged),
+                      "dead_bytes": engine.free_blocks * _BLOCK}
+        if damaged:
+            raise CorruptStoreError(
+                f"store {self.path} has {len(damaged)} damaged record(s), such as "
+                f"{damaged[0].decode('utf-8', 'replace')!r} ({report}); reading those "
+                "keys raises CorruptStoreError: delete them, or restore a backup",
+                path=self.path)
+        return report
+
     def sync(self) -> None:
         """Make every operation that has returned survive a power cut (fsync)."""
+        self._check_process()
         with self._mutex:
             self._usable().sync()
 
@@ -1700,24 +1944,29 @@ class DataStore:
         After it, every operation raises ``StoreClosedError``. The lock is
         released even if writing fails (the next open then scans the data
         file). In a process forked from the one that opened the store it only
-        forgets the store: the files and the lock belong to the parent.
+        forgets the store, taking no lock: the files and the lock belong to
+        the parent. A store that is garbage collected, or still open when
+        Python exits, is closed the same way, but ``close()`` (or ``with``)
+        says when.
         """
+        if os.getpid() != self._pid:
+            engine, self._engine = self._engine, None
+            if engine is not None:
+                self._finalizer.detach()
+                engine.close_files()
+            return
         with self._mutex:
             engine, self._engine = self._engine, None
             if engine is None:
                 return
+            self._finalizer.detach()
             try:
-                if os.getpid() != self._pid:
-                    engine.close_files()  # without writing: they are the parent's
-                else:
-                    try:
-                        engine.close(self._clock())
-                    finally:
-                        self._lock.release()
+                engine.close(self._clock())
             finally:
+                self._lock.release()
                 with _open_stores_lock:
-                    if _open_stores.get(str(self.path)) is self:
-                        del _open_stores[str(self.path)]
+                    if _open_stores.get(self._identity) is self:
+                        del _open_stores[self._identity]
 
     # --- Private helpers ---
 
@@ -1733,12 +1982,17 @@ class DataStore:
                 "delete keys or open it with a larger max_bytes",
                 key=key, path=self.path) from None
 
-    def _usable(self) -> _Engine:
+    def _check_process(self) -> None:
+        """Refuse a forked child, before any lock: a thread of the parent may
+        have held one at the fork, and the child's copy would never open."""
         if os.getpid() != self._pid:
             raise StoreForkedError(
                 f"store {self.path} was opened by process {self._pid}, not this "
                 "one; a child process must open the store itself, after the "
                 "parent has closed it", path=self.path)
+
+    def _usable(self) -> _Engine:
+        """The engine, under the mutex; the process is checked before it."""
         if self._engine is None:
             raise StoreClosedError(f"store {self.path} is closed", path=self.path)
         return self._engine
@@ -1756,6 +2010,13 @@ def _default() -> DataStore:
         if _default_store is None or _default_store._engine is None:
             _default_store = DataStore()
         return _default_store
+
+
+def close() -> None:
+    """Close the default store, if it is open; the next call opens it again."""
+    with _default_store_lock:
+        if _default_store is not None:
+            _default_store.close()
 
 
 def create(key: str, value: dict[str, Any], ttl: Optional[int] = None) -> None:
@@ -1821,6 +2082,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     commands.add_parser("delete", help="delete KEY").add_argument("key")
     commands.add_parser("ttl", help="print KEY's seconds to live (null: no ttl)"
                         ).add_argument("key")
+    commands.add_parser("check", help="read every record; print a report, or fail "
+                        "if any is damaged")
     keys_parser = commands.add_parser("keys", help="print the live keys, sorted, one a line")
     keys_parser.add_argument("--json", action="store_true",
                              help="print a JSON array instead (keys may hold newlines)")
@@ -1844,11 +2107,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                 store.delete(args.key)
             elif args.command == "ttl":
                 output = json.dumps(store.ttl(args.key))
+            elif args.command == "check":
+                output = json.dumps(store.check())
             elif args.json:
                 output = json.dumps(sorted(store.keys()), ensure_ascii=False)
             else:
                 output = "\n".join(sorted(store.keys()))
-        if args.command in ("read", "ttl", "keys") and (output or args.command != "keys"):
+        if args.command in ("read", "ttl", "keys", "check") and (output or args.command != "keys"):
             try:
                 print(output)
             except UnicodeEncodeError as exc:

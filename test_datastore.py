@@ -124,10 +124,11 @@ def expect_line(proc, expected, timeout=60):
 def abandon(store):
     """Leave a store as a killed process would: files closed, nothing written
     at close, the lock released."""
+    store._finalizer.detach()
     store._engine.close_files()
     store._engine = None
     store._lock.release()
-    del datastore._open_stores[str(store.path)]
+    del datastore._open_stores[store._identity]
 
 
 HOLDER = """
@@ -1749,7 +1750,8 @@ def test_record_damaged_before_a_crash_is_dropped_by_recovery(path):
     make_store(path, 3)
     left_dirty_code = """
         import os, sys, datastore
-        datastore.DataStore(sys.argv[1]).create("k9", {"i": 9})
+        store = datastore.DataStore(sys.argv[1])  # kept open: then killed
+        store.create("k9", {"i": 9})
         os._exit(0)
     """
     assert run_python(left_dirty_code, path).returncode == 0
