@@ -7,6 +7,7 @@ real threads. Every store lives under pytest's tmp_path.
 import dbm.dumb
 import doctest
 import errno
+import gc
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ import textwrap
 import threading
 import time
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import pytest
@@ -343,6 +345,72 @@ def test_bad_values_are_refused_and_nothing_changes(store, value, error):
         store.read("k")
 
 
+class LyingKey(str):
+    """A str that lies about its length, its encoding and equality."""
+
+    def __len__(self):
+        return 5
+
+    def encode(self, *args, **kwargs):
+        return b"short"
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = str.__hash__
+
+
+class LyingDict(dict):
+    """A dict that lies about its items, its length and equality."""
+
+    def items(self):
+        return [("fake", 1)]
+
+    def __len__(self):
+        return 0
+
+    def __eq__(self, other):
+        return True
+
+    __hash__ = None
+
+
+def test_subclasses_are_checked_and_stored_by_what_they_hold(store):
+    with pytest.raises(InvalidKeyError, match="got 40"):
+        store.create(LyingKey("x" * 40), {})
+    store.create(LyingKey("fine"), LyingDict(real=[1, {"n": LyingKey("deep")}]))
+    assert store.read("fine") == {"real": [1, {"n": "deep"}]}
+    assert store.keys() == ["fine"] and type(store.keys()[0]) is str
+    with pytest.raises(InvalidValueError, match="tuple"):
+        store.create("t", LyingDict(t=(1, 2)))  # a lying __eq__ does not pass it
+    with pytest.raises(InvalidValueError, match="not a str"):
+        store.create("n", LyingDict({1: "int key"}))
+    store.create("enum", {"level": signal.SIGTERM, "ok": True, "f": 1.5})  # an IntEnum
+    assert store.read("enum") == {"level": int(signal.SIGTERM), "ok": True, "f": 1.5}
+    assert type(store.read("enum")["level"]) is int
+
+
+def nested(depth):
+    value = {}
+    for _ in range(depth - 1):
+        value = {"a": value}
+    return value
+
+
+def test_values_nest_at_most_max_value_depth_levels_and_read_back_deep_in_a_stack(store):
+    assert datastore.MAX_VALUE_DEPTH == 100
+    store.create("deepest", nested(100))
+    for depth in (101, 950):
+        with pytest.raises(InvalidValueError, match="nested more than 100 levels"):
+            store.create("deeper", nested(depth))
+
+    def read_at(frames):
+        return read_at(frames - 1) if frames else store.read("deepest")
+
+    limit = sys.getrecursionlimit()
+    assert read_at(limit - 150) == nested(100)  # a read called from deep in a stack
+
+
 def test_stored_value_is_a_copy_both_ways(store):
     value = {"list": [1, 2], "inner": {"a": 1}}
     store.create("k", value)
@@ -661,11 +729,26 @@ def test_bad_max_bytes_is_refused(path, kwargs, error):
     assert not path.parent.joinpath("store.dat").exists()
 
 
-@pytest.mark.parametrize("bad, error", [(42, DataStoreTypeError), (b"x", DataStoreTypeError),
-                                        ("", DataStoreValueError)])
-def test_bad_path_is_refused(bad, error):
-    with pytest.raises(error):
+@pytest.mark.parametrize("bad, error, message", [
+    pytest.param(42, DataStoreTypeError, "must be a str", id="int"),
+    pytest.param(b"x", DataStoreTypeError, "must be a str", id="bytes"),
+    pytest.param("", DataStoreValueError, "empty", id="empty"),
+    pytest.param("nul\0byte", DataStoreValueError, "NUL", id="nul"),
+    pytest.param("lone \ud800 surrogate", DataStoreValueError, "cannot be encoded", id="surrogate"),
+    pytest.param("sub/.", DataStoreValueError, "names a folder", id="dot"),
+    pytest.param("x/", DataStoreValueError, "names a folder", id="trailing-slash"),
+])
+def test_bad_path_is_refused(tmp_path, monkeypatch, bad, error, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(error, match=message):
         DataStore(bad)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_naming_an_existing_folder_is_refused_naming_the_files(tmp_path):
+    with pytest.raises(DataStoreValueError, match=r"is a folder.*\.dat, \.dir and \.lock"):
+        DataStore(tmp_path)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- One process per store ------------------------------------------------
@@ -721,6 +804,86 @@ def test_relative_and_symlinked_paths_are_the_same_store(tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path / "real")
         with pytest.raises(StoreLockedError):
             DataStore("s")
+
+
+@POSIX_ONLY
+def test_deleting_the_lock_file_does_not_let_a_second_process_in(path, holder):
+    os.remove(f"{path}.lock")  # a cron job cleaning *.lock does this
+    result = run_python(OPEN_IN_CHILD, path)
+    assert result.stdout.startswith("locked:") and "another process" in result.stdout, (
+        result.stdout + result.stderr)
+
+
+@pytest.fixture
+def bind_mount(tmp_path):
+    """The same folder under a second name that realpath does not unify."""
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        pytest.skip("a bind mount needs root on Linux")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    if subprocess.run(["mount", "--bind", str(tmp_path / "a"), str(tmp_path / "b")],
+                      capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here")
+    yield tmp_path / "a", tmp_path / "b"
+    subprocess.run(["umount", "-l", str(tmp_path / "b")], check=True)
+
+
+def test_a_second_spelling_of_the_same_files_is_refused_and_keeps_the_lock(bind_mount):
+    first, second = bind_mount
+    assert os.path.realpath(first) != os.path.realpath(second)
+    with DataStore(first / "store") as s:
+        s.create("k", {"v": 1})
+        with pytest.raises(StoreLockedError, match="already open in this process"):
+            DataStore(second / "store")
+        assert run_python(OPEN_IN_CHILD, second / "store").stdout.startswith("locked:")
+        assert s.read("k") == {"v": 1}
+
+
+@POSIX_ONLY
+def test_a_forked_child_does_not_keep_the_store_locked(path):
+    store = DataStore(path)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a long-lived worker that never uses the store
+        os.read(read_end, 1)
+        os._exit(0)
+    try:
+        store.close()
+        assert run_python(OPEN_IN_CHILD, path).stdout.strip() == "opened"
+    finally:
+        os.write(write_end, b"x")
+        os.waitpid(pid, 0)
+        os.close(read_end), os.close(write_end)
+
+
+FORK_WHILE_LOCKED = """
+    import os, sys, threading, datastore
+    store = datastore.DataStore(sys.argv[1])
+    store.create("k", {"v": 1})
+    store._mutex.acquire()             # as a thread inside a call would hold it
+    datastore._open_stores_lock.acquire()  # and a thread opening another store
+    pid = os.fork()
+    if pid == 0:
+        try:
+            store.read("k")
+            print("read", flush=True)
+        except datastore.StoreForkedError:
+            print("refused", flush=True)
+        other = datastore.DataStore(sys.argv[1] + "-child")  # the registry still works
+        other.create("c", {})
+        sys.exit(0)                    # atexit and finalizers, which must not hang
+    _, status = os.waitpid(pid, 0)
+    print("child exited", status, flush=True)
+    store._mutex.release()
+    datastore._open_stores_lock.release()
+    store.close()
+"""
+
+
+@POSIX_ONLY
+def test_fork_while_another_thread_holds_a_lock_does_not_hang_the_child(path):
+    result = run_python(FORK_WHILE_LOCKED, path, timeout=60)
+    assert result.stdout.split("\n")[:2] == ["refused", "child exited 0"], result.stderr
 
 
 def close_later(holder, seconds):
@@ -836,6 +999,49 @@ def test_forked_child_exiting_normally_leaves_the_parents_files_and_lock(path):
         proc.communicate()
     with DataStore(path) as s:
         assert s.read("after") == {"v": 1} and s.read("k49") == {"v": 49}
+
+
+def test_a_store_dropped_without_close_is_closed_and_can_be_opened_again(path, caplog):
+    def use_and_forget():
+        DataStore(path).create("k", {"v": 1})  # never closed
+
+    caplog.set_level(logging.INFO, logger="datastore")
+    use_and_forget()
+    use_and_forget.__code__  # (the store is gone with the call's frame)
+    with DataStore(path) as s:  # in the same process: no "already open"
+        assert s.read("k") == {"v": 1}
+    assert "recovered" not in caplog.text  # closed cleanly, not left to recovery
+
+
+def test_the_finalizer_takes_no_lock_the_collecting_thread_may_hold(path):
+    store = DataStore(path)
+    store.create("k", {"v": 1})
+    done = threading.Event()
+
+    def collect_while_holding_the_registry_lock():
+        with datastore._open_stores_lock:
+            nonlocal store
+            del store
+            gc.collect()
+        done.set()
+
+    thread = threading.Thread(target=collect_while_holding_the_registry_lock, daemon=True)
+    thread.start()
+    assert done.wait(timeout=10), "the finalizer deadlocked"
+    with DataStore(path) as s:
+        assert s.read("k") == {"v": 1}
+
+
+def test_module_close_closes_the_default_store(tmp_path, monkeypatch, fresh_default):
+    monkeypatch.setenv("DATASTORE_PATH", str(tmp_path / "store"))
+    datastore.create("k", {"v": 1})
+    store = datastore._default_store
+    datastore.close()
+    with pytest.raises(StoreClosedError):
+        store.read("k")
+    assert datastore.read("k") == {"v": 1}  # opened again on the next call
+    datastore.close()
+    datastore.close()  # closing a closed default store does nothing
 
 
 # --- Threads --------------------------------------------------------------
@@ -967,6 +1173,30 @@ def test_default_folder_is_private_and_files_are_owner_only(tmp_path, monkeypatc
     assert folder.stat().st_mode & 0o777 == 0o700
     modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
     assert modes == {"default.dat": 0o600, "default.dir": 0o600, "default.lock": 0o600}
+
+
+@POSIX_ONLY
+def test_a_default_folder_open_to_others_is_made_private(tmp_path, monkeypatch, fresh_default):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    (tmp_path / "datastore").mkdir(mode=0o777)
+    os.chmod(tmp_path / "datastore", 0o777)
+    datastore.create("k", {})
+    assert (tmp_path / "datastore").stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="chown needs root")
+@pytest.mark.parametrize("link", [pytest.param(False, id="folder"), pytest.param(True, id="symlink")])
+def test_a_default_folder_owned_by_someone_else_is_refused(tmp_path, monkeypatch,
+                                                          fresh_default, link):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    theirs = tmp_path / ("theirs" if link else "datastore")
+    theirs.mkdir()
+    os.chown(theirs, 12345, 12345)
+    if link:
+        (tmp_path / "datastore").symlink_to(theirs)
+    with pytest.raises(DataStoreError, match="not a folder of yours.*DATASTORE_PATH"):
+        datastore.create("k", {})
+    assert list(theirs.iterdir()) == []
 
 
 @pytest.mark.parametrize("platform, env, expected", [
@@ -1763,6 +1993,85 @@ def test_record_damaged_before_a_crash_is_dropped_by_recovery(path):
         assert s.read("k9") == {"i": 9} and s.read("k2") == {"i": 2}
         with pytest.raises(KeyNotFoundError):
             s.read("k1")
+
+
+@POSIX_ONLY
+@pytest.mark.parametrize("suffix", [".dat", ".dir", ".lock"])
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder"])
+def test_anything_but_a_regular_file_is_refused_without_hanging(path, suffix, kind):
+    if suffix != ".dat":
+        make_store(path)
+        os.remove(f"{path}{suffix}")
+    if kind == "fifo":
+        os.mkfifo(f"{path}{suffix}")
+    elif kind == "dev-zero":
+        os.symlink("/dev/zero", f"{path}{suffix}")
+    else:
+        os.mkdir(f"{path}{suffix}")
+    code = """
+        import sys, datastore
+        try:
+            datastore.DataStore(sys.argv[1]).close()
+            print("opened")
+        except datastore.DataStoreError as exc:
+            print(type(exc).__name__, exc)
+    """
+    result = run_python(code, path, timeout=30)  # a hang fails here
+    assert result.stdout.startswith("CorruptStoreError") and f"store{suffix}" in result.stdout, (
+        result.stdout + result.stderr)
+
+
+def rewrite_trusted_dir(path, edit):
+    """Change .dir, then make the header trust it (size and CRC recomputed)."""
+    text = edit(Path(f"{path}.dir").read_bytes())
+    Path(f"{path}.dir").write_bytes(text)
+    dat = bytearray(Path(f"{path}.dat").read_bytes())
+    fields = list(datastore._HEADER.unpack_from(dat))
+    fields[3:5] = [len(text), zlib.crc32(text)]
+    header = datastore._HEADER.pack(*fields[:-1], 0)
+    dat[:datastore._HEADER.size] = header[:-4] + zlib.crc32(header[:-4]).to_bytes(4, "little")
+    Path(f"{path}.dat").write_bytes(bytes(dat))
+
+
+@pytest.mark.parametrize("edit", [
+    pytest.param(lambda t: t.replace(b"(512,", b"(" + b"9" * 5000 + b",", 1), id="huge-offset"),
+    pytest.param(lambda t: t.replace(b"(512,", b"(51200000,", 1), id="offset-past-the-end"),
+    pytest.param(lambda t: t.replace(b"(512,", b"(513,", 1), id="offset-not-on-a-block"),
+    pytest.param(lambda t: re.sub(rb", \d+\)", b", 0)", t, 1), id="size-zero"),
+    pytest.param(lambda t: re.sub(rb", \d+\)", b", 99999)", t, 1), id="size-too-large"),
+    pytest.param(lambda t: t.replace(b"'k1'", b"'k0'", 1), id="duplicate-key"),
+    pytest.param(lambda t: t.replace(b"'k1'", b"'" + b"x" * 33 + b"'", 1), id="key-too-long"),
+    pytest.param(lambda t: t.replace(b"'k1'", b"'\\xff'", 1), id="key-not-utf8"),
+    pytest.param(lambda t: t.replace(b"'k1'", b"''", 1), id="empty-key"),
+    pytest.param(lambda t: t.replace(b"'k1'", b"b'k1'", 1), id="bytes-literal"),
+    pytest.param(lambda t: t.replace(b"'k1'", b"1e999", 1), id="number-key"),
+    pytest.param(lambda t: t.replace(b"'k1'", b"'" + b"(" * 5000 + b"'", 1), id="parens"),
+    pytest.param(lambda t: t + b"garbage\n", id="a-line-of-garbage"),
+    pytest.param(lambda t: t.replace(b"(1024,", b"(512,", 1), id="records-overlap"),
+])
+def test_a_trusted_index_that_makes_no_sense_is_corrupt_store_error(path, edit):
+    make_store(path, 3)
+    rewrite_trusted_dir(path, edit)
+    with pytest.raises(CorruptStoreError, match="store.d.. is damaged"):
+        DataStore(path)
+
+
+def test_check_reports_and_raises_for_a_damaged_record(path, clock):
+    with DataStore(path) as s:
+        s._clock = clock
+        for i in range(10):
+            s.create(f"k{i}", {"i": i}, ttl=5 if i < 2 else None)
+        s.delete("k9")
+        clock.advance(5)
+        assert s.check() == {"keys": 9, "live_keys": 7, "damaged_records": 0, "dead_bytes": 0}
+    data = bytearray(Path(f"{path}.dat").read_bytes())
+    data[data.index(b'{"i":5}') + 5] ^= 1
+    Path(f"{path}.dat").write_bytes(bytes(data))
+    with DataStore(path) as s:
+        with pytest.raises(CorruptStoreError, match="1 damaged record.*'k5'"):
+            s.check()
+    status, out, err = cli("--path", path, "check")
+    assert status == 1 and "1 damaged record" in err
 
 
 def test_a_damaged_header_in_a_file_of_records_means_recover_not_foreign(path):
