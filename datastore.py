@@ -148,7 +148,7 @@ from bisect import bisect_left, bisect_right
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-import fasteners
+import fasteners  # type: ignore[import-untyped]  # it ships no type hints
 
 if sys.platform != "win32":
     import fcntl  # flock; on Windows only fasteners' lock on path.lock applies
@@ -352,8 +352,8 @@ def _plain(value: object, depth: int) -> Any:
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:
         return value
-    if kind is float or isinstance(value, float):
-        number = float.__float__(value)  # type: ignore[arg-type]
+    if isinstance(value, float):
+        number = float.__float__(value)
         if number != number or number in (float("inf"), float("-inf")):
             raise _NotPlain(f"{number} is not a JSON number")
         return number
@@ -364,7 +364,7 @@ def _plain(value: object, depth: int) -> Any:
         if isinstance(value, list):
             return [_plain(item, depth + 1) for item in list.__iter__(value)]
         copy = {}
-        for name, item in dict.items(value):  # type: ignore[arg-type]
+        for name, item in dict.items(value):
             if not isinstance(name, str):
                 raise _NotPlain(f"key {name!r} is not a str (JSON would make it one)")
             copy[str.__str__(name)] = _plain(item, depth + 1)
@@ -706,7 +706,7 @@ class _Engine:
         self.free_at: dict[int, int] = {}       # free extent: start -> blocks
         self.free_to: dict[int, int] = {}       # free extent: end -> start
         # (builtins.set: this module's own set() stores a value)
-        self.bins: list[set[int]] = [builtins.set() for _ in range(_LONG + 1)]  # by length
+        self.bins: list[builtins.set[int]] = [builtins.set() for _ in range(_LONG + 1)]
         self.free_blocks = 0
         self.dat_size = 0     # bytes of .dat, from what was written
         self.dir_bytes = 0    # bytes .dir will hold at close: its lines

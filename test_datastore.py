@@ -40,6 +40,7 @@ from datastore import (
 
 HERE = Path(__file__).resolve().parent
 POSIX_ONLY = pytest.mark.skipif(os.name != "posix", reason="needs fork and signals")
+SLOW = pytest.mark.slow  # over a few seconds: python -m pytest -m "not slow" skips them
 
 
 # --- Helpers --------------------------------------------------------------
@@ -236,8 +237,12 @@ def test_repr_names_path_and_state(path):
 # --- Keys -----------------------------------------------------------------
 
 @pytest.mark.parametrize("key", [
-    "a", "x" * 32, "line\nbreak", "nul\x00byte", "tab\tand 'quotes\"",
-    "ключ", "鍵", "🔑" * 32, "\\", "é" * 32, "\udbff\udfff"[:0] + "\U0010ffff",
+    pytest.param("a", id="one-char"), pytest.param("x" * 32, id="32-chars"),
+    pytest.param("line\nbreak", id="newline"), pytest.param("nul\x00byte", id="nul"),
+    pytest.param("tab\tand 'quotes\"", id="tab-and-quotes"), pytest.param("ключ", id="cyrillic"),
+    pytest.param("鍵", id="cjk"), pytest.param("🔑" * 32, id="32-emoji"),
+    pytest.param("\\", id="backslash"), pytest.param("é" * 32, id="32-accented"),
+    pytest.param("\U0010ffff", id="last-code-point"),
 ])
 def test_any_key_of_1_to_32_characters_round_trips(path, key):
     with DataStore(path) as s:
@@ -251,9 +256,12 @@ def test_any_key_of_1_to_32_characters_round_trips(path, key):
 
 
 BAD_KEYS = [
-    (None, KeyTypeError), (1, KeyTypeError), (b"bytes", KeyTypeError),
-    (["k"], KeyTypeError), ("", InvalidKeyError), ("x" * 33, InvalidKeyError),
-    ("🔑" * 33, InvalidKeyError), ("lone \ud800 surrogate", InvalidKeyError),
+    pytest.param(None, KeyTypeError, id="none"), pytest.param(1, KeyTypeError, id="int"),
+    pytest.param(b"bytes", KeyTypeError, id="bytes"),
+    pytest.param(["k"], KeyTypeError, id="list"), pytest.param("", InvalidKeyError, id="empty"),
+    pytest.param("x" * 33, InvalidKeyError, id="33-chars"),
+    pytest.param("🔑" * 33, InvalidKeyError, id="33-emoji"),
+    pytest.param("lone \ud800 surrogate", InvalidKeyError, id="surrogate"),
 ]
 
 
@@ -298,7 +306,7 @@ def test_value_of_exactly_16384_bytes_is_accepted(store):
     assert store.read("big") == value
 
 
-@pytest.mark.parametrize("char", ["x", "é"])  # é is 2 bytes: UTF-8, not characters
+@pytest.mark.parametrize("char", [pytest.param("x", id="ascii"), pytest.param("é", id="two-bytes")])
 def test_value_of_16385_bytes_is_refused_with_sizes_in_message(store, char):
     value = value_of_size(MAX_VALUE_BYTES + 1, char)
     before = snapshot(store.path.parent)
@@ -321,14 +329,22 @@ def deeply_nested():
 
 
 BAD_VALUES = [
-    (None, ValueTypeError), ([1, 2], ValueTypeError), ('{"a": 1}', ValueTypeError),
-    (42, ValueTypeError), ({"n": float("nan")}, InvalidValueError),
-    ({"n": float("inf")}, InvalidValueError), ({"n": -float("inf")}, InvalidValueError),
-    ({"s": {1, 2}}, InvalidValueError), ({"b": b"bytes"}, InvalidValueError),
-    ({"o": object()}, InvalidValueError), (circular(), InvalidValueError),
-    (deeply_nested(), InvalidValueError), ({"t": (1, 2)}, InvalidValueError),
-    ({1: "int key"}, InvalidValueError), ({"s": "lone \udc80"}, InvalidValueError),
-    ({(1, 2): "tuple key"}, InvalidValueError),
+    pytest.param(None, ValueTypeError, id="none"),
+    pytest.param([1, 2], ValueTypeError, id="list"),
+    pytest.param('{"a": 1}', ValueTypeError, id="json-text"),
+    pytest.param(42, ValueTypeError, id="int"),
+    pytest.param({"n": float("nan")}, InvalidValueError, id="nan"),
+    pytest.param({"n": float("inf")}, InvalidValueError, id="inf"),
+    pytest.param({"n": -float("inf")}, InvalidValueError, id="minus-inf"),
+    pytest.param({"s": {1, 2}}, InvalidValueError, id="set"),
+    pytest.param({"b": b"bytes"}, InvalidValueError, id="bytes"),
+    pytest.param({"o": object()}, InvalidValueError, id="object"),
+    pytest.param(circular(), InvalidValueError, id="circular"),
+    pytest.param(deeply_nested(), InvalidValueError, id="nested-100000"),
+    pytest.param({"t": (1, 2)}, InvalidValueError, id="tuple"),
+    pytest.param({1: "int key"}, InvalidValueError, id="int-key"),
+    pytest.param({"s": "lone \udc80"}, InvalidValueError, id="surrogate"),
+    pytest.param({(1, 2): "tuple key"}, InvalidValueError, id="tuple-key"),
 ]
 
 
@@ -666,9 +682,11 @@ def test_expiry_is_wall_clock_and_survives_reopen(path):
 
 
 BAD_TTLS = [
-    (True, TTLTypeError), (1.5, TTLTypeError), (1.0, TTLTypeError), ("10", TTLTypeError),
-    (0, InvalidTTLError), (-1, InvalidTTLError), (10 ** 12, InvalidTTLError),
-    (10 ** 400, InvalidTTLError),
+    pytest.param(True, TTLTypeError, id="bool"), pytest.param(1.5, TTLTypeError, id="float"),
+    pytest.param(1.0, TTLTypeError, id="whole-float"), pytest.param("10", TTLTypeError, id="str"),
+    pytest.param(0, InvalidTTLError, id="zero"), pytest.param(-1, InvalidTTLError, id="negative"),
+    pytest.param(10 ** 12, InvalidTTLError, id="past-9999"),
+    pytest.param(10 ** 400, InvalidTTLError, id="huge"),
 ]
 
 
@@ -692,8 +710,16 @@ def test_largest_ttl_reaches_the_year_9999(store):
 # --- Closed store and exceptions ------------------------------------------
 
 @pytest.mark.parametrize("call", [
-    lambda s: s.create("k", {}), lambda s: s.read("k"), lambda s: s.delete("k"),
-    lambda s: s.sync(), lambda s: s.compact(),
+    pytest.param(lambda s: s.create("k", {}), id="create"),
+    pytest.param(lambda s: s.set("k", {}), id="set"),
+    pytest.param(lambda s: s.read("k"), id="read"),
+    pytest.param(lambda s: s.get("k"), id="get"),
+    pytest.param(lambda s: s.delete("k"), id="delete"),
+    pytest.param(lambda s: s.ttl("k"), id="ttl"),
+    pytest.param(lambda s: "k" in s, id="in"), pytest.param(len, id="len"),
+    pytest.param(lambda s: s.keys(), id="keys"), pytest.param(list, id="iter"),
+    pytest.param(lambda s: s.sync(), id="sync"), pytest.param(lambda s: s.compact(), id="compact"),
+    pytest.param(lambda s: s.check(), id="check"),
 ])
 def test_every_operation_on_a_closed_store_raises(path, call):
     s = DataStore(path)
@@ -720,8 +746,10 @@ def test_all_errors_share_one_root_and_pickle_with_their_attributes(store):
 
 
 @pytest.mark.parametrize("kwargs, error", [
-    ({"max_bytes": "big"}, DataStoreTypeError), ({"max_bytes": True}, DataStoreTypeError),
-    ({"max_bytes": MIN_STORE_BYTES - 1}, DataStoreValueError),
+    pytest.param({"max_bytes": "big"}, DataStoreTypeError, id="str"),
+    pytest.param({"max_bytes": True}, DataStoreTypeError, id="bool"),
+    pytest.param({"max_bytes": MIN_STORE_BYTES - 1}, DataStoreValueError, id="too-small"),
+    pytest.param({"max_bytes": 2 ** 41}, DataStoreValueError, id="too-large"),
 ])
 def test_bad_max_bytes_is_refused(path, kwargs, error):
     with pytest.raises(error):
@@ -1085,6 +1113,7 @@ def test_sixteen_threads_racing_to_create_one_key_one_wins(store):
     assert store.read("prize") == {"winner": winners[0]}
 
 
+@SLOW
 def test_eight_threads_with_their_own_keys_lose_nothing(path):
     per_thread = 1500
     errors = []
@@ -1200,9 +1229,11 @@ def test_a_default_folder_owned_by_someone_else_is_refused(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("platform, env, expected", [
-    ("linux", {"XDG_DATA_HOME": "relative/ignored"}, ".local/share/datastore/default"),
-    ("darwin", {}, "Library/Application Support/datastore/default"),
-    ("win32", {"LOCALAPPDATA": "{home}/AppData/Local"}, "AppData/Local/datastore/default"),
+    pytest.param("linux", {"XDG_DATA_HOME": "relative/ignored"},
+                 ".local/share/datastore/default", id="linux"),
+    pytest.param("darwin", {}, "Library/Application Support/datastore/default", id="macos"),
+    pytest.param("win32", {"LOCALAPPDATA": "{home}/AppData/Local"},
+                 "AppData/Local/datastore/default", id="windows"),
 ])
 def test_default_path_per_platform(tmp_path, monkeypatch, platform, env, expected):
     monkeypatch.setenv("HOME", str(tmp_path))
@@ -1313,6 +1344,7 @@ def test_compaction_leaves_no_free_block_and_keeps_live_data(path):
                                                               "store.lock"]
 
 
+@SLOW
 def test_fill_the_default_one_gib_with_16_kib_values(path):
     value = value_of_size(MAX_VALUE_BYTES)
     with DataStore(path) as s:
@@ -1558,6 +1590,7 @@ def live_content(store):
     return content
 
 
+@SLOW
 @POSIX_ONLY
 def test_kill_9_at_random_instants_loses_no_acknowledged_operation(path, caplog):
     rng = random.Random(1234)
@@ -1720,6 +1753,7 @@ CRASH_ACTIONS = {  # what each action may leave, in order, as changes to the sto
 }
 
 
+@SLOW
 @POSIX_ONLY
 @pytest.mark.parametrize("action", list(CRASH_ACTIONS))
 def test_kill_9_at_every_file_system_step_then_again_after_deleting(tmp_path, action, clock):
@@ -1914,8 +1948,11 @@ def make_store(path, count=20):
 
 
 @pytest.mark.parametrize("content", [
-    b"", b"garbage", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40, b"\x00" * 4096,
-    b"DataStr1" + b"\x00" * 100,
+    pytest.param(b"", id="empty"), pytest.param(b"garbage", id="garbage"),
+    pytest.param(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40, id="png"),
+    pytest.param(b"\x00" * 4096, id="zeros"),
+    pytest.param(b"DataStr1" + b"\x00" * 100, id="1.0-magic-only"),
+    pytest.param(b"DataStr2" + b"\x00" * 100, id="2.0-magic-only"),
 ])
 def test_foreign_data_file_raises_corrupt_store_error_and_is_left_alone(path, content):
     make_store(path)
@@ -1937,14 +1974,14 @@ def test_index_without_data_file_raises_corrupt_store_error(path):
 
 
 @pytest.mark.parametrize("damage", [
-    lambda text: "",                                     # emptied
-    lambda text: text[: len(text) // 2],                 # cut mid-line
-    lambda text: text[: text.index("\n", len(text) // 2) + 1],  # cut at a line end
-    lambda text: text.replace("(", "((((", 1),            # hand-edited
-    lambda text: text.replace("'k1',", "'k2',", 1),       # the same size: only the CRC tells
-    lambda text: "(" * 100_000 + "\n" + text,             # nested enough to crash a parser
-    lambda text: "import os; os.system('touch pwned')\n" + text,  # never executed
-    lambda text: text.encode().hex(),                     # garbage
+    pytest.param(lambda text: "", id="emptied"),
+    pytest.param(lambda text: text[: len(text) // 2], id="cut-mid-line"),
+    pytest.param(lambda text: text[: text.index("\n", len(text) // 2) + 1], id="cut-at-line-end"),
+    pytest.param(lambda text: text.replace("(", "((((", 1), id="hand-edited"),
+    pytest.param(lambda text: text.replace("'k1',", "'k2',", 1), id="same-size-edit"),
+    pytest.param(lambda text: "(" * 100_000 + "\n" + text, id="nested-to-crash-a-parser"),
+    pytest.param(lambda text: "import os; os.system('touch pwned')\n" + text, id="code"),
+    pytest.param(lambda text: text.encode().hex(), id="garbage"),
 ])
 def test_damaged_index_is_rebuilt_from_the_data_file(path, damage):
     make_store(path)
@@ -2037,8 +2074,8 @@ def rewrite_trusted_dir(path, edit):
     pytest.param(lambda t: t.replace(b"(512,", b"(" + b"9" * 5000 + b",", 1), id="huge-offset"),
     pytest.param(lambda t: t.replace(b"(512,", b"(51200000,", 1), id="offset-past-the-end"),
     pytest.param(lambda t: t.replace(b"(512,", b"(513,", 1), id="offset-not-on-a-block"),
-    pytest.param(lambda t: re.sub(rb", \d+\)", b", 0)", t, 1), id="size-zero"),
-    pytest.param(lambda t: re.sub(rb", \d+\)", b", 99999)", t, 1), id="size-too-large"),
+    pytest.param(lambda t: re.sub(rb", \d+\)", b", 0)", t, count=1), id="size-zero"),
+    pytest.param(lambda t: re.sub(rb", \d+\)", b", 99999)", t, count=1), id="size-too-large"),
     pytest.param(lambda t: t.replace(b"'k1'", b"'k0'", 1), id="duplicate-key"),
     pytest.param(lambda t: t.replace(b"'k1'", b"'" + b"x" * 33 + b"'", 1), id="key-too-long"),
     pytest.param(lambda t: t.replace(b"'k1'", b"'\\xff'", 1), id="key-not-utf8"),
@@ -2324,6 +2361,7 @@ def test_a_store_written_by_version_1_is_converted_at_first_open(path, fixture, 
 
 # --- Memory ---------------------------------------------------------------
 
+@SLOW
 def test_memory_per_key_is_within_1_5x_of_dbm_dumbs_index(tmp_path):
     count = 20_000
     with DataStore(tmp_path / "ours") as s:
@@ -2385,12 +2423,13 @@ def test_python_dash_m_datastore_works_the_same(path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["create", "k", "not json"], "JSON for 'k' is not valid"),
-    (["create", "k", "[1, 2]"], "must be a dict, not list"),
-    (["create", "k", "{}", "--ttl", "0"], "must be positive"),
-    (["create", "x" * 33, "{}"], "1 to 32 characters"),
-    (["create", "k", '{"n": NaN}'], "not plain JSON"),
-    (["delete", "missing"], "not found"),
+    pytest.param(["create", "k", "not json"], "JSON for 'k' is not valid", id="not-json"),
+    pytest.param(["create", "k", "[1, 2]"], "must be a dict, not list", id="a-list"),
+    pytest.param(["create", "k", "{}", "--ttl", "0"], "must be positive", id="ttl-0"),
+    pytest.param(["create", "x" * 33, "{}"], "1 to 32 characters", id="long-key"),
+    pytest.param(["create", "k", '{"n": NaN}'], "not plain JSON", id="nan"),
+    pytest.param(["delete", "missing"], "not found", id="missing-key"),
+    pytest.param(["ttl", "missing"], "not found", id="ttl-missing-key"),
 ])
 def test_cli_errors_are_one_line_on_stderr_with_status_1(path, args, message):
     status, out, err = cli("--path", path, *args)
@@ -2399,8 +2438,11 @@ def test_cli_errors_are_one_line_on_stderr_with_status_1(path, args, message):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
-@pytest.mark.parametrize("args", [[], ["frobnicate"], ["read"], ["create", "k"],
-                                  ["create", "k", "{}", "--ttl", "soon"]])
+@pytest.mark.parametrize("args", [
+    pytest.param([], id="no-command"), pytest.param(["frobnicate"], id="unknown-command"),
+    pytest.param(["read"], id="no-key"), pytest.param(["create", "k"], id="no-json"),
+    pytest.param(["create", "k", "{}", "--ttl", "soon"], id="ttl-not-a-number"),
+])
 def test_cli_usage_errors_exit_with_status_2(path, args):
     status, out, err = cli("--path", path, *args)
     assert status == 2 and "usage:" in err and "Traceback" not in err
@@ -2457,7 +2499,8 @@ def test_cli_timeout_waits_for_the_holder(path, holder):
 def test_cli_errors_for_deep_json_and_unprintable_output_are_one_line(path):
     deep = '{"a":' * 5000 + "1" + "}" * 5000
     status, out, err = cli("--path", path, "create", "deep", deep)
-    assert status == 1 and "not valid" in err and err.count("\n") == 1
+    assert status == 1 and err.count("\n") == 1  # json's own limit, or ours
+    assert "not valid" in err or "nested more than 100 levels" in err
     assert cli("--path", path, "create", "é", '{"é": 1}')[0] == 0
     for args in (["read", "é"], ["keys"]):
         status, out, err = cli("--path", path, *args, env={"PYTHONIOENCODING": "ascii"})
@@ -2522,6 +2565,7 @@ def test_module_docstring_example_runs(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # it cleans up after itself
 
 
+@SLOW
 def test_sample_runs_again_and_again_with_the_same_result():
     outputs = []
     for _ in range(2):
@@ -2538,9 +2582,54 @@ def test_sample_runs_again_and_again_with_the_same_result():
         assert shown in outputs[0]
 
 
+# --- Packaging and types ----------------------------------------------------
+
+@SLOW
+def test_pip_install_gives_the_module_and_a_datastore_command(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / ("Scripts" if os.name == "nt" else "bin") / "python"
+    source = tmp_path / "source"
+    shutil.copytree(HERE, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "*.dat", "*.dir", "*.lock", "__pycache__", "build", "*.egg-info"))
+    install = subprocess.run([str(python), "-m", "pip", "install", "--quiet",
+                              "--disable-pip-version-check", str(source)],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stderr
+    command = venv / ("Scripts" if os.name == "nt" else "bin") / "datastore"
+    version = subprocess.run([str(command), "--version"], capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path)
+    assert version.stdout == f"datastore {datastore.__version__}\n"
+    store = tmp_path / "store"
+    assert subprocess.run([str(command), "--path", str(store), "set", "k", '{"v": 1}'],
+                          timeout=60, cwd=tmp_path).returncode == 0
+    read = subprocess.run([str(python), "-c", "import datastore, sys; "
+                           "print(datastore.DataStore(sys.argv[1]).read('k'))", str(store)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert read.stdout == "{'v': 1}\n", read.stderr
+
+
+@SLOW
+def test_the_module_type_checks_under_mypy_strict():
+    pytest.importorskip("mypy", reason="python -m pip install mypy")
+    result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental",
+                             str(HERE / "datastore.py")],
+                            capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_version_has_one_source():
+    pyproject = (HERE / "pyproject.toml").read_text()
+    assert 'version = {attr = "datastore.__version__"}' in pyproject
+    assert 'dynamic = ["version"]' in pyproject and 'requires-python = ">=3.8"' in pyproject
+    assert re.fullmatch(r"\d+\.\d+\.\d+", datastore.__version__)
+
+
 # --- The benchmark script -------------------------------------------------
 
-@pytest.mark.parametrize("peers", ["as installed", "missing"])
+@pytest.mark.parametrize("peers", [pytest.param("as installed", id="as-installed"),
+                                   pytest.param("missing", id="missing")])
+@SLOW
 def test_benchmark_runs_and_skips_missing_peers_with_a_hint(peers):
     # Blocking a module in sys.modules makes importing it raise ImportError.
     block = ("import sys; sys.modules['diskcache'] = sys.modules['sqlitedict'] = None; "
