@@ -121,8 +121,9 @@ Limits
 * The index lives in memory: about 130 bytes per key (less than ``dbm.dumb``'s
   dict of tuples). Values are read from disk on every call and never cached.
 * Opening reads the whole ``.dir``, and after a crash scans the whole ``.dat``.
-* The lock is a POSIX record lock (``fasteners``); it does not work on network
-  file systems.
+* A store holds two locks while open: ``fasteners``' record lock on
+  ``path.lock`` and an ``flock`` on ``path.dat`` (POSIX). Neither works on
+  network file systems.
 """
 
 from __future__ import annotations

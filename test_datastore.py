@@ -1837,6 +1837,35 @@ def test_set_over_a_durable_value_fsyncs_the_new_one_before_giving_up_the_old(
     assert new_record < calls.index(("fsync", None)) < old_invalidated
 
 
+SIGTERM_WORKER = """
+    import signal, sys, time, datastore
+    if sys.argv[2] == "handled":  # the README's lines
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    store = datastore.DataStore(sys.argv[1])
+    store.create("k", {"v": 1})
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+
+@POSIX_ONLY
+@pytest.mark.parametrize("handled", [pytest.param(True, id="with-the-readme-lines"),
+                                     pytest.param(False, id="without")])
+def test_sigterm_closes_cleanly_with_the_readmes_three_lines(path, caplog, handled):
+    proc = spawn_python(SIGTERM_WORKER, path, "handled" if handled else "plain")
+    try:
+        expect_line(proc, "ready")
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+        proc.communicate()
+    caplog.set_level(logging.INFO, logger="datastore")
+    with DataStore(path) as s:
+        assert s.read("k") == {"v": 1}
+    assert ("recovered" in caplog.text) is not handled
+
+
 RENAMED_HOLDER = """
     import sys, datastore
     store = datastore.DataStore(sys.argv[1])
@@ -2520,15 +2549,20 @@ def run_doctest(text, globs, name):
     return runner.tries, runner.failures
 
 
-def test_readme_python_examples_run(tmp_path, monkeypatch, fresh_default):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
-    blocks = readme_blocks("pycon")
-    assert len(blocks) == 2
-    globs = {}
-    for block in blocks:
-        tries, failures = run_doctest(block, globs, "README.md")
-        assert tries >= 4 and failures == 0
+def test_readme_examples_pass_python_m_doctest_again_and_again(tmp_path):
+    before = sorted(p.name for p in HERE.iterdir())
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), XDG_DATA_HOME=str(home / "xdg"))
+    env.pop("DATASTORE_PATH", None)
+    for cwd, readme in ((HERE, "README.md"), (HERE, "README.md"), (tmp_path, HERE / "README.md")):
+        result = subprocess.run([sys.executable, "-m", "doctest", str(readme)], cwd=cwd,
+                                env=dict(env, PYTHONPATH=str(HERE)), capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+    assert len(readme_blocks("pycon")) == 2
+    assert sorted(p.name for p in HERE.iterdir()) == before  # nothing left behind
+    assert list(home.iterdir()) == []  # nor in the user's data folder
 
 
 def test_readme_shell_examples_run(tmp_path):
