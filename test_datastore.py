@@ -99,9 +99,18 @@ def python_command(code, *args):
 
 
 def run_python(code, *args, timeout=60):
-    """Run code in a fresh interpreter; return the CompletedProcess."""
+    """Run code in a fresh interpreter; return the CompletedProcess. On a
+    timeout, kill its whole process group: children it forked too."""
     command, env = python_command(code, *args)
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=os.name == "posix")
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL) if os.name == "posix" else proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def spawn_python(code, *args):
