@@ -1794,17 +1794,7 @@ class DataStore:
         ``TTLTypeError``/``InvalidTTLError`` pairs for bad arguments. The value
         is in the files when this returns.
         """
-        key, key_bytes = _encode_key(key)
-        body = _encode_value(key, value)
-        self._check_process()
-        with self._mutex:
-            engine = self._usable()
-            now = self._clock()
-            expires_at = _expiry(key, ttl, now)
-            if engine.slot(key_bytes, now) is not None:
-                raise KeyExistsError(f"key {key!r} already exists", key=key,
-                                     path=self.path)
-            self._put(engine, key, key_bytes, body, expires_at, now)
+        self._write(key, value, ttl, replace=False)
 
     def set(self, key: str, value: dict[str, Any], ttl: Optional[int] = None) -> None:
         """Store ``value`` under ``key`` whether or not the key is live, with a
@@ -1818,13 +1808,7 @@ class DataStore:
         does not raise ``StoreFullError``. The value is in the files when this
         returns.
         """
-        key, key_bytes = _encode_key(key)
-        body = _encode_value(key, value)
-        self._check_process()
-        with self._mutex:
-            engine = self._usable()
-            now = self._clock()
-            self._put(engine, key, key_bytes, body, _expiry(key, ttl, now), now)
+        self._write(key, value, ttl, replace=True)
 
     def get(self, key: str, default: Any = None) -> Any:
         """Return the value stored under ``key``, or ``default`` if the key was
@@ -1971,17 +1955,27 @@ class DataStore:
 
     # --- Private helpers ---
 
-    def _put(self, engine: _Engine, key: str, key_bytes: bytes, body: bytes,
-             expires_at: float, now: float) -> None:
-        try:
-            engine.put(key_bytes, body, expires_at, now)
-        except _StoreFull as full:
-            raise StoreFullError(
-                f"store {self.path} is full: writing {key!r} needs {full.needed} "
-                f"more bytes (with room kept for replacing the largest value), and "
-                f"its files already use {full.used} of max_bytes={self.max_bytes}; "
-                "delete keys or open it with a larger max_bytes",
-                key=key, path=self.path) from None
+    def _write(self, key: str, value: object, ttl: object, replace: bool) -> None:
+        """create() (replace=False) or set() (replace=True)."""
+        key, key_bytes = _encode_key(key)
+        body = _encode_value(key, value)
+        self._check_process()
+        with self._mutex:
+            engine = self._usable()
+            now = self._clock()
+            expires_at = _expiry(key, ttl, now)
+            if not replace and engine.slot(key_bytes, now) is not None:
+                raise KeyExistsError(f"key {key!r} already exists", key=key,
+                                     path=self.path)
+            try:
+                engine.put(key_bytes, body, expires_at, now)
+            except _StoreFull as full:
+                raise StoreFullError(
+                    f"store {self.path} is full: writing {key!r} needs {full.needed} "
+                    f"more bytes (with room kept for replacing the largest value), "
+                    f"and its files already use {full.used} of max_bytes="
+                    f"{self.max_bytes}; delete keys or open it with a larger max_bytes",
+                    key=key, path=self.path) from None
 
     def _check_process(self) -> None:
         """Refuse a forked child, before any lock: a thread of the parent may
