@@ -8,13 +8,26 @@
     1815
 
 Copy this file into your project; its only dependency is ``fasteners``.
+The interface::
+
+    store = DataStore(path=None, *, max_bytes=MAX_STORE_BYTES, timeout=0)
+    store.create(key, value, ttl=None)  # a new key only
+    store.set(key, value, ttl=None)     # a new key, or replace a live one
+    store.read(key)                     # a new dict; KeyNotFoundError if missing
+    store.get(key, default=None)
+    store.delete(key)
+    store.ttl(key)                      # seconds left, or None
+    key in store, len(store), store.keys(), iter(store)
+    store.compact(), store.sync(), store.check(), store.close()   # or: with
+    datastore.create/set/read/get/delete/keys/ttl/close(...)     # default store
 
 Guarantees
 ----------
 * Keys are ``str`` of 1 to 32 characters; values are ``dict`` objects of at most
   16 KiB as compact UTF-8 JSON, and ``read`` returns a dict equal to the one
-  stored (values JSON would change, such as tuples or non-string keys, are
-  refused). ``create`` never overwrites a live key.
+  stored (values JSON would change, such as tuples or non-string keys, and
+  nesting deeper than ``MAX_VALUE_DEPTH`` levels, are refused). ``create``
+  never overwrites a live key; ``set`` replaces one atomically.
 * A key created with ``ttl=N`` expires N seconds after the clock reading the
   create takes just before it writes (wall-clock time, ``time.time()``); from
   then on it is gone for ``read`` and ``delete`` and may be created again.
@@ -27,7 +40,9 @@ Guarantees
   instant loses nothing that returned, and the operation that was running is
   either wholly done or not done at all. ``sync()`` and ``close()`` also
   fsync, so what they cover survives a power cut.
-* One process at a time may open a store; any number of its threads may use it.
+* One process at a time may open a store; any number of its threads may use
+  it. A child made by ``fork()`` cannot use its parent's store object. A store
+  that is garbage collected, or still open at exit, is closed cleanly.
 * Every error is a ``DataStoreError`` (or, for the operating system's own
   failures such as a full disk, the ``OSError`` it raised), and a call that
   raises changes nothing a later call could observe.
@@ -79,8 +94,14 @@ files. It changes memory only after the bytes are written.
 * ``create`` takes the best-fitting free extent, or appends to ``.dat``. If
   it splits an extent, it first writes a free marker for the remainder. The
   write of the record is the *commit point*: from then on the key exists.
+  It leaves room in ``max_bytes`` for one copy of the largest record, which
+  ``set`` may use.
+* ``set`` of a live key writes the new record the same way (its commit
+  point), then a free marker over the old one. If the old record was
+  durable (see below), the new one is fsynced first.
 * ``delete`` writes a free marker over the record's head: that write is the
-  commit point. The blocks join the free extents.
+  commit point. The blocks join the free extents. (If the write fails part
+  way, the head is written back, so a failed delete leaves the value.)
 * An expired key costs nothing when it expires. Each write then reclaims a
   few expired keys, earliest first, by writing a free marker over each (so a
   reclaimed key can never come back, even if the clock is set back).
@@ -107,8 +128,8 @@ scans ``.dat``:
   can tell free space from damage; damage beyond the one record a crash can
   tear is logged on the ``datastore`` logger.
 * Each key has at most one valid record at rest. While a record is being
-  moved there are two, and the higher sequence number wins; the scan then
-  invalidates the other before the store is used. Sequence numbers never go
+  moved or replaced there are two, and the higher sequence number wins; the
+  scan then invalidates the other before the store is used. Sequence numbers never go
   back: the header holds a bound that every number issued while open stays
   below, and the scan starts above both that bound and every record it saw.
 * A record that an earlier ``sync()`` (or open) made durable is never
@@ -122,8 +143,9 @@ Limits
   dict of tuples). Values are read from disk on every call and never cached.
 * Opening reads the whole ``.dir``, and after a crash scans the whole ``.dat``.
 * A store holds two locks while open: ``fasteners``' record lock on
-  ``path.lock`` and an ``flock`` on ``path.dat`` (POSIX). Neither works on
-  network file systems.
+  ``path.lock`` and an ``flock`` on ``path.dat`` (POSIX), so that deleting
+  ``path.lock`` does not let a second process in. Neither works on network
+  file systems. See the README for the traps of each and how they are met.
 """
 
 from __future__ import annotations
@@ -693,10 +715,10 @@ class _Engine:
     """The files of one store: records and free space in .dat, the snapshot in .dir.
 
     It deals in bytes keys, records, 512-byte blocks and file descriptors,
-    held open for the store's life and never reopened by name. It knows no
-    locks, threads, clocks or users: the caller serialises every call and
-    passes the time where expiry matters. See the module docstring for the
-    format and the crash argument.
+    held open for the store's life and never reopened by name; it holds the
+    flock on .dat. It knows no threads, clocks or users: the caller serialises
+    every call and passes the time where expiry matters. See the module
+    docstring for the format and the crash argument.
     """
 
     def __init__(self, base: str, max_bytes: int, deadline: Optional[float] = None) -> None:
@@ -706,7 +728,7 @@ class _Engine:
         self.expiries = _Expiries()             # keys that have a ttl
         self.free_at: dict[int, int] = {}       # free extent: start -> blocks
         self.free_to: dict[int, int] = {}       # free extent: end -> start
-        # (builtins.set: this module's own set() stores a value)
+        # Free extents' starts by length (builtins.set: this module's set() stores a value)
         self.bins: list[builtins.set[int]] = [builtins.set() for _ in range(_LONG + 1)]
         self.free_blocks = 0
         self.dat_size = 0     # bytes of .dat, from what was written
@@ -1596,6 +1618,18 @@ def _default_path() -> Path:
     return folder / "default"
 
 
+# What we rely on in fasteners (0.18 to 0.20), in one place. InterProcessLock
+# opens path.lock when acquiring and keeps it open; acquire(blocking,
+# timeout=) returns False when it gives up; release() unlocks and closes
+# the file. After a failed acquire the file stays open; we close it through
+# its `lockfile` attribute rather than leave it to the garbage collector.
+# Closing it drops no lock of ours: this process holds none on that file (the
+# registry below makes sure of it).
+
+def _close_unlocked(lock: Any) -> None:
+    lock.lockfile.close()
+
+
 def _lock_file_identity(lock_path: str) -> tuple[int, int]:
     """(st_dev, st_ino) of a store's lock file, created if missing.
 
@@ -1730,7 +1764,7 @@ class DataStore:
         deadline = None if timeout is None else time.monotonic() + timeout
         self._lock = fasteners.InterProcessLock(lock_path)
         if not self._lock.acquire(blocking=timeout != 0, timeout=timeout):
-            self._lock.lockfile.close()  # we hold no lock on it to lose
+            _close_unlocked(self._lock)
             raise self._in_use(timeout)
         try:
             os.chmod(lock_path, 0o600)
