@@ -1,38 +1,93 @@
 """Time DataStore against the stores people would otherwise pick.
 
-    python benchmark.py [--n N] [--value-bytes B] [--rounds R] [--sizes A,B]
+    python benchmark.py [--sections compare,cap,scale] [--scale] [--quick]
+                        [--plot FILE.png] [--n N] [--rounds R] [--sizes A,B] ...
 
-For each system, in one run on one machine: microseconds per create, read
-and delete (best of R rounds, each on a fresh store in a temporary folder),
-the ratio to DataStore, disk bytes per key and Python memory per key
-(tracemalloc, which sees Python objects, not SQLite's own C memory). Then
-DataStore alone at two sizes, to show the cost per operation does not grow
-with the number of keys.
+It prints a Markdown report on stdout (progress goes to stderr): a line naming
+the machine, then one part per section, each stating its own parameters.
+Every store lives in a temporary folder that is removed afterwards.
+
+compare (default)
+    For each system: microseconds per create, read and delete (best of R
+    rounds, each on a fresh store, the systems taking turns), the ratio to
+    DataStore, disk bytes per key and Python memory per key (tracemalloc,
+    which sees Python objects, not SQLite's own C memory). Then DataStore
+    against the sqlite3 peer alone at --large-n keys, DataStore's time divided
+    by sqlite3's at both sizes next to the targets, and DataStore alone with N
+    keys already stored (--sizes), to show the cost per call does not grow
+    with the number of keys.
+
+cap (default)
+    DataStore at its max_bytes: a fresh store filled until StoreFullError,
+    then 7.5% of its keys deleted at random, then either a churn (delete a
+    random key, create a new one of the same size) or creates with a ttl of
+    1-2 s and no deletes. Every call is timed; a separate process polls the
+    sizes of the store's files every 2 ms. The sqlite3 peer runs the same
+    churn with no cap. --plot draws every call's latency over time.
+
+scale (only with --scale: it takes minutes)
+    A store of --scale-keys keys: open time after a clean close and after
+    kill -9, against dbm.dumb opening the same files; memory per key; and
+    compact() with half of 2N keys deleted.
 
 The peers: shelve over dbm.dumb (always; its delete rewrites the whole index,
-so only the first 500 deletes are timed), diskcache.Cache with add() for
-create, and sqlitedict.SqliteDict(autocommit=True) storing JSON. diskcache
-and sqlitedict are optional: `python -m pip install diskcache sqlitedict`.
-Progress goes to stderr, the report (Markdown) to stdout.
+so only the first 500 deletes are timed); sqlite3 (always): one table, WAL,
+synchronous=NORMAL, one autocommitted statement per call, with DataStore's
+semantics; diskcache.Cache with add() for create; and
+sqlitedict.SqliteDict(autocommit=True) storing JSON. diskcache and sqlitedict
+are optional (`python -m pip install diskcache sqlitedict`), and so is
+matplotlib for --plot. --quick shrinks every size (for a test run).
 """
 
 import argparse
 import datetime
 import dbm.dumb
 import gc
+import heapq
 import json
+import math
 import os
 import platform
 import random
 import shelve
+import signal
+import sqlite3
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
+from array import array
 
-from datastore import DataStore
+from datastore import (MAX_STORE_BYTES, DataStore, KeyExistsError,
+                       KeyNotFoundError, StoreFullError)
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 SHELVE_DELETES = 500  # each dbm.dumb delete rewrites the index: O(keys)
+
+# The issue's targets, DataStore's mean time per call over sqlite3's.
+SQLITE_TARGETS = {"create": 0.7, "read": 0.8, "delete": 0.7}
+LONGEST_CALL_TARGET = 0.050   # seconds, any create or delete at the cap
+MIXED_FULL_OK_ABOVE = 0.90    # StoreFullError is allowed for mixed sizes above this
+OPEN_TARGET, RECOVER_TARGET = 0.2, 0.5  # DataStore's open over dbm.dumb's
+INDEX_BYTES_TARGET = 140      # bytes of Python memory per key after open
+COMPACT_TARGET = 10.0         # seconds for compact() of 1,000,000 live keys
+
+# The at-the-cap section.
+CAP_DELETE = 0.075   # share of keys deleted after filling until StoreFullError
+TTL_PACE = 0.95      # TTL creates wait until live data + new value fit under this
+POLL_INTERVAL = 0.002  # seconds between two polls of the files' sizes
+
+# Default sizes, and the small ones --quick uses (each overridden by its flag).
+FULL = {"n": 20_000, "rounds": 3, "sizes": "5000,200000", "large_n": 200_000,
+        "large_rounds": 2, "cap_configs": "200000x150,20000x4096",
+        "cap_spreads": "10,0", "cap_ops": 50_000, "ttl_ops": 50_000,
+        "scale_keys": 1_000_000, "scale_rounds": 3}
+QUICK = {"n": 1000, "rounds": 1, "sizes": "500,2000", "large_n": 5000,
+         "large_rounds": 1, "cap_configs": "5000x150,2000x4096",
+         "cap_spreads": "10,0", "cap_ops": 1000, "ttl_ops": 100,
+         "scale_keys": 20_000, "scale_rounds": 1}
 
 
 # --- The systems, behind one small interface --------------------------------
@@ -40,11 +95,11 @@ SHELVE_DELETES = 500  # each dbm.dumb delete rewrites the index: O(keys)
 class DataStoreSystem:
     name = "DataStore"
 
-    def __init__(self, folder):
-        self.store = DataStore(os.path.join(folder, "store"))
+    def __init__(self, folder, max_bytes=MAX_STORE_BYTES):
+        self.store = DataStore(os.path.join(folder, "store"), max_bytes=max_bytes)
 
-    def create(self, key, value):
-        self.store.create(key, value)
+    def create(self, key, value, ttl=None):
+        self.store.create(key, value, ttl)
 
     def read(self, key):
         return self.store.read(key)
@@ -73,6 +128,51 @@ class ShelveSystem:
 
     def close(self):
         self.shelf.close()
+
+
+class SqliteSystem:
+    """The standard library's sqlite3 as a careful engineer writes it by hand:
+    one table, WAL, synchronous=NORMAL, one autocommitted statement per call,
+    values as JSON text, and DataStore's semantics (create refuses a live key
+    but reuses an expired one; read and delete ignore expired rows)."""
+
+    name = "sqlite3"
+
+    def __init__(self, folder):
+        self.db = sqlite3.connect(os.path.join(folder, "kv.sqlite"), isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS kv "
+                        "(key TEXT PRIMARY KEY, value TEXT, expires REAL)")
+
+    def create(self, key, value, ttl=None):
+        now = time.time()
+        expires = None if ttl is None else now + ttl
+        cursor = self.db.execute(
+            "INSERT INTO kv VALUES (?, ?, ?) ON CONFLICT(key) DO UPDATE"
+            " SET value = excluded.value, expires = excluded.expires"
+            " WHERE kv.expires IS NOT NULL AND kv.expires <= ?",
+            (key, json.dumps(value, separators=(",", ":")), expires, now))
+        if cursor.rowcount != 1:  # a live row is there: the upsert did nothing
+            raise KeyExistsError(f"key {key!r} already exists", key=key)
+
+    def read(self, key):
+        row = self.db.execute(
+            "SELECT value FROM kv WHERE key = ? AND (expires IS NULL OR expires > ?)",
+            (key, time.time())).fetchone()
+        if row is None:
+            raise KeyNotFoundError(f"key {key!r} not found", key=key)
+        return json.loads(row[0])
+
+    def delete(self, key):
+        cursor = self.db.execute(
+            "DELETE FROM kv WHERE key = ? AND (expires IS NULL OR expires > ?)",
+            (key, time.time()))
+        if cursor.rowcount != 1:
+            raise KeyNotFoundError(f"key {key!r} not found", key=key)
+
+    def close(self):
+        self.db.close()
 
 
 class DiskCacheSystem:
@@ -117,11 +217,12 @@ class SqliteDictSystem:
         self.db.close()
 
 
-PEERS = [(ShelveSystem, None), (DiskCacheSystem, "diskcache"),
-         (SqliteDictSystem, "sqlitedict")]
+# (class, the module it needs or None)
+PEERS = [(ShelveSystem, None), (SqliteSystem, None),
+         (DiskCacheSystem, "diskcache"), (SqliteDictSystem, "sqlitedict")]
 
 
-# --- Measuring --------------------------------------------------------------
+# --- Section "compare": mean time per call ----------------------------------
 
 def progress(message):
     print(message, file=sys.stderr, flush=True)
@@ -190,17 +291,20 @@ def memory_per_key(system_class, keys, values):
     return held / len(keys)
 
 
-def compare(systems, keys, values, rounds):
+def compare(systems, keys, values, rounds, memory=True):
+    """The best of `rounds` rounds for each system; the systems take turns
+    within a round, so a slow spell of a shared machine hits all of them."""
     results = {}
-    for system_class in systems:
-        best = None
-        for r in range(rounds):
+    for r in range(rounds):
+        for system_class in systems:
             progress(f"{system_class.name}: round {r + 1} of {rounds}, {len(keys)} keys")
             result = one_round(system_class, keys, values, seed=r)
-            best = result if best is None else {k: min(best[k], result[k]) for k in best}
-        progress(f"{system_class.name}: memory")
-        best["memory"] = memory_per_key(system_class, keys, values)
-        results[system_class.name] = best
+            best = results.get(system_class.name, result)
+            results[system_class.name] = {k: min(best[k], result[k]) for k in result}
+    if memory:
+        for system_class in systems:
+            progress(f"{system_class.name}: memory")
+            results[system_class.name]["memory"] = memory_per_key(system_class, keys, values)
     return results
 
 
@@ -229,7 +333,434 @@ def at_size(n, value_bytes, rounds, batch=5000):
     return best
 
 
-# --- Reporting --------------------------------------------------------------
+def run_compare(args, systems):
+    keys, values = make_data(args.n, args.value_bytes)
+    results = compare(systems, keys, values, args.rounds)
+    keys, values = make_data(args.large_n, args.value_bytes)
+    large = compare([DataStoreSystem, SqliteSystem], keys, values, args.large_rounds,
+                    memory=False)
+    sizes = {n: at_size(n, args.value_bytes, args.rounds)
+             for n in map(int, filter(None, args.sizes.split(",")))}
+    report_compare(results, large, sizes, args)
+
+
+# --- Section "cap": latency and size at max_bytes ---------------------------
+
+def sized_value(serial, size):
+    """A dict whose compact JSON is exactly `size` bytes (size >= 20)."""
+    value = {"n": serial, "pad": ""}
+    value["pad"] = "x" * (size - len(json.dumps(value, separators=(",", ":"))))
+    return value
+
+
+def cap_key(serial):
+    return f"k{serial:09d}"
+
+
+def footprint(key, size, max_bytes):
+    """Bytes a live key needs in DataStore's files, from the format described
+    in datastore.py: its record (a 32-byte head, the key, the JSON) rounded up
+    to 512-byte blocks, and its .dir line `'key', (offset, size)` (with the
+    offset given as many digits as max_bytes has)."""
+    record = 32 + len(key.encode()) + size
+    return -(-record // 512) * 512 + len(repr(key)) + len(str(max_bytes)) + len(str(record)) + 7
+
+
+class LiveKeys:
+    """The keys a run holds live (by serial number, see cap_key), each with
+    its value's size, and the bytes they need (see footprint); a random one
+    is picked and removed in O(1). Arrays and dicts of ints only: nothing the
+    cycle collector walks, so its pauses in the timed calls are not ours."""
+
+    HEADER = 512  # .dat's header block
+
+    def __init__(self, max_bytes):
+        self.max_bytes = max_bytes
+        self.serials = array("q")
+        self.where = {}  # serial -> its index in self.serials
+        self.sizes = {}  # serial -> its value's size
+        self.bytes = self.HEADER
+
+    def __len__(self):
+        return len(self.serials)
+
+    def add(self, serial, size):
+        self.where[serial] = len(self.serials)
+        self.serials.append(serial)
+        self.sizes[serial] = size
+        self.bytes += footprint(cap_key(serial), size, self.max_bytes)
+
+    def remove(self, serial):
+        at, last = self.where.pop(serial), self.serials.pop()
+        if last != serial:  # the last one fills the hole
+            self.serials[at], self.where[last] = last, at
+        size = self.sizes.pop(serial)
+        self.bytes -= footprint(cap_key(serial), size, self.max_bytes)
+        return size
+
+    def pop_random(self, rng):
+        serial = self.serials[rng.randrange(len(self.serials))]
+        return serial, self.remove(serial)
+
+    def copy(self):
+        other = LiveKeys(self.max_bytes)
+        for serial in self.serials:
+            other.add(serial, self.sizes[serial])
+        return other
+
+
+class Latencies:
+    """The seconds each call of one kind took, in call order."""
+
+    def __init__(self):
+        self.times = array("d")
+
+    def timed(self, action, *args):
+        start = time.perf_counter()
+        try:
+            return action(*args)
+        finally:
+            self.times.append(time.perf_counter() - start)
+
+    def summary(self):
+        ordered = sorted(self.times)
+        n = len(ordered)
+
+        def rank(q):  # nearest-rank percentile
+            return ordered[min(n - 1, max(0, math.ceil(q * n) - 1))]
+        longest = max(range(n), key=self.times.__getitem__)
+        return {"calls": n, "p50": rank(0.50), "p99": rank(0.99), "p999": rank(0.999),
+                "longest": self.times[longest], "longest_at": longest,
+                "over_10ms": sum(t > 0.010 for t in ordered)}
+
+
+def watch_files(folder, prefix, interval):
+    """Run in a separate process: every `interval` seconds add up the sizes of
+    the files in `folder` whose names start with `prefix`; when stdin closes,
+    print (JSON) the largest total seen, the files then, and the polls."""
+    interval = float(interval)
+    stop = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+    largest, files, polls, start = 0, {}, 0, time.perf_counter()
+    while not stop.is_set():
+        sizes = {}
+        for entry in os.scandir(folder):
+            if entry.name.startswith(prefix):
+                try:
+                    sizes[entry.name] = entry.stat().st_size  # a fresh stat()
+                except FileNotFoundError:
+                    pass
+        if sum(sizes.values()) > largest:
+            largest, files = sum(sizes.values()), sizes
+        polls += 1
+        if polls == 1:
+            print("watching", flush=True)
+        time.sleep(interval)
+    print(json.dumps({"largest": largest, "files": files, "polls": polls,
+                      "seconds": time.perf_counter() - start}), flush=True)
+
+
+class FileWatcher:
+    """watch_files in a child process, from construction until stop()."""
+
+    def __init__(self, folder, prefix):
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import benchmark; "
+                "benchmark.watch_files(*sys.argv[2:])")
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code, HERE, folder, prefix, str(POLL_INTERVAL)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.process.stdout.readline().strip() != "watching":
+            raise RuntimeError("the file watcher did not start")
+
+    def stop(self):
+        out, _ = self.process.communicate("")  # closing stdin stops it
+        return json.loads(out)
+
+
+class CapConfig:
+    """One at-the-cap configuration: how many keys of which value sizes."""
+
+    def __init__(self, keys, value_bytes, spread):
+        self.keys, self.value_bytes = keys, value_bytes
+        self.low = round(value_bytes * (1 - spread))
+        self.high = round(value_bytes * (1 + spread))
+        # max_bytes: room for keys / (1 - CAP_DELETE) keys of the mean footprint
+        # (counting offsets of 11 digits: a little more room than needed).
+        mean = sum(footprint(cap_key(0), size, 10**10)
+                   for size in range(self.low, self.high + 1)) / (self.high - self.low + 1)
+        self.max_bytes = round(LiveKeys.HEADER + keys / (1 - CAP_DELETE) * mean)
+
+    def size(self, rng):
+        return rng.randint(self.low, self.high)
+
+    def sizes_text(self):
+        return (f"{self.value_bytes:,} B" if self.low == self.high
+                else f"{self.low:,}–{self.high:,} B")
+
+
+def fill_to_cap(system, config, rng):
+    """Create keys until StoreFullError, then delete CAP_DELETE of them at
+    random. Returns the live keys and a summary."""
+    live = LiveKeys(config.max_bytes)
+    while True:
+        serial, size = len(live), config.size(rng)
+        try:
+            system.create(cap_key(serial), sized_value(serial, size))
+        except StoreFullError:
+            break
+        live.add(serial, size)
+    created = len(live)
+    for serial in rng.sample(range(created), round(created * CAP_DELETE)):
+        system.delete(cap_key(serial))
+        live.remove(serial)
+    return live, {"created": created, "deleted": created - len(live), "live": len(live),
+                  "start": live.bytes / config.max_bytes}
+
+
+def churn(system, live, ops, first_serial, rng):
+    """ops × (delete a random live key, create a new key with a value of the
+    deleted one's size), each call timed. Returns the latencies and the share
+    of max_bytes (live data + new value) at each StoreFullError."""
+    creates, deletes, full = Latencies(), Latencies(), []
+    for serial in range(first_serial, first_serial + ops):
+        old, size = live.pop_random(rng)
+        deletes.timed(system.delete, cap_key(old))
+        key, value = cap_key(serial), sized_value(serial, size)
+        try:
+            creates.timed(system.create, key, value)
+        except StoreFullError:
+            full.append((live.bytes + footprint(key, size, live.max_bytes)) / live.max_bytes)
+        else:
+            live.add(serial, size)
+    return {"create": creates, "delete": deletes, "full": full}
+
+
+def ttl_creates(system, live, ops, first_serial, config, rng):
+    """ops creates with a ttl of 1 or 2 s and no deletes, each waiting
+    (untimed) until the live data, counting unexpired ttl keys, and the new
+    value fit in TTL_PACE of max_bytes: so the store runs at its cap on the
+    space expired keys leave. Returns what churn() returns, without deletes."""
+    creates, full = Latencies(), []
+    pending, ttl_bytes = [], 0  # heap of (expires, bytes) of unexpired ttl keys
+    limit = TTL_PACE * config.max_bytes
+    for serial in range(first_serial, first_serial + ops):
+        key, size = cap_key(serial), config.size(rng)
+        need = footprint(key, size, config.max_bytes)
+        while True:
+            now = time.time()
+            while pending and pending[0][0] <= now:
+                ttl_bytes -= heapq.heappop(pending)[1]
+            if not pending or live.bytes + ttl_bytes + need <= limit:
+                break
+            time.sleep(pending[0][0] - now)
+        ttl = rng.choice((1, 2))
+        try:
+            creates.timed(system.create, key, sized_value(serial, size), ttl)
+        except StoreFullError:
+            full.append((live.bytes + ttl_bytes + need) / config.max_bytes)
+        else:  # the store took its clock during the call: expiry is before this
+            heapq.heappush(pending, (time.time() + ttl, need))
+            ttl_bytes += need
+    return {"create": creates, "full": full}
+
+
+def datastore_at_cap(config, phase, ops, seed):
+    """A fresh DataStore at the cap, then `phase` ("churn" or "ttl"), under a
+    FileWatcher. Returns the run's results and the live keys after the fill."""
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        watcher = FileWatcher(folder, "store")
+        try:
+            system = DataStoreSystem(folder, max_bytes=config.max_bytes)
+            try:
+                progress(f"DataStore {phase}: filling to the cap, max_bytes "
+                         f"{config.max_bytes:,}, values of {config.sizes_text()}")
+                live, fill = fill_to_cap(system, config, rng)
+                start_keys = live.copy()
+                progress(f"DataStore {phase}: {ops:,} operations on {len(live):,} live keys")
+                started = time.perf_counter()
+                if phase == "churn":
+                    result = churn(system, live, ops, fill["created"], rng)
+                else:
+                    result = ttl_creates(system, live, ops, fill["created"], config, rng)
+                result["seconds"] = time.perf_counter() - started
+            finally:
+                system.close()
+        finally:
+            result_files = watcher.stop()
+    result.update(fill=fill, files=result_files, system="DataStore", phase=phase)
+    return result, start_keys
+
+
+def sqlite_churn(config, start_keys, ops, first_serial, seed):
+    """The same churn on the sqlite3 peer, from the same live keys."""
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as folder:
+        system = SqliteSystem(folder)
+        try:
+            progress(f"sqlite3 churn: creating {len(start_keys):,} keys")
+            for serial in start_keys.serials:
+                system.create(cap_key(serial), sized_value(serial, start_keys.sizes[serial]))
+            progress(f"sqlite3 churn: {ops:,} operations")
+            started = time.perf_counter()
+            result = churn(system, start_keys, ops, first_serial, rng)
+            result["seconds"] = time.perf_counter() - started
+        finally:
+            system.close()
+    result.update(system="sqlite3", phase="churn")
+    return result
+
+
+def run_cap(args):
+    """Every configuration, each value spread: DataStore's churn and ttl runs;
+    sqlite3's churn at the first spread. Prints the section; returns the
+    churn runs for --plot."""
+    spreads = [int(s) / 100 for s in args.cap_spreads.split(",")]
+    configs = [tuple(map(int, c.split("x"))) for c in args.cap_configs.split(",")]
+    report_cap_intro(args, spreads)
+    churns, verdicts = [], []
+    for keys, value_bytes in configs:
+        runs = []
+        for spread in spreads:
+            config = CapConfig(keys, value_bytes, spread)
+            seed = keys + value_bytes + round(spread * 100)
+            run, start_keys = datastore_at_cap(config, "churn", args.cap_ops, seed)
+            runs.append((config, run))
+            if spread == spreads[0]:
+                churns.append((config, run))
+                churns.append((config, sqlite_churn(config, start_keys, args.cap_ops,
+                                                    run["fill"]["created"], seed)))
+                runs.append((config, churns[-1][1]))
+            run, _ = datastore_at_cap(config, "ttl", args.ttl_ops, seed)
+            runs.append((config, run))
+        verdicts += report_cap_config(keys, value_bytes, runs)
+    report_cap_verdict(verdicts)
+    return churns
+
+
+# --- Section "scale": opening, memory and compaction at size ----------------
+
+# Run in a child process: open the store, create one key, say so, and wait to
+# be killed.
+WRITER = ("import sys, time; sys.path.insert(0, sys.argv[1]); "
+          "from datastore import DataStore; store = DataStore(sys.argv[2]); "
+          "store.create(sys.argv[3], {'written': 'just before the kill'}); "
+          "print('ready', flush=True); time.sleep(3600)")
+
+
+def build_scale_store(path, n, max_bytes, ttl_every_other):
+    """n keys f"{i:08x}" of 150-byte values (every other one with a ttl of an
+    hour or more, if asked); returns microseconds per create."""
+    store = DataStore(path, max_bytes=max_bytes)
+    try:
+        start = time.perf_counter()
+        for i in range(n):
+            ttl = 3600 + i % 3600 if ttl_every_other and i % 2 else None
+            store.create(f"{i:08x}", sized_value(i, 150), ttl)
+            if i and i % 200_000 == 0:
+                progress(f"  {i:,} keys")
+        return (time.perf_counter() - start) / n * 1e6
+    finally:
+        store.close()
+
+
+def timed_open(opener, path):
+    """Seconds to open (and then close, untimed) with opener(path)."""
+    gc.collect()
+    start = time.perf_counter()
+    handle = opener(path)
+    seconds = time.perf_counter() - start
+    handle.close()
+    return seconds
+
+
+def open_after_kill(path, key):
+    """Kill -9 a process that opened the store and created `key`; return the
+    seconds the next open takes, after checking it kept that key."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, HERE, path, key],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        if writer.stdout.readline().strip() != "ready":
+            raise RuntimeError("the writer did not start")
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+        writer.stdout.close()
+    gc.collect()
+    start = time.perf_counter()
+    store = DataStore(path)
+    seconds = time.perf_counter() - start
+    try:
+        store.read(key)  # raises KeyNotFoundError if the recovery lost it
+        store.read(f"{0:08x}")
+    finally:
+        store.close()
+    return seconds
+
+
+def index_memory(path):
+    """Python memory held by an open store (tracemalloc)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        store = DataStore(path)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    store.close()
+    return held
+
+
+def compact_cost(folder, n):
+    """2n keys, every other one deleted, then compact(): seconds and sizes."""
+    path = os.path.join(folder, "half")
+    max_bytes = max(MAX_STORE_BYTES, 2 * n * 600)
+    progress(f"scale: creating {2 * n:,} keys for compact()")
+    build_scale_store(path, 2 * n, max_bytes, ttl_every_other=False)
+    built = os.path.getsize(path + ".dat")
+    store = DataStore(path, max_bytes=max_bytes)
+    try:
+        progress(f"scale: deleting {n:,} of them")
+        start = time.perf_counter()
+        for i in range(0, 2 * n, 2):
+            store.delete(f"{i:08x}")
+        deleting = time.perf_counter() - start
+        before = os.path.getsize(path + ".dat")
+        progress("scale: compact()")
+        gc.collect()
+        start = time.perf_counter()
+        store.compact()
+        seconds = time.perf_counter() - start
+        after = os.path.getsize(path + ".dat")
+    finally:
+        store.close()
+    return {"seconds": seconds, "built": built, "before": before, "after": after,
+            "max_bytes": max_bytes, "delete_us": deleting / n * 1e6}
+
+
+def run_scale(args):
+    n, rounds = args.scale_keys, args.scale_rounds
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "big")
+        progress(f"scale: creating {n:,} keys")
+        build = build_scale_store(path, n, MAX_STORE_BYTES, ttl_every_other=True)
+        files = os.path.getsize(path + ".dat") + os.path.getsize(path + ".dir")
+        dumb, ours, killed = [], [], []
+        for r in range(rounds):
+            progress(f"scale: opening, round {r + 1} of {rounds}")
+            dumb.append(timed_open(lambda p: dbm.dumb.open(p, "r"), path))
+            ours.append(timed_open(DataStore, path))
+            killed.append(open_after_kill(path, f"killed-{r}"))
+        progress("scale: memory")
+        memory = index_memory(path)
+        keys = n + rounds  # one more key per kill
+    with tempfile.TemporaryDirectory() as folder:
+        compact = compact_cost(folder, n)
+    report_scale(n, rounds, build, files, dumb, ours, killed, memory / keys, compact)
+
+
+# --- Reporting ---------------------------------------------------------------
 
 def cpu_name():
     try:
@@ -242,43 +773,256 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def report(results, sizes, args):
+def report_machine():
+    load = f"; load average {os.getloadavg()[0]:.2f} at the start" \
+        if hasattr(os, "getloadavg") else ""
     print(f"{datetime.date.today()}, {cpu_name()} ({os.cpu_count()} cores), "
-          f"Python {platform.python_version()}, {platform.system()}; "
-          f"{args.n} keys, values of about {args.value_bytes} bytes of JSON, "
-          f"best of {args.rounds} rounds.\n")
-    ours = results["DataStore"]
-    print("| system | create µs | read µs | delete µs | disk bytes/key | memory bytes/key |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+          f"Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, "
+          f"{platform.system()}{load}.\n", flush=True)
+
+
+def met(ok):
+    return "met" if ok else "**MISSED**"
+
+
+def print_table(results, ours, memory):
+    memory_head = " memory bytes/key |" if memory else ""
+    print(f"| system | create µs | read µs | delete µs | disk bytes/key |{memory_head}")
+    print("| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if memory else ""))
     for name, r in results.items():
         cells = [f"{r[op]:.1f}" + ("" if r is ours else f" ({r[op] / ours[op]:.2f}×)")
                  for op in ("create", "read", "delete")]
-        print(f"| {name} | {' | '.join(cells)} | {r['disk']:.0f} | {r['memory']:.0f} |")
+        memory_cell = f" {r['memory']:.0f} |" if memory else ""
+        print(f"| {name} | {' | '.join(cells)} | {r['disk']:.0f} |{memory_cell}")
+
+
+def report_compare(results, large, sizes, args):
+    print(f"### Compared with the alternatives\n\n{args.n:,} keys, values of about "
+          f"{args.value_bytes} bytes of JSON, each system creating, reading (in random "
+          f"order) and deleting every key on a fresh store; best of {args.rounds} "
+          "rounds, the systems taking turns.\n")
+    print_table(results, results["DataStore"], memory=True)
     print("\n(×: the peer's time divided by DataStore's. Below 1 the peer is faster.)")
     if "shelve (dbm.dumb)" in results:
         print(f"shelve deletes: the first {SHELVE_DELETES}, each rewriting the index.")
-    print("\nDataStore with N keys already stored (5,000 operations each):\n")
-    print("| keys | create µs | read µs | delete µs |")
+    print(f"\nDataStore and sqlite3 alone at {args.large_n:,} keys, best of "
+          f"{args.large_rounds} rounds:\n")
+    print_table(large, large["DataStore"], memory=False)
+    targets = ", ".join(f"{op} ≤ {t}×" for op, t in SQLITE_TARGETS.items())
+    print(f"\nDataStore / sqlite3, mean time per call (targets: {targets}):\n")
+    print("| keys | create | read | delete |")
     print("| ---: | ---: | ---: | ---: |")
-    for n, r in sizes.items():
-        print(f"| {n:,} | {r['create']:.1f} | {r['read']:.1f} | {r['delete']:.1f} |")
+    missed = []
+    for n, r in ((args.n, results), (args.large_n, large)):
+        ratios = {op: r["DataStore"][op] / r["sqlite3"][op] for op in SQLITE_TARGETS}
+        missed += [f"{op} at {n:,} keys ({ratio:.2f}× > {SQLITE_TARGETS[op]}×)"
+                   for op, ratio in ratios.items() if ratio > SQLITE_TARGETS[op]]
+        print(f"| {n:,} | " + " | ".join(f"{ratios[op]:.2f}×" for op in SQLITE_TARGETS)
+              + " |")
+    print(f"\nTargets against sqlite3: {'**MISSED**: ' + '; '.join(missed) if missed else 'met'}.")
+    if sizes:
+        print("\nDataStore with N keys already stored (5,000 operations each, best of "
+              f"{args.rounds} rounds):\n")
+        print("| keys | create µs | read µs | delete µs |")
+        print("| ---: | ---: | ---: | ---: |")
+        for n, r in sizes.items():
+            print(f"| {n:,} | {r['create']:.1f} | {r['read']:.1f} | {r['delete']:.1f} |")
     if len(sizes) >= 2:
-        small, large = (sizes[n] for n in (min(sizes), max(sizes)))
-        ratios = ", ".join(f"{op} {large[op] / small[op]:.2f}×"
+        small, large_size = (sizes[n] for n in (min(sizes), max(sizes)))
+        ratios = ", ".join(f"{op} {large_size[op] / small[op]:.2f}×"
                            for op in ("create", "read", "delete"))
         print(f"\n{max(sizes):,} keys against {min(sizes):,}: {ratios}")
+    print(flush=True)
 
 
-def main(argv=None):
+def report_cap_intro(args, spreads):
+    spread_text = ", then ".join(f"the nominal size ±{s:.0%}" if s else "exactly the "
+                                 "nominal size" for s in spreads)
+    print(f"### At the cap\n\nFor each configuration, with values of {spread_text}, "
+          f"each DataStore run uses a fresh store: created "
+          f"keys until StoreFullError, then deleted {CAP_DELETE:.1%} of them at random "
+          "(max_bytes is chosen so that about the nominal number of keys stays live), "
+          "then one of:\n")
+    print(f"- churn: {args.cap_ops:,} × (delete a random live key, create a new key "
+          "with a value of the deleted one's size);")
+    print(f"- ttl: {args.ttl_ops:,} creates with a ttl of 1 or 2 s and no deletes, each "
+          f"waiting (untimed) until the live data, unexpired keys included, and the new "
+          f"value fit in {TTL_PACE:.0%} of max_bytes.\n")
+    print("sqlite3 (no cap) starts from the same live keys and runs the same churn. "
+          "Every call is timed with time.perf_counter. Live data: what the live keys "
+          "need in DataStore's files (records in 512-byte blocks and .dir lines, by "
+          "the format in datastore.py). A separate process adds up the sizes of all "
+          f"the store's files (os.stat) every {POLL_INTERVAL * 1000:.0f} ms, from "
+          "before the store is opened until after it is closed.\n", flush=True)
+
+
+def run_label(config, run):
+    return f"{run['system']} {run['phase']}, {config.sizes_text()}"
+
+
+def report_cap_config(keys, value_bytes, runs):
+    """Print one configuration's tables; return its (target, ok, detail)s."""
+    print(f"#### {keys:,} keys of about {value_bytes:,} B\n")
+    print("| run | call | calls | p50 µs | p99 µs | p99.9 µs | longest ms (at call) "
+          "| calls > 10 ms | seconds |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    verdicts = []
+    for config, run in runs:
+        for op in ("create", "delete"):
+            if op not in run:
+                continue
+            s = run[op].summary()
+            print(f"| {run_label(config, run)} | {op} | {s['calls']:,} | {s['p50'] * 1e6:.0f} "
+                  f"| {s['p99'] * 1e6:.0f} | {s['p999'] * 1e6:.0f} | {s['longest'] * 1e3:.1f} "
+                  f"({s['longest_at']:,}) | {s['over_10ms']:,} | {run['seconds']:.1f} |")
+            if run["system"] == "DataStore":
+                verdicts.append(("longest create or delete ≤ 50 ms",
+                                 s["longest"] <= LONGEST_CALL_TARGET,
+                                 f"{run_label(config, run)} {op}: {s['longest'] * 1e3:.1f} ms"))
+    print("\n| DataStore run | max_bytes | keys when full | deleted | live keys (live data) "
+          "| StoreFullError (live data + new then) | of them, misses | largest files polled "
+          "| polls (every) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for config, run in runs:
+        if run["system"] != "DataStore":
+            continue
+        fill, files, full = run["fill"], run["files"], run["full"]
+        misses = [f for f in full if config.low == config.high or f <= MIXED_FULL_OK_ABOVE]
+        at = f" ({min(full):.1%}–{max(full):.1%})" if full else ""
+        print(f"| {run_label(config, run)} | {config.max_bytes:,} | {fill['created']:,} "
+              f"| {fill['deleted']:,} | {fill['live']:,} ({fill['start']:.1%}) "
+              f"| {len(full):,}{at} | {len(misses):,} "
+              f"| {files['largest']:,} ({files['largest'] / config.max_bytes:.2%}) "
+              f"| {files['polls']:,} ({files['seconds'] / files['polls'] * 1e3:.1f} ms) |")
+        verdicts.append(("no StoreFullError (one size; mixed while live data + new ≤ 90%)",
+                         not misses, f"{run_label(config, run)}: {len(misses)} of {len(full)}"))
+        verdicts.append(("polled files never above max_bytes",
+                         files["largest"] <= config.max_bytes,
+                         f"{run_label(config, run)}: {files['largest']:,} of "
+                         f"{config.max_bytes:,} ({files['files']})"))
+    print("\n(Shares are of max_bytes. Live data is an estimate, a little high: .dir "
+          "offsets are counted with as many digits as max_bytes has. Misses: "
+          "StoreFullErrors with values of one size, or with live data + new value "
+          f"≤ {MIXED_FULL_OK_ABOVE:.0%}.)\n", flush=True)
+    return verdicts
+
+
+def report_cap_verdict(verdicts):
+    print("Targets at the cap:\n")
+    for target in dict.fromkeys(name for name, _, _ in verdicts):
+        failed = [detail for name, ok, detail in verdicts if name == target and not ok]
+        print(f"- {target}: {met(not failed)}" + ("; " + "; ".join(failed) if failed else ""))
+    print(flush=True)
+
+
+def seconds_text(times):
+    """The best time, and every round's if there were several."""
+    rounds = f" (rounds: {', '.join(f'{t:.2f}' for t in times)})" if len(times) > 1 else ""
+    return f"{min(times):.3f} s{rounds}"
+
+
+def report_scale(n, rounds, build, files, dumb, ours, killed, per_key, compact):
+    scaled_target = COMPACT_TARGET * n / 1_000_000
+    print(f"### Opening and compacting at scale\n\n{n:,} keys of 8 hex characters, "
+          f"values of 150 bytes, every other one with a ttl of an hour or more: built "
+          f"at {build:.1f} µs per create, {files:,} bytes of .dat and .dir. Opening: "
+          f"best of {rounds} rounds, files in the page cache; after kill -9, a child "
+          "process opened the store, created one key, said so and was killed (the next "
+          "open must find that key).\n")
+    open_ratio, kill_ratio = min(ours) / min(dumb), min(killed) / min(dumb)
+    print("| measure | DataStore | dbm.dumb.open(path, \"r\") | ratio | target |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    print(f"| open after a clean close | {seconds_text(ours)} | {seconds_text(dumb)} "
+          f"| {open_ratio:.2f}× | ≤ {OPEN_TARGET}×: {met(open_ratio <= OPEN_TARGET)} |")
+    print(f"| open after kill -9 of a writer | {seconds_text(killed)} | (clean, as above) "
+          f"| {kill_ratio:.2f}× | ≤ {RECOVER_TARGET}×: {met(kill_ratio <= RECOVER_TARGET)} |")
+    print(f"| Python memory per key after a clean open | {per_key:.0f} B | | | "
+          f"≤ {INDEX_BYTES_TARGET} B: {met(per_key <= INDEX_BYTES_TARGET)} |")
+    print(f"| compact(), {n:,} live of {2 * n:,} created | {compact['seconds']:.2f} s | | "
+          f"| ≤ {scaled_target:g} s: {met(compact['seconds'] <= scaled_target)} |")
+    print(f"\ncompact(): a store with max_bytes {compact['max_bytes']:,} and {2 * n:,} "
+          f"keys of 150 bytes, .dat {compact['built']:,} bytes. Deleting every other key "
+          f"took {compact['delete_us']:.1f} µs per delete, as each delete also moved a few "
+          f"records down: .dat was {compact['before']:,} bytes when compact() started "
+          f"and {compact['after']:,} after. (Target: {COMPACT_TARGET:g} s for "
+          "1,000,000 keys, scaled to the keys here.)\n", flush=True)
+
+
+def plot(path, churns):
+    """Every call's latency in the churn runs, one panel per system and
+    configuration, creates and deletes in two colours, log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    columns = list(dict.fromkeys(run["system"] for _, run in churns))
+    rows = list(dict.fromkeys((c.keys, c.value_bytes) for c, _ in churns))
+    fig, axes = plt.subplots(len(rows), len(columns), squeeze=False, sharey=True,
+                             figsize=(6 * len(columns), 3.5 * len(rows)))
+    for config, run in churns:
+        ax = axes[rows.index((config.keys, config.value_bytes))][columns.index(run["system"])]
+        for op, colour in (("delete", "tab:orange"), ("create", "tab:blue")):
+            times = run[op].times
+            ax.plot(range(len(times)), [t * 1e3 for t in times], ".", markersize=1,
+                    color=colour, label=op, rasterized=True)
+        ax.axhline(LONGEST_CALL_TARGET * 1e3, color="red", linewidth=0.8, linestyle="--",
+                   label="target for the longest call")
+        ax.set_yscale("log")
+        ax.set_title(f"{run['system']}: churn, {config.keys:,} keys of "
+                     f"{config.sizes_text()}", fontsize=10)
+        ax.set_xlabel("operation")
+        ax.set_ylabel("latency, ms")
+        ax.legend(loc="upper right", markerscale=8, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    progress(f"plot written to {path}")
+
+
+# --- Command line ------------------------------------------------------------
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=20_000, help="keys (default 20000)")
-    parser.add_argument("--value-bytes", type=int, default=150,
-                        help="JSON size of each value (default 150)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, best kept")
-    parser.add_argument("--sizes", default="5000,200000",
-                        help="store sizes for DataStore's flat-cost check "
-                             "(default 5000,200000; empty to skip)")
+    add = parser.add_argument
+    add("--sections", default="compare,cap",
+        help="comma-separated: compare, cap, scale (default compare,cap)")
+    add("--scale", action="store_true", help="also run the scale section (slow)")
+    add("--quick", action="store_true", help="small sizes for every flag not given")
+    add("--plot", metavar="FILE.png", help="draw the cap section's churn latencies")
+    add("--n", type=int, help=f"keys for compare (default {FULL['n']})")
+    add("--value-bytes", type=int, default=150, help="JSON size of each value (default 150)")
+    add("--rounds", type=int, help=f"rounds, best kept (default {FULL['rounds']})")
+    add("--sizes", help="store sizes for DataStore's flat-cost check "
+        f"(default {FULL['sizes']}; empty to skip)")
+    add("--large-n", type=int, help="keys for DataStore against sqlite3 alone "
+        f"(default {FULL['large_n']})")
+    add("--large-rounds", type=int, help=f"rounds there (default {FULL['large_rounds']})")
+    add("--cap-configs", help="KEYSxVALUE_BYTES,... for the cap section "
+        f"(default {FULL['cap_configs']})")
+    add("--cap-spreads", help="value size spreads in percent, 0 for one size "
+        f"(default {FULL['cap_spreads']})")
+    add("--cap-ops", type=int, help=f"churn operations (default {FULL['cap_ops']})")
+    add("--ttl-ops", type=int, help=f"creates with a ttl (default {FULL['ttl_ops']})")
+    add("--scale-keys", type=int, help=f"keys for scale (default {FULL['scale_keys']})")
+    add("--scale-rounds", type=int, help=f"rounds of opening (default {FULL['scale_rounds']})")
     args = parser.parse_args(argv)
+    for name, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.sections = set(filter(None, args.sections.split(","))) | (
+        {"scale"} if args.scale else set())
+    unknown = args.sections - {"compare", "cap", "scale"}
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    if args.plot:
+        if "cap" not in args.sections:
+            parser.error("--plot draws the cap section: add cap to --sections")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.exit(2, "--plot needs matplotlib: python -m pip install matplotlib\n")
+    return args
+
+
+def available_systems():
     systems = [DataStoreSystem]
     for system_class, module in PEERS:
         try:
@@ -286,13 +1030,21 @@ def main(argv=None):
                 __import__(module)
             systems.append(system_class)
         except ImportError:
-            progress(f"skipping {system_class.name}: "
-                     f"python -m pip install {module}")
-    keys, values = make_data(args.n, args.value_bytes)
-    results = compare(systems, keys, values, args.rounds)
-    sizes = {n: at_size(n, args.value_bytes, args.rounds)
-             for n in map(int, filter(None, args.sizes.split(",")))}
-    report(results, sizes, args)
+            progress(f"skipping {system_class.name}: python -m pip install {module}")
+    return systems
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    report_machine()
+    if "compare" in args.sections:
+        run_compare(args, available_systems())
+    if "cap" in args.sections:
+        churns = run_cap(args)
+        if args.plot:
+            plot(args.plot, churns)
+    if "scale" in args.sections:
+        run_scale(args)
 
 
 if __name__ == "__main__":

@@ -2677,7 +2677,7 @@ def test_benchmark_runs_and_skips_missing_peers_with_a_hint(peers):
     # Blocking a module in sys.modules makes importing it raise ImportError.
     block = ("import sys; sys.modules['diskcache'] = sys.modules['sqlitedict'] = None; "
              if peers == "missing" else "import sys; ")
-    code = (block + "sys.argv = ['benchmark.py', '--n', '300', '--rounds', '1', "
+    code = (block + "sys.argv = ['benchmark.py', '--quick', '--n', '300', '--rounds', '1', "
             "'--sizes', '100,300']; import runpy; runpy.run_path('benchmark.py', "
             "run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True,
@@ -2685,6 +2685,7 @@ def test_benchmark_runs_and_skips_missing_peers_with_a_hint(peers):
     assert result.returncode == 0, result.stderr
     assert "| DataStore |" in result.stdout and "| shelve (dbm.dumb) |" in result.stdout
     assert "300 keys against 100" in result.stdout
+    assert "### At the cap" in result.stdout and "| sqlite3 |" in result.stdout
     if peers == "missing":
         assert "skipping diskcache: python -m pip install diskcache" in result.stderr
         assert "skipping sqlitedict: python -m pip install sqlitedict" in result.stderr
