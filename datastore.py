@@ -60,7 +60,7 @@ one ``ast.literal_eval`` at a time.
 ``.dat`` is a sequence of 512-byte blocks. Block 0 holds the *header*::
 
     magic "DataStr2" | state (0 closed, 1 open) | next sequence number
-    | size and CRC-32 of .dir | offset and size of the expiry table | CRC-32
+    | size and CRC-32 of .dir | offset and size of the index table | CRC-32
 
 Every other block is either the first block of a *record*, a block inside
 one, or free space. A record starts at a block boundary and describes itself
@@ -73,8 +73,11 @@ with a 32-byte head::
   follow the head; expires_at is a ``time.time()`` value, or 0.0 for never.
 * kind 2, a *free marker*: no key or body; ``length`` is the number of blocks
   of free space that start here.
-* kind 3, the *expiry table*: written at close, the body is base64 text of
-  (line of ``.dir``, expires_at) pairs for the keys that have a ttl.
+* kind 3, the *index table*: written at close, the body is base64 text of
+  the index in binary, in ``.dir``'s line order: each key's block and record
+  size, then the line and expires_at of each key that has a ttl. A clean open
+  takes the keys from ``.dir`` and the rest from here, faster than parsing
+  numbers out of text; ``.dir`` still holds them, for ``dbm.dumb``.
 
 The kind is a byte below 0x20, which JSON and base64 text never contain, and a
 key starts 32 bytes into its block: so nothing a user stores can look like a
@@ -118,13 +121,13 @@ Why a crash cannot hurt
 -----------------------
 ``.dat`` is the truth; ``.dir`` is only a snapshot of the index. Opening a
 store marks its header *open* (fsynced) before anything else is written; only
-a clean ``close()`` marks it *closed*, after ``.dir``, the expiry table and
+a clean ``close()`` marks it *closed*, after ``.dir``, the index table and
 ``.dat`` are written and fsynced. The next open trusts ``.dir`` only if the
 header says *closed* and the size and CRC-32 of ``.dir`` match; otherwise it
 scans ``.dat``:
 
 * A record counts only if its CRC-32 matches, so a torn write is never taken
-  for data. Free markers and the expiry table are recognised too, so the scan
+  for data. Free markers and the index table are recognised too, so the scan
   can tell free space from damage; damage beyond the one record a crash can
   tear is logged on the ``datastore`` logger.
 * Each key has at most one valid record at rest. While a record is being
@@ -168,8 +171,11 @@ import weakref
 import zlib
 from array import array
 from bisect import bisect_left, bisect_right
+from collections import Counter, deque
+from itertools import compress, islice, repeat
+from operator import add, and_, lshift, lt, mul, or_, rshift
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import fasteners  # type: ignore[import-untyped]  # it ships no type hints
 
@@ -198,6 +204,7 @@ _log = logging.getLogger("datastore")
 
 # The latest expiry we accept: 9999-12-31 23:59:59 UTC, the end of datetime.
 _LATEST_EXPIRY = 253402300799
+_LATEST_EXPIRY_BITS = struct.unpack("<Q", struct.pack("<d", _LATEST_EXPIRY))[0]
 # The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
 _LARGEST_STORE = 1 << 40
 
@@ -217,14 +224,14 @@ _LONG = _MAX_BLOCKS + 1
 
 # The header in block 0: magic, state, next sequence number (closed) or the
 # bound on those issued (open), size and CRC-32 of .dir, offset and size of
-# the expiry table, CRC-32 of the fields before it.
+# the index table, CRC-32 of the fields before it.
 _HEADER = struct.Struct("<8sB3xQQIQII")
 _HEADER_MAGIC = b"DataStr2"
 _CLOSED, _OPEN = 0, 1
 _LEASE = 1 << 20  # sequence numbers issued per header write while open
 _MAX_SEQ = 1 << 62  # larger ones in a file are damage (they would overflow)
-# An expiry-table entry: line number in .dir, expires_at as float bits.
-_TABLE_ENTRY = struct.Struct("<IQ")
+# The index table's counts: keys, keys with a ttl (then its arrays).
+_TABLE_COUNTS = struct.Struct("<II")
 
 # The index maps a key to one int: record size | block << 16 | expiry << 48,
 # where expiry is the bits of expires_at as a float64 (0 for never). The bits
@@ -465,7 +472,7 @@ def _pack_value(seq: int, key: bytes, expires_at: float, body: bytes) -> bytes:
 
 
 def _pack_marker(kind: int, length: int, body: bytes = b"", seq: int = 0) -> bytes:
-    """A free marker (length in blocks) or an expiry table (its body)."""
+    """A free marker (length in blocks) or an index table (its body)."""
     fields = _FIELDS.pack(_MAGIC, kind, 0, 0, seq, 0.0, length)
     return fields + zlib.crc32(body, zlib.crc32(fields)).to_bytes(4, "little") + body
 
@@ -510,16 +517,33 @@ def _line_length(key: bytes, block: int, size: int) -> int:
     return len(repr(key.decode("latin-1"))) + len(str(block * _BLOCK)) + len(str(size)) + 7
 
 
-def _table_room(entries: int) -> int:
-    """Bytes an expiry table of `entries` may add to .dat, alignment included."""
-    if not entries:
+def _table_room(keys: int, expiring: int) -> int:
+    """Bytes the index table may add to .dat at close, alignment included."""
+    if not keys:
         return 0
-    return _BLOCK - 1 + _HEAD.size + 4 * -(-_TABLE_ENTRY.size * entries // 3)
+    return _BLOCK - 1 + _HEAD.size + 4 * -(-(_TABLE_COUNTS.size + 6 * keys + 12 * expiring) // 3)
+
+
+def _valid_keys(keys: list[bytes]) -> bool:
+    """Whether every key is UTF-8 of 1 to MAX_KEY_LENGTH characters, checked
+    in bulk: joined by newlines, which can neither end nor continue a UTF-8
+    character, the keys decode if and only if each one does."""
+    if not keys:
+        return True
+    if min(map(len, keys)) < 1:
+        return False
+    try:
+        b"\n".join(keys).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return max(map(len, keys)) <= MAX_KEY_LENGTH or all(
+        _valid_key(key) for key in keys if len(key) > MAX_KEY_LENGTH)
 
 
 # A .dir line, for the common key that repr() writes between single quotes
 # with no escapes (group 1); any other key is read with ast.literal_eval
 # (group 2). Offsets and sizes are groups 3 and 4.
+_DIR_SIMPLE_KEY = re.compile(rb"^'([^'\\\n]*)', \(\d{1,19}, \d{1,5}\)$", re.M)
 _DIR_LINE = re.compile(rb"^(?:'([^'\\\n]*)'|(.+?)), \((\d{1,19}), (\d{1,5})\)$", re.M)
 
 
@@ -624,15 +648,15 @@ class _Expiries:
         self.keys: list[list[bytes]] = []   # each run's keys, in that order
         self.count = 0
 
-    def load(self, pairs: list[tuple[int, bytes]]) -> None:
-        """Fill an empty instance with these (expiry, key) pairs."""
-        pairs.sort()
-        for at in range(0, len(pairs), self._RUN):
-            run = pairs[at:at + self._RUN]
-            self.firsts.append(run[0][0])
-            self.exps.append(array("Q", [exp for exp, _ in run]))
-            self.keys.append([key for _, key in run])
-        self.count = len(pairs)
+    def load(self, exps: Sequence[int], keys: Sequence[bytes]) -> None:
+        """Fill an empty instance with keys[i] expiring at exps[i]."""
+        order = sorted(range(len(exps)), key=exps.__getitem__)
+        exps, keys = list(map(exps.__getitem__, order)), list(map(keys.__getitem__, order))
+        for at in range(0, len(exps), self._RUN):
+            self.firsts.append(exps[at])
+            self.exps.append(array("Q", exps[at:at + self._RUN]))
+            self.keys.append(keys[at:at + self._RUN])
+        self.count = len(exps)
 
     def add(self, exp: int, key: bytes) -> None:
         if not self.exps:
@@ -832,10 +856,13 @@ class _Engine:
         self._try(self._trim)
 
     def _load_snapshot(self, header: _Header) -> bool:
-        """Load the index from the .dir and expiry table a clean close wrote.
+        """Load the index from the .dir and index table a clean close wrote.
 
-        Returns False if they do not match the header (then scan .dat). What
-        matches but does not make sense raises CorruptStoreError.
+        The keys come from .dir, in its order; their blocks, sizes and
+        expiries from the table, as binary, which is faster than parsing the
+        same numbers out of .dir's text. Returns False if either does not
+        match the header (then scan .dat). What matches but does not make
+        sense raises CorruptStoreError.
         """
         self.dat_size = os.fstat(self.dat).st_size
         if (os.fstat(self.dir).st_size != header.dir_size
@@ -845,31 +872,45 @@ class _Engine:
         table = self._read_table(header.table_pos, header.table_size)
         if zlib.crc32(text) != header.dir_crc or table is None:
             return False
-        lines = _DIR_LINE.findall(text)
-        if len(lines) != text.count(b"\n") or (text and not text.endswith(b"\n")):
-            raise self._damaged(self.dir_path, "a line is not of dbm.dumb's form")
-        index, dat_size = self.index, self.dat_size
-        for simple, quoted, pos_text, size_text in lines:
-            key = simple or self._literal_key(quoted)
-            pos, size = int(pos_text), int(size_text)
-            if (pos % _BLOCK or not _BLOCK <= pos <= dat_size - size
-                    or not _HEAD.size < size <= _MAX_RECORD or not _valid_key(key)):
-                raise self._damaged(self.dir_path, f"bad entry {key!r}")
-            index[key] = size | pos // _BLOCK << 16
-        if len(index) != len(lines):
+        keys = self._dir_keys(text)
+        blocks, sizes, lines, exps = table
+        if len(blocks) != len(keys):
+            raise self._damaged(self.dat_path, "the index table does not match .dir")
+        if keys and (min(blocks) < 1 or min(sizes) <= _HEAD.size or max(sizes) > _MAX_RECORD
+                     or max(map(add, map(mul, blocks, repeat(_BLOCK)), sizes)) > self.dat_size):
+            raise self._damaged(self.dat_path, "a record in the index table is out of bounds")
+        if not _valid_keys(keys):
+            raise self._damaged(self.dir_path, "a key is not 1 to 32 characters of UTF-8")
+        if lines and (max(lines) >= len(keys) or len(builtins.set(lines)) != len(lines)
+                      or min(exps) <= 0 or max(exps) > _LATEST_EXPIRY_BITS):
+            raise self._damaged(self.dat_path, "bad expiry in the index table")
+        slots = list(map(or_, sizes, map(lshift, blocks, repeat(16))))
+        deque(map(slots.__setitem__, lines, map(or_, map(slots.__getitem__, lines),  # in C:
+                                                 map(lshift, exps, repeat(48)))), maxlen=0)
+        self.index.update(zip(keys, slots))
+        if len(self.index) != len(keys):
             raise self._damaged(self.dir_path, "a key is listed twice")
+        self.expiries.load(exps, list(map(keys.__getitem__, lines)))
         self.dir_bytes = len(text)
-        keys = list(index)  # in the order of the lines
-        expiring = []
-        for line, exp in table:
-            if line >= len(keys) or index[keys[line]] >> 48:
-                raise self._damaged(self.dat_path, "bad expiry table")
-            index[keys[line]] |= exp << 48
-            expiring.append((exp, keys[line]))
-        self.expiries.load(expiring)
         self.seq = header.seq
         self._derive_free(None)
         return True
+
+    def _dir_keys(self, text: bytes) -> list[bytes]:
+        """The keys of .dir's lines, in order. A key repr() wrote between
+        single quotes with no escapes is the common case, read with one
+        regular expression; if any line is not of that kind, every line is
+        read with _DIR_LINE, and the others with ast.literal_eval."""
+        lines = text.count(b"\n")
+        if text and not text.endswith(b"\n"):
+            raise self._damaged(self.dir_path, "it does not end with a newline")
+        keys: list[bytes] = _DIR_SIMPLE_KEY.findall(text)
+        if len(keys) == lines:
+            return keys
+        entries = _DIR_LINE.findall(text)
+        if len(entries) != lines:
+            raise self._damaged(self.dir_path, "a line is not of dbm.dumb's form")
+        return [simple or self._literal_key(quoted) for simple, quoted, _, _ in entries]
 
     def _literal_key(self, quoted: bytes) -> bytes:
         try:
@@ -880,12 +921,13 @@ class _Engine:
             raise self._damaged(self.dir_path, f"bad key {quoted[:80]!r}")
         return key.encode("latin-1")
 
-    def _read_table(self, pos: int, size: int) -> Optional[list[tuple[int, int]]]:
-        """The expiry table's (line, expiry) pairs, or None if damaged."""
+    def _read_table(self, pos: int, size: int) -> Optional[tuple[Sequence[int], ...]]:
+        """The index table's blocks, sizes, ttl lines and expiries (float
+        bits), or None if it is damaged. An empty store has no table."""
         if not size:
-            return [] if not pos else None
+            return ((), (), (), ()) if not pos else None
         if (pos % _BLOCK or pos < _BLOCK or pos + size > self.dat_size
-                or size > self.max_bytes // 32):  # 16 bytes a key, 512 or more a key
+                or size > self.max_bytes // 16):  # 6 to 18 bytes a key, 512 or more a key
             return None
         item = _parse_item(_read_at(self.dat, size, pos), 0)
         if item is None or item[0] != _TABLE or item[5] != size:
@@ -895,32 +937,37 @@ class _Engine:
                                    validate=True)
         except ValueError:
             return None
-        if len(raw) % _TABLE_ENTRY.size:
+        if len(raw) < _TABLE_COUNTS.size:
             return None
-        entries = list(_TABLE_ENTRY.iter_unpack(raw))
-        if not all(0 < exp <= _float_bits(_LATEST_EXPIRY) for _, exp in entries):
+        keys, expiring = _TABLE_COUNTS.unpack_from(raw)
+        if len(raw) != _TABLE_COUNTS.size + 6 * keys + 12 * expiring:
             return None
-        return entries
+        at = _TABLE_COUNTS.size
+        blocks = struct.unpack_from(f"<{keys}I", raw, at)
+        sizes = struct.unpack_from(f"<{keys}H", raw, at + 4 * keys)
+        lines = struct.unpack_from(f"<{expiring}I", raw, at + 6 * keys)
+        exps = struct.unpack_from(f"<{expiring}Q", raw, at + 6 * keys + 4 * expiring)
+        return blocks, sizes, lines, exps
 
     def _derive_free(self, marked: Optional[dict[int, int]]) -> None:
         """Make every block no record holds a free extent. With `marked` (the
         free markers a scan found: block -> length), also write a marker at
-        the start of each extent that has no exact one yet."""
-        at = 1  # block 0 is the header
-        by_blocks = self.by_blocks
-        for slot in sorted(slot & _SLOT_MASK for slot in self.index.values()):
-            block = slot >> 16
-            if block < at:
-                raise self._damaged(self.dat_path, f"records overlap at block {block}")
-            if block > at:
-                self._new_free(at, block - at, marked)
-            blocks = _blocks(slot & _SIZE_MASK)
-            by_blocks[blocks] += 1
-            at = block + blocks
-        self.largest = max((n for n in range(_MAX_BLOCKS + 1) if by_blocks[n]), default=0)
-        end = _blocks(self.dat_size)
-        if end > at:
-            self._new_free(at, end - at, marked)
+        the start of each extent that has no exact one yet. (In bulk: per
+        record, map() and friends run in C, and only the gaps in Python.)"""
+        slots = sorted(map(and_, self.index.values(), repeat(_SLOT_MASK)))  # by block
+        starts = list(map(rshift, slots, repeat(16)))
+        lengths = list(map(rshift, map(add, map(and_, slots, repeat(_SIZE_MASK)),
+                                       repeat(_BLOCK - 1)), repeat(9)))
+        ends = [1] + list(map(add, starts, lengths))  # block 0 is the header
+        starts.append(max(_blocks(self.dat_size), ends[-1]))
+        if any(map(lt, starts, ends)):
+            block = next(compress(starts, map(lt, starts, ends)))
+            raise self._damaged(self.dat_path, f"records overlap at block {block}")
+        for end, start in compress(zip(ends, starts), map(lt, ends, starts)):
+            self._new_free(end, start - end, marked)
+        for blocks, count in Counter(lengths).items():
+            self.by_blocks[blocks] += count
+        self.largest = max((n for n in range(_MAX_BLOCKS + 1) if self.by_blocks[n]), default=0)
 
     def _new_free(self, start: int, length: int, marked: Optional[dict[int, int]]) -> None:
         if marked is not None and marked.get(start) != length:
@@ -948,7 +995,8 @@ class _Engine:
         """Count .dir's lines and list the expiries, for an index from a scan."""
         self.dir_bytes = sum(_line_length(key, (slot >> 16) & _BLOCK_MASK, slot & _SIZE_MASK)
                              for key, slot in self.index.items())
-        self.expiries.load([(slot >> 48, key) for key, slot in self.index.items() if slot >> 48])
+        expiring = [key for key, slot in self.index.items() if slot >> 48]
+        self.expiries.load([self.index[key] >> 48 for key in expiring], expiring)
 
     def _scan(self) -> tuple[list[tuple[int, int]], dict[int, int],
                              list[tuple[int, int]], int]:
@@ -969,7 +1017,7 @@ class _Engine:
             if item is None and buf[off + 4:off + 5] == bytes([_TABLE]):  # a long table
                 total = _HEAD.size + _HEAD.unpack_from(buf, off)[6]
                 if (block * _BLOCK + total <= self.dat_size
-                        and total <= self.max_bytes // 32):
+                        and total <= self.max_bytes // 16):
                     item = _parse_item(_read_at(self.dat, total, block * _BLOCK), 0)
             if item is None:
                 continue
@@ -1127,8 +1175,8 @@ class _Engine:
                 yield key, None
 
     def used(self) -> int:
-        """Bytes the files hold or may need at close: .dat, .dir, expiry table."""
-        return self.dat_size + self.dir_bytes + _table_room(self.expiries.count)
+        """Bytes the files hold or may need at close: .dat, .dir, index table."""
+        return self.dat_size + self.dir_bytes + _table_room(len(self.index), self.expiries.count)
 
     # --- Writing ---
 
@@ -1176,8 +1224,9 @@ class _Engine:
         blocks = _blocks(size)
         old = self.index.get(key)
         fixed = -_line_length(key, (old >> 16) & _BLOCK_MASK, old & _SIZE_MASK) if old else 0
-        if expires_at and not (old and old >> 48):
-            fixed += _table_room(self.expiries.count + 1) - _table_room(self.expiries.count)
+        now_keys, now_expiring = len(self.index), self.expiries.count
+        fixed += _table_room(now_keys + (old is None), now_expiring + bool(expires_at)
+                             - bool(old and old >> 48)) - _table_room(now_keys, now_expiring)
         keep = 0 if old or now is None else max(self.largest, blocks) * _BLOCK
         block = self._allocate(size, lambda block: fixed + _line_length(key, block, size),
                                now, keep)
@@ -1207,7 +1256,7 @@ class _Engine:
                   now: Optional[float], keep: int = 0) -> int:
         """Where to write a record of `size` bytes (see _place) such that the
         files stay within max_bytes with extra(block) more bytes for .dir and
-        the expiry table, and `keep` bytes to spare.
+        the index table, and `keep` bytes to spare.
 
         Tries reclaiming expired keys and moving records to make room, a
         bounded amount; raises _StoreFull if that is not enough.
@@ -1503,7 +1552,7 @@ class _Engine:
     # --- Closing ---
 
     def close(self, now: float) -> None:
-        """Write the snapshot (.dir and the expiry table), fsync, mark the
+        """Write the snapshot (.dir and the index table), fsync, mark the
         header closed, and close the files; they are closed even if it raises."""
         try:
             if self.failed is None:
@@ -1524,12 +1573,21 @@ class _Engine:
             self.close_files()
 
     def _write_table(self) -> tuple[int, int]:
-        """Write the expiry table into .dat; return its (offset, size)."""
-        entries = [_TABLE_ENTRY.pack(line, slot >> 48)
-                   for line, slot in enumerate(self.index.values()) if slot >> 48]
-        if not entries:
+        """Write the index table into .dat; return its (offset, size). It holds,
+        in .dir's line order, each key's block and record size, then the
+        line and expiry of each key that has a ttl (see _read_table)."""
+        slots = list(self.index.values())
+        if not slots:
             return 0, 0
-        body = base64.b64encode(b"".join(entries))
+        lines = [line for line, slot in enumerate(slots) if slot >> 48]
+        keys, expiring = len(slots), len(lines)
+        body = base64.b64encode(b"".join((
+            _TABLE_COUNTS.pack(keys, expiring),
+            struct.pack(f"<{keys}I", *map(and_, map(rshift, slots, repeat(16)),
+                                           repeat(_BLOCK_MASK))),
+            struct.pack(f"<{keys}H", *map(and_, slots, repeat(_SIZE_MASK))),
+            struct.pack(f"<{expiring}I", *lines),
+            struct.pack(f"<{expiring}Q", *[slots[line] >> 48 for line in lines]))))
         record = _pack_marker(_TABLE, len(body), body, self.seq)
         block, _ = self._place(len(record))  # used() has counted its room all along
         self._write_record(block, _blocks(len(record)), record)
