@@ -109,7 +109,7 @@ files. It changes memory only after the bytes are written.
   few expired keys, earliest first, by writing a free marker over each (so a
   reclaimed key can never come back, even if the clock is set back).
 * Free space at the end of ``.dat`` is given back by truncating the file. When
-  more than an eighth of ``.dat`` is free, or the files are near ``max_bytes``,
+  more than a quarter of ``.dat`` is free, or the files are near ``max_bytes``,
   each write also moves a few records from the end of ``.dat`` into free
   extents nearer the start: it writes the copy (with a new sequence number),
   then truncates the original away. ``compact()`` does all of that at once.
@@ -1431,7 +1431,7 @@ class _Engine:
             self._reclaim(now, _RECLAIM_BATCH)
             self._trim()
             if self.free_blocks and (
-                    self.free_blocks * _BLOCK * 8 > self.dat_size
+                    self.free_blocks * _BLOCK * 4 > self.dat_size
                     or self.used() + 16 * _MAX_BLOCKS * _BLOCK > self.max_bytes) and not (
                     self.stuck[0] == _blocks(self.dat_size)
                     and self._fitting_extent(self.stuck[1]) is None):
@@ -1513,30 +1513,26 @@ class _Engine:
         `end`, read from disk, or None if none does."""
         if end <= 1:
             return None
-        last = _read_at(self.dat, _BLOCK, (end - 1) * _BLOCK)  # most records: one block
-        item = _parse_item(last, 0)
-        if item is not None:
-            first, buf = end - 1, last
-        else:
+        first, buf = end - 1, _read_at(self.dat, _BLOCK, (end - 1) * _BLOCK)
+        item = _parse_item(buf, 0)  # most records take one block
+        if item is None:
             first = max(1, end - _MAX_BLOCKS)
             buf = _read_at(self.dat, (end - first) * _BLOCK, first * _BLOCK)
-        off = len(buf)
-        while off > 0:
-            off = buf.rfind(_MAGIC, 0, off)
-            if off < 0:
-                return None
-            if off % _BLOCK:
-                continue
-            item = _parse_item(buf, off)
-            if item is None:
-                continue  # the magic inside a value's text
-            kind, seq, key, _, _, total = item
-            block = first + off // _BLOCK
-            slot = self.index.get(key)
-            if (kind == _VALUE and slot is not None and (slot >> 16) & _BLOCK_MASK == block
-                    and block + _blocks(total) == end):
-                return key, block, seq, buf[off:off + total]
+            off = len(buf)
+            while item is None and off > 0:
+                off = buf.rfind(_MAGIC, 0, off)
+                if off < 0:
+                    return None
+                if off % _BLOCK == 0:  # else: the magic inside a value's text
+                    item = _parse_item(buf, off)
+            buf, first = buf[off:], first + off // _BLOCK
+        if item is None:
             return None
+        kind, seq, key, _, _, total = item
+        slot = self.index.get(key)
+        if (kind == _VALUE and slot is not None and (slot >> 16) & _BLOCK_MASK == first
+                and first + _blocks(total) == end):
+            return key, first, seq, buf[:total]
         return None
 
     def compact(self, now: float) -> None:
