@@ -652,8 +652,8 @@ def test_module_functions_set_get_keys_and_ttl(tmp_path, monkeypatch, fresh_defa
 
 # --- Time to live ---------------------------------------------------------
 
-def test_key_expires_at_create_time_plus_ttl(store):
-    clock = store._clock = Clock()
+def test_key_expires_at_create_time_plus_ttl(store, clock):
+    store._clock = clock
     store.create("k", {"v": 1}, ttl=10)
     clock.advance(9.999)
     assert store.read("k") == {"v": 1}
@@ -666,8 +666,8 @@ def test_key_expires_at_create_time_plus_ttl(store):
     assert store.read("k") == {"v": 2}
 
 
-def test_expired_key_is_not_written_by_read_or_delete(store):
-    clock = store._clock = Clock()
+def test_expired_key_is_not_written_by_read_or_delete(store, clock):
+    store._clock = clock
     store.create("k", {"v": 1}, ttl=1)
     clock.advance(2)
     before = snapshot(store.path.parent)
@@ -677,7 +677,7 @@ def test_expired_key_is_not_written_by_read_or_delete(store):
     assert snapshot(store.path.parent) == before
 
 
-def test_expiry_is_wall_clock_and_survives_reopen(path):
+def test_expiry_is_wall_clock_and_survives_reopen(path, clock):
     with DataStore(path) as s:
         s.create("short", {"v": 1}, ttl=1)
         s.create("long", {"v": 2}, ttl=3600)
@@ -686,7 +686,8 @@ def test_expiry_is_wall_clock_and_survives_reopen(path):
         with pytest.raises(KeyNotFoundError):
             s.read("short")
         assert s.read("long") == {"v": 2}
-        clock = s._clock = Clock()
+        clock.now = time.time()  # now, and then an hour later
+        s._clock = clock
         clock.advance(3600)
         with pytest.raises(KeyNotFoundError):
             s.read("long")
@@ -1316,9 +1317,9 @@ def test_space_comes_back_after_deleting_everything(path):
         assert second == first
 
 
-def test_space_comes_back_after_expiry_without_reading(path):
+def test_space_comes_back_after_expiry_without_reading(path, clock):
     with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as s:
-        clock = s._clock = Clock()
+        s._clock = clock
         first = fill(s, "a", ttl=1)
         clock.advance(2)
         second = fill(s, "b", ttl=1)
@@ -2497,11 +2498,12 @@ def test_cli_creates_reads_and_deletes(path):
     assert (status, out, err) == (1, "", "datastore: error: key 'k' not found\n")
 
 
-def test_cli_create_with_ttl_expires(path):
+def test_cli_create_with_ttl_expires(path, clock):
     assert cli("--path", path, "create", "k", "{}", "--ttl", "1")[0] == 0
     with DataStore(path) as s:
         assert s.read("k") == {}
-        clock = s._clock = Clock()
+        clock.now = time.time()  # the create ran in another process, since
+        s._clock = clock
         clock.advance(1)
         with pytest.raises(KeyNotFoundError):
             s.read("k")
