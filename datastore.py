@@ -365,6 +365,11 @@ def _encode_key(key: object) -> tuple[str, bytes]:
                               key=key) from None
 
 
+# Compact JSON, UTF-8 left as it is. One encoder for every call: building one
+# is a quarter of json.dumps's time, and encode() keeps no state between calls.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
+
+
 class _NotPlain(Exception):
     """What makes a value not plain JSON (see _plain)."""
 
@@ -413,8 +418,7 @@ def _encode_value(key: str, value: object) -> bytes:
         raise ValueTypeError(
             f"value for {key!r} must be a dict, not {type(value).__name__}", key=key)
     try:
-        body = json.dumps(_plain(value, 0), separators=(",", ":"), ensure_ascii=False,
-                          check_circular=False).encode("utf-8")
+        body = _JSON.encode(_plain(value, 0)).encode("utf-8")
     except (_NotPlain, UnicodeEncodeError) as exc:
         reason = exc.reason if isinstance(exc, UnicodeEncodeError) else exc
         raise InvalidValueError(f"value for {key!r} is not plain JSON: {reason}",
