@@ -1,6 +1,6 @@
 """Time DataStore against the stores people would otherwise pick.
 
-    python benchmark.py [--sections compare,cap,scale] [--scale] [--quick]
+    python benchmark.py [--sections compare,cap,scale,largest] [--scale] [--largest] [--quick]
                         [--plot FILE.png] [--n N] [--rounds R] [--sizes A,B] ...
 
 It prints a Markdown report on stdout (progress goes to stderr): a line naming
@@ -29,6 +29,10 @@ scale (only with --scale: it takes minutes)
     A store of --scale-keys keys: open time after a clean close and after
     kill -9, against dbm.dumb opening the same files; memory per key; and
     compact() with half of 2N keys deleted.
+
+largest (only with --largest: it takes minutes)
+    A store of --largest-bytes (1 GiB) filled with the smallest values, about
+    two million keys: what close, open, recovery and compact() take there.
 
 The peers: shelve over dbm.dumb (always; its delete rewrites the whole index,
 so only the first 500 deletes are timed); sqlite3 (always): one table, WAL,
@@ -83,11 +87,11 @@ POLL_INTERVAL = 0.002  # seconds between two polls of the files' sizes
 FULL = {"n": 20_000, "rounds": 3, "sizes": "5000,200000", "large_n": 200_000,
         "large_rounds": 2, "cap_configs": "200000x150,20000x4096",
         "cap_spreads": "10,0", "cap_ops": 50_000, "ttl_ops": 50_000,
-        "scale_keys": 1_000_000, "scale_rounds": 3}
+        "scale_keys": 1_000_000, "scale_rounds": 3, "largest_bytes": MAX_STORE_BYTES}
 QUICK = {"n": 1000, "rounds": 1, "sizes": "500,2000", "large_n": 5000,
          "large_rounds": 1, "cap_configs": "5000x150,2000x4096",
          "cap_spreads": "10,0", "cap_ops": 1000, "ttl_ops": 100,
-         "scale_keys": 20_000, "scale_rounds": 1}
+         "scale_keys": 20_000, "scale_rounds": 1, "largest_bytes": 4 * 1024 ** 2}
 
 
 # --- The systems, behind one small interface --------------------------------
@@ -771,6 +775,67 @@ def run_scale(args):
     report_scale(n, rounds, build, files, dumb, ours, killed, memory / keys, compact)
 
 
+# --- Section "largest": the most keys a store at max_bytes can hold ----------
+
+def run_largest(args):
+    """Fill a store of max_bytes with the smallest values ({}) until it is
+    full, then time what is O(keys) by nature: close, open, recovery, and
+    compact() after deleting every other key."""
+    max_bytes, rounds = args.largest_bytes, args.scale_rounds
+    times = {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "largest")
+        store = DataStore(path, max_bytes=max_bytes)
+        progress(f"largest: filling {max_bytes:,} bytes with {{}} values")
+        start, n = time.perf_counter(), 0
+        try:
+            while True:
+                store.create(f"{n:08x}", {})
+                n += 1
+        except StoreFullError:
+            times["create"] = (time.perf_counter() - start) / n * 1e6
+        start = time.perf_counter()
+        store.close()
+        times["close"] = time.perf_counter() - start
+        files = sum(os.path.getsize(path + suffix) for suffix in (".dat", ".dir", ".lock"))
+        ours, killed = [], []
+        for r in range(rounds):
+            progress(f"largest: opening, round {r + 1} of {rounds}")
+            ours.append(timed_open(lambda p: DataStore(p, max_bytes=max_bytes), path))
+            killed.append(open_after_kill(path, f"killed-{r}"))
+        memory = index_memory(path)
+        store = DataStore(path, max_bytes=max_bytes)
+        try:
+            progress("largest: deleting every other key, then compact()")
+            start = time.perf_counter()
+            for i in range(0, n, 2):
+                store.delete(f"{i:08x}")
+            times["delete"] = (time.perf_counter() - start) / len(range(0, n, 2)) * 1e6
+            before = os.path.getsize(path + ".dat")
+            start = time.perf_counter()
+            store.compact()
+            times["compact"] = time.perf_counter() - start
+            after = os.path.getsize(path + ".dat")
+        finally:
+            store.close()
+    print(f"### The largest store\n\nmax_bytes {max_bytes:,}, filled with {{}} values "
+          f"under keys of 8 hex characters until StoreFullError: {n:,} keys, "
+          f"{files:,} bytes of files after close ({files / max_bytes:.4%} of max_bytes). "
+          f"Opening: {rounds} rounds, files in the page cache; after kill -9, a child "
+          "process opened the store, created one key, said so and was killed.\n")
+    print("| measure | time |")
+    print("| --- | ---: |")
+    print(f"| filling it | {times['create']:.1f} µs a create |")
+    print(f"| close() (writes .dir and the index table) | {times['close']:.2f} s |")
+    print(f"| open after a clean close | {seconds_text(ours)} |")
+    print(f"| open after kill -9 of a writer (scans .dat) | {seconds_text(killed)} |")
+    print(f"| Python memory after open | {memory / n:.0f} B a key, {memory / 2 ** 20:.0f} MiB |")
+    print(f"| deleting every other key | {times['delete']:.1f} µs a delete |")
+    print(f"| compact() after that | {times['compact']:.2f} s |")
+    print(f"\nThe deletes moved records down as they went: .dat was {before:,} bytes when "
+          f"compact() started and {after:,} after.\n", flush=True)
+
+
 # --- Reporting ---------------------------------------------------------------
 
 def cpu_name():
@@ -994,8 +1059,11 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--sections", default="compare,cap",
-        help="comma-separated: compare, cap, scale (default compare,cap)")
+        help="comma-separated: compare, cap, scale, largest (default compare,cap)")
     add("--scale", action="store_true", help="also run the scale section (slow)")
+    add("--largest", action="store_true", help="also run the largest section (slow)")
+    add("--largest-bytes", type=int,
+        help=f"max_bytes of the largest store (default {FULL['largest_bytes']:,})")
     add("--quick", action="store_true", help="small sizes for every flag not given")
     add("--plot", metavar="FILE.png", help="draw the cap section's churn latencies")
     add("--n", type=int, help=f"keys for compare (default {FULL['n']})")
@@ -1019,8 +1087,8 @@ def parse_args(argv):
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.sections = set(filter(None, args.sections.split(","))) | (
-        {"scale"} if args.scale else set())
-    unknown = args.sections - {"compare", "cap", "scale"}
+        {"scale"} if args.scale else set()) | ({"largest"} if args.largest else set())
+    unknown = args.sections - {"compare", "cap", "scale", "largest"}
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     if args.plot:
@@ -1056,6 +1124,8 @@ def main(argv=None):
             plot(args.plot, churns)
     if "scale" in args.sections:
         run_scale(args)
+    if "largest" in args.sections:
+        run_largest(args)
 
 
 if __name__ == "__main__":

@@ -109,10 +109,11 @@ files. It changes memory only after the bytes are written.
   few expired keys, earliest first, by writing a free marker over each (so a
   reclaimed key can never come back, even if the clock is set back).
 * Free space at the end of ``.dat`` is given back by truncating the file. When
-  more than a quarter of ``.dat`` is free, or the files are near ``max_bytes``,
-  each write also moves a few records from the end of ``.dat`` into free
-  extents nearer the start: it writes the copy (with a new sequence number),
-  then truncates the original away. ``compact()`` does all of that at once.
+  more than a quarter of ``.dat`` is free, each write also moves a batch of
+  records from the end of ``.dat`` into free extents nearer the start, until
+  less than a fifth is: it writes the copies (with new sequence numbers), then
+  truncates the originals away. A create that finds no room moves up to 64
+  records for it before it gives up. ``compact()`` does all of it at once.
 
 Any work after a commit point (freeing, moving, truncating) that fails is
 left for a later call to retry; the call that committed does not raise.
@@ -242,10 +243,12 @@ _SLOT_MASK = (1 << 48) - 1
 _FLOAT = struct.Struct("<d")
 _BITS = struct.Struct("<Q")
 
-# Work a single call may do besides its own: expired keys reclaimed and
-# records moved toward the start of .dat.
+# Work a single call may do besides its own: expired keys reclaimed, and
+# records moved toward the start of .dat (one fsync covers a batch), after a
+# write or, at the most, when a create needs the room.
 _RECLAIM_BATCH = 16
-_MOVE_BATCH = 4
+_MOVE_BATCH = 32
+_MOVE_FOR_ROOM = 64
 _SCAN_CHUNK = 1 << 22  # bytes of .dat read at a time by a scan
 
 # Version 1.0 stores, converted at their first open: the header magic, and a
@@ -767,6 +770,7 @@ class _Engine:
         self.stale: list[tuple[bytes, int]] = []  # superseded copies to invalidate
         self.failed: Optional[OSError] = None     # a failed fsync: no more writes
         self.stuck = (0, 0)   # (end of .dat, blocks) when the last record fit nowhere
+        self.shrinking = False  # moving records down, until a fifth of .dat is free
         self.by_blocks = [0] * (_MAX_BLOCKS + 1)  # indexed records by blocks taken
         self.largest = 0      # blocks of the largest indexed record
         self.dat = self.dir = -1
@@ -1273,7 +1277,7 @@ class _Engine:
             if attempt == 0 and now is not None:
                 self._reclaim(now, _RECLAIM_BATCH * 4)
             elif attempt == 1:
-                self._move(_MOVE_BATCH * 4)
+                self._move(_MOVE_FOR_ROOM)
         raise _StoreFull(needed + keep, self.used())
 
     def _place(self, size: int) -> tuple[int, int]:
@@ -1428,17 +1432,22 @@ class _Engine:
     # --- Upkeep: bounded work after each write ---
 
     def _tidy(self, now: float) -> None:
-        """Reclaim a few expired keys, give back a free tail, and when .dat has
-        much free space or the files near the cap, move a few records down.
-        Runs after a call's commit point: a failure is left for later."""
+        """Reclaim a few expired keys, give back a free tail, and while .dat
+        is shrinking, move a batch of records down. It starts shrinking when
+        more than a quarter of .dat is free and stops below a fifth, so that
+        batches come in runs and each one's fsync (for durable records) is
+        shared by a batch. Runs after a call's commit point: a failure is
+        left for later."""
         try:
             self._reclaim(now, _RECLAIM_BATCH)
             self._trim()
-            if self.free_blocks and (
-                    self.free_blocks * _BLOCK * 4 > self.dat_size
-                    or self.used() + 16 * _MAX_BLOCKS * _BLOCK > self.max_bytes) and not (
-                    self.stuck[0] == _blocks(self.dat_size)
-                    and self._fitting_extent(self.stuck[1]) is None):
+            free = self.free_blocks * _BLOCK
+            if free * 4 > self.dat_size:
+                self.shrinking = True
+            elif free * 5 < self.dat_size:
+                self.shrinking = False
+            if self.shrinking and not (self.stuck[0] == _blocks(self.dat_size)
+                                       and self._fitting_extent(self.stuck[1]) is None):
                 self._move(_MOVE_BATCH)
         except OSError as exc:
             _log.debug("datastore %s: upkeep failed, will retry: %s", self.dat_path, exc)
