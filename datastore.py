@@ -1200,8 +1200,7 @@ class _Engine:
         old = self.index.get(key)
         if old is not None and old >> 48 and old >> 48 <= _float_bits(now):
             self._drop(key, old)  # expired: its space may serve the new record
-            old = None
-        self._put_record(key, body, expires_at, now)
+        old = self._put_record(key, body, expires_at, now)
         if old is not None:
             self._supersede(key, old)
         self._tidy(now)
@@ -1226,8 +1225,10 @@ class _Engine:
             self.stale.pop()
 
     def _put_record(self, key: bytes, body: bytes, expires_at: float,
-                    now: Optional[float] = None) -> None:
-        """Write a new record for key and point the index at it (the commit)."""
+                    now: Optional[float] = None) -> Optional[int]:
+        """Write a new record for key and point the index at it (the commit).
+        Returns the slot of the record it replaces, if any: the caller must
+        invalidate that one."""
         size = _HEAD.size + len(key) + len(body)
         blocks = _blocks(size)
         old = self.index.get(key)
@@ -1238,6 +1239,7 @@ class _Engine:
         keep = 0 if old or now is None else max(self.largest, blocks) * _BLOCK
         block = self._allocate(size, lambda block: fixed + _line_length(key, block, size),
                                now, keep)
+        old = self.index.get(key)  # again: making room may have moved that very record
         record = _pack_value(self._next_seq(), key, expires_at, body)
         self._write_record(block, blocks, record)
         exp = _float_bits(expires_at) if expires_at else 0
@@ -1251,6 +1253,7 @@ class _Engine:
                 self.expiries.remove(old >> 48, key)
         if exp:
             self.expiries.add(exp, key)
+        return old
 
     def _count(self, blocks: int, change: int) -> None:
         """Count an indexed record of `blocks` blocks in (1) or out (-1)."""
