@@ -504,12 +504,11 @@ def _parse_item(buf: bytes, off: int) -> Optional[tuple[int, int, bytes, float, 
         total = _HEAD.size + (length if kind == _TABLE else 0)
     else:
         return None
-    if off + total > len(buf):
+    end = off + total
+    if end > len(buf) or zlib.crc32(buf[off + _HEAD.size:end],
+                                    zlib.crc32(buf[off:off + _HEAD.size - 4])) != crc:
         return None
-    view = memoryview(buf)[off:off + total]
-    if zlib.crc32(view[_HEAD.size:], zlib.crc32(view[:_HEAD.size - 4])) != crc:
-        return None
-    return kind, seq, bytes(view[_HEAD.size:_HEAD.size + key_len]), expires_at, length, total
+    return kind, seq, buf[off + _HEAD.size:off + _HEAD.size + key_len], expires_at, length, total
 
 
 def _valid_key(key: bytes) -> bool:
