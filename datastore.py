@@ -176,7 +176,7 @@ from collections import Counter, deque
 from itertools import compress, islice, repeat
 from operator import add, and_, lshift, lt, mul, or_, rshift
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import fasteners  # type: ignore[import-untyped]  # it ships no type hints
 
@@ -524,10 +524,10 @@ def _line_length(key: bytes, block: int, size: int) -> int:
 
 
 def _table_room(keys: int, expiring: int) -> int:
-    """Bytes the index table may add to .dat at close, alignment included."""
+    """Bytes (whole blocks) the index table may add to .dat at close."""
     if not keys:
         return 0
-    return _BLOCK - 1 + _HEAD.size + 4 * -(-(_TABLE_COUNTS.size + 6 * keys + 12 * expiring) // 3)
+    return _blocks(_HEAD.size + 4 * -(-(_TABLE_COUNTS.size + 6 * keys + 12 * expiring) // 3)) * _BLOCK
 
 
 def _valid_keys(keys: list[bytes]) -> bool:
@@ -773,6 +773,7 @@ class _Engine:
         self.by_blocks = [0] * (_MAX_BLOCKS + 1)  # indexed records by blocks taken
         self.largest = 0      # blocks of the largest indexed record
         self.dat = self.dir = -1
+        _engines.add(self)  # a fork from now on closes the child's copies
         try:
             self.dat = self._open_file(self.dat_path)
             self._lock(deadline)
@@ -1105,7 +1106,7 @@ class _Engine:
                            buf[key_at + key_len:end] if kind == 1 else None)
         losers, marked, _, seq = self._scan()  # from a conversion cut short
         self.seq = seq + 1
-        self.lease = self.seq + _LEASE  # the 1.0 header stays until the end
+        self.lease = _MAX_SEQ  # no header write: the 1.0 header stays until the end
         self._count_index()
         tombstones, convert = [], {}
         for key, (block, length, expires_at, body) in newest.items():
@@ -1182,8 +1183,11 @@ class _Engine:
                 yield key, None
 
     def used(self) -> int:
-        """Bytes the files hold or may need at close: .dat, .dir, index table."""
-        return self.dat_size + self.dir_bytes + _table_room(len(self.index), self.expiries.count)
+        """Bytes the files hold or may need at close: .dat (in whole blocks, so
+        that the padding before an append is counted already), .dir and the
+        index table."""
+        return (_blocks(self.dat_size) * _BLOCK + self.dir_bytes
+                + _table_room(len(self.index), self.expiries.count))
 
     # --- Writing ---
 
@@ -1199,6 +1203,7 @@ class _Engine:
         old = self.index.get(key)
         if old is not None and old >> 48 and old >> 48 <= _float_bits(now):
             self._drop(key, old)  # expired: its space may serve the new record
+            self._try(self._trim)
         old = self._put_record(key, body, expires_at, now)
         if old is not None:
             self._supersede(key, old)
@@ -1230,14 +1235,22 @@ class _Engine:
         invalidate that one."""
         size = _HEAD.size + len(key) + len(body)
         blocks = _blocks(size)
-        old = self.index.get(key)
-        fixed = -_line_length(key, (old >> 16) & _BLOCK_MASK, old & _SIZE_MASK) if old else 0
-        now_keys, now_expiring = len(self.index), self.expiries.count
-        fixed += _table_room(now_keys + (old is None), now_expiring + bool(expires_at)
-                             - bool(old and old >> 48)) - _table_room(now_keys, now_expiring)
-        keep = 0 if old or now is None else max(self.largest, blocks) * _BLOCK
-        block = self._allocate(size, lambda block: fixed + _line_length(key, block, size),
-                               now, keep)
+
+        def extra(block: int) -> int:
+            """Bytes .dir and the index table grow by, and for a new key the
+            room kept for a set(): from the state now, after any reclaim."""
+            old = self.index.get(key)
+            keys, expiring = len(self.index), self.expiries.count
+            grow = _line_length(key, block, size) + _table_room(
+                keys + (old is None), expiring + bool(expires_at) - bool(old and old >> 48),
+            ) - _table_room(keys, expiring)
+            if old is not None:
+                return grow - _line_length(key, (old >> 16) & _BLOCK_MASK, old & _SIZE_MASK)
+            if now is None:  # converting a 1.0 store: no set() to keep room for
+                return grow
+            return grow + max(self.largest, blocks) * _BLOCK + len(str(self.max_bytes))
+
+        block = self._allocate(size, extra, now)
         old = self.index.get(key)  # again: making room may have moved that very record
         record = _pack_value(self._next_seq(), key, expires_at, body)
         self._write_record(block, blocks, record)
@@ -1262,11 +1275,10 @@ class _Engine:
         while self.largest and not self.by_blocks[self.largest]:
             self.largest -= 1
 
-    def _allocate(self, size: int, extra: Callable[[int], int],
-                  now: Optional[float], keep: int = 0) -> int:
+    def _allocate(self, size: int, extra: Callable[[int], int], now: Optional[float]) -> int:
         """Where to write a record of `size` bytes (see _place) such that the
-        files stay within max_bytes with extra(block) more bytes for .dir and
-        the index table, and `keep` bytes to spare.
+        files stay within max_bytes with extra(block) more bytes (.dir, the
+        index table, room kept).
 
         Tries reclaiming expired keys and moving records to make room, a
         bounded amount; raises _StoreFull if that is not enough.
@@ -1274,22 +1286,22 @@ class _Engine:
         for attempt in range(3):
             block, growth = self._place(size)
             needed = growth + extra(block)
-            if self.used() + needed + keep <= self.max_bytes:
+            if self.used() + needed <= self.max_bytes:
                 return block
             if attempt == 0 and now is not None:
                 self._reclaim(now, _RECLAIM_BATCH * 4)
+                self._try(self._trim)  # an expired last record
             elif attempt == 1:
                 self._move(_MOVE_FOR_ROOM)
-        raise _StoreFull(needed + keep, self.used())
+        raise _StoreFull(needed, self.used())
 
     def _place(self, size: int) -> tuple[int, int]:
-        """(block, bytes .dat grows by) for a record of `size` bytes: the
+        """(block, bytes used() grows by) for a record of `size` bytes: the
         start of the smallest free extent it fits, or the end of .dat."""
         block = self._fitting_extent(_blocks(size))
         if block is not None:
             return block, 0
-        block = _blocks(self.dat_size)
-        return block, block * _BLOCK + size - self.dat_size
+        return _blocks(self.dat_size), _blocks(size) * _BLOCK
 
     def _fitting_extent(self, blocks: int) -> Optional[int]:
         if self.free_blocks >= blocks:
@@ -1319,6 +1331,7 @@ class _Engine:
         except OSError:
             self._try(self._write_marker, block, length)  # it may be torn
             raise
+        self.dat_size = max(self.dat_size, block * _BLOCK + len(record))  # a tail extent
         self._remove_free(block)
         if length > blocks:
             self._add_free(block + blocks, length - blocks)
@@ -1385,6 +1398,7 @@ class _Engine:
 
     def _write_marker(self, block: int, length: int) -> None:
         _write_at(self.dat, _pack_marker(_FREE, length), block * _BLOCK)
+        self.dat_size = max(self.dat_size, block * _BLOCK + _HEAD.size)
 
     def _write_header(self, state: int, dir_size: int = 0, dir_crc: int = 0,
                       table: tuple[int, int] = (0, 0)) -> None:
@@ -1440,6 +1454,8 @@ class _Engine:
         batches come in runs and each one's fsync (for durable records) is
         shared by a batch. Runs after a call's commit point: a failure is
         left for later."""
+        if self.failed is not None:
+            return  # no more writes until reopened
         try:
             self._reclaim(now, _RECLAIM_BATCH)
             self._trim()
@@ -1472,54 +1488,61 @@ class _Engine:
         nearer the start, then truncate them away. Returns how many moved.
 
         The copies are fsynced before the originals go if any original was
-        durable. If truncating fails, free markers invalidate the originals.
+        durable. If truncating fails, free markers invalidate the originals;
+        if anything fails before, the originals wait on the stale list.
         """
+        self._trim()
         moved: list[tuple[bytes, int]] = []
-        passed: list[int] = []  # free extents above the records moved
+        passed: list[tuple[int, int]] = []  # free extents above the records moved
         durable = False
         end = _blocks(self.dat_size)
-        while len(moved) < limit:
-            if end in self.free_to:
-                end = self.free_to[end]
-                passed.append(end)
-            found = self._last_record(end)
-            if found is None:
-                break
-            key, block, seq, record = found
-            blocks = _blocks(len(record))
-            target = self._fitting_extent(blocks)
-            if target is None or target >= block:
-                break
-            new_seq = self._next_seq()
-            copy = record[:8] + new_seq.to_bytes(8, "little") + record[16:_HEAD.size - 4]
-            crc = zlib.crc32(record[_HEAD.size:], zlib.crc32(copy))
-            self._write_record(target, blocks, copy + crc.to_bytes(4, "little")
-                               + record[_HEAD.size:])
-            old = self.index[key]
-            self.index[key] = (old & ~(_BLOCK_MASK << 16)) | target << 16
-            self.dir_bytes += len(str(target * _BLOCK)) - len(str(block * _BLOCK))
-            moved.append((key, old))
-            durable = durable or seq < self.durable_seq
-            end = block
-        if not moved:
-            if found is not None:  # the last record fits no free extent
-                self.stuck = (_blocks(self.dat_size), _blocks(len(found[3])))
-            return 0
+        found = None
         try:
+            while len(moved) < limit:
+                if end in self.free_to:  # out of the free map: no copy may land there
+                    start = self.free_to[end]
+                    passed.append((start, self._remove_free(start)))
+                    end = start
+                found = self._last_record(end)
+                if found is None:
+                    break
+                key, block, seq, record = found
+                blocks = _blocks(len(record))
+                target = self._fitting_extent(blocks)
+                if target is None or target >= block:  # (none is above: passed ones left)
+                    break
+                new_seq = self._next_seq()
+                copy = record[:8] + new_seq.to_bytes(8, "little") + record[16:_HEAD.size - 4]
+                crc = zlib.crc32(record[_HEAD.size:], zlib.crc32(copy))
+                self._write_record(target, blocks, copy + crc.to_bytes(4, "little")
+                                   + record[_HEAD.size:])
+                old = self.index[key]
+                self.index[key] = (old & ~(_BLOCK_MASK << 16)) | target << 16
+                self.dir_bytes += len(str(target * _BLOCK)) - len(str(block * _BLOCK))
+                moved.append((key, old))
+                durable = durable or seq < self.durable_seq
+                end = block
             if durable:
                 self._sync()
         except OSError:
             self.stale.extend(moved)
+            for start, length in passed:
+                self._add_free(start, length)
             raise
+        if not moved:
+            for start, length in passed:
+                self._add_free(start, length)
+            if found is not None:  # the last record fits no free extent
+                self.stuck = (_blocks(self.dat_size), _blocks(len(found[3])))
+            return 0
         try:
             os.ftruncate(self.dat, end * _BLOCK)
         except OSError:
+            for start, length in passed:
+                self._add_free(start, length)
             for key, old in moved:  # the originals stay: invalidate each
                 self._supersede(key, old)
         else:
-            for start in passed:
-                if start >= end:
-                    self._remove_free(start)
             self.dat_size = end * _BLOCK
         return len(moved)
 
@@ -1725,6 +1748,8 @@ def _lock_file_identity(lock_path: str) -> tuple[int, int]:
 _open_stores: weakref.WeakValueDictionary[tuple[int, int], DataStore] = (
     weakref.WeakValueDictionary())
 _open_stores_lock = threading.Lock()
+# Every engine with files open (or opening) in this process, for the fork hook.
+_engines: weakref.WeakSet[_Engine] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
@@ -1737,9 +1762,8 @@ def _after_fork_in_child() -> None:
     global _open_stores_lock, _default_store_lock
     _open_stores_lock = threading.Lock()
     _default_store_lock = threading.Lock()
-    for store in list(_open_stores.values()):
-        if store._engine is not None:
-            store._engine.close_files()
+    for engine in list(_engines):  # stores being opened too
+        engine.close_files()
     _open_stores.clear()
 
 
@@ -2098,6 +2122,7 @@ class DataStore:
 
 # --- Module-level functions on a default store ----------------------------
 
+_T = TypeVar("_T")
 _default_store: Optional[DataStore] = None
 _default_store_lock = threading.Lock()
 
@@ -2117,39 +2142,48 @@ def close() -> None:
             _default_store.close()
 
 
+def _on_default(call: Callable[[DataStore], _T]) -> _T:
+    """call(the default store); again on a reopened one if another thread
+    closed it (datastore.close()) between the lookup and the call."""
+    try:
+        return call(_default())
+    except StoreClosedError:
+        return call(_default())
+
+
 def create(key: str, value: dict[str, Any], ttl: Optional[int] = None) -> None:
     """``DataStore.create`` on the default store (opened on first use)."""
-    _default().create(key, value, ttl)
+    _on_default(lambda store: store.create(key, value, ttl))
 
 
 def read(key: str) -> dict[str, Any]:
     """``DataStore.read`` on the default store (opened on first use)."""
-    return _default().read(key)
+    return _on_default(lambda store: store.read(key))
 
 
 def delete(key: str) -> None:
     """``DataStore.delete`` on the default store (opened on first use)."""
-    _default().delete(key)
+    _on_default(lambda store: store.delete(key))
 
 
 def set(key: str, value: dict[str, Any], ttl: Optional[int] = None) -> None:  # noqa: A001
     """``DataStore.set`` on the default store (opened on first use)."""
-    _default().set(key, value, ttl)
+    _on_default(lambda store: store.set(key, value, ttl))
 
 
 def get(key: str, default: Any = None) -> Any:
     """``DataStore.get`` on the default store (opened on first use)."""
-    return _default().get(key, default)
+    return _on_default(lambda store: store.get(key, default))
 
 
 def keys() -> list[str]:
     """``DataStore.keys`` on the default store (opened on first use)."""
-    return _default().keys()
+    return _on_default(lambda store: store.keys())
 
 
 def ttl(key: str) -> Optional[float]:
     """``DataStore.ttl`` on the default store (opened on first use)."""
-    return _default().ttl(key)
+    return _on_default(lambda store: store.ttl(key))
 
 
 # --- Command line ---------------------------------------------------------
