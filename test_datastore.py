@@ -1609,18 +1609,23 @@ def test_kill_9_at_random_instants_loses_no_acknowledged_operation(path, caplog)
     live = {}  # key -> pad size, as acknowledged so far
     deleted = set()
     kills = moves = kills_in_move = 0
-    for round_number in range(24):
+    # 24 rounds; then, while fewer than 3 kills have landed inside a move
+    # (a fast disk can finish a batch before the signal lands), more early ones.
+    round_number = 0
+    while round_number < 24 or (kills_in_move < 3 and round_number < 64):
+        early_kill = round_number % 3 == 0 or round_number >= 24
         proc = spawn_python(CRASH_WORKER, path, round_number * 100_000, round_number)
+        round_number += 1
         proc.stdin.write(json.dumps(sorted(live)) + "\n")
         proc.stdin.flush()
         expect_line(proc, "ready")
         early = ""  # every third round, kill just as records start to move
-        while round_number % 3 == 0 and not early.endswith("moving\n"):
+        while early_kill and not early.endswith("moving\n"):
             line = proc.stdout.readline()
             if not line:  # the worker died: the checks below will say why
                 break
             early += line
-        time.sleep(rng.uniform(0.0, 0.0005 if round_number % 3 == 0 else 0.25))
+        time.sleep(rng.uniform(0.0, 0.0005 if early_kill else 0.25))
         proc.send_signal(signal.SIGKILL)
         out = early + proc.stdout.read()  # not communicate(): readline() buffered some
         proc.wait(timeout=30)
