@@ -98,7 +98,7 @@ files. It changes memory only after the bytes are written.
   it splits an extent, it first writes a free marker for the remainder. The
   write of the record is the *commit point*: from then on the key exists.
   It leaves room in ``max_bytes`` for one copy of the largest record, which
-  ``set`` may use.
+  a ``set`` replacing a record with one no larger may use.
 * ``set`` of a live key writes the new record the same way (its commit
   point), then a free marker over the old one. If the old record was
   durable (see below), the new one is fsynced first.
@@ -857,6 +857,10 @@ class _Engine:
         finally:
             if gc_was_on:
                 gc.enable()
+        end = _blocks(self.dat_size)  # what used() will be once a free tail is trimmed
+        used = self.used() - (end - self.free_to.get(end, end)) * _BLOCK
+        if used > self.max_bytes:  # it was filled under a larger max_bytes
+            raise _StoreFull(0, used)
         self.lease = self.seq + _LEASE
         self._write_header(_OPEN)  # before anything else is written
         self.durable_seq = self.seq
@@ -1195,8 +1199,9 @@ class _Engine:
         """Make key's record one holding `body`, whether or not it has one.
 
         The new record is written before the old one is invalidated, so a
-        crash leaves one or the other. A new key must leave room in the cap
-        for a copy of the largest record; replacing a live one may use it.
+        crash leaves one or the other. A write must leave room in the cap for
+        a copy of the largest record, unless it replaces a live record that
+        takes as much room: that may use it.
         Raises _StoreFull (nothing written) if there is no room.
         """
         self._check_writable()
@@ -1237,15 +1242,19 @@ class _Engine:
         blocks = _blocks(size)
 
         def extra(block: int) -> int:
-            """Bytes .dir and the index table grow by, and for a new key the
-            room kept for a set(): from the state now, after any reclaim."""
+            """Bytes .dir and the index table grow by, and the room kept for a
+            set(), unless this replaces a record no smaller (in blocks, and
+            in table room): that may use the room. From the state now, after
+            any reclaim."""
             old = self.index.get(key)
             keys, expiring = len(self.index), self.expiries.count
-            grow = _line_length(key, block, size) + _table_room(
-                keys + (old is None), expiring + bool(expires_at) - bool(old and old >> 48),
-            ) - _table_room(keys, expiring)
+            table = _table_room(keys + (old is None), expiring + bool(expires_at)
+                                - bool(old and old >> 48)) - _table_room(keys, expiring)
+            grow = _line_length(key, block, size) + table
             if old is not None:
-                return grow - _line_length(key, (old >> 16) & _BLOCK_MASK, old & _SIZE_MASK)
+                grow -= _line_length(key, (old >> 16) & _BLOCK_MASK, old & _SIZE_MASK)
+                if blocks <= _blocks(old & _SIZE_MASK) and table <= 0:
+                    return grow
             if now is None:  # converting a 1.0 store: no set() to keep room for
                 return grow
             return grow + max(self.largest, blocks) * _BLOCK + len(str(self.max_bytes))
@@ -1722,6 +1731,15 @@ def _close_unlocked(lock: Any) -> None:
     lock.lockfile.close()
 
 
+def _file_identity(path: str) -> list[tuple[int, int]]:
+    """[(st_dev, st_ino)] of a file, by os.stat, or [] if there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:  # missing, or unreadable: opening it will say which
+        return []
+    return [(info.st_dev, info.st_ino)]
+
+
 def _lock_file_identity(lock_path: str) -> tuple[int, int]:
     """(st_dev, st_ino) of a store's lock file, created if missing.
 
@@ -1823,9 +1841,10 @@ class DataStore:
                                     or not isinstance(timeout, (int, float))):
             raise DataStoreTypeError(
                 f"timeout must be None or a number of seconds, not {type(timeout).__name__}")
-        if timeout is not None and not 0 <= timeout < float("inf"):
+        if timeout is not None and not 0 <= timeout < 1e9:  # 1e9 s: 31 years
             raise DataStoreValueError(
-                f"timeout must be 0 or more seconds (or None to wait for ever), got {timeout}")
+                "timeout must be 0 to 1e9 seconds (or None to wait for ever), "
+                f"got {timeout}")
         self.path = _store_path(path)
         self.max_bytes = max_bytes
         self._mutex = threading.Lock()  # guards the engine and its files
@@ -1835,20 +1854,28 @@ class DataStore:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = f"{self.path}.lock"
-        with _open_stores_lock:  # reserve the store while we wait for its locks
-            identity = _lock_file_identity(lock_path)
-            if identity in _open_stores:
+        # Reserve the store while we wait for its locks, under the identity of
+        # its lock file and of its data file: if the lock file was deleted and
+        # made anew, the data file still says the store is open here.
+        with _open_stores_lock:
+            self._identities = [_lock_file_identity(lock_path)]
+            self._identities += _file_identity(f"{self.path}.dat")
+            if any(identity in _open_stores for identity in self._identities):
                 raise StoreLockedError(
                     f"store {self.path} is already open in this process; "
                     "use that DataStore or close it first", path=self.path)
-            _open_stores[identity] = self
-        self._identity = identity
+            for identity in self._identities:
+                _open_stores[identity] = self
         try:
             self._engine = self._open(lock_path, timeout)
         except BaseException:
-            with _open_stores_lock:
-                _open_stores.pop(identity, None)
+            self._unregister()
             raise
+        with _open_stores_lock:  # a new store's data file exists only now
+            info = os.fstat(self._engine.dat)
+            if (info.st_dev, info.st_ino) not in self._identities:
+                self._identities.append((info.st_dev, info.st_ino))
+                _open_stores[info.st_dev, info.st_ino] = self
         self._finalizer = weakref.finalize(self, _finalize, self._mutex, self._engine,
                                            self._lock, self._pid)
 
@@ -1862,16 +1889,18 @@ class DataStore:
         try:
             os.chmod(lock_path, 0o600)
             return _Engine(str(self.path), self.max_bytes, deadline)
-        except _Locked:
-            raise self._in_use(timeout) from None
-        except _StoreFull as full:
-            raise StoreFullError(
-                f"store {self.path} needs {full.used + full.needed} bytes to "
-                f"convert to this version, more than max_bytes={self.max_bytes}; "
-                "open it with a larger max_bytes", path=self.path) from None
-        finally:
-            if self._engine is None and sys.exc_info()[0] is not None:
-                self._lock.release()
+        except BaseException as exc:
+            self._lock.release()
+            if isinstance(exc, _Locked):
+                raise self._in_use(timeout) from None
+            if isinstance(exc, _StoreFull):
+                raise StoreFullError(
+                    f"store {self.path} needs {exc.used + exc.needed} bytes, more "
+                    f"than max_bytes={self.max_bytes} (it was filled under a larger "
+                    "max_bytes, or was written by version 1.0 and needs room to "
+                    "convert); open it with a larger max_bytes (to shrink it: "
+                    "delete keys, then compact())", path=self.path) from None
+            raise
 
     def _in_use(self, timeout: Optional[float]) -> StoreLockedError:
         waited = f"; gave up after waiting {timeout:g} s" if timeout else ""
@@ -1929,11 +1958,12 @@ class DataStore:
 
         Atomic: the new value is written before the old one is given up, so
         after a crash at any instant the key holds one or the other. Raises
-        like ``create``, but never ``KeyExistsError``. Creates leave room in
-        ``max_bytes`` for one more copy of the largest value stored, which
-        ``set`` uses, so on a full store replacing a value with one no larger
-        does not raise ``StoreFullError``. The value is in the files when this
-        returns.
+        like ``create``, but never ``KeyExistsError``. Writes leave room in
+        ``max_bytes`` for one more copy of the largest value stored, which a
+        ``set`` may use if its value takes no more 512-byte blocks than the
+        one it replaces and it adds no ttl; so on a full store, replacing
+        values with ones of the same size keeps working. The value is in the
+        files when this returns.
         """
         self._write(key, value, ttl, replace=True)
 
@@ -2076,11 +2106,15 @@ class DataStore:
                 engine.close(self._clock())
             finally:
                 self._lock.release()
-                with _open_stores_lock:
-                    if _open_stores.get(self._identity) is self:
-                        del _open_stores[self._identity]
+                self._unregister()
 
     # --- Private helpers ---
+
+    def _unregister(self) -> None:
+        with _open_stores_lock:
+            for identity in self._identities:
+                if _open_stores.get(identity) is self:
+                    del _open_stores[identity]
 
     def _write(self, key: str, value: object, ttl: object, replace: bool) -> None:
         """create() (replace=False) or set() (replace=True)."""
@@ -2097,9 +2131,12 @@ class DataStore:
             try:
                 engine.put(key_bytes, body, expires_at, now)
             except _StoreFull as full:
+                kept = ("counting room kept for replacing the largest value, unless "
+                        "the new one takes no more room than the old" if replace else
+                        "with room kept for replacing the largest value")
                 raise StoreFullError(
                     f"store {self.path} is full: writing {key!r} needs {full.needed} "
-                    f"more bytes (with room kept for replacing the largest value), "
+                    f"more bytes ({kept}), "
                     f"and its files already use {full.used} of max_bytes="
                     f"{self.max_bytes}; delete keys or open it with a larger max_bytes",
                     key=key, path=self.path) from None
@@ -2222,9 +2259,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command in ("create", "set"):
-            text = sys.stdin.read() if args.json == "-" else args.json
+            text = _read_stdin() if args.json == "-" else args.json
             try:
-                value = json.loads(text)
+                value = json.loads(text)  # bytes from stdin: UTF-8 (or -16, -32) only
             except (ValueError, RecursionError) as exc:
                 raise InvalidValueError(f"JSON for {args.key!r} is not valid: {exc}",
                                         key=args.key) from None
@@ -2252,10 +2289,21 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise DataStoreError(
                     f"the output cannot be written in {sys.stdout.encoding}: {exc.reason}; "
                     "set PYTHONIOENCODING=utf-8") from None
+    except BrokenPipeError:  # the reader left (| head): say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (DataStoreError, OSError) as exc:
         print(f"datastore: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _read_stdin() -> bytes:
+    """Standard input as bytes, for json.loads to decode: never the locale's
+    encoding, which would turn Latin-1 bytes into the wrong characters."""
+    if sys.stdin is None:
+        raise DataStoreValueError("no standard input to read the JSON from")
+    return sys.stdin.buffer.read()
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def abandon(store):
     store._engine.close_files()
     store._engine = None
     store._lock.release()
-    del datastore._open_stores[store._identity]
+    store._unregister()
 
 
 HOLDER = """
@@ -588,22 +588,22 @@ def test_len_keys_and_iter_count_live_keys_exactly(path, clock):
 def test_keys_is_a_snapshot_safe_while_other_threads_write(store):
     for i in range(500):
         store.create(f"k{i}", {})
-    snapshot_keys = store.keys()
     errors = []
 
     def writer(t):
         for i in range(500):
             store.set(f"w{t}-{i}", {})
-            store.delete(f"k{(t * 500 + i) % 500}") if t == 0 else None
+            if t == 0:
+                store.delete(f"k{i}")
 
     def reader(t):
         for _ in range(50):
-            for key in store:  # iterating while the writers change the store
-                assert isinstance(key, str)
+            seen = [key for key in store]  # iterating while the writers change the store
+            assert len(seen) == len(set(seen)) and 500 <= len(seen) <= 1500
 
     run_threads(lambda t: writer(t) if t < 2 else reader(t), 4, errors)
     assert errors == []
-    assert len(snapshot_keys) == 500  # the list taken before did not change
+    assert sorted(store.keys()) == sorted(f"w{t}-{i}" for t in range(2) for i in range(500))
 
 
 def test_ttl_gives_seconds_left_or_none(store, clock):
@@ -626,6 +626,21 @@ def test_set_on_a_full_store_replaces_values_no_larger(path):
                 s.set(f"k{i:05d}", {"pad": "y" * (700 - round * 100)})
                 assert counted_size(s) <= s.max_bytes
         assert all(s.read(f"k{i:05d}") == {"pad": "y" * 500} for i in range(count))
+
+
+def test_a_set_that_grows_a_value_keeps_the_room_so_same_size_sets_still_work(path):
+    with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
+        count = fill(s, "k", size=100)  # one block each
+        s.delete(f"k{count - 1:05d}")
+        count -= 1
+        before = snapshot(path.parent)
+        with pytest.raises(StoreFullError, match="needs .* more bytes"):
+            s.set("k00001", {"pad": "y" * 700})  # two blocks: as a create would, refused
+        assert snapshot(path.parent) == before and s.read("k00001") == {"pad": "x" * 100}
+        for round in range(2):
+            for i in range(count):  # the room it kept serves these
+                s.set(f"k{i:05d}", {"pad": "z" * 100})
+        assert len(s) == count and s.read("k00001") == {"pad": "z" * 100}
 
 
 def test_sixteen_threads_setting_one_key_all_succeed(store):
@@ -854,6 +869,65 @@ def test_deleting_the_lock_file_does_not_let_a_second_process_in(path, holder):
         result.stdout + result.stderr)
 
 
+TAKE_LOCK_FILE_IN_CHILD = """
+    import sys, fasteners
+    lock = fasteners.InterProcessLock(sys.argv[1] + ".lock")
+    print("took it" if lock.acquire(blocking=False) else "held")
+"""
+
+
+@POSIX_ONLY
+@pytest.mark.parametrize("where", ["except", "finally"])
+def test_opening_while_an_exception_is_handled_keeps_both_locks(path, where):
+    if where == "except":
+        try:
+            raise ValueError("the caller's own error")
+        except ValueError:
+            store = DataStore(path)
+    else:  # a `finally` while the caller's exception propagates
+        with pytest.raises(ValueError, match="the caller's own error"):
+            try:
+                raise ValueError("the caller's own error")
+            finally:
+                store = DataStore(path)
+    assert run_python(TAKE_LOCK_FILE_IN_CHILD, path).stdout == "held\n"
+    store.create("k", {"v": 1})
+    store.close()  # releases the lock it holds, raising nothing
+    assert run_python(TAKE_LOCK_FILE_IN_CHILD, path).stdout == "took it\n"
+    with DataStore(path) as s:
+        assert s.read("k") == {"v": 1}
+
+
+@POSIX_ONLY
+def test_a_lock_file_made_anew_does_not_hide_a_store_open_in_this_process(path):
+    with DataStore(path) as s:
+        os.remove(f"{path}.lock")  # then another opener makes a new one
+        started = time.monotonic()
+        with pytest.raises(StoreLockedError, match="already open in this process"):
+            DataStore(path, timeout=None)  # not a wait on our own flock
+        assert time.monotonic() - started < 1
+        s.create("k", {"v": 1})
+    with DataStore(path) as s:  # and closing unregistered it
+        assert s.read("k") == {"v": 1}
+
+
+def test_a_store_filled_under_a_larger_max_bytes_is_refused_unchanged(path):
+    with DataStore(path, max_bytes=4 * MIN_STORE_BYTES) as s:
+        count = fill(s, "k")
+    before = snapshot(path.parent)
+    with pytest.raises(StoreFullError, match=r"more than max_bytes=65536 .* larger max_bytes"):
+        DataStore(path, max_bytes=MIN_STORE_BYTES)
+    assert snapshot(path.parent) == before  # refused before anything was written
+    with DataStore(path, max_bytes=4 * MIN_STORE_BYTES) as s:  # and not left locked
+        assert len(s) == count
+        for i in range(count * 7 // 8):
+            s.delete(f"k{i:05d}")
+        s.compact()
+    with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:  # small enough now
+        assert len(s) == count - count * 7 // 8
+        assert files_size(path) <= counted_size(s) <= MIN_STORE_BYTES
+
+
 @pytest.fixture
 def bind_mount(tmp_path):
     """The same folder under a second name that realpath does not unify."""
@@ -968,6 +1042,8 @@ def test_timeout_on_a_store_this_process_holds_raises_at_once(path):
     pytest.param(-1, DataStoreValueError, id="negative"),
     pytest.param(float("nan"), DataStoreValueError, id="nan"),
     pytest.param(float("inf"), DataStoreValueError, id="inf"),
+    pytest.param(10 ** 400, DataStoreValueError, id="beyond-a-float"),
+    pytest.param(2e9, DataStoreValueError, id="over-1e9"),
 ])
 def test_bad_timeouts_are_refused(path, timeout, error):
     with pytest.raises(error, match="timeout"):
@@ -1920,7 +1996,8 @@ def test_set_of_the_record_that_making_room_moves_keeps_the_new_value(path):
         last = f"k{count - 1:05d}"
         assert max(s._engine.index.values(), key=lambda slot: slot & datastore._SLOT_MASK) \
             == s._engine.index[last.encode()]
-        s.delete("k00003")  # a one-block hole: room for the last record only
+        for i in (3, 5, 7, 9):  # one-block holes: room for the last records only
+            s.delete(f"k{i:05d}")
         s.set(last, {"pad": "x" * 700})  # two blocks: room only once that record moves
         assert_files_match_memory(s)
         assert s.read(last) == {"pad": "x" * 700}
@@ -1930,7 +2007,7 @@ def test_set_of_the_record_that_making_room_moves_keeps_the_new_value(path):
         s.delete(last)
         abandon(s)
     with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
-        assert last not in s and len(s) == count - 2
+        assert last not in s and len(s) == count - 5
 
 
 def test_a_record_written_into_a_free_tail_survives_a_failed_append(path, clock, monkeypatch):
@@ -2764,6 +2841,34 @@ def test_cli_reads_the_json_from_standard_input_for_a_dash(path):
                             capture_output=True, text=True, encoding="utf-8", timeout=60)
     assert result.returncode == 0, result.stderr
     assert cli("--path", path, "read", "k") == (0, '{"from": "stdin", "é": 1}\n', "")
+
+
+@pytest.mark.parametrize("stdin, message", [
+    pytest.param(b'{"name": "\xe9"}', "not valid", id="latin-1"),  # not taken as é
+    pytest.param(b'{"a": 1', "not valid", id="cut-short"),
+    pytest.param(None, "no standard input", id="closed"),
+])
+def test_cli_bad_standard_input_is_a_one_line_error(path, stdin, message):
+    command = [sys.executable, str(HERE / "datastore.py"), "--path", str(path), "set", "k", "-"]
+    if stdin is None:  # run with standard input closed, as `<&-` does
+        command[1:1] = ["-c", "import sys, runpy; sys.stdin.close(); sys.stdin = None; "
+                        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"]
+    result = subprocess.run(command, input=stdin, capture_output=True, timeout=60)
+    err = result.stderr.decode()
+    assert result.returncode == 1 and message in err and err.count("\n") == 1, err
+    assert cli("--path", path, "keys") == (0, "", "")
+
+
+@POSIX_ONLY
+def test_cli_output_to_a_reader_that_left_ends_quietly(path):
+    with DataStore(path) as s:
+        for i in range(3000):  # 96 KB of keys: more than a pipe holds
+            s.create(f"{i:031d}", {})
+    proc = subprocess.Popen([sys.executable, str(HERE / "datastore.py"), "--path", str(path),
+                             "keys"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `| head -0` does
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1 and err == b"", err
 
 
 def test_cli_version_and_empty_keys(path):
