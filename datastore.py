@@ -326,7 +326,8 @@ class KeyNotFoundError(DataStoreError, KeyError):
 
 
 class StoreFullError(DataStoreError):
-    """The write would take the store's files over ``max_bytes``."""
+    """The write would take the store's files over ``max_bytes`` (or, at
+    open, the store already needs more than the ``max_bytes`` given)."""
 
 
 class StoreLockedError(DataStoreError):
@@ -1824,8 +1825,9 @@ class DataStore:
 
     Raises ``StoreLockedError`` if another process (or another ``DataStore`` in
     this one) has it open, ``CorruptStoreError`` if its files are damaged or
-    foreign, and ``DataStoreTypeError``/``DataStoreValueError`` for a bad
-    ``path`` or a ``max_bytes`` below ``MIN_STORE_BYTES``.
+    foreign, ``StoreFullError`` if it holds more than ``max_bytes`` allows,
+    and ``DataStoreTypeError``/``DataStoreValueError`` for a bad ``path``,
+    ``max_bytes`` or ``timeout``.
     """
 
     def __init__(self, path: Any = None, *, max_bytes: int = MAX_STORE_BYTES,
