@@ -2055,6 +2055,7 @@ def test_reopening_a_full_store_changes_nothing_counted(path):
 
 
 @POSIX_ONLY
+@pytest.mark.filterwarnings("ignore:.*multi-threaded, use of fork:DeprecationWarning")
 def test_a_fork_while_another_thread_opens_a_store_leaves_no_lock_in_the_child(
         path, monkeypatch):
     DataStore(path).close()
@@ -2867,7 +2868,8 @@ def test_cli_output_to_a_reader_that_left_ends_quietly(path):
     proc = subprocess.Popen([sys.executable, str(HERE / "datastore.py"), "--path", str(path),
                              "keys"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     proc.stdout.close()  # as `| head -0` does
-    err = proc.stderr.read()
+    with proc.stderr:
+        err = proc.stderr.read()
     assert proc.wait(timeout=60) == 1 and err == b"", err
 
 
