@@ -28,8 +28,8 @@ cap (default)
 
 scale (only with --scale: it takes minutes)
     A store of --scale-keys keys: open time after a clean close and after
-    kill -9, against dbm.dumb opening the same files; memory per key; and
-    compact() with half of 2N keys deleted.
+    kill -9, against dbm.dumb opening the same files; memory per key; len()
+    and keys() on the open store; and compact() with half of 2N keys deleted.
 
 largest (only with --largest: it takes minutes)
     A store of --largest-bytes (1 GiB) filled with the smallest values, about
@@ -83,6 +83,7 @@ MIXED_FULL_OK_ABOVE = 0.90    # StoreFullError is allowed for mixed sizes above 
 OPEN_TARGET, RECOVER_TARGET = 0.2, 0.5  # DataStore's open over dbm.dumb's
 INDEX_BYTES_TARGET = 140      # bytes of Python memory per key after open
 COMPACT_TARGET = 10.0         # seconds for compact() of 1,000,000 live keys
+LEN_TARGET, KEYS_TARGET = 0.050, 1.0  # seconds for len() and keys(), 1,000,000 keys
 
 # The at-the-cap section.
 CAP_DELETE = 0.075   # share of keys deleted after filling until StoreFullError
@@ -736,6 +737,19 @@ def index_memory(path):
     return held
 
 
+def count_and_list(path, rounds):
+    """Seconds for len(store) and store.keys() on an open store, best of rounds."""
+    with DataStore(path) as store:
+        return {name: min(timed(call) for _ in range(rounds))
+                for name, call in (("len", lambda: len(store)), ("keys", store.keys))}
+
+
+def timed(call):
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def compact_cost(folder, n):
     """2n keys, every other one deleted, then compact(): seconds and sizes."""
     path = os.path.join(folder, "half")
@@ -776,12 +790,13 @@ def run_scale(args):
             dumb.append(timed_open(lambda p: dbm.dumb.open(p, "r"), path))
             ours.append(timed_open(DataStore, path))
             killed.append(open_after_kill(path, f"killed-{r}"))
-        progress("scale: memory")
+        progress("scale: memory, len() and keys()")
         memory = index_memory(path)
+        listing = count_and_list(path, rounds)
         keys = n + rounds  # one more key per kill
     with tempfile.TemporaryDirectory() as folder:
         compact = compact_cost(folder, n)
-    report_scale(n, rounds, build, files, dumb, ours, killed, memory / keys, compact)
+    report_scale(n, rounds, build, files, dumb, ours, killed, memory / keys, listing, compact)
 
 
 # --- Section "largest": the most keys a store at max_bytes can hold ----------
@@ -1010,7 +1025,7 @@ def seconds_text(times):
     return f"{min(times):.3f} s{rounds}"
 
 
-def report_scale(n, rounds, build, files, dumb, ours, killed, per_key, compact):
+def report_scale(n, rounds, build, files, dumb, ours, killed, per_key, listing, compact):
     scaled_target = COMPACT_TARGET * n / 1_000_000
     print(f"### Opening and compacting at scale\n\n{n:,} keys of 8 hex characters, "
           f"values of 150 bytes, every other one with a ttl of an hour or more: built "
@@ -1027,6 +1042,10 @@ def report_scale(n, rounds, build, files, dumb, ours, killed, per_key, compact):
           f"| {kill_ratio:.2f}× | ≤ {RECOVER_TARGET}×: {met(kill_ratio <= RECOVER_TARGET)} |")
     print(f"| Python memory per key after a clean open | {per_key:.0f} B | | | "
           f"≤ {INDEX_BYTES_TARGET} B: {met(per_key <= INDEX_BYTES_TARGET)} |")
+    print(f"| len(store), best of {rounds} | {listing['len'] * 1e3:.3f} ms | | | "
+          f"≤ {LEN_TARGET * 1e3:g} ms: {met(listing['len'] <= LEN_TARGET)} |")
+    print(f"| store.keys(), best of {rounds} | {listing['keys'] * 1e3:.0f} ms | | | "
+          f"≤ {KEYS_TARGET * 1e3:g} ms: {met(listing['keys'] <= KEYS_TARGET)} |")
     print(f"| compact(), {n:,} live of {2 * n:,} created | {compact['seconds']:.2f} s | | "
           f"| ≤ {scaled_target:g} s: {met(compact['seconds'] <= scaled_target)} |")
     print(f"\ncompact(): a store with max_bytes {compact['max_bytes']:,} and {2 * n:,} "
