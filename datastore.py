@@ -858,10 +858,6 @@ class _Engine:
         finally:
             if gc_was_on:
                 gc.enable()
-        end = _blocks(self.dat_size)  # what used() will be once a free tail is trimmed
-        used = self.used() - (end - self.free_to.get(end, end)) * _BLOCK
-        if used > self.max_bytes:  # it was filled under a larger max_bytes
-            raise _StoreFull(0, used)
         self.lease = self.seq + _LEASE
         self._write_header(_OPEN)  # before anything else is written
         self.durable_seq = self.seq
@@ -889,8 +885,9 @@ class _Engine:
         blocks, sizes, lines, exps = table
         if len(blocks) != len(keys):
             raise self._damaged(self.dat_path, "the index table does not match .dir")
+        end = max(map(add, map(mul, blocks, repeat(_BLOCK)), sizes), default=0)  # of the last
         if keys and (min(blocks) < 1 or min(sizes) <= _HEAD.size or max(sizes) > _MAX_RECORD
-                     or max(map(add, map(mul, blocks, repeat(_BLOCK)), sizes)) > self.dat_size):
+                     or end > self.dat_size):
             raise self._damaged(self.dat_path, "a record in the index table is out of bounds")
         if not _valid_keys(keys):
             raise self._damaged(self.dir_path, "a key is not 1 to 32 characters of UTF-8")
@@ -906,6 +903,7 @@ class _Engine:
         self.expiries.load(exps, list(map(keys.__getitem__, lines)))
         self.dir_bytes = len(text)
         self.seq = header.seq
+        self._check_room(end)
         self._derive_free(None)
         return True
 
@@ -999,10 +997,21 @@ class _Engine:
         losers, marked, damage, newest = self._scan()
         self.seq = max(header.seq if header else 1, newest + 1)
         self._count_index()
+        last = max(map(and_, self.index.values(), repeat(_SLOT_MASK)), default=0)
+        self._check_room((last >> 16) * _BLOCK + (last & _SIZE_MASK))
         for block, length in losers:  # older copies of keys: never again valid
             self._write_marker(block, length)
         self._derive_free(marked)
         self._report_damage(damage)
+
+    def _check_room(self, end: int) -> None:
+        """Refuse, before anything is written, a store that needs more than
+        max_bytes (it was filled under a larger one): .dat up to `end`, the
+        end of its last record, then .dir and the index table."""
+        needed = max(_blocks(end), 1) * _BLOCK + self.dir_bytes + _table_room(
+            len(self.index), self.expiries.count)
+        if needed > self.max_bytes:
+            raise _StoreFull(0, needed)
 
     def _count_index(self) -> None:
         """Count .dir's lines and list the expiries, for an index from a scan."""
@@ -1843,7 +1852,7 @@ class DataStore:
                                     or not isinstance(timeout, (int, float))):
             raise DataStoreTypeError(
                 f"timeout must be None or a number of seconds, not {type(timeout).__name__}")
-        if timeout is not None and not 0 <= timeout < 1e9:  # 1e9 s: 31 years
+        if timeout is not None and not 0 <= timeout <= 1e9:  # 1e9 s: 31 years
             raise DataStoreValueError(
                 "timeout must be 0 to 1e9 seconds (or None to wait for ever), "
                 f"got {timeout}")
@@ -1870,16 +1879,21 @@ class DataStore:
                 _open_stores[identity] = self
         try:
             self._engine = self._open(lock_path, timeout)
-        except BaseException:
+            info = os.fstat(self._engine.dat)  # the file locked: new, or replaced meanwhile
+            with _open_stores_lock:
+                for identity in self._identities[1:]:  # the data file, as stat saw it
+                    _open_stores.pop(identity, None)
+                self._identities[1:] = [(info.st_dev, info.st_ino)]
+                _open_stores[info.st_dev, info.st_ino] = self
+            self._finalizer = weakref.finalize(self, _finalize, self._mutex, self._engine,
+                                               self._lock, self._pid)
+        except BaseException:  # even KeyboardInterrupt: leave nothing locked
+            if self._engine is not None:
+                self._engine.close_files()
+                self._engine = None
+                self._lock.release()
             self._unregister()
             raise
-        with _open_stores_lock:  # a new store's data file exists only now
-            info = os.fstat(self._engine.dat)
-            if (info.st_dev, info.st_ino) not in self._identities:
-                self._identities.append((info.st_dev, info.st_ino))
-                _open_stores[info.st_dev, info.st_ino] = self
-        self._finalizer = weakref.finalize(self, _finalize, self._mutex, self._engine,
-                                           self._lock, self._pid)
 
     def _open(self, lock_path: str, timeout: Optional[float]) -> _Engine:
         """Take both locks (waiting up to `timeout`) and open the files."""
@@ -1963,9 +1977,10 @@ class DataStore:
         like ``create``, but never ``KeyExistsError``. Writes leave room in
         ``max_bytes`` for one more copy of the largest value stored, which a
         ``set`` may use if its value takes no more 512-byte blocks than the
-        one it replaces and it adds no ttl; so on a full store, replacing
-        values with ones of the same size keeps working. The value is in the
-        files when this returns.
+        one it replaces and it adds no ttl; so on a full store of values of
+        one size, replacing values with ones of the same size keeps working
+        (with several sizes, not always). The value is in the files when
+        this returns.
         """
         self._write(key, value, ttl, replace=True)
 
@@ -2116,7 +2131,7 @@ class DataStore:
         with _open_stores_lock:
             for identity in self._identities:
                 if _open_stores.get(identity) is self:
-                    del _open_stores[identity]
+                    _open_stores.pop(identity, None)
 
     def _write(self, key: str, value: object, ttl: object, replace: bool) -> None:
         """create() (replace=False) or set() (replace=True)."""
@@ -2286,7 +2301,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 output = "\n".join(sorted(store.keys()))
         if args.command in ("read", "ttl", "keys", "check") and (output or args.command != "keys"):
             try:
-                print(output)
+                print(output, flush=True)  # a reader that left shows here, not at exit
             except UnicodeEncodeError as exc:
                 raise DataStoreError(
                     f"the output cannot be written in {sys.stdout.encoding}: {exc.reason}; "
@@ -2303,9 +2318,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _read_stdin() -> bytes:
     """Standard input as bytes, for json.loads to decode: never the locale's
     encoding, which would turn Latin-1 bytes into the wrong characters."""
-    if sys.stdin is None:
-        raise DataStoreValueError("no standard input to read the JSON from")
-    return sys.stdin.buffer.read()
+    try:
+        return sys.stdin.buffer.read()
+    except (AttributeError, ValueError):  # None (started with <&-), or closed
+        raise DataStoreValueError("no standard input to read the JSON from") from None
 
 
 if __name__ == "__main__":

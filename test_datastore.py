@@ -911,21 +911,66 @@ def test_a_lock_file_made_anew_does_not_hide_a_store_open_in_this_process(path):
         assert s.read("k") == {"v": 1}
 
 
-def test_a_store_filled_under_a_larger_max_bytes_is_refused_unchanged(path):
-    with DataStore(path, max_bytes=4 * MIN_STORE_BYTES) as s:
-        count = fill(s, "k")
+@pytest.mark.parametrize("closed", [True, False], ids=["closed", "crashed"])
+@pytest.mark.parametrize("larger", [4, 64])  # 64: .dir too large to trust, so a scan
+def test_a_store_filled_under_a_larger_max_bytes_is_refused_unchanged(path, larger, closed):
+    s = DataStore(path, max_bytes=larger * MIN_STORE_BYTES)
+    count = fill(s, "k", check_cap=False)
+    s.close() if closed else abandon(s)
     before = snapshot(path.parent)
     with pytest.raises(StoreFullError, match=r"more than max_bytes=65536 .* larger max_bytes"):
         DataStore(path, max_bytes=MIN_STORE_BYTES)
     assert snapshot(path.parent) == before  # refused before anything was written
-    with DataStore(path, max_bytes=4 * MIN_STORE_BYTES) as s:  # and not left locked
+    with DataStore(path, max_bytes=larger * MIN_STORE_BYTES) as s:  # and not left locked
         assert len(s) == count
-        for i in range(count * 7 // 8):
+        keep = count // larger // 2
+        for i in range(keep, count):
             s.delete(f"k{i:05d}")
         s.compact()
     with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:  # small enough now
-        assert len(s) == count - count * 7 // 8
+        assert len(s) == keep
         assert files_size(path) <= counted_size(s) <= MIN_STORE_BYTES
+
+
+def test_the_registry_holds_the_data_file_that_was_locked(path, monkeypatch):
+    DataStore(path).close()
+    stale = (0, 12345)  # as if path.dat was replaced while the opener waited
+    monkeypatch.setattr(datastore, "_file_identity", lambda name: [stale])
+    with DataStore(path) as s:
+        held = os.fstat(s._engine.dat)
+        lock = os.stat(f"{path}.lock")
+        assert s._identities == [(lock.st_dev, lock.st_ino), (held.st_dev, held.st_ino)]
+        assert stale not in datastore._open_stores
+        assert datastore._open_stores[held.st_dev, held.st_ino] is s
+    assert not datastore._open_stores
+
+
+class InterruptAtSecondUse:
+    """A lock whose second use raises KeyboardInterrupt (Ctrl-C there)."""
+
+    def __init__(self):
+        self.lock, self.uses = threading.Lock(), 0
+
+    def __enter__(self):
+        self.uses += 1
+        if self.uses == 2:
+            raise KeyboardInterrupt
+        self.lock.acquire()
+
+    def __exit__(self, *exc_info):
+        self.lock.release()
+
+
+@POSIX_ONLY
+def test_an_interrupt_just_after_the_files_are_open_leaves_nothing_locked(path, monkeypatch):
+    DataStore(path).close()
+    monkeypatch.setattr(datastore, "_open_stores_lock", InterruptAtSecondUse())
+    with pytest.raises(KeyboardInterrupt):
+        DataStore(path)  # the second use: just after the files are open and locked
+    monkeypatch.undo()
+    assert run_python(OPEN_IN_CHILD, path).stdout == "opened\n"
+    assert not datastore._open_stores
+    DataStore(path).close()
 
 
 @pytest.fixture
@@ -1049,6 +1094,7 @@ def test_bad_timeouts_are_refused(path, timeout, error):
     with pytest.raises(error, match="timeout"):
         DataStore(path, timeout=timeout)
     assert not path.parent.joinpath("store.dat").exists()
+    DataStore(path, timeout=1e9).close()  # the largest allowed
 
 
 @POSIX_ONLY
@@ -2861,12 +2907,14 @@ def test_cli_bad_standard_input_is_a_one_line_error(path, stdin, message):
 
 
 @POSIX_ONLY
-def test_cli_output_to_a_reader_that_left_ends_quietly(path):
+@pytest.mark.parametrize("keys", [1, 3000])  # 96 KB of keys: more than a pipe holds
+def test_cli_output_to_a_reader_that_left_ends_quietly(path, keys):
     with DataStore(path) as s:
-        for i in range(3000):  # 96 KB of keys: more than a pipe holds
+        for i in range(keys):
             s.create(f"{i:031d}", {})
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen([sys.executable, str(HERE / "datastore.py"), "--path", str(path),
-                             "keys"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "keys"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     proc.stdout.close()  # as `| head -0` does
     with proc.stderr:
         err = proc.stderr.read()
