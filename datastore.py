@@ -1014,9 +1014,15 @@ class _Engine:
             raise _StoreFull(0, needed)
 
     def _count_index(self) -> None:
-        """Count .dir's lines and list the expiries, for an index from a scan."""
-        self.dir_bytes = sum(_line_length(key, (slot >> 16) & _BLOCK_MASK, slot & _SIZE_MASK)
-                             for key, slot in self.index.items())
+        """Count .dir's lines and list the expiries, for an index from a scan.
+        (The sum of _line_length over the index, in bulk: map() runs in C.)"""
+        keys, slots = list(self.index), list(self.index.values())
+        offsets = map(mul, map(and_, map(rshift, slots, repeat(16)), repeat(_BLOCK_MASK)),
+                      repeat(_BLOCK))
+        self.dir_bytes = (sum(map(len, map(repr, map(bytes.decode, keys, repeat("latin-1")))))
+                          + sum(map(len, map(str, offsets)))
+                          + sum(map(len, map(str, map(and_, slots, repeat(_SIZE_MASK)))))
+                          + 7 * len(keys))
         expiring = [key for key, slot in self.index.items() if slot >> 48]
         self.expiries.load([self.index[key] >> 48 for key in expiring], expiring)
 
