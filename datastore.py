@@ -1522,6 +1522,11 @@ class _Engine:
         durable = False
         end = _blocks(self.dat_size)
         found = None
+
+        def unpass() -> None:  # .dat still holds them: back into the free map
+            for start, length in passed:
+                self._add_free(start, length)
+
         try:
             while len(moved) < limit:
                 if end in self.free_to:  # out of the free map: no copy may land there
@@ -1551,20 +1556,17 @@ class _Engine:
                 self._sync()
         except OSError:
             self.stale.extend(moved)
-            for start, length in passed:
-                self._add_free(start, length)
+            unpass()
             raise
         if not moved:
-            for start, length in passed:
-                self._add_free(start, length)
+            unpass()
             if found is not None:  # the last record fits no free extent
                 self.stuck = (_blocks(self.dat_size), _blocks(len(found[3])))
             return 0
         try:
             os.ftruncate(self.dat, end * _BLOCK)
         except OSError:
-            for start, length in passed:
-                self._add_free(start, length)
+            unpass()
             for key, old in moved:  # the originals stay: invalidate each
                 self._supersede(key, old)
         else:
@@ -2137,7 +2139,7 @@ class DataStore:
         with _open_stores_lock:
             for identity in self._identities:
                 if _open_stores.get(identity) is self:
-                    _open_stores.pop(identity, None)
+                    del _open_stores[identity]
 
     def _write(self, key: str, value: object, ttl: object, replace: bool) -> None:
         """create() (replace=False) or set() (replace=True)."""
