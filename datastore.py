@@ -211,10 +211,11 @@ _LARGEST_STORE = 1 << 40
 
 # Records start at multiples of this many bytes, as in dbm.dumb.
 _BLOCK = 512
-# A record's head: magic, kind, key length, 0, sequence number, expires_at,
-# length, CRC-32. _FIELDS is the same without the CRC, which covers it.
-_HEAD = struct.Struct("<4sBBHQdII")
-_FIELDS = struct.Struct("<4sBBHQdI")
+# A record's head: magic, kind, key length, 0, sequence number, expires_at
+# (the bits of the float64, as in the index below), length, CRC-32. _FIELDS
+# is the same without the CRC, which covers it.
+_HEAD = struct.Struct("<4sBBHQQII")
+_FIELDS = struct.Struct("<4sBBHQQI")
 _MAGIC = b"DSr2"
 _VALUE, _FREE, _TABLE = 1, 2, 3
 _MAX_KEY_BYTES = 4 * MAX_KEY_LENGTH
@@ -473,29 +474,28 @@ def _bits_float(bits: int) -> float:
     return float(_FLOAT.unpack(_BITS.pack(bits))[0])
 
 
-def _pack_value(seq: int, key: bytes, expires_at: float, body: bytes) -> bytes:
-    fields = _FIELDS.pack(_MAGIC, _VALUE, len(key), 0, seq, expires_at, len(body))
+def _pack_value(seq: int, key: bytes, exp: int, body: bytes) -> bytes:
+    fields = _FIELDS.pack(_MAGIC, _VALUE, len(key), 0, seq, exp, len(body))
     crc = zlib.crc32(body, zlib.crc32(key, zlib.crc32(fields)))
     return b"".join((fields, crc.to_bytes(4, "little"), key, body))
 
 
 def _pack_marker(kind: int, length: int, body: bytes = b"", seq: int = 0) -> bytes:
     """A free marker (length in blocks) or an index table (its body)."""
-    fields = _FIELDS.pack(_MAGIC, kind, 0, 0, seq, 0.0, length)
+    fields = _FIELDS.pack(_MAGIC, kind, 0, 0, seq, 0, length)
     return fields + zlib.crc32(body, zlib.crc32(fields)).to_bytes(4, "little") + body
 
 
-def _parse_item(buf: bytes, off: int) -> Optional[tuple[int, int, bytes, float, int, int]]:
+def _parse_item(buf: bytes, off: int) -> Optional[tuple[int, int, bytes, int, int, int]]:
     """The valid record or free marker at buf[off:], or None.
 
-    Returns (kind, seq, key, expires_at, length, total bytes). A table longer
+    Returns (kind, seq, key, expiry bits, length, total bytes). A table longer
     than what `buf` holds also gives None: the caller reads it whole.
     """
     if len(buf) - off < _HEAD.size:
         return None
-    magic, kind, key_len, zero, seq, expires_at, length, crc = _HEAD.unpack_from(buf, off)
-    if (magic != _MAGIC or zero or not 0.0 <= expires_at <= _LATEST_EXPIRY
-            or seq >= _MAX_SEQ):
+    magic, kind, key_len, zero, seq, exp, length, crc = _HEAD.unpack_from(buf, off)
+    if magic != _MAGIC or zero or exp > _LATEST_EXPIRY_BITS or seq >= _MAX_SEQ:
         return None
     if kind == _VALUE:
         if not 0 < key_len <= _MAX_KEY_BYTES or length > MAX_VALUE_BYTES:
@@ -509,7 +509,7 @@ def _parse_item(buf: bytes, off: int) -> Optional[tuple[int, int, bytes, float, 
     if end > len(buf) or zlib.crc32(buf[off + _HEAD.size:end],
                                     zlib.crc32(buf[off:off + _HEAD.size - 4])) != crc:
         return None
-    return kind, seq, buf[off + _HEAD.size:off + _HEAD.size + key_len], expires_at, length, total
+    return kind, seq, buf[off + _HEAD.size:off + _HEAD.size + key_len], exp, length, total
 
 
 def _valid_key(key: bytes) -> bool:
@@ -580,23 +580,73 @@ def _read_at(fd: int, size: int, pos: int) -> bytes:
     return data
 
 
-def _candidates(fd: int, size: int, magic: bytes) -> Iterator[tuple[int, bytes, int]]:
-    """(block, buffer, offset) for each block of .dat after the header that
-    starts with `magic`. The buffer holds at least _MAX_RECORD bytes from the
-    offset, or up to the end of the file."""
+def _chunks(fd: int, size: int, head: int) -> Iterator[tuple[int, bytes, range]]:
+    """.dat after the header, a chunk at a time: (block, buffer, starts),
+    where the buffer holds the file from that block on, and `starts` are the
+    offsets in it of the chunk's blocks that hold a whole head of `head`
+    bytes. The buffer holds at least _MAX_RECORD bytes from each of those,
+    or up to the end of the file."""
     pos = _BLOCK
     while pos < size:
         buf = _read_at(fd, min(_SCAN_CHUNK + _MAX_RECORD, size - pos), pos)
-        stop = min(_SCAN_CHUNK, len(buf))
-        off = buf.find(magic, 0, stop + len(magic) - 1)
-        while 0 <= off < stop:
-            if off % _BLOCK == 0:
-                yield (pos + off) // _BLOCK, buf, off
-                off += _BLOCK
-            else:
-                off += _BLOCK - off % _BLOCK
-            off = buf.find(magic, off, stop + len(magic) - 1)
+        yield pos // _BLOCK, buf, range(0, min(_SCAN_CHUNK, len(buf) - head + 1), _BLOCK)
         pos += _SCAN_CHUNK
+
+
+def _head_words(buf: bytes, starts: range) -> Sequence[int]:
+    """The first 8 bytes of the blocks at `starts` (magic, kind, key length
+    and 0), each read as one little-endian number: in bulk, through a
+    memoryview, without a copy where the machine is little-endian."""
+    if not starts:
+        return []
+    size = starts[-1] + 8
+    if sys.byteorder == "little":
+        return memoryview(buf)[:size].cast("Q")[::_BLOCK // 8]
+    words = array("Q", buf[:size])
+    words.byteswap()
+    return words[::_BLOCK // 8]
+
+
+def _head_word(kind: int, key_len: int) -> int:
+    return int.from_bytes(_MAGIC + bytes((kind, key_len, 0, 0)), "little")
+
+
+# What the first 8 bytes of a valid head can be, read as _head_words reads them.
+_VALUE_WORDS = frozenset(_head_word(_VALUE, n) for n in range(1, _MAX_KEY_BYTES + 1))
+_MARKER_WORDS = frozenset((_head_word(_FREE, 0), _head_word(_TABLE, 0)))
+
+
+def _values(first: int, buf: bytes, offs: list[int]
+            ) -> Optional[tuple[list[bytes], list[int], list[int]]]:
+    """For value records with their heads at `offs` in buf (which starts at
+    block `first`), whose first 8 bytes are in _VALUE_WORDS: their keys,
+    slots and sequence numbers; or None if any one of them is not valid. The
+    checks are _parse_item's and _valid_key's, made for all the records at
+    once, which is several times faster than one record at a time."""
+    if not offs:
+        return [], [], []
+    _, _, key_lens, _, seqs, exps, lengths, crcs = zip(*map(_HEAD.unpack_from, repeat(buf), offs))
+    ends = [off + _HEAD.size + key_len + length
+            for off, key_len, length in zip(offs, key_lens, lengths)]
+    if (max(seqs) >= _MAX_SEQ or max(exps) > _LATEST_EXPIRY_BITS
+            or max(lengths) > MAX_VALUE_BYTES or max(ends) > len(buf)):
+        return None
+    crc32 = zlib.crc32
+    if [crc32(buf[off + _HEAD.size:end], crc32(buf[off:off + _FIELDS.size]))
+            for off, end in zip(offs, ends)] != list(crcs):
+        return None
+    keys = [buf[off + _HEAD.size:off + _HEAD.size + key_len]
+            for off, key_len in zip(offs, key_lens)]
+    if not _valid_keys(keys):
+        return None
+    slots = [end - off | (first + off // _BLOCK) << 16 | exp << 48
+             for off, end, exp in zip(offs, ends, exps)]
+    return keys, slots, list(seqs)
+
+
+def _is_value(buf: bytes, off: int) -> bool:
+    item = _parse_item(buf, off)
+    return item is not None and item[0] == _VALUE and _valid_key(item[2])
 
 
 class _Header:
@@ -989,12 +1039,13 @@ class _Engine:
         """Whether .dat holds any valid record or marker of ours (for a file
         whose header is not valid: damaged, or not a store's)."""
         size = os.fstat(self.dat).st_size
-        return any(_parse_item(buf, off) for _, buf, off in _candidates(self.dat, size, _MAGIC))
+        return any(_parse_item(buf, off) for _, buf, starts in _chunks(self.dat, size, _HEAD.size)
+                   for off in starts if buf.startswith(_MAGIC, off))
 
     def _recover(self, header: Optional[_Header]) -> None:
         """Rebuild the index by scanning .dat (see "Why a crash cannot hurt")."""
         self.dat_size = os.fstat(self.dat).st_size
-        losers, marked, damage, newest = self._scan()
+        losers, marked, tables, newest = self._scan()
         self.seq = max(header.seq if header else 1, newest + 1)
         self._count_index()
         last = max(map(and_, self.index.values(), repeat(_SLOT_MASK)), default=0)
@@ -1002,7 +1053,7 @@ class _Engine:
         for block, length in losers:  # older copies of keys: never again valid
             self._write_marker(block, length)
         self._derive_free(marked)
-        self._report_damage(damage)
+        self._report_damage(self._unexplained({**marked, **tables, **dict(losers)}))
 
     def _check_room(self, end: int) -> None:
         """Refuse, before anything is written, a store that needs more than
@@ -1026,56 +1077,73 @@ class _Engine:
         expiring = [key for key, slot in self.index.items() if slot >> 48]
         self.expiries.load([self.index[key] >> 48 for key in expiring], expiring)
 
-    def _scan(self) -> tuple[list[tuple[int, int]], dict[int, int],
-                             list[tuple[int, int]], int]:
+    def _scan(self) -> tuple[list[tuple[int, int]], dict[int, int], dict[int, int], int]:
         """Read every valid item of .dat into the index (newest copy of each key).
 
-        Returns the older copies (block, blocks), the free markers (block ->
-        blocks), the regions no item explains (block, blocks) and the highest
-        sequence number seen.
+        Returns the older copies (block, blocks), the free markers and the
+        index tables (each as block -> blocks), and the highest sequence
+        number seen. Value records are checked a chunk at a time, in bulk
+        (see _values); free markers and tables one by one.
         """
         index = self.index
         newest = 0
         losers: list[tuple[int, int]] = []
         marked: dict[int, int] = {}
-        damage: list[tuple[int, int]] = []
-        explained = 1  # blocks before this one are accounted for
-        for block, buf, off in _candidates(self.dat, self.dat_size, _MAGIC):
-            item = _parse_item(buf, off)
-            if item is None and buf[off + 4:off + 5] == bytes([_TABLE]):  # a long table
-                total = _HEAD.size + _HEAD.unpack_from(buf, off)[6]
-                if (block * _BLOCK + total <= self.dat_size
-                        and total <= self.max_bytes // 16):
-                    item = _parse_item(_read_at(self.dat, total, block * _BLOCK), 0)
-            if item is None:
-                continue
-            kind, seq, key, expires_at, length, total = item
-            if kind == _VALUE and not _valid_key(key):
-                continue
-            if block > explained:
-                damage.append((explained, block - explained))
-            extent = length if kind == _FREE else _blocks(total)
-            explained = max(explained, block + extent)
-            if kind == _FREE:
-                marked[block] = length
-                continue
-            if kind == _TABLE:
-                continue
-            newest = max(newest, seq)
-            slot = total | block << 16 | (_float_bits(expires_at) << 48 if expires_at else 0)
-            old = index.setdefault(key, slot)
-            if old != slot:  # two copies: the higher sequence number wins
-                old_block, old_size = (old >> 16) & _BLOCK_MASK, old & _SIZE_MASK
-                old_seq = _HEAD.unpack(_read_at(self.dat, _HEAD.size, old_block * _BLOCK))[4]
-                if seq > old_seq:
-                    index[key] = slot
-                    losers.append((old_block, _blocks(old_size)))
+        tables: dict[int, int] = {}
+        for first, buf, starts in _chunks(self.dat, self.dat_size, _HEAD.size):
+            words = _head_words(buf, starts)
+            offs = list(compress(starts, map(_VALUE_WORDS.__contains__, words)))
+            values = _values(first, buf, offs)
+            if values is None:  # one or more is not valid: leave those out
+                values = _values(first, buf, [off for off in offs if _is_value(buf, off)])
+                assert values is not None  # the same checks, passed one by one
+            keys, slots, seqs = values
+            indexed = list(map(index.setdefault, keys, slots))
+            if indexed != slots:  # a key has two copies: the higher sequence number wins
+                for key, slot, seq, old in zip(keys, slots, seqs, indexed):
+                    if old != slot:
+                        self._choose(key, slot, seq, old, losers)
+            newest = max(newest, max(seqs, default=0))
+            for off in compress(starts, map(_MARKER_WORDS.__contains__, words)):
+                block = first + off // _BLOCK
+                kind, length = buf[off + 4], _HEAD.unpack_from(buf, off)[6]
+                item = _parse_item(buf, off)
+                if (item is None and kind == _TABLE  # a table longer than buf
+                        and block * _BLOCK + _HEAD.size + length <= self.dat_size
+                        and _HEAD.size + length <= self.max_bytes // 16):
+                    item = _parse_item(_read_at(self.dat, _HEAD.size + length, block * _BLOCK), 0)
+                if item is not None and kind == _FREE:
+                    marked[block] = length
+                elif item is not None:
+                    tables[block] = _blocks(_HEAD.size + length)
+        return losers, marked, tables, newest
+
+    def _choose(self, key: bytes, slot: int, seq: int, old: int,
+                losers: list[tuple[int, int]]) -> None:
+        """Index whichever of two copies of key (its slot and seq, and the
+        slot indexed) has the higher sequence number; the other one loses."""
+        old_seq = _HEAD.unpack(_read_at(self.dat, _HEAD.size, (old >> 16 & _BLOCK_MASK) * _BLOCK))[4]
+        if seq > old_seq:
+            self.index[key] = slot
+        loser = old if seq > old_seq else slot
+        losers.append((loser >> 16 & _BLOCK_MASK, _blocks(loser & _SIZE_MASK)))
+
+    def _unexplained(self, items: dict[int, int]) -> list[tuple[int, int]]:
+        """The regions (block, blocks) of the free extents that no item the
+        scan found (a free marker, an index table or an older copy, as block
+        -> blocks) covers: a torn write, or damage."""
+        damage = []
+        for start, length in self.free_at.items():
+            at, end = start, start + length
+            while at < end:
+                if at in items:
+                    at += items[at]
                 else:
-                    losers.append((block, extent))
-        end = _blocks(self.dat_size)
-        if end > explained:
-            damage.append((explained, end - explained))
-        return losers, marked, damage, newest
+                    region = at
+                    while at < end and at not in items:
+                        at += 1
+                    damage.append((region, at - region))
+        return damage
 
     def _report_damage(self, damage: list[tuple[int, int]]) -> None:
         """Say what recovery skipped. A crash tears at most the one record
@@ -1110,20 +1178,22 @@ class _Engine:
         self.dat_size = os.fstat(self.dat).st_size
         newest: dict[bytes, tuple[int, int, float, Optional[bytes]]] = {}
         older: list[tuple[int, int]] = []
-        for block, buf, off in _candidates(self.dat, self.dat_size, _V1_MAGIC):
-            if len(buf) - off < _V1_HEAD.size:
-                continue
-            _, kind, key_len, _, expires_at, body_len, crc = _V1_HEAD.unpack_from(buf, off)
-            key_at = off + _V1_HEAD.size
-            end = key_at + key_len + body_len
-            if kind not in (1, 2) or end > len(buf) or zlib.crc32(
-                    buf[key_at:end], zlib.crc32(buf[off:key_at - 4])) != crc:
-                continue
-            key = buf[key_at:key_at + key_len]
-            if key in newest:
-                older.append(newest[key][:2])
-            newest[key] = (block, _blocks(end - off), expires_at,
-                           buf[key_at + key_len:end] if kind == 1 else None)
+        for first, buf, starts in _chunks(self.dat, self.dat_size, _V1_HEAD.size):
+            for off in starts:
+                if not buf.startswith(_V1_MAGIC, off):
+                    continue
+                block = first + off // _BLOCK
+                _, kind, key_len, _, expires_at, body_len, crc = _V1_HEAD.unpack_from(buf, off)
+                key_at = off + _V1_HEAD.size
+                end = key_at + key_len + body_len
+                if kind not in (1, 2) or end > len(buf) or zlib.crc32(
+                        buf[key_at:end], zlib.crc32(buf[off:key_at - 4])) != crc:
+                    continue
+                key = buf[key_at:key_at + key_len]
+                if key in newest:
+                    older.append(newest[key][:2])
+                newest[key] = (block, _blocks(end - off), expires_at,
+                               buf[key_at + key_len:end] if kind == 1 else None)
         losers, marked, _, seq = self._scan()  # from a conversion cut short
         self.seq = seq + 1
         self.lease = _MAX_SEQ  # no header write: the 1.0 header stays until the end
@@ -1277,9 +1347,9 @@ class _Engine:
 
         block = self._allocate(size, extra, now)
         old = self.index.get(key)  # again: making room may have moved that very record
-        record = _pack_value(self._next_seq(), key, expires_at, body)
-        self._write_record(block, blocks, record)
         exp = _float_bits(expires_at) if expires_at else 0
+        record = _pack_value(self._next_seq(), key, exp, body)
+        self._write_record(block, blocks, record)
         self.index[key] = size | block << 16 | exp << 48
         self.dir_bytes += _line_length(key, block, size)
         self._count(blocks, 1)

@@ -1965,7 +1965,7 @@ def test_recovery_keeps_the_newest_copy_and_invalidates_the_others(path):
     s._engine._move = lambda limit: 0  # no move may overwrite the older copy
     s.delete("x")  # a free block before "k", so "k" is not at the start of a gap
     engine = s._engine
-    newer = datastore._pack_value(engine.seq + 5, b"k", 0.0, b'{"v":"newer"}')
+    newer = datastore._pack_value(engine.seq + 5, b"k", 0, b'{"v":"newer"}')
     datastore._write_at(engine.dat, newer, datastore._blocks(engine.dat_size) * 512)
     abandon(s)  # two valid copies of "k", the newer one after the older
     with DataStore(path) as s:
