@@ -173,8 +173,8 @@ import zlib
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter, deque
-from itertools import compress, islice, repeat
-from operator import add, and_, lshift, lt, mul, or_, rshift
+from itertools import compress, repeat
+from operator import add, and_, lshift, lt, or_, rshift
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
@@ -522,6 +522,20 @@ def _valid_key(key: bytes) -> bool:
 def _line_length(key: bytes, block: int, size: int) -> int:
     """Bytes of key's line in .dir: ``'key', (offset, size)`` and a newline."""
     return len(repr(key.decode("latin-1"))) + len(str(block * _BLOCK)) + len(str(size)) + 7
+
+
+# The bytes repr() writes as they are, between single quotes.
+_PLAIN_KEY_BYTES = bytes(range(0x20, 0x7F)).translate(None, b"'\\")
+
+
+def _digits(numbers: list[int], scale: int) -> int:
+    """The total of len(str(n * scale)) over numbers >= 0 in ascending order:
+    for each length, the numbers that reach it are found by bisection."""
+    total, power = len(numbers), 10
+    while numbers and numbers[-1] * scale >= power:
+        total += len(numbers) - bisect_left(numbers, -(-power // scale))
+        power *= 10
+    return total
 
 
 def _table_room(keys: int, expiring: int) -> int:
@@ -935,7 +949,10 @@ class _Engine:
         blocks, sizes, lines, exps = table
         if len(blocks) != len(keys):
             raise self._damaged(self.dat_path, "the index table does not match .dir")
-        end = max(map(add, map(mul, blocks, repeat(_BLOCK)), sizes), default=0)  # of the last
+        end = 0  # of the last record, the one that starts last (_derive_free
+        if keys:  # checks that records do not overlap)
+            last = blocks.index(max(blocks))
+            end = blocks[last] * _BLOCK + sizes[last]
         if keys and (min(blocks) < 1 or min(sizes) <= _HEAD.size or max(sizes) > _MAX_RECORD
                      or end > self.dat_size):
             raise self._damaged(self.dat_path, "a record in the index table is out of bounds")
@@ -1068,14 +1085,17 @@ class _Engine:
         """Count .dir's lines and list the expiries, for an index from a scan.
         (The sum of _line_length over the index, in bulk: map() runs in C.)"""
         keys, slots = list(self.index), list(self.index.values())
-        offsets = map(mul, map(and_, map(rshift, slots, repeat(16)), repeat(_BLOCK_MASK)),
-                      repeat(_BLOCK))
-        self.dir_bytes = (sum(map(len, map(repr, map(bytes.decode, keys, repeat("latin-1")))))
-                          + sum(map(len, map(str, offsets)))
-                          + sum(map(len, map(str, map(and_, slots, repeat(_SIZE_MASK)))))
-                          + 7 * len(keys))
-        expiring = [key for key, slot in self.index.items() if slot >> 48]
-        self.expiries.load([self.index[key] >> 48 for key in expiring], expiring)
+        joined = b"".join(keys)
+        if joined.translate(None, _PLAIN_KEY_BYTES):  # some key repr() escapes
+            quoted = sum(map(len, map(repr, map(bytes.decode, keys, repeat("latin-1")))))
+        else:  # each key between two quotes
+            quoted = len(joined) + 2 * len(keys)
+        blocks = sorted(map(rshift, map(and_, slots, repeat(_SLOT_MASK)), repeat(16)))  # quick:
+        sizes = Counter(map(and_, slots, repeat(_SIZE_MASK)))           # in order after a scan
+        self.dir_bytes = (quoted + _digits(blocks, _BLOCK) + 7 * len(keys)
+                          + sum(len(str(size)) * count for size, count in sizes.items()))
+        exps = list(map(rshift, slots, repeat(48)))
+        self.expiries.load(list(compress(exps, exps)), list(compress(keys, exps)))
 
     def _scan(self) -> tuple[list[tuple[int, int]], dict[int, int], dict[int, int], int]:
         """Read every valid item of .dat into the index (newest copy of each key).
@@ -1710,15 +1730,16 @@ class _Engine:
         slots = list(self.index.values())
         if not slots:
             return 0, 0
-        lines = [line for line, slot in enumerate(slots) if slot >> 48]
-        keys, expiring = len(slots), len(lines)
+        exps = list(map(rshift, slots, repeat(48)))
+        lines = sorted(compress(range(len(slots)), exps), key=exps.__getitem__)  # the next
+        keys, expiring = len(slots), len(lines)  # open finds them in order: a quick sort
         body = base64.b64encode(b"".join((
             _TABLE_COUNTS.pack(keys, expiring),
             struct.pack(f"<{keys}I", *map(and_, map(rshift, slots, repeat(16)),
                                            repeat(_BLOCK_MASK))),
             struct.pack(f"<{keys}H", *map(and_, slots, repeat(_SIZE_MASK))),
             struct.pack(f"<{expiring}I", *lines),
-            struct.pack(f"<{expiring}Q", *[slots[line] >> 48 for line in lines]))))
+            struct.pack(f"<{expiring}Q", *map(exps.__getitem__, lines)))))
         record = _pack_marker(_TABLE, len(body), body, self.seq)
         block, _ = self._place(len(record))  # used() has counted its room all along
         self._write_record(block, _blocks(len(record)), record)
