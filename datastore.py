@@ -633,17 +633,17 @@ _VALUE_WORDS = frozenset(_head_word(_VALUE, n) for n in range(1, _MAX_KEY_BYTES 
 _MARKER_WORDS = frozenset((_head_word(_FREE, 0), _head_word(_TABLE, 0)))
 
 
-def _values(first: int, buf: bytes, offs: list[int], columns: list[list[int]]
-            ) -> Optional[tuple[list[bytes], list[int], list[int]]]:
-    """For value records with their heads at `offs` in buf (which starts at
-    block `first`), in `columns` (see _head_columns), the first of them in
-    _VALUE_WORDS: their keys, slots and sequence numbers; or None if any one
-    of them is not valid. The checks are _parse_item's and _valid_key's,
-    made for all the records at once, which is several times faster than
-    one record at a time."""
+def _values(first: int, buf: bytes, starts: range, columns: list[Sequence[int]],
+            chosen: list[bool]) -> Optional[tuple[list[bytes], list[int], list[int]]]:
+    """The keys, slots and sequence numbers of the chosen value records of a
+    chunk (see _chunks; `columns` are their heads, from _head_columns, and
+    the first column of each is in _VALUE_WORDS); or None if any one of them
+    is not valid. The checks are _parse_item's and _valid_key's, made for
+    all the records at once, which is several times faster than one by one."""
+    offs = list(compress(starts, chosen))
     if not offs:
         return [], [], []
-    tags, seqs, exps, tails = columns
+    tags, seqs, exps, tails = (list(compress(column, chosen)) for column in columns)
     key_lens = [tag >> 40 for tag in tags]
     lengths = [tail & 0xFFFFFFFF for tail in tails]
     ends = [off + _HEAD.size + key_len + length
@@ -725,10 +725,11 @@ class _Expiries:
         self.keys: list[list[bytes]] = []   # each run's keys, in that order
         self.count = 0
 
-    def load(self, exps: Sequence[int], keys: Sequence[bytes]) -> None:
+    def load(self, exps: Sequence[int], keys: list[bytes]) -> None:
         """Fill an empty instance with keys[i] expiring at exps[i]."""
-        order = sorted(range(len(exps)), key=exps.__getitem__)
-        exps, keys = list(map(exps.__getitem__, order)), list(map(keys.__getitem__, order))
+        if list(exps) != sorted(exps):  # a clean close wrote them in order
+            order = sorted(range(len(exps)), key=exps.__getitem__)
+            exps, keys = list(map(exps.__getitem__, order)), list(map(keys.__getitem__, order))
         for at in range(0, len(exps), self._RUN):
             self.firsts.append(exps[at])
             self.exps.append(array("Q", exps[at:at + self._RUN]))
@@ -955,10 +956,10 @@ class _Engine:
         blocks, sizes, lines, exps = table
         if len(blocks) != len(keys):
             raise self._damaged(self.dat_path, "the index table does not match .dir")
-        end = 0  # of the last record, the one that starts last (_derive_free
-        if keys:  # checks that records do not overlap)
-            last = blocks.index(max(blocks))
-            end = blocks[last] * _BLOCK + sizes[last]
+        # Records do not overlap (_derive_free checks, below), so the one
+        # that starts last ends last: where it ends is all .dat they need.
+        last = blocks.index(max(blocks)) if keys else None
+        end = 0 if last is None else blocks[last] * _BLOCK + sizes[last]
         if keys and (min(blocks) < 1 or min(sizes) <= _HEAD.size or max(sizes) > _MAX_RECORD
                      or end > self.dat_size):
             raise self._damaged(self.dat_path, "a record in the index table is out of bounds")
@@ -976,8 +977,8 @@ class _Engine:
         self.expiries.load(exps, list(map(keys.__getitem__, lines)))
         self.dir_bytes = len(text)
         self.seq = header.seq
+        self._derive_free(None)  # writes nothing
         self._check_room(end)
-        self._derive_free(None)
         return True
 
     def _dir_keys(self, text: bytes) -> list[bytes]:
@@ -1096,8 +1097,10 @@ class _Engine:
             quoted = sum(map(len, map(repr, map(bytes.decode, keys, repeat("latin-1")))))
         else:  # each key between two quotes
             quoted = len(joined) + 2 * len(keys)
-        blocks = sorted(map(rshift, map(and_, slots, repeat(_SLOT_MASK)), repeat(16)))  # quick:
-        sizes = Counter(map(and_, slots, repeat(_SIZE_MASK)))           # in order after a scan
+        # After a scan the index is in .dat's order, so the sort is quick;
+        # sizes repeat, so each one's digits are counted once.
+        blocks = sorted(map(rshift, map(and_, slots, repeat(_SLOT_MASK)), repeat(16)))
+        sizes = Counter(map(and_, slots, repeat(_SIZE_MASK)))
         self.dir_bytes = (quoted + _digits(blocks, _BLOCK) + 7 * len(keys)
                           + sum(len(str(size)) * count for size, count in sizes.items()))
         exps = list(map(rshift, slots, repeat(48)))
@@ -1119,19 +1122,17 @@ class _Engine:
         for first, buf, starts in _chunks(self.dat, self.dat_size, _HEAD.size):
             columns = _head_columns(buf, starts)
             chosen = list(map(_VALUE_WORDS.__contains__, columns[0]))
-            values = _values(first, buf, list(compress(starts, chosen)),
-                             [list(compress(column, chosen)) for column in columns])
+            values = _values(first, buf, starts, columns, chosen)
             if values is None:  # one or more is not valid: leave those out
                 chosen = [ok and _is_value(buf, off) for ok, off in zip(chosen, starts)]
-                values = _values(first, buf, list(compress(starts, chosen)),
-                                 [list(compress(column, chosen)) for column in columns])
+                values = _values(first, buf, starts, columns, chosen)
                 assert values is not None  # the same checks, passed one by one
             keys, slots, seqs = values
             indexed = list(map(index.setdefault, keys, slots))
-            if indexed != slots:  # a key has two copies: the higher sequence number wins
-                for key, slot, seq, old in zip(keys, slots, seqs, indexed):
-                    if old != slot:
-                        self._choose(key, slot, seq, old, losers)
+            if indexed != slots:  # some key has another copy
+                for key, slot, seq, other in zip(keys, slots, seqs, indexed):
+                    if other != slot:
+                        self._choose(key, slot, seq, losers)
             newest = max(newest, max(seqs, default=0))
             for off in compress(starts, map(_MARKER_WORDS.__contains__, columns[0])):
                 block = first + off // _BLOCK
@@ -1147,10 +1148,10 @@ class _Engine:
                     tables[block] = _blocks(_HEAD.size + length)
         return losers, marked, tables, newest
 
-    def _choose(self, key: bytes, slot: int, seq: int, old: int,
-                losers: list[tuple[int, int]]) -> None:
-        """Index whichever of two copies of key (its slot and seq, and the
-        slot indexed) has the higher sequence number; the other one loses."""
+    def _choose(self, key: bytes, slot: int, seq: int, losers: list[tuple[int, int]]) -> None:
+        """Of a copy of key (its slot and seq) and the one indexed now, index
+        the one with the higher sequence number; add the other to losers."""
+        old = self.index[key]
         old_seq = _HEAD.unpack(_read_at(self.dat, _HEAD.size, (old >> 16 & _BLOCK_MASK) * _BLOCK))[4]
         if seq > old_seq:
             self.index[key] = slot
