@@ -7,7 +7,8 @@
     ...     store.read("ada")["born"]
     1815
 
-Copy this file into your project; its only dependency is ``fasteners``.
+Copy ``datastore.py`` into your project (its only dependency is ``fasteners``),
+or install the package ``datastore-kv``; either way, ``import datastore``.
 The interface::
 
     store = DataStore(path=None, *, max_bytes=MAX_STORE_BYTES, timeout=0)
@@ -47,100 +48,6 @@ Guarantees
   failures such as a full disk, the ``OSError`` it raised), and a call that
   raises changes nothing a later call could observe.
 
-On disk
--------
-A store named ``path`` is ``path.dat``, ``path.dir`` and ``path.lock`` (for the
-inter-process lock). ``.dat`` and ``.dir`` have the format of a ``dbm.dumb``
-database: after a clean ``close()``, ``dbm.dumb.open(path, "r")`` opens the
-store and lists exactly its live keys. The code that reads and writes them is
-ours, not ``dbm.dumb``'s, which opens the files by name for every write,
-appends a ``.dir`` line per new key, never reuses space, and parses ``.dir``
-one ``ast.literal_eval`` at a time.
-
-``.dat`` is a sequence of 512-byte blocks. Block 0 holds the *header*::
-
-    magic "DataStr2" | state (0 closed, 1 open) | next sequence number
-    | size and CRC-32 of .dir | offset and size of the index table | CRC-32
-
-Every other block is either the first block of a *record*, a block inside
-one, or free space. A record starts at a block boundary and describes itself
-with a 32-byte head::
-
-    magic "DSr2" | kind | key length | 0 | sequence number | expires_at
-    | length | CRC-32 of the head, the key and the body
-
-* kind 1, a *value*: the key (UTF-8) and the body (the value as compact JSON)
-  follow the head; expires_at is a ``time.time()`` value, or 0.0 for never.
-* kind 2, a *free marker*: no key or body; ``length`` is the number of blocks
-  of free space that start here.
-* kind 3, the *index table*: written at close, the body is base64 text of
-  the index in binary, in ``.dir``'s line order: each key's block and record
-  size, then the line and expires_at of each key that has a ttl. A clean open
-  takes the keys from ``.dir`` and the rest from here, faster than parsing
-  numbers out of text; ``.dir`` still holds them, for ``dbm.dumb``.
-
-The kind is a byte below 0x20, which JSON and base64 text never contain, and a
-key starts 32 bytes into its block: so nothing a user stores can look like a
-head at a block boundary.
-
-``.dir`` is a snapshot written at a clean close, one line per live key in
-``dbm.dumb``'s text format, ``'key', (offset, size)``, with the key decoded
-as Latin-1 (the key's UTF-8 bytes, one character each).
-
-How a call changes the files
-----------------------------
-The store keeps in memory an index (key -> offset, size and expiry of its
-record), the free extents (by start, by end and by size, merged with free
-neighbours), the keys that have a ttl in order of expiry, and the sizes of the
-files. It changes memory only after the bytes are written.
-
-* ``create`` takes the best-fitting free extent, or appends to ``.dat``. If
-  it splits an extent, it first writes a free marker for the remainder. The
-  write of the record is the *commit point*: from then on the key exists.
-  It leaves room in ``max_bytes`` for one copy of the largest record, which
-  a ``set`` replacing a record with one no larger may use.
-* ``set`` of a live key writes the new record the same way (its commit
-  point), then a free marker over the old one. If the old record was
-  durable (see below), the new one is fsynced first.
-* ``delete`` writes a free marker over the record's head: that write is the
-  commit point. The blocks join the free extents. (If the write fails part
-  way, the head is written back, so a failed delete leaves the value.)
-* An expired key costs nothing when it expires. Each write then reclaims a
-  few expired keys, earliest first, by writing a free marker over each (so a
-  reclaimed key can never come back, even if the clock is set back).
-* Free space at the end of ``.dat`` is given back by truncating the file. When
-  more than a quarter of ``.dat`` is free, each write also moves a batch of
-  records from the end of ``.dat`` into free extents nearer the start, until
-  less than a fifth is: it writes the copies (with new sequence numbers), then
-  truncates the originals away. A create that finds no room moves up to 64
-  records for it before it gives up. ``compact()`` does all of it at once.
-
-Any work after a commit point (freeing, moving, truncating) that fails is
-left for a later call to retry; the call that committed does not raise.
-
-Why a crash cannot hurt
------------------------
-``.dat`` is the truth; ``.dir`` is only a snapshot of the index. Opening a
-store marks its header *open* (fsynced) before anything else is written; only
-a clean ``close()`` marks it *closed*, after ``.dir``, the index table and
-``.dat`` are written and fsynced. The next open trusts ``.dir`` only if the
-header says *closed* and the size and CRC-32 of ``.dir`` match; otherwise it
-scans ``.dat``:
-
-* A record counts only if its CRC-32 matches, so a torn write is never taken
-  for data. Free markers and the index table are recognised too, so the scan
-  can tell free space from damage; damage beyond the one record a crash can
-  tear is logged on the ``datastore`` logger.
-* Each key has at most one valid record at rest. While a record is being
-  moved or replaced there are two, and the higher sequence number wins; the
-  scan then invalidates the other before the store is used. Sequence numbers never go
-  back: the header holds a bound that every number issued while open stays
-  below, and the scan starts above both that bound and every record it saw.
-* A record that an earlier ``sync()`` (or open) made durable is never
-  invalidated or truncated away before its copy is fsynced, so a power cut
-  cannot lose both. A failed fsync refuses further writes until reopened,
-  because the kernel may have dropped the pages it could not write.
-
 Limits
 ------
 * The index lives in memory: about 130 bytes per key (less than ``dbm.dumb``'s
@@ -150,42 +57,57 @@ Limits
   ``path.lock`` and an ``flock`` on ``path.dat`` (POSIX), so that deleting
   ``path.lock`` does not let a second process in. Neither works on network
   file systems. See the README for the traps of each and how they are met.
+
+How it is built
+---------------
+One module per concern, each readable alone, in the order the copy-in file
+``datastore.py`` holds them: ``errors`` (the exceptions), ``codec`` (checking
+keys, values and ttls), ``format`` (the files, field by field), ``space``
+(free extents and expiries), ``locks`` (one process per store), ``recovery``
+(opening: snapshot or scan), ``legacy`` (converting 1.0 stores), ``engine``
+(how each call changes the files), ``store`` (``DataStore`` and the default
+store) and ``cli`` (the command line).
+
+Generated from the package src/datastore by tools/single_file.py: edit those
+modules, not this file, then run the script.
 """
+
 
 from __future__ import annotations
 
+
 import argparse
+from array import array
 import ast
 import base64
+from bisect import bisect_left, bisect_right
 import builtins
+from collections import Counter, deque
 import gc
+from itertools import compress, islice, repeat
 import json
 import logging
+from operator import add, and_, gt, lshift, lt, or_, rshift
 import os
+from pathlib import Path
 import re
 import stat
 import struct
 import sys
 import threading
 import time
+from typing import (
+    Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar,
+)
 import weakref
 import zlib
-from array import array
-from bisect import bisect_left, bisect_right
-from collections import Counter, deque
-from itertools import compress, islice, repeat
-from operator import add, and_, gt, lshift, lt, or_, rshift
-from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 import fasteners  # type: ignore[import-untyped]  # it ships no type hints
 
-if sys.platform != "win32":
-    import fcntl  # flock; on Windows only fasteners' lock on path.lock applies
 
 __version__ = "2.0.0"
 __all__ = [
-    "DataStore", "create", "read", "delete", "set", "get", "keys", "ttl", "close",
+    "DataStore", "create", "read", "delete", "get", "keys", "ttl", "close",
     "MAX_KEY_LENGTH", "MAX_VALUE_BYTES", "MAX_VALUE_DEPTH", "MAX_STORE_BYTES",
     "MIN_STORE_BYTES",
     "DataStoreError", "DataStoreTypeError", "DataStoreValueError",
@@ -194,74 +116,26 @@ __all__ = [
     "StoreFullError", "StoreLockedError", "StoreClosedError",
     "StoreForkedError", "CorruptStoreError",
 ]
+# datastore.set is there too, but not in __all__: `from datastore import *`
+# must not hide the builtin set.
 
-MAX_KEY_LENGTH = 32             # characters (code points)
-MAX_VALUE_BYTES = 16 * 1024     # compact UTF-8 JSON
-MAX_STORE_BYTES = 1024 ** 3     # all of a store's files together, by default
-MIN_STORE_BYTES = 64 * 1024     # room for the header and a few largest values
-MAX_VALUE_DEPTH = 100           # dicts and lists nested in a value, the value included
 
+# --- errors.py ---------------------------------------------------------------
+# The exceptions: one hierarchy rooted at DataStoreError.
+#
+# Each error a user can meet subclasses the builtin a caller would naturally
+# catch (``KeyNotFoundError`` is a ``KeyError``, the argument errors are
+# ``TypeError`` or ``ValueError``), carries the ``key`` and ``path`` it is
+# about, and pickles. The operating system's own failures (a full disk, a
+# folder you may not write) stay the ``OSError`` they are.
+#
+# Two private exceptions are the engine's signals to the facade, which turns
+# them into the public errors with messages that name the store.
+
+# Recovery reports damage here, and upkeep its retried failures. The library
+# configures no handlers.
 _log = logging.getLogger("datastore")
 
-# The latest expiry we accept: 9999-12-31 23:59:59 UTC, the end of datetime.
-_LATEST_EXPIRY = 253402300799
-_LATEST_EXPIRY_BITS = struct.unpack("<Q", struct.pack("<d", _LATEST_EXPIRY))[0]
-# The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
-_LARGEST_STORE = 1 << 40
-
-# Records start at multiples of this many bytes, as in dbm.dumb.
-_BLOCK = 512
-# A record's head: magic, kind, key length, 0, sequence number, expires_at
-# (the bits of the float64, as in the index below), length, CRC-32. _FIELDS
-# is the same without the CRC, which covers it.
-_HEAD = struct.Struct("<4sBBHQQII")
-_FIELDS = struct.Struct("<4sBBHQQI")
-_MAGIC = b"DSr2"
-_VALUE, _FREE, _TABLE = 1, 2, 3
-_MAX_KEY_BYTES = 4 * MAX_KEY_LENGTH
-_MAX_RECORD = _HEAD.size + _MAX_KEY_BYTES + MAX_VALUE_BYTES
-_MAX_BLOCKS = -(-_MAX_RECORD // _BLOCK)  # 33
-# Free extents are binned by length: 1 to _MAX_BLOCKS blocks, then longer.
-_LONG = _MAX_BLOCKS + 1
-
-# The header in block 0: magic, state, next sequence number (closed) or the
-# bound on those issued (open), size and CRC-32 of .dir, offset and size of
-# the index table, CRC-32 of the fields before it.
-_HEADER = struct.Struct("<8sB3xQQIQII")
-_HEADER_MAGIC = b"DataStr2"
-_CLOSED, _OPEN = 0, 1
-_LEASE = 1 << 20  # sequence numbers issued per header write while open
-_MAX_SEQ = 1 << 62  # larger ones in a file are damage (they would overflow)
-# The index table's counts: keys, keys with a ttl (then its arrays).
-_TABLE_COUNTS = struct.Struct("<II")
-
-# The index maps a key to one int: record size | block << 16 | expiry << 48,
-# where expiry is the bits of expires_at as a float64 (0 for never). The bits
-# of non-negative floats order as the floats do, so they compare directly.
-_SIZE_MASK = 0xFFFF
-_BLOCK_MASK = 0xFFFFFFFF
-_SLOT_MASK = (1 << 48) - 1
-_FLOAT = struct.Struct("<d")
-_BITS = struct.Struct("<Q")
-
-# Work a single call may do besides its own: expired keys reclaimed, and
-# records moved toward the start of .dat (one fsync covers a batch), after a
-# write or, at the most, when a create needs the room.
-_RECLAIM_BATCH = 16
-_MOVE_BATCH = 32
-_MOVE_FOR_ROOM = 64
-_SCAN_CHUNK = 1 << 22  # bytes of .dat read at a time by a scan
-
-# Version 1.0 stores, converted at their first open: the header magic, and a
-# record's head (magic, kind 1 value or 2 tombstone, key length, unused,
-# expires_at, body length, CRC-32).
-_V1_HEADER = struct.Struct("<8sB3xQII")
-_V1_HEADER_MAGIC = b"DataStr1"
-_V1_HEAD = struct.Struct("<4sBBBxdII")
-_V1_MAGIC = b"DSr1"
-
-
-# --- Exceptions -----------------------------------------------------------
 
 class DataStoreError(Exception):
     """Base of every error this module raises.
@@ -347,7 +221,41 @@ class CorruptStoreError(DataStoreError):
     """A store file is damaged or is not a store file."""
 
 
-# --- Checking arguments ---------------------------------------------------
+
+def _damaged(path: str, detail: str) -> CorruptStoreError:
+    return CorruptStoreError(f"{path} is damaged: {detail}; move the store "
+                             "away and restore a backup", path=path)
+
+
+class _Locked(Exception):
+    """Another process holds the data file's lock. (DataStore says so.)"""
+
+
+class _StoreFull(Exception):
+    """A write would take the files over max_bytes. (The engine's own signal:
+    DataStore turns it into StoreFullError.)"""
+
+    def __init__(self, needed: int, used: int) -> None:
+        super().__init__(needed, used)
+        self.needed, self.used = needed, used
+
+
+# --- codec.py ----------------------------------------------------------------
+# Checking and encoding what users pass: keys, values and ttls.
+#
+# A key is a ``str`` of 1 to ``MAX_KEY_LENGTH`` characters, stored as UTF-8.
+# A value is a ``dict`` of plain JSON, stored as compact UTF-8 JSON of at most
+# ``MAX_VALUE_BYTES``. A ttl is a whole number of seconds, stored as the
+# ``time.time()`` at which the key expires. Each check raises the error from
+# ``errors`` that names what is wrong.
+
+MAX_KEY_LENGTH = 32             # characters (code points)
+MAX_VALUE_BYTES = 16 * 1024     # compact UTF-8 JSON
+MAX_VALUE_DEPTH = 100           # dicts and lists nested in a value, the value included
+
+# The latest expiry we accept: 9999-12-31 23:59:59 UTC, the end of datetime.
+_LATEST_EXPIRY = 253402300799
+
 
 def _encode_key(key: object) -> tuple[str, bytes]:
     """Return the key as a plain str and as UTF-8, or raise if it is not valid.
@@ -451,19 +359,129 @@ def _expiry(key: str, ttl: object, now: float) -> float:
             key=key)
     return now + ttl
 
-
-def _is_json_object(body: bytes) -> bool:
-    """Whether a record's body is a JSON object, as read() would return it."""
+def _decode_object(body: bytes) -> Optional[dict[str, Any]]:
+    """A record's body as the dict read() returns, or None if it is not a
+    JSON object (a CRC-valid record that is not ours)."""
     try:
-        return isinstance(json.loads(body.decode("utf-8")), dict)
+        value = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        return False
+        return None
+    return value if isinstance(value, dict) else None
 
 
-# --- Records, blocks and files --------------------------------------------
+# --- format.py ---------------------------------------------------------------
+# The on-disk format: each structure described once, field by field, with
+# one function that packs it and one that checks and unpacks it.
+#
+# A store named ``path`` is ``path.dat``, ``path.dir`` and ``path.lock`` (for
+# the inter-process lock, which holds no data). ``.dat`` and ``.dir`` have the
+# format of a ``dbm.dumb`` database: after a clean ``close()``,
+# ``dbm.dumb.open(path, "r")`` opens the store and lists exactly its live keys.
+# The code that reads and writes them is ours, not ``dbm.dumb``'s, which opens
+# the files by name for every write, appends a ``.dir`` line per new key, never
+# reuses space, and parses ``.dir`` one ``ast.literal_eval`` at a time.
+#
+# ``.dat`` is a sequence of 512-byte blocks. Block 0 holds the *header*
+# (``_HEADER``, little-endian, 48 bytes, within one disk sector)::
+#
+#     magic "DataStr2"   8 bytes
+#     state              1 byte: 0 closed cleanly, 1 open (or killed while open)
+#     (zero)             3 bytes
+#     sequence number    8 bytes: closed, the next one to issue; open, a bound
+#                        that every number issued while open stays below
+#     .dir size, CRC-32  8 + 4 bytes: the snapshot a clean close wrote
+#     table offset, size 8 + 4 bytes: where in .dat the index table is
+#     CRC-32             4 bytes, of the fields before it
+#
+# Every other block is the first block of a *record*, a block inside one, or
+# free space. A record starts at a block boundary and describes itself with a
+# 32-byte *head* (``_HEAD``, little-endian)::
+#
+#     magic "DSr2"       4 bytes
+#     kind               1 byte: 1 value, 2 free marker, 3 index table
+#     key length         1 byte: UTF-8 bytes of the key (0 for kinds 2 and 3)
+#     (zero)             2 bytes
+#     sequence number    8 bytes: which of two copies of a key is newer
+#     expires_at         8 bytes: the bits of a float64 time.time() value,
+#                        0 for never (kinds 2 and 3: 0)
+#     length             4 bytes: kind 1, bytes of the body; kind 2, blocks of
+#                        free space that start here; kind 3, bytes of the body
+#     CRC-32             4 bytes, of the head before it, the key and the body
+#
+# * kind 1, a *value*: the key (UTF-8) and the body (the value as compact
+#   JSON) follow the head.
+# * kind 2, a *free marker*: nothing follows the head.
+# * kind 3, the *index table*, written at close: the body is base64 text of
+#   (``_TABLE_COUNTS``) the number of keys and of keys with a ttl, then, in
+#   ``.dir``'s line order, each key's block (4 bytes) and record size (2),
+#   then the line number (4) and expires_at bits (8) of each key with a ttl,
+#   in expiry order. A clean open takes the keys from ``.dir`` and the numbers
+#   from here, faster than parsing them out of text.
+#
+# The kind is a byte below 0x20, which JSON and base64 text never contain, and
+# a key starts 32 bytes into its block: so nothing a user stores can look like
+# a head at a block boundary.
+#
+# ``.dir`` is a snapshot written at a clean close, one line per live key in
+# ``dbm.dumb``'s text format, ``'key', (offset, size)``, with the key decoded
+# as Latin-1 (the key's UTF-8 bytes, one character each); offset and size are
+# the record's, in bytes.
+#
+# In memory, the index maps each key to a *slot*, one int (see ``_slot``):
+# record size in bytes (16 bits) | block (32 bits) << 16 | expires_at bits
+# << 48. The bits of non-negative floats order as the floats do, so expiries
+# compare directly as ints.
+
+# Records start at multiples of this many bytes, as in dbm.dumb.
+_BLOCK = 512
+# A record's head, and the same without the CRC that covers it.
+_HEAD = struct.Struct("<4sBBHQQII")
+_FIELDS = struct.Struct("<4sBBHQQI")
+_MAGIC = b"DSr2"
+_VALUE, _FREE, _TABLE = 1, 2, 3
+_MAX_KEY_BYTES = 4 * MAX_KEY_LENGTH
+_MAX_RECORD = _HEAD.size + _MAX_KEY_BYTES + MAX_VALUE_BYTES
+_MAX_BLOCKS = -(-_MAX_RECORD // _BLOCK)  # 33
+_MAX_SEQ = 1 << 62  # larger sequence numbers in a file are damage (they would overflow)
+# The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
+_LARGEST_STORE = 1 << 40
+
+_HEADER = struct.Struct("<8sB3xQQIQII")
+_HEADER_MAGIC = b"DataStr2"
+_CLOSED, _OPEN = 0, 1
+_TABLE_COUNTS = struct.Struct("<II")
+
+# The index's slots (see the module docstring).
+_SIZE_MASK = 0xFFFF
+_BLOCK_MASK = 0xFFFFFFFF
+_SLOT_MASK = (1 << 48) - 1  # size and block, without the expiry
+_FLOAT = struct.Struct("<d")
+_BITS = struct.Struct("<Q")
+_LATEST_EXPIRY_BITS = struct.unpack("<Q", struct.pack("<d", _LATEST_EXPIRY))[0]
+
+
+# --- Blocks, slots and expiries -------------------------------------------
 
 def _blocks(size: int) -> int:
+    """Blocks that `size` bytes take."""
     return -(-size // _BLOCK)
+
+
+def _slot(size: int, block: int, exp: int = 0) -> int:
+    return size | block << 16 | exp << 48
+
+
+def _slot_size(slot: int) -> int:
+    return slot & _SIZE_MASK
+
+
+def _slot_block(slot: int) -> int:
+    return slot >> 16 & _BLOCK_MASK
+
+
+def _slot_exp(slot: int) -> int:
+    """The expiry's float bits, 0 for never."""
+    return slot >> 48
 
 
 def _float_bits(value: float) -> int:
@@ -473,6 +491,8 @@ def _float_bits(value: float) -> int:
 def _bits_float(bits: int) -> float:
     return float(_FLOAT.unpack(_BITS.pack(bits))[0])
 
+
+# --- Records --------------------------------------------------------------
 
 def _pack_value(seq: int, key: bytes, exp: int, body: bytes) -> bytes:
     fields = _FIELDS.pack(_MAGIC, _VALUE, len(key), 0, seq, exp, len(body))
@@ -490,7 +510,9 @@ def _parse_item(buf: bytes, off: int) -> Optional[tuple[int, int, bytes, int, in
     """The valid record or free marker at buf[off:], or None.
 
     Returns (kind, seq, key, expiry bits, length, total bytes). A table longer
-    than what `buf` holds also gives None: the caller reads it whole.
+    than what `buf` holds also gives None: the caller reads it whole. (The
+    scan in recovery makes the same checks in bulk; a test holds the two to
+    the same answers.)
     """
     if len(buf) - off < _HEAD.size:
         return None
@@ -512,37 +534,19 @@ def _parse_item(buf: bytes, off: int) -> Optional[tuple[int, int, bytes, int, in
     return kind, seq, buf[off + _HEAD.size:off + _HEAD.size + key_len], exp, length, total
 
 
+def _value_body(record: bytes, key: bytes) -> Optional[bytes]:
+    """The body of `record` if it is a whole, valid value record of `key`."""
+    item = _parse_item(record, 0)
+    if item is None or item[0] != _VALUE or item[2] != key or item[5] != len(record):
+        return None
+    return record[_HEAD.size + len(key):]
+
+
 def _valid_key(key: bytes) -> bool:
     try:
         return 1 <= len(key.decode("utf-8")) <= MAX_KEY_LENGTH
     except UnicodeDecodeError:
         return False
-
-
-def _line_length(key: bytes, block: int, size: int) -> int:
-    """Bytes of key's line in .dir: ``'key', (offset, size)`` and a newline."""
-    return len(repr(key.decode("latin-1"))) + len(str(block * _BLOCK)) + len(str(size)) + 7
-
-
-# The bytes repr() writes as they are, between single quotes.
-_PLAIN_KEY_BYTES = bytes(range(0x20, 0x7F)).translate(None, b"'\\")
-
-
-def _digits(numbers: list[int], scale: int) -> int:
-    """The total of len(str(n * scale)) over numbers >= 0 in ascending order:
-    for each length, the numbers that reach it are found by bisection."""
-    total, power = len(numbers), 10
-    while numbers and numbers[-1] * scale >= power:
-        total += len(numbers) - bisect_left(numbers, -(-power // scale))
-        power *= 10
-    return total
-
-
-def _table_room(keys: int, expiring: int) -> int:
-    """Bytes (whole blocks) the index table may add to .dat at close."""
-    if not keys:
-        return 0
-    return _blocks(_HEAD.size + 4 * -(-(_TABLE_COUNTS.size + 6 * keys + 12 * expiring) // 3)) * _BLOCK
 
 
 def _valid_keys(keys: list[bytes]) -> bool:
@@ -561,12 +565,135 @@ def _valid_keys(keys: list[bytes]) -> bool:
         _valid_key(key) for key in keys if len(key) > MAX_KEY_LENGTH)
 
 
+# --- The header -----------------------------------------------------------
+
+def _pack_header(state: int, seq: int, dir_size: int = 0, dir_crc: int = 0,
+                 table: tuple[int, int] = (0, 0)) -> bytes:
+    fields = _HEADER.pack(_HEADER_MAGIC, state, seq, dir_size, dir_crc, *table, 0)
+    return fields[:-4] + zlib.crc32(fields[:-4]).to_bytes(4, "little")
+
+
+class _Header:
+    """The fields of a valid header."""
+
+    def __init__(self, data: bytes) -> None:
+        (_, self.state, self.seq, self.dir_size, self.dir_crc, self.table_pos,
+         self.table_size, _) = _HEADER.unpack(data)
+
+    @staticmethod
+    def parse(data: bytes) -> Optional[_Header]:
+        if (len(data) < _HEADER.size or not data.startswith(_HEADER_MAGIC)
+                or zlib.crc32(data[:_HEADER.size - 4])
+                != int.from_bytes(data[_HEADER.size - 4:_HEADER.size], "little")):
+            return None
+        header = _Header(data[:_HEADER.size])
+        return header if header.state in (_CLOSED, _OPEN) and header.seq < _MAX_SEQ else None
+
+
+# --- The snapshot: .dir and the index table -------------------------------
+
+def _line_length(key: bytes, block: int, size: int) -> int:
+    """Bytes of key's line in .dir (see _pack_dir), newline included."""
+    return len(repr(key.decode("latin-1"))) + len(str(block * _BLOCK)) + len(str(size)) + 7
+
+
+def _pack_dir(index: Iterable[tuple[bytes, int]]) -> bytes:
+    """.dir's text for (key, slot) pairs, a line each."""
+    return b"".join(b"%s, (%d, %d)\n" % (
+        repr(key.decode("latin-1")).encode("latin-1"), _slot_block(slot) * _BLOCK,
+        _slot_size(slot)) for key, slot in index)
+
+
+# The bytes repr() writes as they are, between single quotes.
+_PLAIN_KEY_BYTES = bytes(range(0x20, 0x7F)).translate(None, b"'\\")
+
 # A .dir line, for the common key that repr() writes between single quotes
 # with no escapes (group 1); any other key is read with ast.literal_eval
 # (group 2). Offsets and sizes are groups 3 and 4.
 _DIR_SIMPLE_KEY = re.compile(rb"^'([^'\\\n]*)', \(\d{1,19}, \d{1,5}\)$", re.M)
 _DIR_LINE = re.compile(rb"^(?:'([^'\\\n]*)'|(.+?)), \((\d{1,19}), (\d{1,5})\)$", re.M)
 
+
+def _unpack_dir_keys(text: bytes, path: str) -> list[bytes]:
+    """The keys of .dir's lines, in order, or raise CorruptStoreError. A key
+    repr() wrote between single quotes with no escapes is the common case,
+    read with one regular expression; if any line is not of that kind, every
+    line is read with _DIR_LINE, and the others with ast.literal_eval. (The
+    numbers come from the index table.)"""
+    lines = text.count(b"\n")
+    if text and not text.endswith(b"\n"):
+        raise _damaged(path, "it does not end with a newline")
+    keys: list[bytes] = _DIR_SIMPLE_KEY.findall(text)
+    if len(keys) == lines:
+        return keys
+    entries = _DIR_LINE.findall(text)
+    if len(entries) != lines:
+        raise _damaged(path, "a line is not of dbm.dumb's form")
+    return [simple or _literal_key(quoted, path) for simple, quoted, _, _ in entries]
+
+
+def _literal_key(quoted: bytes, path: str) -> bytes:
+    try:
+        key = ast.literal_eval(quoted.decode("latin-1"))
+    except Exception:  # whatever literal_eval makes of bad text
+        key = None
+    if not isinstance(key, str):
+        raise _damaged(path, f"bad key {quoted[:80]!r}")
+    return key.encode("latin-1")
+
+
+def _digits(numbers: list[int], scale: int) -> int:
+    """The total of len(str(n * scale)) over numbers >= 0 in ascending order:
+    for each length, the numbers that reach it are found by bisection."""
+    total, power = len(numbers), 10
+    while numbers and numbers[-1] * scale >= power:
+        total += len(numbers) - bisect_left(numbers, -(-power // scale))
+        power *= 10
+    return total
+
+
+def _table_room(keys: int, expiring: int) -> int:
+    """Bytes (whole blocks) the index table of so many keys takes in .dat."""
+    if not keys:
+        return 0
+    return _blocks(_HEAD.size + 4 * -(-(_TABLE_COUNTS.size + 6 * keys + 12 * expiring) // 3)) * _BLOCK
+
+
+def _pack_table(slots: list[int]) -> bytes:
+    """The index table's body for the slots in .dir's line order."""
+    exps = [_slot_exp(slot) for slot in slots]
+    # In expiry order, so that the next open need not sort them.
+    lines = sorted((line for line, exp in enumerate(exps) if exp), key=exps.__getitem__)
+    keys, expiring = len(slots), len(lines)
+    return base64.b64encode(b"".join((
+        _TABLE_COUNTS.pack(keys, expiring),
+        struct.pack(f"<{keys}I", *map(_slot_block, slots)),
+        struct.pack(f"<{keys}H", *map(_slot_size, slots)),
+        struct.pack(f"<{expiring}I", *lines),
+        struct.pack(f"<{expiring}Q", *map(exps.__getitem__, lines)))))
+
+
+def _unpack_table(body: bytes) -> Optional[tuple[Sequence[int], ...]]:
+    """The blocks, sizes, ttl lines and expiries of an index table's body,
+    or None if it is not one."""
+    try:
+        raw = base64.b64decode(body, validate=True)
+    except ValueError:
+        return None
+    if len(raw) < _TABLE_COUNTS.size:
+        return None
+    keys, expiring = _TABLE_COUNTS.unpack_from(raw)
+    if len(raw) != _TABLE_COUNTS.size + 6 * keys + 12 * expiring:
+        return None
+    at = _TABLE_COUNTS.size
+    blocks = struct.unpack_from(f"<{keys}I", raw, at)
+    sizes = struct.unpack_from(f"<{keys}H", raw, at + 4 * keys)
+    lines = struct.unpack_from(f"<{expiring}I", raw, at + 6 * keys)
+    exps = struct.unpack_from(f"<{expiring}Q", raw, at + 6 * keys + 4 * expiring)
+    return blocks, sizes, lines, exps
+
+
+# --- Reading and writing at an offset -------------------------------------
 
 def _write_at(fd: int, data: bytes, pos: int) -> None:
     """Write all of data at pos (seek and write where there is no pwrite)."""
@@ -594,104 +721,6 @@ def _read_at(fd: int, size: int, pos: int) -> bytes:
     return data
 
 
-def _chunks(fd: int, size: int, head: int) -> Iterator[tuple[int, bytes, range]]:
-    """.dat after the header, a chunk at a time: (block, buffer, starts),
-    where the buffer holds the file from that block on, and `starts` are the
-    offsets in it of the chunk's blocks that hold a whole head of `head`
-    bytes. The buffer holds at least _MAX_RECORD bytes from each of those,
-    or up to the end of the file."""
-    pos = _BLOCK
-    while pos < size:
-        buf = _read_at(fd, min(_SCAN_CHUNK + _MAX_RECORD, size - pos), pos)
-        yield pos // _BLOCK, buf, range(0, min(_SCAN_CHUNK, len(buf) - head + 1), _BLOCK)
-        pos += _SCAN_CHUNK
-
-
-def _head_columns(buf: bytes, starts: range) -> list[Sequence[int]]:
-    """The heads at `starts` in buf, as four columns of 64-bit little-endian
-    numbers: magic, kind, key length and 0; sequence number; expires_at;
-    length and CRC-32. Read in bulk, through a memoryview (with no copy
-    where the machine is little-endian): far faster than head by head."""
-    if not starts:
-        return [[], [], [], []]
-    size = starts[-1] + _HEAD.size
-    if sys.byteorder == "little":
-        words: Sequence[int] = memoryview(buf)[:size].cast("Q")
-    else:  # as the machine reads them, then byte-swapped
-        swapped = array("Q", buf[:size])
-        swapped.byteswap()
-        words = swapped
-    return [words[i::_BLOCK // 8] for i in range(_HEAD.size // 8)]
-
-
-def _head_word(kind: int, key_len: int) -> int:
-    return int.from_bytes(_MAGIC + bytes((kind, key_len, 0, 0)), "little")
-
-
-# What the first column of a valid head can hold (see _head_columns).
-_VALUE_WORDS = frozenset(_head_word(_VALUE, n) for n in range(1, _MAX_KEY_BYTES + 1))
-_MARKER_WORDS = frozenset((_head_word(_FREE, 0), _head_word(_TABLE, 0)))
-
-
-def _values(first: int, buf: bytes, starts: range, columns: list[Sequence[int]],
-            chosen: list[bool]) -> Optional[tuple[list[bytes], list[int], list[int]]]:
-    """The keys, slots and sequence numbers of the chosen value records of a
-    chunk (see _chunks; `columns` are their heads, from _head_columns, and
-    the first column of each is in _VALUE_WORDS); or None if any one of them
-    is not valid. The checks are _parse_item's and _valid_key's, made for
-    all the records at once, which is several times faster than one by one."""
-    offs = list(compress(starts, chosen))
-    if not offs:
-        return [], [], []
-    tags, seqs, exps, tails = (list(compress(column, chosen)) for column in columns)
-    key_lens = [tag >> 40 for tag in tags]
-    lengths = [tail & 0xFFFFFFFF for tail in tails]
-    ends = [off + _HEAD.size + key_len + length
-            for off, key_len, length in zip(offs, key_lens, lengths)]
-    if (max(seqs) >= _MAX_SEQ or max(exps) > _LATEST_EXPIRY_BITS
-            or max(lengths) > MAX_VALUE_BYTES or max(ends) > len(buf)):
-        return None
-    crc32 = zlib.crc32
-    if [crc32(buf[off + _HEAD.size:end], crc32(buf[off:off + _FIELDS.size]))
-            for off, end in zip(offs, ends)] != [tail >> 32 for tail in tails]:
-        return None
-    keys = [buf[off + _HEAD.size:off + _HEAD.size + key_len]
-            for off, key_len in zip(offs, key_lens)]
-    if not _valid_keys(keys):
-        return None
-    slots = [end - off | (first + off // _BLOCK) << 16 | exp << 48
-             for off, end, exp in zip(offs, ends, exps)]
-    return keys, slots, seqs
-
-
-def _is_value(buf: bytes, off: int) -> bool:
-    item = _parse_item(buf, off)
-    return item is not None and item[0] == _VALUE and _valid_key(item[2])
-
-
-class _Header:
-    """The fields of a valid header (see _HEADER)."""
-
-    def __init__(self, data: bytes) -> None:
-        (_, self.state, self.seq, self.dir_size, self.dir_crc, self.table_pos,
-         self.table_size, _) = _HEADER.unpack(data)
-
-    @staticmethod
-    def parse(data: bytes) -> Optional[_Header]:
-        if (len(data) < _HEADER.size or not data.startswith(_HEADER_MAGIC)
-                or zlib.crc32(data[:_HEADER.size - 4])
-                != int.from_bytes(data[_HEADER.size - 4:_HEADER.size], "little")):
-            return None
-        header = _Header(data[:_HEADER.size])
-        return header if header.state in (_CLOSED, _OPEN) and header.seq < _MAX_SEQ else None
-
-
-def _is_v1_header(data: bytes) -> bool:
-    return (len(data) >= _V1_HEADER.size and data.startswith(_V1_HEADER_MAGIC)
-            and zlib.crc32(data[:_V1_HEADER.size - 4])
-            == int.from_bytes(data[_V1_HEADER.size - 4:_V1_HEADER.size], "little"))
-
-
 def _fsync(fd: int) -> None:
     """Make fd's writes durable. On macOS, fsync only reaches the drive's
     cache; F_FULLFSYNC asks the drive to write it (where the file system
@@ -706,7 +735,60 @@ def _fsync(fd: int) -> None:
     os.fsync(fd)
 
 
-# --- The keys that have a ttl, in order of expiry -------------------------
+# --- space.py ----------------------------------------------------------------
+# Free space and expiries: the two orders the engine keeps in memory.
+#
+# ``_FreeSpace`` holds the free extents of ``.dat`` (runs of blocks no record
+# holds), merged with their free neighbours, findable by start, by end and by
+# length. ``_Expiries`` holds the keys that have a ttl, in order of expiry.
+# Neither does I/O: the engine writes the free markers and records first, then
+# tells these.
+
+# Free extents are binned by length: 1 to _MAX_BLOCKS blocks, then longer.
+_LONG = _MAX_BLOCKS + 1
+
+
+class _FreeSpace:
+    """The free extents of .dat, as (start block, length in blocks)."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, int] = {}   # start -> length
+        self.to: dict[int, int] = {}   # end -> start
+        # Starts by length (builtins.set: the copy-in file's set() stores a value)
+        self.bins: list[builtins.set[int]] = [builtins.set() for _ in range(_LONG + 1)]
+        self.blocks = 0                # free blocks in all
+
+    def add(self, start: int, length: int) -> None:
+        """Count blocks [start, start + length) free, merged with free neighbours."""
+        before = self.to.get(start)
+        if before is not None:
+            length += self.remove(before)
+            start = before
+        if start + length in self.at:
+            length += self.remove(start + length)
+        self.at[start] = length
+        self.to[start + length] = start
+        self.bins[min(length, _LONG)].add(start)
+        self.blocks += length
+
+    def remove(self, start: int) -> int:
+        """Take the extent that starts at `start` out; return its length."""
+        length = self.at.pop(start)  # may raise KeyError: a bug
+        del self.to[start + length]
+        self.bins[min(length, _LONG)].discard(start)
+        self.blocks -= length
+        return length
+
+    def fitting(self, blocks: int) -> Optional[int]:
+        """The start of a smallest extent of at least `blocks` blocks, or None."""
+        if self.blocks >= blocks:
+            for length in range(blocks, _LONG + 1):
+                if self.bins[length]:
+                    start = self.bins[length].pop()
+                    self.bins[length].add(start)  # pop() then add(): a cheap peek
+                    return start
+        return None
+
 
 class _Expiries:
     """(expiry, key) pairs in ascending order, kept as sorted runs.
@@ -798,19 +880,640 @@ class _Expiries:
         return total
 
 
-# --- The storage engine ---------------------------------------------------
+# --- locks.py ----------------------------------------------------------------
+# Keeping a store to one process: two locks, a registry, fork and exit.
+#
+# A store holds two locks from open to close, and the operating system drops
+# both when the process dies, even by ``kill -9``:
+#
+# * ``fasteners``' ``InterProcessLock`` on ``path.lock``: a POSIX record lock
+#   (``msvcrt.locking`` on Windows). It belongs to the process, so the process
+#   could take it twice, and closing *any* descriptor of the file drops it;
+#   deleting the file lets a second process in. ``timeout`` waits on it.
+# * An ``flock`` on ``path.dat``, through the descriptor the engine holds for
+#   the store's life (``_lock_data_file``). It belongs to that open file, so
+#   deleting ``path.lock`` does not defeat it; a child made by ``fork()``
+#   shares it with the parent.
+#
+# Against the traps of each: a registry of the stores open in this process,
+# keyed by the identity (device, inode) of their lock file and data file,
+# refuses a second open under any spelling of the path, so no second
+# descriptor of the lock file is ever opened; identities are read with
+# ``stat``, never by opening a file. A forked child closes its copies of every
+# store's descriptors at once, without unlocking. A store that is garbage
+# collected, or still open at exit, is closed by ``_finalize``.
 
-class _Locked(Exception):
-    """Another process holds the data file's lock. (DataStore says so.)"""
+if sys.platform != "win32":
+    import fcntl  # flock; on Windows only fasteners' lock on path.lock applies
 
 
-class _StoreFull(Exception):
-    """A write would take the files over max_bytes. (The engine's own signal:
-    DataStore turns it into StoreFullError.)"""
 
-    def __init__(self, needed: int, used: int) -> None:
-        super().__init__(needed, used)
-        self.needed, self.used = needed, used
+def _lock_data_file(fd: int, path: str, deadline: Optional[float]) -> None:
+    """flock .dat's descriptor `fd`, waiting until `deadline` at most, then
+    check that the file at `path` is the one locked (it may have been
+    replaced while we waited). Raises _Locked if either fails."""
+    if sys.platform == "win32":
+        return  # fasteners' lock on path.lock is the only one there
+    delay = 0.005
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _Locked() from None
+            time.sleep(delay)
+            delay = min(2 * delay, 0.1)
+    held, there = os.fstat(fd), os.stat(path)
+    if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
+        raise _Locked()  # replaced while we waited: another opener's now
+
+
+# What we rely on in fasteners (0.18 to 0.20), in one place. InterProcessLock
+# opens path.lock when acquiring and keeps it open; acquire(blocking,
+# timeout=) returns False when it gives up; release() unlocks and closes
+# the file. After a failed acquire the file stays open; we close it through
+# its `lockfile` attribute rather than leave it to the garbage collector.
+# Closing it drops no lock of ours: this process holds none on that file (the
+# registry below makes sure of it).
+
+def _close_unlocked(lock: Any) -> None:
+    lock.lockfile.close()
+
+
+def _file_identity(path: str) -> list[tuple[int, int]]:
+    """[(st_dev, st_ino)] of a file, by os.stat, or [] if there is none."""
+    try:
+        info = os.stat(path)
+    except OSError:  # missing, or unreadable: opening it will say which
+        return []
+    return [(info.st_dev, info.st_ino)]
+
+
+def _lock_file_identity(lock_path: str) -> tuple[int, int]:
+    """(st_dev, st_ino) of a store's lock file, created if missing.
+
+    Taken with os.stat, never by opening the file: closing a descriptor of it
+    would drop a lock this process holds on it through another DataStore.
+    """
+    try:
+        info = os.stat(lock_path)
+    except FileNotFoundError:  # nobody in this process can hold a lock on it
+        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600))
+        info = os.stat(lock_path)
+    if not stat.S_ISREG(info.st_mode):
+        raise CorruptStoreError(f"{lock_path} is not a regular file; move it away",
+                                path=lock_path)
+    return info.st_dev, info.st_ino
+
+
+# Stores open in this process, by the identity of their lock file and data
+# file: a second spelling of the same files (a symbolic link, a bind mount,
+# another letter case on macOS) is refused. Held weakly: a store that is
+# garbage collected leaves, after its finalizer closed it.
+_open_stores: weakref.WeakValueDictionary[tuple[int, int], DataStore] = (
+    weakref.WeakValueDictionary())
+_open_stores_lock = threading.Lock()
+# Every engine with files open (or opening) in this process, for the fork hook.
+_engines: weakref.WeakSet[_Engine] = weakref.WeakSet()
+
+
+def _reserve(store: DataStore, lock_path: str, dat_path: str) -> Optional[list[tuple[int, int]]]:
+    """Register `store` under the identities of its lock file and data file,
+    while it waits for their locks; None if either is open here already.
+    If the lock file was deleted and made anew, the data file still says the
+    store is open here."""
+    with _open_stores_lock:
+        identities = [_lock_file_identity(lock_path)] + _file_identity(dat_path)
+        if any(identity in _open_stores for identity in identities):
+            return None
+        for identity in identities:
+            _open_stores[identity] = store
+        return identities
+
+
+def _hold_data_file(store: DataStore, identities: list[tuple[int, int]], dat_fd: int) -> None:
+    """Once locked, key `store` by the data file it locked (new, or replaced
+    while it waited), not the one stat saw before."""
+    info = os.fstat(dat_fd)
+    with _open_stores_lock:
+        for identity in identities[1:]:
+            _open_stores.pop(identity, None)
+        identities[1:] = [(info.st_dev, info.st_ino)]
+        _open_stores[info.st_dev, info.st_ino] = store
+
+
+def _unreserve(store: DataStore, identities: list[tuple[int, int]]) -> None:
+    with _open_stores_lock:
+        for identity in identities:
+            if _open_stores.get(identity) is store:
+                del _open_stores[identity]
+
+
+def _after_fork_in_child() -> None:
+    """In a child made by fork(): let go of the parent's stores and start the
+    registry's lock afresh (another thread may have held it at the fork).
+
+    The child closes its copies of each store's descriptors and never
+    unlocks: an flock is shared with the parent, which still holds it.
+    """
+    global _open_stores_lock
+    _open_stores_lock = threading.Lock()
+    for engine in list(_engines):  # stores being opened too
+        engine.close_files()
+    _open_stores.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> None:
+    """Close a store that was garbage collected, or still open at exit.
+
+    It runs in whatever thread triggers the collection, so it takes no lock
+    that thread could hold: the registry drops the store by itself, and the
+    store's own mutex is free (any thread inside a call would hold a
+    reference). At exit, a daemon thread may still be inside a call: then it
+    leaves the files to the next open's recovery rather than wait.
+    """
+    if os.getpid() != pid:
+        engine.close_files()  # a forked child: the files and locks are the parent's
+        return
+    if not mutex.acquire(timeout=1.0):
+        return
+    try:
+        engine.close(time.time())
+    except OSError:
+        pass  # not closed cleanly: the next open scans the data file
+    finally:
+        mutex.release()
+        lock.release()
+
+
+# --- recovery.py -------------------------------------------------------------
+# Opening a store: the snapshot after a clean close, a scan after a crash.
+#
+# ``.dat`` is the truth; ``.dir`` is only a snapshot of the index. Opening a
+# store marks its header *open* (fsynced) before anything else is written; only
+# a clean ``close()`` marks it *closed*, after ``.dir``, the index table and
+# ``.dat`` are written and fsynced. The next open trusts ``.dir`` only if the
+# header says *closed* and the size and CRC-32 of ``.dir`` match; otherwise it
+# scans ``.dat``:
+#
+# * A record counts only if its CRC-32 matches, so a torn write is never taken
+#   for data. Free markers and the index table are recognised too, so the scan
+#   can tell free space from damage; damage beyond the one record a crash can
+#   tear is logged on the ``datastore`` logger.
+# * Each key has at most one valid record at rest. While a record is being
+#   moved or replaced there are two, and the higher sequence number wins; the
+#   scan then invalidates the other before the store is used. Sequence numbers never go
+#   back: the header holds a bound that every number issued while open stays
+#   below, and the scan starts above both that bound and every record it saw.
+# * A record that an earlier ``sync()`` (or open) made durable is never
+#   invalidated or truncated away before its copy is fsynced, so a power cut
+#   cannot lose both. A failed fsync refuses further writes until reopened,
+#   because the kernel may have dropped the pages it could not write.
+#
+# Limits
+
+_SCAN_CHUNK = 1 << 22  # bytes of .dat read at a time by a scan
+
+
+def _load_snapshot(engine: _Engine, header: _Header) -> bool:
+    """Load the index from the .dir and index table a clean close wrote.
+
+    The keys come from .dir, in its order; their blocks, sizes and
+    expiries from the table, as binary, which is faster than parsing the
+    same numbers out of .dir's text. Returns False if either does not
+    match the header (then scan .dat). What matches but does not make
+    sense raises CorruptStoreError.
+    """
+    engine.dat_size = os.fstat(engine.dat).st_size
+    if (os.fstat(engine.dir).st_size != header.dir_size
+            or header.dir_size > engine.max_bytes):
+        return False
+    text = _read_at(engine.dir, header.dir_size, 0)
+    table = _read_table(engine, header.table_pos, header.table_size)
+    if zlib.crc32(text) != header.dir_crc or table is None:
+        return False
+    keys = _unpack_dir_keys(text, engine.dir_path)
+    blocks, sizes, lines, exps = table
+    if len(blocks) != len(keys):
+        raise _damaged(engine.dat_path, "the index table does not match .dir")
+    # Records do not overlap (_derive_free checks, below), so the one
+    # that starts last ends last: where it ends is all .dat they need.
+    last = blocks.index(max(blocks)) if keys else None
+    end = 0 if last is None else blocks[last] * _BLOCK + sizes[last]
+    if keys and (min(blocks) < 1 or min(sizes) <= _HEAD.size or max(sizes) > _MAX_RECORD
+                 or end > engine.dat_size):
+        raise _damaged(engine.dat_path, "a record in the index table is out of bounds")
+    if not _valid_keys(keys):
+        raise _damaged(engine.dir_path, "a key is not 1 to 32 characters of UTF-8")
+    if lines and (max(lines) >= len(keys) or len(frozenset(lines)) != len(lines)
+                  or min(exps) <= 0 or max(exps) > _LATEST_EXPIRY_BITS):
+        raise _damaged(engine.dat_path, "bad expiry in the index table")
+    slots = list(map(or_, sizes, map(lshift, blocks, repeat(16))))
+    deque(map(slots.__setitem__, lines, map(or_, map(slots.__getitem__, lines),  # in C:
+                                             map(lshift, exps, repeat(48)))), maxlen=0)
+    engine.index.update(zip(keys, slots))
+    if len(engine.index) != len(keys):
+        raise _damaged(engine.dir_path, "a key is listed twice")
+    engine.expiries.load(exps, list(map(keys.__getitem__, lines)))
+    engine.dir_bytes = len(text)
+    engine.seq = header.seq
+    _derive_free(engine, None)  # writes nothing
+    _check_room(engine, end)
+    return True
+
+
+def _read_table(engine: _Engine, pos: int, size: int) -> Optional[tuple[Sequence[int], ...]]:
+    """The index table's blocks, sizes, ttl lines and expiries (float
+    bits), or None if it is damaged. An empty store has no table."""
+    if not size:
+        return ((), (), (), ()) if not pos else None
+    if (pos % _BLOCK or pos < _BLOCK or pos + size > engine.dat_size
+            or size > engine.max_bytes // 16):  # 6 to 18 bytes a key, 512 or more a key
+        return None
+    item = _parse_item(_read_at(engine.dat, size, pos), 0)
+    if item is None or item[0] != _TABLE or item[5] != size:
+        return None
+    return _unpack_table(_read_at(engine.dat, item[4], pos + _HEAD.size))
+
+
+def _derive_free(engine: _Engine, marked: Optional[dict[int, int]]) -> None:
+    """Make every block no record holds a free extent. With `marked` (the
+    free markers a scan found: block -> length), also write a marker at
+    the start of each extent that has no exact one yet. (In bulk: per
+    record, map() and friends run in C, and only the gaps in Python.)"""
+    slots = sorted(map(and_, engine.index.values(), repeat(_SLOT_MASK)))  # by block
+    starts = list(map(rshift, slots, repeat(16)))
+    lengths = list(map(rshift, map(add, map(and_, slots, repeat(_SIZE_MASK)),
+                                   repeat(_BLOCK - 1)), repeat(9)))
+    ends = [1] + list(map(add, starts, lengths))  # block 0 is the header
+    starts.append(max(_blocks(engine.dat_size), ends[-1]))
+    if any(map(lt, starts, ends)):
+        block = next(compress(starts, map(lt, starts, ends)))
+        raise _damaged(engine.dat_path, f"records overlap at block {block}")
+    for end, start in compress(zip(ends, starts), map(lt, ends, starts)):
+        _new_free(engine, end, start - end, marked)
+    for blocks, count in Counter(lengths).items():
+        engine.by_blocks[blocks] += count
+    engine.largest = max((n for n in range(_MAX_BLOCKS + 1) if engine.by_blocks[n]), default=0)
+
+
+def _new_free(engine: _Engine, start: int, length: int, marked: Optional[dict[int, int]]) -> None:
+    if marked is not None and marked.get(start) != length:
+        engine._write_marker(start, length)
+    engine.free.add(start, length)
+
+
+def _holds_records(engine: _Engine) -> bool:
+    """Whether .dat holds any valid record or marker of ours (for a file
+    whose header is not valid: damaged, or not a store's)."""
+    size = os.fstat(engine.dat).st_size
+    return any(_parse_item(buf, off) for _, buf, starts in _chunks(engine.dat, size, _HEAD.size)
+               for off in starts if buf.startswith(_MAGIC, off))
+
+
+def _recover(engine: _Engine, header: Optional[_Header]) -> None:
+    """Rebuild the index by scanning .dat (see "Why a crash cannot hurt")."""
+    engine.dat_size = os.fstat(engine.dat).st_size
+    losers, marked, tables, newest = _scan(engine)
+    engine.seq = max(header.seq if header else 1, newest + 1)
+    _count_index(engine)
+    last = max(map(and_, engine.index.values(), repeat(_SLOT_MASK)), default=0)
+    _check_room(engine, _slot_block(last) * _BLOCK + _slot_size(last))
+    for block, length in losers:  # older copies of keys: never again valid
+        engine._write_marker(block, length)
+    _derive_free(engine, marked)
+    _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}))
+
+
+def _check_room(engine: _Engine, end: int) -> None:
+    """Refuse, before anything is written, a store that needs more than
+    max_bytes (it was filled under a larger one): .dat up to `end`, the
+    end of its last record, then .dir and the index table."""
+    needed = max(_blocks(end), 1) * _BLOCK + engine.dir_bytes + _table_room(
+        len(engine.index), engine.expiries.count)
+    if needed > engine.max_bytes:
+        raise _StoreFull(0, needed)
+
+
+def _count_index(engine: _Engine) -> None:
+    """Count .dir's lines and list the expiries, for an index from a scan.
+    (The sum of _line_length over the index, in bulk: map() runs in C.)"""
+    keys, slots = list(engine.index), list(engine.index.values())
+    joined = b"".join(keys)
+    if joined.translate(None, _PLAIN_KEY_BYTES):  # some key repr() escapes
+        quoted = sum(map(len, map(repr, map(bytes.decode, keys, repeat("latin-1")))))
+    else:  # each key between two quotes
+        quoted = len(joined) + 2 * len(keys)
+    # After a scan the index is in .dat's order, so the sort is quick;
+    # sizes repeat, so each one's digits are counted once.
+    blocks = sorted(map(rshift, map(and_, slots, repeat(_SLOT_MASK)), repeat(16)))
+    sizes = Counter(map(and_, slots, repeat(_SIZE_MASK)))
+    engine.dir_bytes = (quoted + _digits(blocks, _BLOCK) + 7 * len(keys)
+                        + sum(len(str(size)) * count for size, count in sizes.items()))
+    exps = list(map(rshift, slots, repeat(48)))
+    engine.expiries.load(list(compress(exps, exps)), list(compress(keys, exps)))
+
+
+def _scan(engine: _Engine) -> tuple[list[tuple[int, int]], dict[int, int], dict[int, int], int]:
+    """Read every valid item of .dat into the index (newest copy of each key).
+
+    Returns the older copies (block, blocks), the free markers and the
+    index tables (each as block -> blocks), and the highest sequence
+    number seen. Value records are checked a chunk at a time, in bulk
+    (see _values); free markers and tables one by one.
+    """
+    index = engine.index
+    newest = 0
+    losers: list[tuple[int, int]] = []
+    marked: dict[int, int] = {}
+    tables: dict[int, int] = {}
+    for first, buf, starts in _chunks(engine.dat, engine.dat_size, _HEAD.size):
+        columns = _head_columns(buf, starts)
+        chosen = list(map(_VALUE_WORDS.__contains__, columns[0]))
+        values = _values(first, buf, starts, columns, chosen)
+        if values is None:  # one or more is not valid: leave those out
+            chosen = [ok and _is_value(buf, off) for ok, off in zip(chosen, starts)]
+            values = _values(first, buf, starts, columns, chosen)
+            assert values is not None  # the same checks, passed one by one
+        keys, slots, seqs = values
+        indexed = list(map(index.setdefault, keys, slots))
+        if indexed != slots:  # some key has another copy
+            for key, slot, seq, other in zip(keys, slots, seqs, indexed):
+                if other != slot:
+                    _choose(engine, key, slot, seq, losers)
+        newest = max(newest, max(seqs, default=0))
+        for off in compress(starts, map(_MARKER_WORDS.__contains__, columns[0])):
+            block = first + off // _BLOCK
+            kind, length = buf[off + 4], _HEAD.unpack_from(buf, off)[6]
+            item = _parse_item(buf, off)
+            if (item is None and kind == _TABLE  # a table longer than buf
+                    and block * _BLOCK + _HEAD.size + length <= engine.dat_size
+                    and _HEAD.size + length <= engine.max_bytes // 16):
+                item = _parse_item(_read_at(engine.dat, _HEAD.size + length, block * _BLOCK), 0)
+            if item is not None and kind == _FREE:
+                marked[block] = length
+            elif item is not None:
+                tables[block] = _blocks(_HEAD.size + length)
+    return losers, marked, tables, newest
+
+
+def _choose(engine: _Engine, key: bytes, slot: int, seq: int,
+            losers: list[tuple[int, int]]) -> None:
+    """Of a copy of key (its slot and seq) and the one indexed now, index
+    the one with the higher sequence number; add the other to losers."""
+    old = engine.index[key]
+    old_seq = _HEAD.unpack(_read_at(engine.dat, _HEAD.size, _slot_block(old) * _BLOCK))[4]
+    if seq > old_seq:
+        engine.index[key] = slot
+    loser = old if seq > old_seq else slot
+    losers.append((_slot_block(loser), _blocks(_slot_size(loser))))
+
+
+def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]]:
+    """The regions (block, blocks) of the free extents that no item the
+    scan found (a free marker, an index table or an older copy, as block
+    -> blocks) covers: a torn write, or damage."""
+    damage = []
+    for start, length in engine.free.at.items():
+        at, end = start, start + length
+        while at < end:
+            if at in items:
+                at += items[at]
+            else:
+                region = at
+                while at < end and at not in items:
+                    at += 1
+                damage.append((region, at - region))
+    return damage
+
+
+def _report_damage(engine: _Engine, damage: list[tuple[int, int]]) -> None:
+    """Say what recovery skipped. A crash tears at most the one record
+    (or free marker) being written: more than that is damage, a warning."""
+    skipped = sum(length for _, length in damage) * _BLOCK
+    if len(damage) > 1 or any(length > _MAX_BLOCKS for _, length in damage):
+        _log.warning(
+            "datastore %s: recovered %d keys; skipped %d damaged region(s) "
+            "of %d bytes in all, which a crash alone does not explain",
+            engine.dat_path[:-4], len(engine.index), len(damage), skipped)
+    else:
+        _log.info("datastore %s: recovered %d keys after a crash%s",
+                  engine.dat_path[:-4], len(engine.index),
+                  f"; skipped {skipped} bytes of a torn write" if damage else "")
+
+
+# --- Reading .dat in bulk ------------------------------------------------
+
+def _chunks(fd: int, size: int, head: int) -> Iterator[tuple[int, bytes, range]]:
+    """.dat after the header, a chunk at a time: (block, buffer, starts),
+    where the buffer holds the file from that block on, and `starts` are the
+    offsets in it of the chunk's blocks that hold a whole head of `head`
+    bytes. The buffer holds at least _MAX_RECORD bytes from each of those,
+    or up to the end of the file."""
+    pos = _BLOCK
+    while pos < size:
+        buf = _read_at(fd, min(_SCAN_CHUNK + _MAX_RECORD, size - pos), pos)
+        yield pos // _BLOCK, buf, range(0, min(_SCAN_CHUNK, len(buf) - head + 1), _BLOCK)
+        pos += _SCAN_CHUNK
+
+
+def _head_columns(buf: bytes, starts: range) -> list[Sequence[int]]:
+    """The heads at `starts` in buf, as four columns of 64-bit little-endian
+    numbers: magic, kind, key length and 0; sequence number; expires_at;
+    length and CRC-32. Read in bulk, through a memoryview (with no copy
+    where the machine is little-endian): far faster than head by head."""
+    if not starts:
+        return [[], [], [], []]
+    size = starts[-1] + _HEAD.size
+    if sys.byteorder == "little":
+        words: Sequence[int] = memoryview(buf)[:size].cast("Q")
+    else:  # as the machine reads them, then byte-swapped
+        swapped = array("Q", buf[:size])
+        swapped.byteswap()
+        words = swapped
+    return [words[i::_BLOCK // 8] for i in range(_HEAD.size // 8)]
+
+
+def _head_word(kind: int, key_len: int) -> int:
+    return int.from_bytes(_MAGIC + bytes((kind, key_len, 0, 0)), "little")
+
+
+# What the first column of a valid head can hold (see _head_columns).
+_VALUE_WORDS = frozenset(_head_word(_VALUE, n) for n in range(1, _MAX_KEY_BYTES + 1))
+_MARKER_WORDS = frozenset((_head_word(_FREE, 0), _head_word(_TABLE, 0)))
+
+
+def _values(first: int, buf: bytes, starts: range, columns: list[Sequence[int]],
+            chosen: list[bool]) -> Optional[tuple[list[bytes], list[int], list[int]]]:
+    """The keys, slots and sequence numbers of the chosen value records of a
+    chunk (see _chunks; `columns` are their heads, from _head_columns, and
+    the first column of each is in _VALUE_WORDS); or None if any one of them
+    is not valid. The checks are _parse_item's and _valid_key's, made for
+    all the records at once, which is several times faster than one by one."""
+    offs = list(compress(starts, chosen))
+    if not offs:
+        return [], [], []
+    tags, seqs, exps, tails = (list(compress(column, chosen)) for column in columns)
+    key_lens = [tag >> 40 for tag in tags]
+    lengths = [tail & 0xFFFFFFFF for tail in tails]
+    ends = [off + _HEAD.size + key_len + length
+            for off, key_len, length in zip(offs, key_lens, lengths)]
+    if (max(seqs) >= _MAX_SEQ or max(exps) > _LATEST_EXPIRY_BITS
+            or max(lengths) > MAX_VALUE_BYTES or max(ends) > len(buf)):
+        return None
+    crc32 = zlib.crc32
+    if [crc32(buf[off + _HEAD.size:end], crc32(buf[off:off + _FIELDS.size]))
+            for off, end in zip(offs, ends)] != [tail >> 32 for tail in tails]:
+        return None
+    keys = [buf[off + _HEAD.size:off + _HEAD.size + key_len]
+            for off, key_len in zip(offs, key_lens)]
+    if not _valid_keys(keys):
+        return None
+    slots = [end - off | (first + off // _BLOCK) << 16 | exp << 48
+             for off, end, exp in zip(offs, ends, exps)]
+    return keys, slots, seqs
+
+
+def _is_value(buf: bytes, off: int) -> bool:
+    item = _parse_item(buf, off)
+    return item is not None and item[0] == _VALUE and _valid_key(item[2])
+
+
+# --- legacy.py ---------------------------------------------------------------
+# Stores written by version 1.0, converted in place at their first open.
+#
+# A 1.0 ``.dat`` starts with a header (``_V1_HEADER``: magic "DataStr1",
+# state, sequence number, and two CRC-checked fields) and holds records at
+# 512-byte blocks, each with a head (``_V1_HEAD``): magic "DSr1", kind (1 a
+# value, 2 a tombstone), key length, (unused), expires_at as a float64, body
+# length, CRC-32 of the head before it, the key and the body. The newest
+# record of a key, the one at the highest offset, is the key's state.
+
+_V1_HEADER = struct.Struct("<8sB3xQII")
+_V1_HEADER_MAGIC = b"DataStr1"
+_V1_HEAD = struct.Struct("<4sBBBxdII")
+_V1_MAGIC = b"DSr1"
+
+
+def _is_v1_header(data: bytes) -> bool:
+    return (len(data) >= _V1_HEADER.size and data.startswith(_V1_HEADER_MAGIC)
+            and zlib.crc32(data[:_V1_HEADER.size - 4])
+            == int.from_bytes(data[_V1_HEADER.size - 4:_V1_HEADER.size], "little"))
+
+
+def _remove(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _convert_v1(engine: _Engine) -> None:
+    """Convert a store written by version 1.0, in place.
+
+    The 1.0 header stays until the end, so a crash here converts again: a
+    key's version 2 record, if any, beats its 1.0 records; else its 1.0
+    record at the highest offset wins, as it did in 1.0 (a tombstone
+    there means deleted). Each 1.0 value is copied as a version 2 record,
+    then invalidated; superseded 1.0 records go before tombstones, which
+    until then hide them.
+    """
+    for leftover in (".bak", ".compact.dat", ".compact.dir", ".compact.bak"):
+        _remove(engine.dat_path[:-4] + leftover)  # 1.0's own temporary files
+    engine.dat_size = os.fstat(engine.dat).st_size
+    newest: dict[bytes, tuple[int, int, float, Optional[bytes]]] = {}
+    older: list[tuple[int, int]] = []
+    for first, buf, starts in _chunks(engine.dat, engine.dat_size, _V1_HEAD.size):
+        for off in starts:
+            if not buf.startswith(_V1_MAGIC, off):
+                continue
+            block = first + off // _BLOCK
+            _, kind, key_len, _, expires_at, body_len, crc = _V1_HEAD.unpack_from(buf, off)
+            key_at = off + _V1_HEAD.size
+            end = key_at + key_len + body_len
+            if kind not in (1, 2) or end > len(buf) or zlib.crc32(
+                    buf[key_at:end], zlib.crc32(buf[off:key_at - 4])) != crc:
+                continue
+            key = buf[key_at:key_at + key_len]
+            if key in newest:
+                older.append(newest[key][:2])
+            newest[key] = (block, _blocks(end - off), expires_at,
+                           buf[key_at + key_len:end] if kind == 1 else None)
+    losers, marked, _, seq = _scan(engine)  # from a conversion cut short
+    engine.seq = seq + 1
+    engine.lease = _MAX_SEQ  # no header write: the 1.0 header stays until the end
+    _count_index(engine)
+    tombstones, convert = [], {}
+    for key, (block, length, expires_at, body) in newest.items():
+        if key in engine.index:
+            older.append((block, length))
+        elif body is None:
+            tombstones.append((block, length))
+        elif (not _valid_key(key) or len(body) > MAX_VALUE_BYTES
+              or not 0 <= expires_at <= _LATEST_EXPIRY):
+            raise _damaged(engine.dat_path, f"bad 1.0 record {key!r}")
+        else:
+            convert[key] = (block, length, expires_at, body)
+    for block, length in losers + older + tombstones:
+        engine._write_marker(block, length)
+    holders = {b"\0" + key: _slot(length * _BLOCK, block)  # hold their blocks
+               for key, (block, length, _, _) in convert.items()}
+    engine.index.update(holders)
+    _derive_free(engine, marked)
+    for key, (block, length, expires_at, body) in convert.items():
+        del engine.index[b"\0" + key]
+        engine._count(length, -1)
+        engine._put_record(key, body, expires_at)
+        engine._write_marker(block, length)
+        engine.free.add(block, length)
+    _fsync(engine.dat)  # the copies reach the disk before the new header
+
+
+# --- engine.py ---------------------------------------------------------------
+# The storage engine: records and free space in .dat, the snapshot in .dir.
+#
+# The store keeps in memory an index (key -> offset, size and expiry of its
+# record), the free extents (by start, by end and by size, merged with free
+# neighbours), the keys that have a ttl in order of expiry, and the sizes of the
+# files. It changes memory only after the bytes are written.
+#
+# * ``create`` takes the best-fitting free extent, or appends to ``.dat``. If
+#   it splits an extent, it first writes a free marker for the remainder. The
+#   write of the record is the *commit point*: from then on the key exists.
+#   It leaves room in ``max_bytes`` for one copy of the largest record, which
+#   a ``set`` replacing a record with one no larger may use.
+# * ``set`` of a live key writes the new record the same way (its commit
+#   point), then a free marker over the old one. If the old record was
+#   durable (see below), the new one is fsynced first.
+# * ``delete`` writes a free marker over the record's head: that write is the
+#   commit point. The blocks join the free extents. (If the write fails part
+#   way, the head is written back, so a failed delete leaves the value.)
+# * An expired key costs nothing when it expires. Each write then reclaims a
+#   few expired keys, earliest first, by writing a free marker over each (so a
+#   reclaimed key can never come back, even if the clock is set back).
+# * Free space at the end of ``.dat`` is given back by truncating the file. When
+#   more than a quarter of ``.dat`` is free, each write also moves a batch of
+#   records from the end of ``.dat`` into free extents nearer the start, until
+#   less than a fifth is: it writes the copies (with new sequence numbers), then
+#   truncates the originals away. A create that finds no room moves up to 64
+#   records for it before it gives up. ``compact()`` does all of it at once.
+#
+# Any work after a commit point (freeing, moving, truncating) that fails is
+
+_LEASE = 1 << 20  # sequence numbers issued per header write while open
+
+# Work a single call may do besides its own: expired keys reclaimed, and
+# records moved toward the start of .dat (one fsync covers a batch), after a
+# write or, at the most, when a create needs the room.
+_RECLAIM_BATCH = 16
+_MOVE_BATCH = 32
+_MOVE_FOR_ROOM = 64
 
 
 class _Engine:
@@ -826,13 +1529,9 @@ class _Engine:
     def __init__(self, base: str, max_bytes: int, deadline: Optional[float] = None) -> None:
         self.dat_path, self.dir_path = base + ".dat", base + ".dir"
         self.max_bytes = max_bytes
-        self.index: dict[bytes, int] = {}       # key -> slot (see _SIZE_MASK)
+        self.index: dict[bytes, int] = {}       # key -> slot (see format)
         self.expiries = _Expiries()             # keys that have a ttl
-        self.free_at: dict[int, int] = {}       # free extent: start -> blocks
-        self.free_to: dict[int, int] = {}       # free extent: end -> start
-        # Free extents' starts by length (builtins.set: this module's set() stores a value)
-        self.bins: list[builtins.set[int]] = [builtins.set() for _ in range(_LONG + 1)]
-        self.free_blocks = 0
+        self.free = _FreeSpace()                # blocks no record holds
         self.dat_size = 0     # bytes of .dat, from what was written
         self.dir_bytes = 0    # bytes .dir will hold at close: its lines
         self.seq = 1          # the next sequence number
@@ -848,7 +1547,7 @@ class _Engine:
         _engines.add(self)  # a fork from now on closes the child's copies
         try:
             self.dat = self._open_file(self.dat_path)
-            self._lock(deadline)
+            _lock_data_file(self.dat, self.dat_path, deadline)
             self._load()
         except BaseException:
             self.close_files()
@@ -878,36 +1577,15 @@ class _Engine:
             raise CorruptStoreError(f"{path} is not a regular file; move it away", path=path)
         return fd
 
-    def _lock(self, deadline: Optional[float]) -> None:
-        """Lock .dat for the store's life, waiting until `deadline` at most.
-
-        An flock belongs to this open file, so only closing this descriptor
-        drops it (unlike fasteners' lock on path.lock, which closing any
-        descriptor of that file drops, and which deleting the file defeats).
-        Then check that the file at the path is the one locked.
-        """
-        if sys.platform == "win32":
-            return  # fasteners' lock on path.lock is the only one there
-        delay = 0.005
-        while True:
-            try:
-                fcntl.flock(self.dat, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise _Locked() from None
-                time.sleep(delay)
-                delay = min(2 * delay, 0.1)
-        held, there = os.fstat(self.dat), os.stat(self.dat_path)
-        if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
-            raise _Locked()  # replaced while we waited: another opener's now
-
     def _load(self) -> None:
+        """Read the index: from the snapshot after a clean close, else by
+        scanning .dat (see recovery); convert a 1.0 store. Then mark the
+        header open, before anything else is written."""
         size = os.fstat(self.dat).st_size
         first = _read_at(self.dat, min(size, _HEADER.size), 0)
         header = _Header.parse(first)
         v1 = header is None and _is_v1_header(first)
-        if size and header is None and not v1 and not self._holds_records():
+        if size and header is None and not v1 and not _holds_records(self):
             raise CorruptStoreError(
                 f"{self.dat_path} is not a datastore data file (no valid header "
                 "or record); move it away or open a different path",
@@ -921,11 +1599,11 @@ class _Engine:
         gc.disable()  # loading makes millions of objects, none of them cyclic
         try:
             if v1:
-                self._convert_v1()
-            elif header is not None and header.state == _CLOSED and self._load_snapshot(header):
+                _convert_v1(self)
+            elif header is not None and header.state == _CLOSED and _load_snapshot(self, header):
                 pass
             elif size:
-                self._recover(header)
+                _recover(self, header)
         finally:
             if gc_was_on:
                 gc.enable()
@@ -935,336 +1613,20 @@ class _Engine:
         os.ftruncate(self.dir, 0)  # a stale snapshot: rewritten at close
         self._try(self._trim)
 
-    def _load_snapshot(self, header: _Header) -> bool:
-        """Load the index from the .dir and index table a clean close wrote.
-
-        The keys come from .dir, in its order; their blocks, sizes and
-        expiries from the table, as binary, which is faster than parsing the
-        same numbers out of .dir's text. Returns False if either does not
-        match the header (then scan .dat). What matches but does not make
-        sense raises CorruptStoreError.
-        """
-        self.dat_size = os.fstat(self.dat).st_size
-        if (os.fstat(self.dir).st_size != header.dir_size
-                or header.dir_size > self.max_bytes):
-            return False
-        text = _read_at(self.dir, header.dir_size, 0)
-        table = self._read_table(header.table_pos, header.table_size)
-        if zlib.crc32(text) != header.dir_crc or table is None:
-            return False
-        keys = self._dir_keys(text)
-        blocks, sizes, lines, exps = table
-        if len(blocks) != len(keys):
-            raise self._damaged(self.dat_path, "the index table does not match .dir")
-        # Records do not overlap (_derive_free checks, below), so the one
-        # that starts last ends last: where it ends is all .dat they need.
-        last = blocks.index(max(blocks)) if keys else None
-        end = 0 if last is None else blocks[last] * _BLOCK + sizes[last]
-        if keys and (min(blocks) < 1 or min(sizes) <= _HEAD.size or max(sizes) > _MAX_RECORD
-                     or end > self.dat_size):
-            raise self._damaged(self.dat_path, "a record in the index table is out of bounds")
-        if not _valid_keys(keys):
-            raise self._damaged(self.dir_path, "a key is not 1 to 32 characters of UTF-8")
-        if lines and (max(lines) >= len(keys) or len(builtins.set(lines)) != len(lines)
-                      or min(exps) <= 0 or max(exps) > _LATEST_EXPIRY_BITS):
-            raise self._damaged(self.dat_path, "bad expiry in the index table")
-        slots = list(map(or_, sizes, map(lshift, blocks, repeat(16))))
-        deque(map(slots.__setitem__, lines, map(or_, map(slots.__getitem__, lines),  # in C:
-                                                 map(lshift, exps, repeat(48)))), maxlen=0)
-        self.index.update(zip(keys, slots))
-        if len(self.index) != len(keys):
-            raise self._damaged(self.dir_path, "a key is listed twice")
-        self.expiries.load(exps, list(map(keys.__getitem__, lines)))
-        self.dir_bytes = len(text)
-        self.seq = header.seq
-        self._derive_free(None)  # writes nothing
-        self._check_room(end)
-        return True
-
-    def _dir_keys(self, text: bytes) -> list[bytes]:
-        """The keys of .dir's lines, in order. A key repr() wrote between
-        single quotes with no escapes is the common case, read with one
-        regular expression; if any line is not of that kind, every line is
-        read with _DIR_LINE, and the others with ast.literal_eval."""
-        lines = text.count(b"\n")
-        if text and not text.endswith(b"\n"):
-            raise self._damaged(self.dir_path, "it does not end with a newline")
-        keys: list[bytes] = _DIR_SIMPLE_KEY.findall(text)
-        if len(keys) == lines:
-            return keys
-        entries = _DIR_LINE.findall(text)
-        if len(entries) != lines:
-            raise self._damaged(self.dir_path, "a line is not of dbm.dumb's form")
-        return [simple or self._literal_key(quoted) for simple, quoted, _, _ in entries]
-
-    def _literal_key(self, quoted: bytes) -> bytes:
-        try:
-            key = ast.literal_eval(quoted.decode("latin-1"))
-        except Exception:  # whatever literal_eval makes of bad text
-            key = None
-        if not isinstance(key, str):
-            raise self._damaged(self.dir_path, f"bad key {quoted[:80]!r}")
-        return key.encode("latin-1")
-
-    def _read_table(self, pos: int, size: int) -> Optional[tuple[Sequence[int], ...]]:
-        """The index table's blocks, sizes, ttl lines and expiries (float
-        bits), or None if it is damaged. An empty store has no table."""
-        if not size:
-            return ((), (), (), ()) if not pos else None
-        if (pos % _BLOCK or pos < _BLOCK or pos + size > self.dat_size
-                or size > self.max_bytes // 16):  # 6 to 18 bytes a key, 512 or more a key
-            return None
-        item = _parse_item(_read_at(self.dat, size, pos), 0)
-        if item is None or item[0] != _TABLE or item[5] != size:
-            return None
-        try:
-            raw = base64.b64decode(_read_at(self.dat, item[4], pos + _HEAD.size),
-                                   validate=True)
-        except ValueError:
-            return None
-        if len(raw) < _TABLE_COUNTS.size:
-            return None
-        keys, expiring = _TABLE_COUNTS.unpack_from(raw)
-        if len(raw) != _TABLE_COUNTS.size + 6 * keys + 12 * expiring:
-            return None
-        at = _TABLE_COUNTS.size
-        blocks = struct.unpack_from(f"<{keys}I", raw, at)
-        sizes = struct.unpack_from(f"<{keys}H", raw, at + 4 * keys)
-        lines = struct.unpack_from(f"<{expiring}I", raw, at + 6 * keys)
-        exps = struct.unpack_from(f"<{expiring}Q", raw, at + 6 * keys + 4 * expiring)
-        return blocks, sizes, lines, exps
-
-    def _derive_free(self, marked: Optional[dict[int, int]]) -> None:
-        """Make every block no record holds a free extent. With `marked` (the
-        free markers a scan found: block -> length), also write a marker at
-        the start of each extent that has no exact one yet. (In bulk: per
-        record, map() and friends run in C, and only the gaps in Python.)"""
-        slots = sorted(map(and_, self.index.values(), repeat(_SLOT_MASK)))  # by block
-        starts = list(map(rshift, slots, repeat(16)))
-        lengths = list(map(rshift, map(add, map(and_, slots, repeat(_SIZE_MASK)),
-                                       repeat(_BLOCK - 1)), repeat(9)))
-        ends = [1] + list(map(add, starts, lengths))  # block 0 is the header
-        starts.append(max(_blocks(self.dat_size), ends[-1]))
-        if any(map(lt, starts, ends)):
-            block = next(compress(starts, map(lt, starts, ends)))
-            raise self._damaged(self.dat_path, f"records overlap at block {block}")
-        for end, start in compress(zip(ends, starts), map(lt, ends, starts)):
-            self._new_free(end, start - end, marked)
-        for blocks, count in Counter(lengths).items():
-            self.by_blocks[blocks] += count
-        self.largest = max((n for n in range(_MAX_BLOCKS + 1) if self.by_blocks[n]), default=0)
-
-    def _new_free(self, start: int, length: int, marked: Optional[dict[int, int]]) -> None:
-        if marked is not None and marked.get(start) != length:
-            self._write_marker(start, length)
-        self._add_free(start, length)
-
-    def _holds_records(self) -> bool:
-        """Whether .dat holds any valid record or marker of ours (for a file
-        whose header is not valid: damaged, or not a store's)."""
-        size = os.fstat(self.dat).st_size
-        return any(_parse_item(buf, off) for _, buf, starts in _chunks(self.dat, size, _HEAD.size)
-                   for off in starts if buf.startswith(_MAGIC, off))
-
-    def _recover(self, header: Optional[_Header]) -> None:
-        """Rebuild the index by scanning .dat (see "Why a crash cannot hurt")."""
-        self.dat_size = os.fstat(self.dat).st_size
-        losers, marked, tables, newest = self._scan()
-        self.seq = max(header.seq if header else 1, newest + 1)
-        self._count_index()
-        last = max(map(and_, self.index.values(), repeat(_SLOT_MASK)), default=0)
-        self._check_room((last >> 16) * _BLOCK + (last & _SIZE_MASK))
-        for block, length in losers:  # older copies of keys: never again valid
-            self._write_marker(block, length)
-        self._derive_free(marked)
-        self._report_damage(self._unexplained({**marked, **tables, **dict(losers)}))
-
-    def _check_room(self, end: int) -> None:
-        """Refuse, before anything is written, a store that needs more than
-        max_bytes (it was filled under a larger one): .dat up to `end`, the
-        end of its last record, then .dir and the index table."""
-        needed = max(_blocks(end), 1) * _BLOCK + self.dir_bytes + _table_room(
-            len(self.index), self.expiries.count)
-        if needed > self.max_bytes:
-            raise _StoreFull(0, needed)
-
-    def _count_index(self) -> None:
-        """Count .dir's lines and list the expiries, for an index from a scan.
-        (The sum of _line_length over the index, in bulk: map() runs in C.)"""
-        keys, slots = list(self.index), list(self.index.values())
-        joined = b"".join(keys)
-        if joined.translate(None, _PLAIN_KEY_BYTES):  # some key repr() escapes
-            quoted = sum(map(len, map(repr, map(bytes.decode, keys, repeat("latin-1")))))
-        else:  # each key between two quotes
-            quoted = len(joined) + 2 * len(keys)
-        # After a scan the index is in .dat's order, so the sort is quick;
-        # sizes repeat, so each one's digits are counted once.
-        blocks = sorted(map(rshift, map(and_, slots, repeat(_SLOT_MASK)), repeat(16)))
-        sizes = Counter(map(and_, slots, repeat(_SIZE_MASK)))
-        self.dir_bytes = (quoted + _digits(blocks, _BLOCK) + 7 * len(keys)
-                          + sum(len(str(size)) * count for size, count in sizes.items()))
-        exps = list(map(rshift, slots, repeat(48)))
-        self.expiries.load(list(compress(exps, exps)), list(compress(keys, exps)))
-
-    def _scan(self) -> tuple[list[tuple[int, int]], dict[int, int], dict[int, int], int]:
-        """Read every valid item of .dat into the index (newest copy of each key).
-
-        Returns the older copies (block, blocks), the free markers and the
-        index tables (each as block -> blocks), and the highest sequence
-        number seen. Value records are checked a chunk at a time, in bulk
-        (see _values); free markers and tables one by one.
-        """
-        index = self.index
-        newest = 0
-        losers: list[tuple[int, int]] = []
-        marked: dict[int, int] = {}
-        tables: dict[int, int] = {}
-        for first, buf, starts in _chunks(self.dat, self.dat_size, _HEAD.size):
-            columns = _head_columns(buf, starts)
-            chosen = list(map(_VALUE_WORDS.__contains__, columns[0]))
-            values = _values(first, buf, starts, columns, chosen)
-            if values is None:  # one or more is not valid: leave those out
-                chosen = [ok and _is_value(buf, off) for ok, off in zip(chosen, starts)]
-                values = _values(first, buf, starts, columns, chosen)
-                assert values is not None  # the same checks, passed one by one
-            keys, slots, seqs = values
-            indexed = list(map(index.setdefault, keys, slots))
-            if indexed != slots:  # some key has another copy
-                for key, slot, seq, other in zip(keys, slots, seqs, indexed):
-                    if other != slot:
-                        self._choose(key, slot, seq, losers)
-            newest = max(newest, max(seqs, default=0))
-            for off in compress(starts, map(_MARKER_WORDS.__contains__, columns[0])):
-                block = first + off // _BLOCK
-                kind, length = buf[off + 4], _HEAD.unpack_from(buf, off)[6]
-                item = _parse_item(buf, off)
-                if (item is None and kind == _TABLE  # a table longer than buf
-                        and block * _BLOCK + _HEAD.size + length <= self.dat_size
-                        and _HEAD.size + length <= self.max_bytes // 16):
-                    item = _parse_item(_read_at(self.dat, _HEAD.size + length, block * _BLOCK), 0)
-                if item is not None and kind == _FREE:
-                    marked[block] = length
-                elif item is not None:
-                    tables[block] = _blocks(_HEAD.size + length)
-        return losers, marked, tables, newest
-
-    def _choose(self, key: bytes, slot: int, seq: int, losers: list[tuple[int, int]]) -> None:
-        """Of a copy of key (its slot and seq) and the one indexed now, index
-        the one with the higher sequence number; add the other to losers."""
-        old = self.index[key]
-        old_seq = _HEAD.unpack(_read_at(self.dat, _HEAD.size, (old >> 16 & _BLOCK_MASK) * _BLOCK))[4]
-        if seq > old_seq:
-            self.index[key] = slot
-        loser = old if seq > old_seq else slot
-        losers.append((loser >> 16 & _BLOCK_MASK, _blocks(loser & _SIZE_MASK)))
-
-    def _unexplained(self, items: dict[int, int]) -> list[tuple[int, int]]:
-        """The regions (block, blocks) of the free extents that no item the
-        scan found (a free marker, an index table or an older copy, as block
-        -> blocks) covers: a torn write, or damage."""
-        damage = []
-        for start, length in self.free_at.items():
-            at, end = start, start + length
-            while at < end:
-                if at in items:
-                    at += items[at]
-                else:
-                    region = at
-                    while at < end and at not in items:
-                        at += 1
-                    damage.append((region, at - region))
-        return damage
-
-    def _report_damage(self, damage: list[tuple[int, int]]) -> None:
-        """Say what recovery skipped. A crash tears at most the one record
-        (or free marker) being written: more than that is damage, a warning."""
-        skipped = sum(length for _, length in damage) * _BLOCK
-        if len(damage) > 1 or any(length > _MAX_BLOCKS for _, length in damage):
-            _log.warning(
-                "datastore %s: recovered %d keys; skipped %d damaged region(s) "
-                "of %d bytes in all, which a crash alone does not explain",
-                self.dat_path[:-4], len(self.index), len(damage), skipped)
-        else:
-            _log.info("datastore %s: recovered %d keys after a crash%s",
-                      self.dat_path[:-4], len(self.index),
-                      f"; skipped {skipped} bytes of a torn write" if damage else "")
-
-    def _damaged(self, path: str, detail: str) -> CorruptStoreError:
-        return CorruptStoreError(f"{path} is damaged: {detail}; move the store "
-                                 "away and restore a backup", path=path)
-
-    def _convert_v1(self) -> None:
-        """Convert a store written by version 1.0, in place.
-
-        The 1.0 header stays until the end, so a crash here converts again: a
-        key's version 2 record, if any, beats its 1.0 records; else its 1.0
-        record at the highest offset wins, as it did in 1.0 (a tombstone
-        there means deleted). Each 1.0 value is copied as a version 2 record,
-        then invalidated; superseded 1.0 records go before tombstones, which
-        until then hide them.
-        """
-        for leftover in (".bak", ".compact.dat", ".compact.dir", ".compact.bak"):
-            _remove(self.dat_path[:-4] + leftover)  # 1.0's own temporary files
-        self.dat_size = os.fstat(self.dat).st_size
-        newest: dict[bytes, tuple[int, int, float, Optional[bytes]]] = {}
-        older: list[tuple[int, int]] = []
-        for first, buf, starts in _chunks(self.dat, self.dat_size, _V1_HEAD.size):
-            for off in starts:
-                if not buf.startswith(_V1_MAGIC, off):
-                    continue
-                block = first + off // _BLOCK
-                _, kind, key_len, _, expires_at, body_len, crc = _V1_HEAD.unpack_from(buf, off)
-                key_at = off + _V1_HEAD.size
-                end = key_at + key_len + body_len
-                if kind not in (1, 2) or end > len(buf) or zlib.crc32(
-                        buf[key_at:end], zlib.crc32(buf[off:key_at - 4])) != crc:
-                    continue
-                key = buf[key_at:key_at + key_len]
-                if key in newest:
-                    older.append(newest[key][:2])
-                newest[key] = (block, _blocks(end - off), expires_at,
-                               buf[key_at + key_len:end] if kind == 1 else None)
-        losers, marked, _, seq = self._scan()  # from a conversion cut short
-        self.seq = seq + 1
-        self.lease = _MAX_SEQ  # no header write: the 1.0 header stays until the end
-        self._count_index()
-        tombstones, convert = [], {}
-        for key, (block, length, expires_at, body) in newest.items():
-            if key in self.index:
-                older.append((block, length))
-            elif body is None:
-                tombstones.append((block, length))
-            elif not _valid_key(key) or len(body) > MAX_VALUE_BYTES or not 0 <= expires_at <= _LATEST_EXPIRY:
-                raise self._damaged(self.dat_path, f"bad 1.0 record {key!r}")
-            else:
-                convert[key] = (block, length, expires_at, body)
-        for block, length in losers + older + tombstones:
-            self._write_marker(block, length)
-        holders = {b"\0" + key: length * _BLOCK | block << 16  # hold their blocks
-                   for key, (block, length, _, _) in convert.items()}
-        self.index.update(holders)
-        self._derive_free(marked)
-        for key, (block, length, expires_at, body) in convert.items():
-            del self.index[b"\0" + key]
-            self._count(length, -1)
-            self._put_record(key, body, expires_at)
-            self._write_marker(block, length)
-            self._add_free(block, length)
-        _fsync(self.dat)  # the copies reach the disk before the new header
-
     # --- Reading ---
 
     def slot(self, key: bytes, now: float) -> Optional[int]:
         """key's slot if it has a live record at `now`, else None. No I/O."""
         slot = self.index.get(key)
-        if slot is None or (slot >> 48 and slot >> 48 <= _float_bits(now)):
+        if slot is None:
             return None
-        return slot
+        exp = _slot_exp(slot)
+        return None if exp and exp <= _float_bits(now) else slot
 
     def expires_at(self, key: bytes, now: float) -> Optional[float]:
         """expires_at of key's live record (0.0 for never), or None. No I/O."""
         slot = self.slot(key, now)
-        return None if slot is None else _bits_float(slot >> 48)
+        return None if slot is None else _bits_float(_slot_exp(slot))
 
     def count(self, now: float) -> int:
         """The number of live keys at `now`. No I/O."""
@@ -1274,24 +1636,19 @@ class _Engine:
         """The live keys at `now`, in no particular order. No I/O."""
         now_bits = _float_bits(now)
         return [key for key, slot in self.index.items()
-                if not slot >> 48 or slot >> 48 > now_bits]
+                if not _slot_exp(slot) or _slot_exp(slot) > now_bits]
 
     def get(self, key: bytes, now: float) -> Optional[bytes]:
         """The body of key's live record, or None."""
         slot = self.slot(key, now)
         if slot is None:
             return None
-        size = slot & _SIZE_MASK
-        record = _read_at(self.dat, size, ((slot >> 16) & _BLOCK_MASK) * _BLOCK)
-        key_end = _HEAD.size + len(key)
-        if (len(record) != size or record[:4] != _MAGIC or record[4] != _VALUE
-                or record[_HEAD.size:key_end] != key
-                or zlib.crc32(record[_HEAD.size:], zlib.crc32(record[:_HEAD.size - 4]))
-                != int.from_bytes(record[_HEAD.size - 4:_HEAD.size], "little")):
+        body = _value_body(_read_at(self.dat, _slot_size(slot), _slot_block(slot) * _BLOCK), key)
+        if body is None:
             raise CorruptStoreError(
                 f"the record of {key.decode('utf-8', 'replace')!r} in "
                 f"{self.dat_path} is damaged", path=self.dat_path)
-        return record[key_end:]
+        return body
 
     def records(self) -> Iterator[tuple[bytes, Optional[bytes]]]:
         """(key, body) for every indexed record, expired or not, read from
@@ -1301,6 +1658,11 @@ class _Engine:
                 yield key, self.get(key, 0.0)  # at time 0 nothing has expired
             except CorruptStoreError:
                 yield key, None
+
+    def stats(self, now: float) -> tuple[int, int, int]:
+        """Keys in the index (expired ones not yet reclaimed included), live
+        keys, and bytes of free space inside .dat. No I/O."""
+        return len(self.index), self.count(now), self.free.blocks * _BLOCK
 
     def used(self) -> int:
         """Bytes the files hold or may need at close: .dat (in whole blocks, so
@@ -1322,7 +1684,7 @@ class _Engine:
         """
         self._check_writable()
         old = self.index.get(key)
-        if old is not None and old >> 48 and old >> 48 <= _float_bits(now):
+        if old is not None and _slot_exp(old) and _slot_exp(old) <= _float_bits(now):
             self._drop(key, old)  # expired: its space may serve the new record
             self._try(self._trim)
         old = self._put_record(key, body, expires_at, now)
@@ -1365,11 +1727,11 @@ class _Engine:
             old = self.index.get(key)
             keys, expiring = len(self.index), self.expiries.count
             table = _table_room(keys + (old is None), expiring + bool(expires_at)
-                                - bool(old and old >> 48)) - _table_room(keys, expiring)
+                                - bool(old and _slot_exp(old))) - _table_room(keys, expiring)
             grow = _line_length(key, block, size) + table
             if old is not None:
-                grow -= _line_length(key, (old >> 16) & _BLOCK_MASK, old & _SIZE_MASK)
-                if blocks <= _blocks(old & _SIZE_MASK) and table <= 0:
+                grow -= _line_length(key, _slot_block(old), _slot_size(old))
+                if blocks <= _blocks(_slot_size(old)) and table <= 0:
                     return grow
             if now is None:  # converting a 1.0 store: no set() to keep room for
                 return grow
@@ -1380,14 +1742,14 @@ class _Engine:
         exp = _float_bits(expires_at) if expires_at else 0
         record = _pack_value(self._next_seq(), key, exp, body)
         self._write_record(block, blocks, record)
-        self.index[key] = size | block << 16 | exp << 48
+        self.index[key] = _slot(size, block, exp)
         self.dir_bytes += _line_length(key, block, size)
         self._count(blocks, 1)
         if old is not None:
-            self.dir_bytes -= _line_length(key, (old >> 16) & _BLOCK_MASK, old & _SIZE_MASK)
-            self._count(_blocks(old & _SIZE_MASK), -1)
-            if old >> 48:
-                self.expiries.remove(old >> 48, key)
+            self.dir_bytes -= _line_length(key, _slot_block(old), _slot_size(old))
+            self._count(_blocks(_slot_size(old)), -1)
+            if _slot_exp(old):
+                self.expiries.remove(_slot_exp(old), key)
         if exp:
             self.expiries.add(exp, key)
         return old
@@ -1423,24 +1785,15 @@ class _Engine:
     def _place(self, size: int) -> tuple[int, int]:
         """(block, bytes used() grows by) for a record of `size` bytes: the
         start of the smallest free extent it fits, or the end of .dat."""
-        block = self._fitting_extent(_blocks(size))
+        block = self.free.fitting(_blocks(size))
         if block is not None:
             return block, 0
         return _blocks(self.dat_size), _blocks(size) * _BLOCK
 
-    def _fitting_extent(self, blocks: int) -> Optional[int]:
-        if self.free_blocks >= blocks:
-            for length in range(blocks, _LONG + 1):
-                if self.bins[length]:
-                    start = self.bins[length].pop()
-                    self.bins[length].add(start)  # pop() then add(): a cheap peek
-                    return start
-        return None
-
     def _write_record(self, block: int, blocks: int, record: bytes) -> None:
         """Write record at block: into a free extent (splitting off and marking
         the rest first) or at the end of .dat. Memory changes only after."""
-        length = self.free_at.get(block)
+        length = self.free.at.get(block)
         if length is None:  # appending
             try:
                 _write_at(self.dat, record, block * _BLOCK)
@@ -1457,9 +1810,9 @@ class _Engine:
             self._try(self._write_marker, block, length)  # it may be torn
             raise
         self.dat_size = max(self.dat_size, block * _BLOCK + len(record))  # a tail extent
-        self._remove_free(block)
+        self.free.remove(block)
         if length > blocks:
-            self._add_free(block + blocks, length - blocks)
+            self.free.add(block + blocks, length - blocks)
 
     def _undo_append(self) -> None:
         """After a failed append, cut .dat back, or count what stayed as free."""
@@ -1471,7 +1824,7 @@ class _Engine:
                 start = _blocks(self.dat_size)
                 self.dat_size = size
                 if _blocks(size) > start:
-                    self._add_free(start, _blocks(size) - start)
+                    self.free.add(start, _blocks(size) - start)
 
     def _drop(self, key: bytes, slot: int) -> None:
         """Delete key: a free marker over its record's head is the commit.
@@ -1479,7 +1832,7 @@ class _Engine:
         If that write fails part-way, the head it was writing over is put
         back, so that a failed delete leaves the record readable.
         """
-        block, size = (slot >> 16) & _BLOCK_MASK, slot & _SIZE_MASK
+        block, size = _slot_block(slot), _slot_size(slot)
         head = _read_at(self.dat, _HEAD.size, block * _BLOCK)
         try:
             self._write_marker(block, _blocks(size))
@@ -1489,9 +1842,9 @@ class _Engine:
         del self.index[key]
         self.dir_bytes -= _line_length(key, block, size)
         self._count(_blocks(size), -1)
-        if slot >> 48:
-            self.expiries.remove(slot >> 48, key)
-        self._add_free(block, _blocks(size))
+        if _slot_exp(slot):
+            self.expiries.remove(_slot_exp(slot), key)
+        self.free.add(block, _blocks(size))
 
     def _supersede(self, key: bytes, old: int) -> None:
         """Invalidate key's previous copy, after its new one is written.
@@ -1508,11 +1861,11 @@ class _Engine:
     def _invalidate(self, copy: tuple[bytes, int]) -> None:
         """Write a free marker over a superseded copy of a key and free it.
         If that copy was durable, the key's new copy is fsynced first."""
-        block, blocks = (copy[1] >> 16) & _BLOCK_MASK, _blocks(copy[1] & _SIZE_MASK)
+        block, blocks = _slot_block(copy[1]), _blocks(_slot_size(copy[1]))
         if _HEAD.unpack(_read_at(self.dat, _HEAD.size, block * _BLOCK))[4] < self.durable_seq:
             self._sync()
         self._write_marker(block, blocks)
-        self._add_free(block, blocks)
+        self.free.add(block, blocks)
 
     def _next_seq(self) -> int:
         if self.seq >= self.lease:
@@ -1528,9 +1881,8 @@ class _Engine:
     def _write_header(self, state: int, dir_size: int = 0, dir_crc: int = 0,
                       table: tuple[int, int] = (0, 0)) -> None:
         # Within one disk sector, at offset 0: written whole or not at all.
-        fields = _HEADER.pack(_HEADER_MAGIC, state, self.seq if state == _CLOSED
-                              else self.lease, dir_size, dir_crc, *table, 0)
-        data = fields[:-4] + zlib.crc32(fields[:-4]).to_bytes(4, "little")
+        data = _pack_header(state, self.seq if state == _CLOSED else self.lease,
+                            dir_size, dir_crc, table)
         _write_at(self.dat, data, 0)
         self.dat_size = max(self.dat_size, len(data))
         self._sync()
@@ -1547,29 +1899,6 @@ class _Engine:
         self._check_writable()
         self._sync()
 
-    # --- Free extents (memory only) ---
-
-    def _add_free(self, start: int, length: int) -> None:
-        """Count blocks [start, start + length) free, merged with free neighbours."""
-        before = self.free_to.get(start)
-        if before is not None:
-            length += self._remove_free(before)
-            start = before
-        after = self.free_at.get(start + length)
-        if after is not None:
-            length += self._remove_free(start + length)
-        self.free_at[start] = length
-        self.free_to[start + length] = start
-        self.bins[min(length, _LONG)].add(start)
-        self.free_blocks += length
-
-    def _remove_free(self, start: int) -> int:
-        length = self.free_at.pop(start)
-        del self.free_to[start + length]
-        self.bins[min(length, _LONG)].discard(start)
-        self.free_blocks -= length
-        return length
-
     # --- Upkeep: bounded work after each write ---
 
     def _tidy(self, now: float) -> None:
@@ -1584,13 +1913,13 @@ class _Engine:
         try:
             self._reclaim(now, _RECLAIM_BATCH)
             self._trim()
-            free = self.free_blocks * _BLOCK
+            free = self.free.blocks * _BLOCK
             if free * 4 > self.dat_size:
                 self.shrinking = True
             elif free * 5 < self.dat_size:
                 self.shrinking = False
             if self.shrinking and not (self.stuck[0] == _blocks(self.dat_size)
-                                       and self._fitting_extent(self.stuck[1]) is None):
+                                       and self.free.fitting(self.stuck[1]) is None):
                 self._move(_MOVE_BATCH)
         except OSError as exc:
             _log.debug("datastore %s: upkeep failed, will retry: %s", self.dat_path, exc)
@@ -1602,10 +1931,10 @@ class _Engine:
 
     def _trim(self) -> None:
         """Give a free extent at the end of .dat back to the file system."""
-        start = self.free_to.get(_blocks(self.dat_size))
+        start = self.free.to.get(_blocks(self.dat_size))
         if start is not None:
             os.ftruncate(self.dat, start * _BLOCK)
-            self._remove_free(start)
+            self.free.remove(start)
             self.dat_size = start * _BLOCK
 
     def _move(self, limit: int) -> int:
@@ -1625,20 +1954,20 @@ class _Engine:
 
         def unpass() -> None:  # .dat still holds them: back into the free map
             for start, length in passed:
-                self._add_free(start, length)
+                self.free.add(start, length)
 
         try:
             while len(moved) < limit:
-                if end in self.free_to:  # out of the free map: no copy may land there
-                    start = self.free_to[end]
-                    passed.append((start, self._remove_free(start)))
+                if end in self.free.to:  # out of the free map: no copy may land there
+                    start = self.free.to[end]
+                    passed.append((start, self.free.remove(start)))
                     end = start
                 found = self._last_record(end)
                 if found is None:
                     break
                 key, block, seq, record = found
                 blocks = _blocks(len(record))
-                target = self._fitting_extent(blocks)
+                target = self.free.fitting(blocks)
                 if target is None or target >= block:  # (none is above: passed ones left)
                     break
                 new_seq = self._next_seq()
@@ -1647,7 +1976,7 @@ class _Engine:
                 self._write_record(target, blocks, copy + crc.to_bytes(4, "little")
                                    + record[_HEAD.size:])
                 old = self.index[key]
-                self.index[key] = (old & ~(_BLOCK_MASK << 16)) | target << 16
+                self.index[key] = _slot(_slot_size(old), target, _slot_exp(old))
                 self.dir_bytes += len(str(target * _BLOCK)) - len(str(block * _BLOCK))
                 moved.append((key, old))
                 durable = durable or seq < self.durable_seq
@@ -1695,7 +2024,7 @@ class _Engine:
             return None
         kind, seq, key, _, _, total = item
         slot = self.index.get(key)
-        if (kind == _VALUE and slot is not None and (slot >> 16) & _BLOCK_MASK == first
+        if (kind == _VALUE and slot is not None and _slot_block(slot) == first
                 and first + _blocks(total) == end):
             return key, first, seq, buf[:total]
         return None
@@ -1721,10 +2050,7 @@ class _Engine:
                 self._reclaim(now, len(self.index))  # .dir lists live keys only
                 self._trim()
                 table = self._write_table()
-                lines = b"".join(b"%s, (%d, %d)\n" % (
-                    repr(key.decode("latin-1")).encode("latin-1"),
-                    ((slot >> 16) & _BLOCK_MASK) * _BLOCK, slot & _SIZE_MASK)
-                    for key, slot in self.index.items())
+                lines = _pack_dir(self.index.items())
                 _write_at(self.dir, lines, 0)
                 os.ftruncate(self.dir, len(lines))
                 _fsync(self.dir)
@@ -1734,23 +2060,11 @@ class _Engine:
             self.close_files()
 
     def _write_table(self) -> tuple[int, int]:
-        """Write the index table into .dat; return its (offset, size). It holds,
-        in .dir's line order, each key's block and record size, then the
-        line and expiry of each key that has a ttl (see _read_table)."""
-        slots = list(self.index.values())
-        if not slots:
+        """Write the index table (see format) into .dat, in .dir's line
+        order; return its (offset, size)."""
+        if not self.index:
             return 0, 0
-        exps = list(map(rshift, slots, repeat(48)))
-        # In expiry order, so that the next open need not sort them.
-        lines = sorted(compress(range(len(slots)), exps), key=exps.__getitem__)
-        keys, expiring = len(slots), len(lines)
-        body = base64.b64encode(b"".join((
-            _TABLE_COUNTS.pack(keys, expiring),
-            struct.pack(f"<{keys}I", *map(and_, map(rshift, slots, repeat(16)),
-                                           repeat(_BLOCK_MASK))),
-            struct.pack(f"<{keys}H", *map(and_, slots, repeat(_SIZE_MASK))),
-            struct.pack(f"<{expiring}I", *lines),
-            struct.pack(f"<{expiring}Q", *map(exps.__getitem__, lines)))))
+        body = _pack_table(list(self.index.values()))
         record = _pack_marker(_TABLE, len(body), body, self.seq)
         block, _ = self._place(len(record))  # used() has counted its room all along
         self._write_record(block, _blocks(len(record)), record)
@@ -1770,12 +2084,16 @@ class _Engine:
             pass
 
 
-def _remove(*paths: str) -> None:
-    for path in paths:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
+# --- store.py ----------------------------------------------------------------
+# The store as users see it: ``DataStore``, and the same calls on a default store.
+#
+# ``DataStore`` knows users: it checks arguments (``codec``), holds the locks
+# (``locks``) and a mutex for threads, reads the clock and applies the ttl
+# rules, and says what went wrong in words a user can act on. The engine
+# below it knows only bytes, records and files.
+
+MAX_STORE_BYTES = 1024 ** 3     # all of a store's files together, by default
+MIN_STORE_BYTES = 64 * 1024     # room for the header and a few largest values
 
 
 def _store_path(path: Any) -> Path:
@@ -1839,101 +2157,6 @@ def _default_path() -> Path:
     return folder / "default"
 
 
-# What we rely on in fasteners (0.18 to 0.20), in one place. InterProcessLock
-# opens path.lock when acquiring and keeps it open; acquire(blocking,
-# timeout=) returns False when it gives up; release() unlocks and closes
-# the file. After a failed acquire the file stays open; we close it through
-# its `lockfile` attribute rather than leave it to the garbage collector.
-# Closing it drops no lock of ours: this process holds none on that file (the
-# registry below makes sure of it).
-
-def _close_unlocked(lock: Any) -> None:
-    lock.lockfile.close()
-
-
-def _file_identity(path: str) -> list[tuple[int, int]]:
-    """[(st_dev, st_ino)] of a file, by os.stat, or [] if there is none."""
-    try:
-        info = os.stat(path)
-    except OSError:  # missing, or unreadable: opening it will say which
-        return []
-    return [(info.st_dev, info.st_ino)]
-
-
-def _lock_file_identity(lock_path: str) -> tuple[int, int]:
-    """(st_dev, st_ino) of a store's lock file, created if missing.
-
-    Taken with os.stat, never by opening the file: closing a descriptor of it
-    would drop a lock this process holds on it through another DataStore.
-    """
-    try:
-        info = os.stat(lock_path)
-    except FileNotFoundError:  # nobody in this process can hold a lock on it
-        os.close(os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600))
-        info = os.stat(lock_path)
-    if not stat.S_ISREG(info.st_mode):
-        raise CorruptStoreError(f"{lock_path} is not a regular file; move it away",
-                                path=lock_path)
-    return info.st_dev, info.st_ino
-
-
-# Stores open in this process, by the identity of their lock file: a second
-# spelling of the same files (a symbolic link, a bind mount, another letter
-# case on macOS) is refused, since POSIX locks do not keep a process from
-# opening the files twice, and closing the second lock file descriptor would
-# silently drop the first one's lock. Held weakly: a store that is garbage
-# collected leaves, after its finalizer closed it.
-_open_stores: weakref.WeakValueDictionary[tuple[int, int], DataStore] = (
-    weakref.WeakValueDictionary())
-_open_stores_lock = threading.Lock()
-# Every engine with files open (or opening) in this process, for the fork hook.
-_engines: weakref.WeakSet[_Engine] = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    """In a child made by fork(): let go of the parent's stores and start the
-    module's locks afresh (another thread may have held them at the fork).
-
-    The child closes its copies of each store's descriptors and never
-    unlocks: an flock is shared with the parent, which still holds it.
-    """
-    global _open_stores_lock, _default_store_lock
-    _open_stores_lock = threading.Lock()
-    _default_store_lock = threading.Lock()
-    for engine in list(_engines):  # stores being opened too
-        engine.close_files()
-    _open_stores.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> None:
-    """Close a store that was garbage collected, or still open at exit.
-
-    It runs in whatever thread triggers the collection, so it takes no lock
-    that thread could hold: the registry drops the store by itself, and the
-    store's own mutex is free (any thread inside a call would hold a
-    reference). At exit, a daemon thread may still be inside a call: then it
-    leaves the files to the next open's recovery rather than wait.
-    """
-    if os.getpid() != pid:
-        engine.close_files()  # a forked child: the files and locks are the parent's
-        return
-    if not mutex.acquire(timeout=1.0):
-        return
-    try:
-        engine.close(time.time())
-    except OSError:
-        pass  # not closed cleanly: the next open scans the data file
-    finally:
-        mutex.release()
-        lock.release()
-
-
-# --- The store ------------------------------------------------------------
-
 class DataStore:
     """A persistent store of JSON objects under short string keys.
 
@@ -1975,26 +2198,15 @@ class DataStore:
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = f"{self.path}.lock"
-        # Reserve the store while we wait for its locks, under the identity of
-        # its lock file and of its data file: if the lock file was deleted and
-        # made anew, the data file still says the store is open here.
-        with _open_stores_lock:
-            self._identities = [_lock_file_identity(lock_path)]
-            self._identities += _file_identity(f"{self.path}.dat")
-            if any(identity in _open_stores for identity in self._identities):
-                raise StoreLockedError(
-                    f"store {self.path} is already open in this process; "
-                    "use that DataStore or close it first", path=self.path)
-            for identity in self._identities:
-                _open_stores[identity] = self
+        identities = _reserve(self, lock_path, f"{self.path}.dat")
+        if identities is None:
+            raise StoreLockedError(
+                f"store {self.path} is already open in this process; "
+                "use that DataStore or close it first", path=self.path)
+        self._identities = identities
         try:
             self._engine = self._open(lock_path, timeout)
-            info = os.fstat(self._engine.dat)  # the file locked: new, or replaced meanwhile
-            with _open_stores_lock:
-                for identity in self._identities[1:]:  # the data file, as stat saw it
-                    _open_stores.pop(identity, None)
-                self._identities[1:] = [(info.st_dev, info.st_ino)]
-                _open_stores[info.st_dev, info.st_ino] = self
+            _hold_data_file(self, self._identities, self._engine.dat)
             self._finalizer = weakref.finalize(self, _finalize, self._mutex, self._engine,
                                                self._lock, self._pid)
         except BaseException:  # even KeyboardInterrupt: leave nothing locked
@@ -2142,11 +2354,8 @@ class DataStore:
             body = self._usable().get(key_bytes, self._clock())
         if body is None:
             raise KeyNotFoundError(f"key {key!r} not found", key=key, path=self.path)
-        try:
-            value = json.loads(body.decode("utf-8"))
-        except (ValueError, RecursionError):  # CRC-valid, yet not our JSON
-            value = None
-        if not isinstance(value, dict):  # (check() uses _is_json_object)
+        value = _decode_object(body)
+        if value is None:  # CRC-valid, yet not our JSON
             raise CorruptStoreError(
                 f"the value of {key!r} in {self.path}.dat is not a JSON object",
                 key=key, path=f"{self.path}.dat")
@@ -2189,10 +2398,10 @@ class DataStore:
         with self._mutex:
             engine = self._usable()
             damaged = [key for key, body in engine.records()
-                       if body is None or not _is_json_object(body)]
-            report = {"keys": len(engine.index), "live_keys": engine.count(self._clock()),
-                      "damaged_records": len(damaged),
-                      "dead_bytes": engine.free_blocks * _BLOCK}
+                       if body is None or _decode_object(body) is None]
+            keys, live_keys, dead_bytes = engine.stats(self._clock())
+            report = {"keys": keys, "live_keys": live_keys,
+                      "damaged_records": len(damaged), "dead_bytes": dead_bytes}
         if damaged:
             raise CorruptStoreError(
                 f"store {self.path} has {len(damaged)} damaged record(s), such as "
@@ -2238,10 +2447,7 @@ class DataStore:
     # --- Private helpers ---
 
     def _unregister(self) -> None:
-        with _open_stores_lock:
-            for identity in self._identities:
-                if _open_stores.get(identity) is self:
-                    del _open_stores[identity]
+        _unreserve(self, self._identities)
 
     def _write(self, key: str, value: object, ttl: object, replace: bool) -> None:
         """create() (replace=False) or set() (replace=True)."""
@@ -2289,6 +2495,16 @@ class DataStore:
 _T = TypeVar("_T")
 _default_store: Optional[DataStore] = None
 _default_store_lock = threading.Lock()
+
+
+def _new_default_lock() -> None:
+    """Another thread may have held the default store's lock at a fork."""
+    global _default_store_lock
+    _default_store_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_default_lock)
 
 
 def _default() -> DataStore:
@@ -2350,7 +2566,8 @@ def ttl(key: str) -> Optional[float]:
     return _on_default(lambda store: store.ttl(key))
 
 
-# --- Command line ---------------------------------------------------------
+# --- cli.py ------------------------------------------------------------------
+# The command line: ``datastore [--path PATH] [--timeout SECONDS] COMMAND ...``.
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python datastore.py [--path PATH] [--timeout SECONDS] COMMAND ...``.

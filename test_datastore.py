@@ -1467,7 +1467,7 @@ def test_compaction_leaves_no_free_block_and_keeps_live_data(path):
         assert files_size(path) > 600 * 512
         del s._engine._move
         s.compact()
-        assert files_size(path) == 512 * (1 + 150 * 2) and s._engine.free_blocks == 0
+        assert files_size(path) == 512 * (1 + 150 * 2) and s._engine.free.blocks == 0
         for i in range(300):
             if i % 2:
                 assert s.read(f"k{i}") == {"i": i, "pad": "x" * 600}
@@ -2182,10 +2182,10 @@ def assert_files_match_memory(store, trimmed=True):
             on_disk[block] = item[2]
     assert on_disk == {slot >> 16 & datastore._BLOCK_MASK: key  # (stale: known, to go)
                        for key, slot in list(engine.index.items()) + engine.stale}
-    for start, length in engine.free_at.items():
+    for start, length in engine.free.at.items():
         assert not any(start <= block < start + length for block in on_disk)
-    assert engine.free_blocks == sum(engine.free_at.values())
-    assert not trimmed or datastore._blocks(len(data)) not in engine.free_to
+    assert engine.free.blocks == sum(engine.free.at.values())
+    assert not trimmed or datastore._blocks(len(data)) not in engine.free.to
     assert engine.dir_bytes == sum(datastore._line_length(
         key, slot >> 16 & datastore._BLOCK_MASK, slot & datastore._SIZE_MASK)
         for key, slot in engine.index.items())
@@ -2435,7 +2435,7 @@ def test_a_durable_record_is_moved_only_after_its_copy_is_fsynced(path, monkeypa
                                 calls.append(name) or real(*a))
         s.compact()
         monkeypatch.undo()
-        assert s._engine.free_blocks == 0 and live_content(s) == {
+        assert s._engine.free.blocks == 0 and live_content(s) == {
             f"k{i}": {"i": i} for i in range(1, 40, 2)}
     copies = calls.index("pwrite")
     if synced:  # copies, fsync, then the originals cut away

@@ -1,0 +1,95 @@
+"""The command line: ``datastore [--path PATH] [--timeout SECONDS] COMMAND ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional
+
+from .errors import DataStoreError, DataStoreValueError, InvalidValueError
+from .store import DataStore
+from . import __version__
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python datastore.py [--path PATH] [--timeout SECONDS] COMMAND ...``.
+
+    Returns the exit status: 0 on success, 1 on an error (one line on
+    stderr), 2 on a usage error (from argparse).
+    """
+    parser = argparse.ArgumentParser(
+        prog="datastore", description="Use a store from the command line.")
+    parser.add_argument("--version", action="version", version=f"datastore {__version__}")
+    parser.add_argument("--path", help="the store (default: $DATASTORE_PATH, or the "
+                        "default store in your data folder)")
+    parser.add_argument("--timeout", type=float, default=0, metavar="SECONDS",
+                        help="wait this long for another process to close the store")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, does in (("create", "create KEY, which must not be live"),
+                       ("set", "store KEY, live or not")):
+        write = commands.add_parser(name, help=does)
+        write.add_argument("key")
+        write.add_argument("json", help='a JSON object, e.g. \'{"a": 1}\', or - to '
+                           "read it from standard input")
+        write.add_argument("--ttl", type=int, metavar="SECONDS",
+                           help="delete the key after this many seconds")
+    commands.add_parser("read", help="print KEY's JSON object").add_argument("key")
+    commands.add_parser("delete", help="delete KEY").add_argument("key")
+    commands.add_parser("ttl", help="print KEY's seconds to live (null: no ttl)"
+                        ).add_argument("key")
+    commands.add_parser("check", help="read every record; print a report, or fail "
+                        "if any is damaged")
+    keys_parser = commands.add_parser("keys", help="print the live keys, sorted, one a line")
+    keys_parser.add_argument("--json", action="store_true",
+                             help="print a JSON array instead (keys may hold newlines)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command in ("create", "set"):
+            text = _read_stdin() if args.json == "-" else args.json
+            try:
+                value = json.loads(text)  # bytes from stdin: UTF-8 (or -16, -32) only
+            except (ValueError, RecursionError) as exc:
+                raise InvalidValueError(f"JSON for {args.key!r} is not valid: {exc}",
+                                        key=args.key) from None
+        with DataStore(args.path, timeout=args.timeout) as store:
+            if args.command == "create":
+                store.create(args.key, value, ttl=args.ttl)
+            elif args.command == "set":
+                store.set(args.key, value, ttl=args.ttl)
+            elif args.command == "read":
+                output = json.dumps(store.read(args.key), ensure_ascii=False)
+            elif args.command == "delete":
+                store.delete(args.key)
+            elif args.command == "ttl":
+                output = json.dumps(store.ttl(args.key))
+            elif args.command == "check":
+                output = json.dumps(store.check())
+            elif args.json:
+                output = json.dumps(sorted(store.keys()), ensure_ascii=False)
+            else:
+                output = "\n".join(sorted(store.keys()))
+        if args.command in ("read", "ttl", "keys", "check") and (output or args.command != "keys"):
+            try:
+                print(output, flush=True)  # a reader that left shows here, not at exit
+            except UnicodeEncodeError as exc:
+                raise DataStoreError(
+                    f"the output cannot be written in {sys.stdout.encoding}: {exc.reason}; "
+                    "set PYTHONIOENCODING=utf-8") from None
+    except BrokenPipeError:  # the reader left (| head): say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (DataStoreError, OSError) as exc:
+        print(f"datastore: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _read_stdin() -> bytes:
+    """Standard input as bytes, for json.loads to decode: never the locale's
+    encoding, which would turn Latin-1 bytes into the wrong characters."""
+    try:
+        return sys.stdin.buffer.read()
+    except (AttributeError, ValueError):  # None (started with <&-), or closed
+        raise DataStoreValueError("no standard input to read the JSON from") from None

@@ -1,0 +1,629 @@
+"""The storage engine: records and free space in .dat, the snapshot in .dir.
+
+The store keeps in memory an index (key -> offset, size and expiry of its
+record), the free extents (by start, by end and by size, merged with free
+neighbours), the keys that have a ttl in order of expiry, and the sizes of the
+files. It changes memory only after the bytes are written.
+
+* ``create`` takes the best-fitting free extent, or appends to ``.dat``. If
+  it splits an extent, it first writes a free marker for the remainder. The
+  write of the record is the *commit point*: from then on the key exists.
+  It leaves room in ``max_bytes`` for one copy of the largest record, which
+  a ``set`` replacing a record with one no larger may use.
+* ``set`` of a live key writes the new record the same way (its commit
+  point), then a free marker over the old one. If the old record was
+  durable (see below), the new one is fsynced first.
+* ``delete`` writes a free marker over the record's head: that write is the
+  commit point. The blocks join the free extents. (If the write fails part
+  way, the head is written back, so a failed delete leaves the value.)
+* An expired key costs nothing when it expires. Each write then reclaims a
+  few expired keys, earliest first, by writing a free marker over each (so a
+  reclaimed key can never come back, even if the clock is set back).
+* Free space at the end of ``.dat`` is given back by truncating the file. When
+  more than a quarter of ``.dat`` is free, each write also moves a batch of
+  records from the end of ``.dat`` into free extents nearer the start, until
+  less than a fifth is: it writes the copies (with new sequence numbers), then
+  truncates the originals away. A create that finds no room moves up to 64
+  records for it before it gives up. ``compact()`` does all of it at once.
+
+Any work after a commit point (freeing, moving, truncating) that fails is
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import stat
+import zlib
+from typing import Any, Callable, Iterator, Optional
+
+from .errors import CorruptStoreError, _log, _StoreFull
+from .format import (
+    _BLOCK, _CLOSED, _FREE, _HEAD, _HEADER, _MAGIC, _MAX_BLOCKS, _OPEN, _TABLE, _VALUE,
+    _Header, _blocks, _bits_float, _float_bits, _fsync, _line_length, _pack_dir,
+    _pack_header, _pack_marker, _pack_table, _pack_value, _parse_item, _read_at,
+    _slot, _slot_block, _slot_exp, _slot_size, _table_room, _value_body, _write_at,
+)
+from .legacy import _convert_v1, _is_v1_header
+from .locks import _engines, _lock_data_file
+from .recovery import _holds_records, _load_snapshot, _recover
+from .space import _Expiries, _FreeSpace
+
+_LEASE = 1 << 20  # sequence numbers issued per header write while open
+
+# Work a single call may do besides its own: expired keys reclaimed, and
+# records moved toward the start of .dat (one fsync covers a batch), after a
+# write or, at the most, when a create needs the room.
+_RECLAIM_BATCH = 16
+_MOVE_BATCH = 32
+_MOVE_FOR_ROOM = 64
+
+
+class _Engine:
+    """The files of one store: records and free space in .dat, the snapshot in .dir.
+
+    It deals in bytes keys, records, 512-byte blocks and file descriptors,
+    held open for the store's life and never reopened by name; it holds the
+    flock on .dat. It knows no threads, clocks or users: the caller serialises
+    every call and passes the time where expiry matters. See the module
+    docstring for the format and the crash argument.
+    """
+
+    def __init__(self, base: str, max_bytes: int, deadline: Optional[float] = None) -> None:
+        self.dat_path, self.dir_path = base + ".dat", base + ".dir"
+        self.max_bytes = max_bytes
+        self.index: dict[bytes, int] = {}       # key -> slot (see format)
+        self.expiries = _Expiries()             # keys that have a ttl
+        self.free = _FreeSpace()                # blocks no record holds
+        self.dat_size = 0     # bytes of .dat, from what was written
+        self.dir_bytes = 0    # bytes .dir will hold at close: its lines
+        self.seq = 1          # the next sequence number
+        self.lease = 0        # the header's bound on sequence numbers issued
+        self.durable_seq = 0  # records below this number have been fsynced
+        self.stale: list[tuple[bytes, int]] = []  # superseded copies to invalidate
+        self.failed: Optional[OSError] = None     # a failed fsync: no more writes
+        self.stuck = (0, 0)   # (end of .dat, blocks) when the last record fit nowhere
+        self.shrinking = False  # moving records down, until a fifth of .dat is free
+        self.by_blocks = [0] * (_MAX_BLOCKS + 1)  # indexed records by blocks taken
+        self.largest = 0      # blocks of the largest indexed record
+        self.dat = self.dir = -1
+        _engines.add(self)  # a fork from now on closes the child's copies
+        try:
+            self.dat = self._open_file(self.dat_path)
+            _lock_data_file(self.dat, self.dat_path, deadline)
+            self._load()
+        except BaseException:
+            self.close_files()
+            raise
+
+    # --- Opening ---
+
+    def _open_file(self, path: str) -> int:
+        """A descriptor of a regular file, held for the store's life. Anything
+        else (a folder, a FIFO, a device) is refused before a byte is read."""
+        flags = os.O_RDWR | getattr(os, "O_BINARY", 0)
+        try:
+            fd = os.open(path, flags)
+        except FileNotFoundError:
+            if path == self.dat_path and os.path.exists(self.dir_path):
+                if not os.path.isfile(self.dir_path) or os.path.getsize(self.dir_path):
+                    raise CorruptStoreError(
+                        f"{self.dir_path} exists but {self.dat_path} is missing; "
+                        "restore the data file or move the index away",
+                        path=self.dir_path) from None
+            fd = os.open(path, flags | os.O_CREAT, 0o600)
+        except IsADirectoryError:
+            raise CorruptStoreError(f"{path} is a folder, not a store file; move it away",
+                                    path=path) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CorruptStoreError(f"{path} is not a regular file; move it away", path=path)
+        return fd
+
+    def _load(self) -> None:
+        """Read the index: from the snapshot after a clean close, else by
+        scanning .dat (see recovery); convert a 1.0 store. Then mark the
+        header open, before anything else is written."""
+        size = os.fstat(self.dat).st_size
+        first = _read_at(self.dat, min(size, _HEADER.size), 0)
+        header = _Header.parse(first)
+        v1 = header is None and _is_v1_header(first)
+        if size and header is None and not v1 and not _holds_records(self):
+            raise CorruptStoreError(
+                f"{self.dat_path} is not a datastore data file (no valid header "
+                "or record); move it away or open a different path",
+                path=self.dat_path)
+        self.dir = self._open_file(self.dir_path)
+        if not size and os.fstat(self.dir).st_size:
+            raise CorruptStoreError(
+                f"{self.dat_path} is empty but {self.dir_path} is not; "
+                "restore the data file or move the index away", path=self.dat_path)
+        gc_was_on = gc.isenabled()
+        gc.disable()  # loading makes millions of objects, none of them cyclic
+        try:
+            if v1:
+                _convert_v1(self)
+            elif header is not None and header.state == _CLOSED and _load_snapshot(self, header):
+                pass
+            elif size:
+                _recover(self, header)
+        finally:
+            if gc_was_on:
+                gc.enable()
+        self.lease = self.seq + _LEASE
+        self._write_header(_OPEN)  # before anything else is written
+        self.durable_seq = self.seq
+        os.ftruncate(self.dir, 0)  # a stale snapshot: rewritten at close
+        self._try(self._trim)
+
+    # --- Reading ---
+
+    def slot(self, key: bytes, now: float) -> Optional[int]:
+        """key's slot if it has a live record at `now`, else None. No I/O."""
+        slot = self.index.get(key)
+        if slot is None:
+            return None
+        exp = _slot_exp(slot)
+        return None if exp and exp <= _float_bits(now) else slot
+
+    def expires_at(self, key: bytes, now: float) -> Optional[float]:
+        """expires_at of key's live record (0.0 for never), or None. No I/O."""
+        slot = self.slot(key, now)
+        return None if slot is None else _bits_float(_slot_exp(slot))
+
+    def count(self, now: float) -> int:
+        """The number of live keys at `now`. No I/O."""
+        return len(self.index) - self.expiries.count_due(_float_bits(now))
+
+    def keys(self, now: float) -> list[bytes]:
+        """The live keys at `now`, in no particular order. No I/O."""
+        now_bits = _float_bits(now)
+        return [key for key, slot in self.index.items()
+                if not _slot_exp(slot) or _slot_exp(slot) > now_bits]
+
+    def get(self, key: bytes, now: float) -> Optional[bytes]:
+        """The body of key's live record, or None."""
+        slot = self.slot(key, now)
+        if slot is None:
+            return None
+        body = _value_body(_read_at(self.dat, _slot_size(slot), _slot_block(slot) * _BLOCK), key)
+        if body is None:
+            raise CorruptStoreError(
+                f"the record of {key.decode('utf-8', 'replace')!r} in "
+                f"{self.dat_path} is damaged", path=self.dat_path)
+        return body
+
+    def records(self) -> Iterator[tuple[bytes, Optional[bytes]]]:
+        """(key, body) for every indexed record, expired or not, read from
+        disk; body None if the record is damaged. O(keys)."""
+        for key in list(self.index):
+            try:
+                yield key, self.get(key, 0.0)  # at time 0 nothing has expired
+            except CorruptStoreError:
+                yield key, None
+
+    def stats(self, now: float) -> tuple[int, int, int]:
+        """Keys in the index (expired ones not yet reclaimed included), live
+        keys, and bytes of free space inside .dat. No I/O."""
+        return len(self.index), self.count(now), self.free.blocks * _BLOCK
+
+    def used(self) -> int:
+        """Bytes the files hold or may need at close: .dat (in whole blocks, so
+        that the padding before an append is counted already), .dir and the
+        index table."""
+        return (_blocks(self.dat_size) * _BLOCK + self.dir_bytes
+                + _table_room(len(self.index), self.expiries.count))
+
+    # --- Writing ---
+
+    def put(self, key: bytes, body: bytes, expires_at: float, now: float) -> None:
+        """Make key's record one holding `body`, whether or not it has one.
+
+        The new record is written before the old one is invalidated, so a
+        crash leaves one or the other. A write must leave room in the cap for
+        a copy of the largest record, unless it replaces a live record that
+        takes as much room: that may use it.
+        Raises _StoreFull (nothing written) if there is no room.
+        """
+        self._check_writable()
+        old = self.index.get(key)
+        if old is not None and _slot_exp(old) and _slot_exp(old) <= _float_bits(now):
+            self._drop(key, old)  # expired: its space may serve the new record
+            self._try(self._trim)
+        old = self._put_record(key, body, expires_at, now)
+        if old is not None:
+            self._supersede(key, old)
+        self._tidy(now)
+
+    def remove(self, key: bytes, now: float) -> bool:
+        """Delete key's live record; False if it has none."""
+        slot = self.slot(key, now)
+        if slot is None:
+            return False
+        self._check_writable()
+        self._drop(key, slot)
+        self._tidy(now)
+        return True
+
+    def _check_writable(self) -> None:
+        if self.failed is not None:
+            raise OSError(
+                f"an earlier fsync of {self.dat_path} failed ({self.failed}), so "
+                "writes since may be lost; close the store and open it again")
+        while self.stale:  # a superseded copy left valid must go first
+            self._invalidate(self.stale[-1])
+            self.stale.pop()
+
+    def _put_record(self, key: bytes, body: bytes, expires_at: float,
+                    now: Optional[float] = None) -> Optional[int]:
+        """Write a new record for key and point the index at it (the commit).
+        Returns the slot of the record it replaces, if any: the caller must
+        invalidate that one."""
+        size = _HEAD.size + len(key) + len(body)
+        blocks = _blocks(size)
+
+        def extra(block: int) -> int:
+            """Bytes .dir and the index table grow by, and the room kept for a
+            set(), unless this replaces a record no smaller (in blocks, and
+            in table room): that may use the room. From the state now, after
+            any reclaim."""
+            old = self.index.get(key)
+            keys, expiring = len(self.index), self.expiries.count
+            table = _table_room(keys + (old is None), expiring + bool(expires_at)
+                                - bool(old and _slot_exp(old))) - _table_room(keys, expiring)
+            grow = _line_length(key, block, size) + table
+            if old is not None:
+                grow -= _line_length(key, _slot_block(old), _slot_size(old))
+                if blocks <= _blocks(_slot_size(old)) and table <= 0:
+                    return grow
+            if now is None:  # converting a 1.0 store: no set() to keep room for
+                return grow
+            return grow + max(self.largest, blocks) * _BLOCK + len(str(self.max_bytes))
+
+        block = self._allocate(size, extra, now)
+        old = self.index.get(key)  # again: making room may have moved that very record
+        exp = _float_bits(expires_at) if expires_at else 0
+        record = _pack_value(self._next_seq(), key, exp, body)
+        self._write_record(block, blocks, record)
+        self.index[key] = _slot(size, block, exp)
+        self.dir_bytes += _line_length(key, block, size)
+        self._count(blocks, 1)
+        if old is not None:
+            self.dir_bytes -= _line_length(key, _slot_block(old), _slot_size(old))
+            self._count(_blocks(_slot_size(old)), -1)
+            if _slot_exp(old):
+                self.expiries.remove(_slot_exp(old), key)
+        if exp:
+            self.expiries.add(exp, key)
+        return old
+
+    def _count(self, blocks: int, change: int) -> None:
+        """Count an indexed record of `blocks` blocks in (1) or out (-1)."""
+        self.by_blocks[blocks] += change
+        if change > 0:
+            self.largest = max(self.largest, blocks)
+        while self.largest and not self.by_blocks[self.largest]:
+            self.largest -= 1
+
+    def _allocate(self, size: int, extra: Callable[[int], int], now: Optional[float]) -> int:
+        """Where to write a record of `size` bytes (see _place) such that the
+        files stay within max_bytes with extra(block) more bytes (.dir, the
+        index table, room kept).
+
+        Tries reclaiming expired keys and moving records to make room, a
+        bounded amount; raises _StoreFull if that is not enough.
+        """
+        for attempt in range(3):
+            block, growth = self._place(size)
+            needed = growth + extra(block)
+            if self.used() + needed <= self.max_bytes:
+                return block
+            if attempt == 0 and now is not None:
+                self._reclaim(now, _RECLAIM_BATCH * 4)
+                self._try(self._trim)  # an expired last record
+            elif attempt == 1:
+                self._move(_MOVE_FOR_ROOM)
+        raise _StoreFull(needed, self.used())
+
+    def _place(self, size: int) -> tuple[int, int]:
+        """(block, bytes used() grows by) for a record of `size` bytes: the
+        start of the smallest free extent it fits, or the end of .dat."""
+        block = self.free.fitting(_blocks(size))
+        if block is not None:
+            return block, 0
+        return _blocks(self.dat_size), _blocks(size) * _BLOCK
+
+    def _write_record(self, block: int, blocks: int, record: bytes) -> None:
+        """Write record at block: into a free extent (splitting off and marking
+        the rest first) or at the end of .dat. Memory changes only after."""
+        length = self.free.at.get(block)
+        if length is None:  # appending
+            try:
+                _write_at(self.dat, record, block * _BLOCK)
+            except OSError:
+                self._undo_append()
+                raise
+            self.dat_size = block * _BLOCK + len(record)
+            return
+        try:
+            if length > blocks:
+                self._write_marker(block + blocks, length - blocks)
+            _write_at(self.dat, record, block * _BLOCK)
+        except OSError:
+            self._try(self._write_marker, block, length)  # it may be torn
+            raise
+        self.dat_size = max(self.dat_size, block * _BLOCK + len(record))  # a tail extent
+        self.free.remove(block)
+        if length > blocks:
+            self.free.add(block + blocks, length - blocks)
+
+    def _undo_append(self) -> None:
+        """After a failed append, cut .dat back, or count what stayed as free."""
+        try:
+            os.ftruncate(self.dat, self.dat_size)
+        except OSError:
+            size = os.fstat(self.dat).st_size
+            if size > self.dat_size:
+                start = _blocks(self.dat_size)
+                self.dat_size = size
+                if _blocks(size) > start:
+                    self.free.add(start, _blocks(size) - start)
+
+    def _drop(self, key: bytes, slot: int) -> None:
+        """Delete key: a free marker over its record's head is the commit.
+
+        If that write fails part-way, the head it was writing over is put
+        back, so that a failed delete leaves the record readable.
+        """
+        block, size = _slot_block(slot), _slot_size(slot)
+        head = _read_at(self.dat, _HEAD.size, block * _BLOCK)
+        try:
+            self._write_marker(block, _blocks(size))
+        except OSError:
+            self._try(_write_at, self.dat, head, block * _BLOCK)
+            raise
+        del self.index[key]
+        self.dir_bytes -= _line_length(key, block, size)
+        self._count(_blocks(size), -1)
+        if _slot_exp(slot):
+            self.expiries.remove(_slot_exp(slot), key)
+        self.free.add(block, _blocks(size))
+
+    def _supersede(self, key: bytes, old: int) -> None:
+        """Invalidate key's previous copy, after its new one is written.
+
+        The new copy has already committed, so a failure here is not the
+        caller's: the old copy waits on a list that the next write empties
+        before it does anything else.
+        """
+        try:
+            self._invalidate((key, old))
+        except OSError:
+            self.stale.append((key, old))
+
+    def _invalidate(self, copy: tuple[bytes, int]) -> None:
+        """Write a free marker over a superseded copy of a key and free it.
+        If that copy was durable, the key's new copy is fsynced first."""
+        block, blocks = _slot_block(copy[1]), _blocks(_slot_size(copy[1]))
+        if _HEAD.unpack(_read_at(self.dat, _HEAD.size, block * _BLOCK))[4] < self.durable_seq:
+            self._sync()
+        self._write_marker(block, blocks)
+        self.free.add(block, blocks)
+
+    def _next_seq(self) -> int:
+        if self.seq >= self.lease:
+            self.lease = self.seq + _LEASE
+            self._write_header(_OPEN)
+        self.seq += 1
+        return self.seq - 1
+
+    def _write_marker(self, block: int, length: int) -> None:
+        _write_at(self.dat, _pack_marker(_FREE, length), block * _BLOCK)
+        self.dat_size = max(self.dat_size, block * _BLOCK + _HEAD.size)
+
+    def _write_header(self, state: int, dir_size: int = 0, dir_crc: int = 0,
+                      table: tuple[int, int] = (0, 0)) -> None:
+        # Within one disk sector, at offset 0: written whole or not at all.
+        data = _pack_header(state, self.seq if state == _CLOSED else self.lease,
+                            dir_size, dir_crc, table)
+        _write_at(self.dat, data, 0)
+        self.dat_size = max(self.dat_size, len(data))
+        self._sync()
+
+    def _sync(self) -> None:
+        try:
+            _fsync(self.dat)
+        except OSError as exc:
+            self.failed = exc
+            raise
+        self.durable_seq = self.seq
+
+    def sync(self) -> None:
+        self._check_writable()
+        self._sync()
+
+    # --- Upkeep: bounded work after each write ---
+
+    def _tidy(self, now: float) -> None:
+        """Reclaim a few expired keys, give back a free tail, and while .dat
+        is shrinking, move a batch of records down. It starts shrinking when
+        more than a quarter of .dat is free and stops below a fifth, so that
+        batches come in runs and each one's fsync (for durable records) is
+        shared by a batch. Runs after a call's commit point: a failure is
+        left for later."""
+        if self.failed is not None:
+            return  # no more writes until reopened
+        try:
+            self._reclaim(now, _RECLAIM_BATCH)
+            self._trim()
+            free = self.free.blocks * _BLOCK
+            if free * 4 > self.dat_size:
+                self.shrinking = True
+            elif free * 5 < self.dat_size:
+                self.shrinking = False
+            if self.shrinking and not (self.stuck[0] == _blocks(self.dat_size)
+                                       and self.free.fitting(self.stuck[1]) is None):
+                self._move(_MOVE_BATCH)
+        except OSError as exc:
+            _log.debug("datastore %s: upkeep failed, will retry: %s", self.dat_path, exc)
+
+    def _reclaim(self, now: float, limit: int) -> None:
+        """Free up to `limit` expired keys' records, earliest first."""
+        for key in self.expiries.due(_float_bits(now), limit):
+            self._drop(key, self.index[key])
+
+    def _trim(self) -> None:
+        """Give a free extent at the end of .dat back to the file system."""
+        start = self.free.to.get(_blocks(self.dat_size))
+        if start is not None:
+            os.ftruncate(self.dat, start * _BLOCK)
+            self.free.remove(start)
+            self.dat_size = start * _BLOCK
+
+    def _move(self, limit: int) -> int:
+        """Move up to `limit` records from the end of .dat into free extents
+        nearer the start, then truncate them away. Returns how many moved.
+
+        The copies are fsynced before the originals go if any original was
+        durable. If truncating fails, free markers invalidate the originals;
+        if anything fails before, the originals wait on the stale list.
+        """
+        self._trim()
+        moved: list[tuple[bytes, int]] = []
+        passed: list[tuple[int, int]] = []  # free extents above the records moved
+        durable = False
+        end = _blocks(self.dat_size)
+        found = None
+
+        def unpass() -> None:  # .dat still holds them: back into the free map
+            for start, length in passed:
+                self.free.add(start, length)
+
+        try:
+            while len(moved) < limit:
+                if end in self.free.to:  # out of the free map: no copy may land there
+                    start = self.free.to[end]
+                    passed.append((start, self.free.remove(start)))
+                    end = start
+                found = self._last_record(end)
+                if found is None:
+                    break
+                key, block, seq, record = found
+                blocks = _blocks(len(record))
+                target = self.free.fitting(blocks)
+                if target is None or target >= block:  # (none is above: passed ones left)
+                    break
+                new_seq = self._next_seq()
+                copy = record[:8] + new_seq.to_bytes(8, "little") + record[16:_HEAD.size - 4]
+                crc = zlib.crc32(record[_HEAD.size:], zlib.crc32(copy))
+                self._write_record(target, blocks, copy + crc.to_bytes(4, "little")
+                                   + record[_HEAD.size:])
+                old = self.index[key]
+                self.index[key] = _slot(_slot_size(old), target, _slot_exp(old))
+                self.dir_bytes += len(str(target * _BLOCK)) - len(str(block * _BLOCK))
+                moved.append((key, old))
+                durable = durable or seq < self.durable_seq
+                end = block
+            if durable:
+                self._sync()
+        except OSError:
+            self.stale.extend(moved)
+            unpass()
+            raise
+        if not moved:
+            unpass()
+            if found is not None:  # the last record fits no free extent
+                self.stuck = (_blocks(self.dat_size), _blocks(len(found[3])))
+            return 0
+        try:
+            os.ftruncate(self.dat, end * _BLOCK)
+        except OSError:
+            unpass()
+            for key, old in moved:  # the originals stay: invalidate each
+                self._supersede(key, old)
+        else:
+            self.dat_size = end * _BLOCK
+        return len(moved)
+
+    def _last_record(self, end: int) -> Optional[tuple[bytes, int, int, bytes]]:
+        """(key, block, seq, record) of the live record that ends at block
+        `end`, read from disk, or None if none does."""
+        if end <= 1:
+            return None
+        first, buf = end - 1, _read_at(self.dat, _BLOCK, (end - 1) * _BLOCK)
+        item = _parse_item(buf, 0)  # most records take one block
+        if item is None:
+            first = max(1, end - _MAX_BLOCKS)
+            buf = _read_at(self.dat, (end - first) * _BLOCK, first * _BLOCK)
+            off = len(buf)
+            while item is None and off > 0:
+                off = buf.rfind(_MAGIC, 0, off)
+                if off < 0:
+                    return None
+                if off % _BLOCK == 0:  # else: the magic inside a value's text
+                    item = _parse_item(buf, off)
+            buf, first = buf[off:], first + off // _BLOCK
+        if item is None:
+            return None
+        kind, seq, key, _, _, total = item
+        slot = self.index.get(key)
+        if (kind == _VALUE and slot is not None and _slot_block(slot) == first
+                and first + _blocks(total) == end):
+            return key, first, seq, buf[:total]
+        return None
+
+    def compact(self, now: float) -> None:
+        """All the upkeep at once: reclaim every expired key, move records
+        down until none fits lower, and truncate."""
+        self._check_writable()
+        self._reclaim(now, len(self.index))
+        self._trim()
+        while self._move(1024):
+            pass
+        self._trim()
+
+    # --- Closing ---
+
+    def close(self, now: float) -> None:
+        """Write the snapshot (.dir and the index table), fsync, mark the
+        header closed, and close the files; they are closed even if it raises."""
+        try:
+            if self.failed is None:
+                self._check_writable()
+                self._reclaim(now, len(self.index))  # .dir lists live keys only
+                self._trim()
+                table = self._write_table()
+                lines = _pack_dir(self.index.items())
+                _write_at(self.dir, lines, 0)
+                os.ftruncate(self.dir, len(lines))
+                _fsync(self.dir)
+                self._sync()  # the records .dir points at, before the header trusts it
+                self._write_header(_CLOSED, len(lines), zlib.crc32(lines), table)
+        finally:
+            self.close_files()
+
+    def _write_table(self) -> tuple[int, int]:
+        """Write the index table (see format) into .dat, in .dir's line
+        order; return its (offset, size)."""
+        if not self.index:
+            return 0, 0
+        body = _pack_table(list(self.index.values()))
+        record = _pack_marker(_TABLE, len(body), body, self.seq)
+        block, _ = self._place(len(record))  # used() has counted its room all along
+        self._write_record(block, _blocks(len(record)), record)
+        return block * _BLOCK, len(record)
+
+    def close_files(self) -> None:
+        for fd in (self.dat, self.dir):
+            if fd >= 0:
+                os.close(fd)
+        self.dat = self.dir = -1
+
+    def _try(self, action: Any, *args: Any) -> None:
+        """Best effort, on a path that is already failing."""
+        try:
+            action(*args)
+        except OSError:
+            pass
+
+

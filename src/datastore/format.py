@@ -1,0 +1,379 @@
+"""The on-disk format: each structure described once, field by field, with
+one function that packs it and one that checks and unpacks it.
+
+A store named ``path`` is ``path.dat``, ``path.dir`` and ``path.lock`` (for
+the inter-process lock, which holds no data). ``.dat`` and ``.dir`` have the
+format of a ``dbm.dumb`` database: after a clean ``close()``,
+``dbm.dumb.open(path, "r")`` opens the store and lists exactly its live keys.
+The code that reads and writes them is ours, not ``dbm.dumb``'s, which opens
+the files by name for every write, appends a ``.dir`` line per new key, never
+reuses space, and parses ``.dir`` one ``ast.literal_eval`` at a time.
+
+``.dat`` is a sequence of 512-byte blocks. Block 0 holds the *header*
+(``_HEADER``, little-endian, 48 bytes, within one disk sector)::
+
+    magic "DataStr2"   8 bytes
+    state              1 byte: 0 closed cleanly, 1 open (or killed while open)
+    (zero)             3 bytes
+    sequence number    8 bytes: closed, the next one to issue; open, a bound
+                       that every number issued while open stays below
+    .dir size, CRC-32  8 + 4 bytes: the snapshot a clean close wrote
+    table offset, size 8 + 4 bytes: where in .dat the index table is
+    CRC-32             4 bytes, of the fields before it
+
+Every other block is the first block of a *record*, a block inside one, or
+free space. A record starts at a block boundary and describes itself with a
+32-byte *head* (``_HEAD``, little-endian)::
+
+    magic "DSr2"       4 bytes
+    kind               1 byte: 1 value, 2 free marker, 3 index table
+    key length         1 byte: UTF-8 bytes of the key (0 for kinds 2 and 3)
+    (zero)             2 bytes
+    sequence number    8 bytes: which of two copies of a key is newer
+    expires_at         8 bytes: the bits of a float64 time.time() value,
+                       0 for never (kinds 2 and 3: 0)
+    length             4 bytes: kind 1, bytes of the body; kind 2, blocks of
+                       free space that start here; kind 3, bytes of the body
+    CRC-32             4 bytes, of the head before it, the key and the body
+
+* kind 1, a *value*: the key (UTF-8) and the body (the value as compact
+  JSON) follow the head.
+* kind 2, a *free marker*: nothing follows the head.
+* kind 3, the *index table*, written at close: the body is base64 text of
+  (``_TABLE_COUNTS``) the number of keys and of keys with a ttl, then, in
+  ``.dir``'s line order, each key's block (4 bytes) and record size (2),
+  then the line number (4) and expires_at bits (8) of each key with a ttl,
+  in expiry order. A clean open takes the keys from ``.dir`` and the numbers
+  from here, faster than parsing them out of text.
+
+The kind is a byte below 0x20, which JSON and base64 text never contain, and
+a key starts 32 bytes into its block: so nothing a user stores can look like
+a head at a block boundary.
+
+``.dir`` is a snapshot written at a clean close, one line per live key in
+``dbm.dumb``'s text format, ``'key', (offset, size)``, with the key decoded
+as Latin-1 (the key's UTF-8 bytes, one character each); offset and size are
+the record's, in bytes.
+
+In memory, the index maps each key to a *slot*, one int (see ``_slot``):
+record size in bytes (16 bits) | block (32 bits) << 16 | expires_at bits
+<< 48. The bits of non-negative floats order as the floats do, so expiries
+compare directly as ints.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import os
+import re
+import struct
+import sys
+import zlib
+from bisect import bisect_left
+from typing import Iterable, Optional, Sequence
+
+from .codec import _LATEST_EXPIRY, MAX_KEY_LENGTH, MAX_VALUE_BYTES
+from .errors import _damaged
+
+# Records start at multiples of this many bytes, as in dbm.dumb.
+_BLOCK = 512
+# A record's head, and the same without the CRC that covers it.
+_HEAD = struct.Struct("<4sBBHQQII")
+_FIELDS = struct.Struct("<4sBBHQQI")
+_MAGIC = b"DSr2"
+_VALUE, _FREE, _TABLE = 1, 2, 3
+_MAX_KEY_BYTES = 4 * MAX_KEY_LENGTH
+_MAX_RECORD = _HEAD.size + _MAX_KEY_BYTES + MAX_VALUE_BYTES
+_MAX_BLOCKS = -(-_MAX_RECORD // _BLOCK)  # 33
+_MAX_SEQ = 1 << 62  # larger sequence numbers in a file are damage (they would overflow)
+# The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
+_LARGEST_STORE = 1 << 40
+
+_HEADER = struct.Struct("<8sB3xQQIQII")
+_HEADER_MAGIC = b"DataStr2"
+_CLOSED, _OPEN = 0, 1
+_TABLE_COUNTS = struct.Struct("<II")
+
+# The index's slots (see the module docstring).
+_SIZE_MASK = 0xFFFF
+_BLOCK_MASK = 0xFFFFFFFF
+_SLOT_MASK = (1 << 48) - 1  # size and block, without the expiry
+_FLOAT = struct.Struct("<d")
+_BITS = struct.Struct("<Q")
+_LATEST_EXPIRY_BITS = struct.unpack("<Q", struct.pack("<d", _LATEST_EXPIRY))[0]
+
+
+# --- Blocks, slots and expiries -------------------------------------------
+
+def _blocks(size: int) -> int:
+    """Blocks that `size` bytes take."""
+    return -(-size // _BLOCK)
+
+
+def _slot(size: int, block: int, exp: int = 0) -> int:
+    return size | block << 16 | exp << 48
+
+
+def _slot_size(slot: int) -> int:
+    return slot & _SIZE_MASK
+
+
+def _slot_block(slot: int) -> int:
+    return slot >> 16 & _BLOCK_MASK
+
+
+def _slot_exp(slot: int) -> int:
+    """The expiry's float bits, 0 for never."""
+    return slot >> 48
+
+
+def _float_bits(value: float) -> int:
+    return int(_BITS.unpack(_FLOAT.pack(value))[0])
+
+
+def _bits_float(bits: int) -> float:
+    return float(_FLOAT.unpack(_BITS.pack(bits))[0])
+
+
+# --- Records --------------------------------------------------------------
+
+def _pack_value(seq: int, key: bytes, exp: int, body: bytes) -> bytes:
+    fields = _FIELDS.pack(_MAGIC, _VALUE, len(key), 0, seq, exp, len(body))
+    crc = zlib.crc32(body, zlib.crc32(key, zlib.crc32(fields)))
+    return b"".join((fields, crc.to_bytes(4, "little"), key, body))
+
+
+def _pack_marker(kind: int, length: int, body: bytes = b"", seq: int = 0) -> bytes:
+    """A free marker (length in blocks) or an index table (its body)."""
+    fields = _FIELDS.pack(_MAGIC, kind, 0, 0, seq, 0, length)
+    return fields + zlib.crc32(body, zlib.crc32(fields)).to_bytes(4, "little") + body
+
+
+def _parse_item(buf: bytes, off: int) -> Optional[tuple[int, int, bytes, int, int, int]]:
+    """The valid record or free marker at buf[off:], or None.
+
+    Returns (kind, seq, key, expiry bits, length, total bytes). A table longer
+    than what `buf` holds also gives None: the caller reads it whole. (The
+    scan in recovery makes the same checks in bulk; a test holds the two to
+    the same answers.)
+    """
+    if len(buf) - off < _HEAD.size:
+        return None
+    magic, kind, key_len, zero, seq, exp, length, crc = _HEAD.unpack_from(buf, off)
+    if magic != _MAGIC or zero or exp > _LATEST_EXPIRY_BITS or seq >= _MAX_SEQ:
+        return None
+    if kind == _VALUE:
+        if not 0 < key_len <= _MAX_KEY_BYTES or length > MAX_VALUE_BYTES:
+            return None
+        total = _HEAD.size + key_len + length
+    elif kind in (_FREE, _TABLE) and not key_len and length:
+        total = _HEAD.size + (length if kind == _TABLE else 0)
+    else:
+        return None
+    end = off + total
+    if end > len(buf) or zlib.crc32(buf[off + _HEAD.size:end],
+                                    zlib.crc32(buf[off:off + _HEAD.size - 4])) != crc:
+        return None
+    return kind, seq, buf[off + _HEAD.size:off + _HEAD.size + key_len], exp, length, total
+
+
+def _value_body(record: bytes, key: bytes) -> Optional[bytes]:
+    """The body of `record` if it is a whole, valid value record of `key`."""
+    item = _parse_item(record, 0)
+    if item is None or item[0] != _VALUE or item[2] != key or item[5] != len(record):
+        return None
+    return record[_HEAD.size + len(key):]
+
+
+def _valid_key(key: bytes) -> bool:
+    try:
+        return 1 <= len(key.decode("utf-8")) <= MAX_KEY_LENGTH
+    except UnicodeDecodeError:
+        return False
+
+
+def _valid_keys(keys: list[bytes]) -> bool:
+    """Whether every key is UTF-8 of 1 to MAX_KEY_LENGTH characters, checked
+    in bulk: joined by newlines, which can neither end nor continue a UTF-8
+    character, the keys decode if and only if each one does."""
+    if not keys:
+        return True
+    if min(map(len, keys)) < 1:
+        return False
+    try:
+        b"\n".join(keys).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return max(map(len, keys)) <= MAX_KEY_LENGTH or all(
+        _valid_key(key) for key in keys if len(key) > MAX_KEY_LENGTH)
+
+
+# --- The header -----------------------------------------------------------
+
+def _pack_header(state: int, seq: int, dir_size: int = 0, dir_crc: int = 0,
+                 table: tuple[int, int] = (0, 0)) -> bytes:
+    fields = _HEADER.pack(_HEADER_MAGIC, state, seq, dir_size, dir_crc, *table, 0)
+    return fields[:-4] + zlib.crc32(fields[:-4]).to_bytes(4, "little")
+
+
+class _Header:
+    """The fields of a valid header."""
+
+    def __init__(self, data: bytes) -> None:
+        (_, self.state, self.seq, self.dir_size, self.dir_crc, self.table_pos,
+         self.table_size, _) = _HEADER.unpack(data)
+
+    @staticmethod
+    def parse(data: bytes) -> Optional[_Header]:
+        if (len(data) < _HEADER.size or not data.startswith(_HEADER_MAGIC)
+                or zlib.crc32(data[:_HEADER.size - 4])
+                != int.from_bytes(data[_HEADER.size - 4:_HEADER.size], "little")):
+            return None
+        header = _Header(data[:_HEADER.size])
+        return header if header.state in (_CLOSED, _OPEN) and header.seq < _MAX_SEQ else None
+
+
+# --- The snapshot: .dir and the index table -------------------------------
+
+def _line_length(key: bytes, block: int, size: int) -> int:
+    """Bytes of key's line in .dir (see _pack_dir), newline included."""
+    return len(repr(key.decode("latin-1"))) + len(str(block * _BLOCK)) + len(str(size)) + 7
+
+
+def _pack_dir(index: Iterable[tuple[bytes, int]]) -> bytes:
+    """.dir's text for (key, slot) pairs, a line each."""
+    return b"".join(b"%s, (%d, %d)\n" % (
+        repr(key.decode("latin-1")).encode("latin-1"), _slot_block(slot) * _BLOCK,
+        _slot_size(slot)) for key, slot in index)
+
+
+# The bytes repr() writes as they are, between single quotes.
+_PLAIN_KEY_BYTES = bytes(range(0x20, 0x7F)).translate(None, b"'\\")
+
+# A .dir line, for the common key that repr() writes between single quotes
+# with no escapes (group 1); any other key is read with ast.literal_eval
+# (group 2). Offsets and sizes are groups 3 and 4.
+_DIR_SIMPLE_KEY = re.compile(rb"^'([^'\\\n]*)', \(\d{1,19}, \d{1,5}\)$", re.M)
+_DIR_LINE = re.compile(rb"^(?:'([^'\\\n]*)'|(.+?)), \((\d{1,19}), (\d{1,5})\)$", re.M)
+
+
+def _unpack_dir_keys(text: bytes, path: str) -> list[bytes]:
+    """The keys of .dir's lines, in order, or raise CorruptStoreError. A key
+    repr() wrote between single quotes with no escapes is the common case,
+    read with one regular expression; if any line is not of that kind, every
+    line is read with _DIR_LINE, and the others with ast.literal_eval. (The
+    numbers come from the index table.)"""
+    lines = text.count(b"\n")
+    if text and not text.endswith(b"\n"):
+        raise _damaged(path, "it does not end with a newline")
+    keys: list[bytes] = _DIR_SIMPLE_KEY.findall(text)
+    if len(keys) == lines:
+        return keys
+    entries = _DIR_LINE.findall(text)
+    if len(entries) != lines:
+        raise _damaged(path, "a line is not of dbm.dumb's form")
+    return [simple or _literal_key(quoted, path) for simple, quoted, _, _ in entries]
+
+
+def _literal_key(quoted: bytes, path: str) -> bytes:
+    try:
+        key = ast.literal_eval(quoted.decode("latin-1"))
+    except Exception:  # whatever literal_eval makes of bad text
+        key = None
+    if not isinstance(key, str):
+        raise _damaged(path, f"bad key {quoted[:80]!r}")
+    return key.encode("latin-1")
+
+
+def _digits(numbers: list[int], scale: int) -> int:
+    """The total of len(str(n * scale)) over numbers >= 0 in ascending order:
+    for each length, the numbers that reach it are found by bisection."""
+    total, power = len(numbers), 10
+    while numbers and numbers[-1] * scale >= power:
+        total += len(numbers) - bisect_left(numbers, -(-power // scale))
+        power *= 10
+    return total
+
+
+def _table_room(keys: int, expiring: int) -> int:
+    """Bytes (whole blocks) the index table of so many keys takes in .dat."""
+    if not keys:
+        return 0
+    return _blocks(_HEAD.size + 4 * -(-(_TABLE_COUNTS.size + 6 * keys + 12 * expiring) // 3)) * _BLOCK
+
+
+def _pack_table(slots: list[int]) -> bytes:
+    """The index table's body for the slots in .dir's line order."""
+    exps = [_slot_exp(slot) for slot in slots]
+    # In expiry order, so that the next open need not sort them.
+    lines = sorted((line for line, exp in enumerate(exps) if exp), key=exps.__getitem__)
+    keys, expiring = len(slots), len(lines)
+    return base64.b64encode(b"".join((
+        _TABLE_COUNTS.pack(keys, expiring),
+        struct.pack(f"<{keys}I", *map(_slot_block, slots)),
+        struct.pack(f"<{keys}H", *map(_slot_size, slots)),
+        struct.pack(f"<{expiring}I", *lines),
+        struct.pack(f"<{expiring}Q", *map(exps.__getitem__, lines)))))
+
+
+def _unpack_table(body: bytes) -> Optional[tuple[Sequence[int], ...]]:
+    """The blocks, sizes, ttl lines and expiries of an index table's body,
+    or None if it is not one."""
+    try:
+        raw = base64.b64decode(body, validate=True)
+    except ValueError:
+        return None
+    if len(raw) < _TABLE_COUNTS.size:
+        return None
+    keys, expiring = _TABLE_COUNTS.unpack_from(raw)
+    if len(raw) != _TABLE_COUNTS.size + 6 * keys + 12 * expiring:
+        return None
+    at = _TABLE_COUNTS.size
+    blocks = struct.unpack_from(f"<{keys}I", raw, at)
+    sizes = struct.unpack_from(f"<{keys}H", raw, at + 4 * keys)
+    lines = struct.unpack_from(f"<{expiring}I", raw, at + 6 * keys)
+    exps = struct.unpack_from(f"<{expiring}Q", raw, at + 6 * keys + 4 * expiring)
+    return blocks, sizes, lines, exps
+
+
+# --- Reading and writing at an offset -------------------------------------
+
+def _write_at(fd: int, data: bytes, pos: int) -> None:
+    """Write all of data at pos (seek and write where there is no pwrite)."""
+    view = memoryview(data)
+    while view:
+        if hasattr(os, "pwrite"):
+            written = os.pwrite(fd, view, pos)
+        else:  # Windows: the caller holds the store's lock, so no one moves the offset
+            os.lseek(fd, pos, os.SEEK_SET)
+            written = os.write(fd, view)
+        view = view[written:]
+        pos += written
+
+
+def _read_at(fd: int, size: int, pos: int) -> bytes:
+    """Read up to size bytes at pos: fewer only at the end of the file."""
+    if hasattr(os, "pread"):
+        data = os.pread(fd, size, pos)
+    else:  # Windows: the caller holds the store's lock, so no one moves the offset
+        os.lseek(fd, pos, os.SEEK_SET)
+        data = os.read(fd, size)
+    if 0 < len(data) < size:  # a short read, which a regular file rarely gives
+        more = _read_at(fd, size - len(data), pos + len(data))
+        data += more
+    return data
+
+
+def _fsync(fd: int) -> None:
+    """Make fd's writes durable. On macOS, fsync only reaches the drive's
+    cache; F_FULLFSYNC asks the drive to write it (where the file system
+    supports it)."""
+    if sys.platform == "darwin":
+        import fcntl  # POSIX only, so imported where it is used
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)

@@ -1,0 +1,104 @@
+"""Stores written by version 1.0, converted in place at their first open.
+
+A 1.0 ``.dat`` starts with a header (``_V1_HEADER``: magic "DataStr1",
+state, sequence number, and two CRC-checked fields) and holds records at
+512-byte blocks, each with a head (``_V1_HEAD``): magic "DSr1", kind (1 a
+value, 2 a tombstone), key length, (unused), expires_at as a float64, body
+length, CRC-32 of the head before it, the key and the body. The newest
+record of a key, the one at the highest offset, is the key's state.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from typing import TYPE_CHECKING, Optional
+
+from .codec import _LATEST_EXPIRY, MAX_VALUE_BYTES
+from .errors import _damaged
+from .format import _BLOCK, _MAX_SEQ, _blocks, _fsync, _slot, _valid_key
+from .recovery import _chunks, _count_index, _derive_free, _scan
+
+if TYPE_CHECKING:
+    from .engine import _Engine
+
+_V1_HEADER = struct.Struct("<8sB3xQII")
+_V1_HEADER_MAGIC = b"DataStr1"
+_V1_HEAD = struct.Struct("<4sBBBxdII")
+_V1_MAGIC = b"DSr1"
+
+
+def _is_v1_header(data: bytes) -> bool:
+    return (len(data) >= _V1_HEADER.size and data.startswith(_V1_HEADER_MAGIC)
+            and zlib.crc32(data[:_V1_HEADER.size - 4])
+            == int.from_bytes(data[_V1_HEADER.size - 4:_V1_HEADER.size], "little"))
+
+
+def _remove(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def _convert_v1(engine: _Engine) -> None:
+    """Convert a store written by version 1.0, in place.
+
+    The 1.0 header stays until the end, so a crash here converts again: a
+    key's version 2 record, if any, beats its 1.0 records; else its 1.0
+    record at the highest offset wins, as it did in 1.0 (a tombstone
+    there means deleted). Each 1.0 value is copied as a version 2 record,
+    then invalidated; superseded 1.0 records go before tombstones, which
+    until then hide them.
+    """
+    for leftover in (".bak", ".compact.dat", ".compact.dir", ".compact.bak"):
+        _remove(engine.dat_path[:-4] + leftover)  # 1.0's own temporary files
+    engine.dat_size = os.fstat(engine.dat).st_size
+    newest: dict[bytes, tuple[int, int, float, Optional[bytes]]] = {}
+    older: list[tuple[int, int]] = []
+    for first, buf, starts in _chunks(engine.dat, engine.dat_size, _V1_HEAD.size):
+        for off in starts:
+            if not buf.startswith(_V1_MAGIC, off):
+                continue
+            block = first + off // _BLOCK
+            _, kind, key_len, _, expires_at, body_len, crc = _V1_HEAD.unpack_from(buf, off)
+            key_at = off + _V1_HEAD.size
+            end = key_at + key_len + body_len
+            if kind not in (1, 2) or end > len(buf) or zlib.crc32(
+                    buf[key_at:end], zlib.crc32(buf[off:key_at - 4])) != crc:
+                continue
+            key = buf[key_at:key_at + key_len]
+            if key in newest:
+                older.append(newest[key][:2])
+            newest[key] = (block, _blocks(end - off), expires_at,
+                           buf[key_at + key_len:end] if kind == 1 else None)
+    losers, marked, _, seq = _scan(engine)  # from a conversion cut short
+    engine.seq = seq + 1
+    engine.lease = _MAX_SEQ  # no header write: the 1.0 header stays until the end
+    _count_index(engine)
+    tombstones, convert = [], {}
+    for key, (block, length, expires_at, body) in newest.items():
+        if key in engine.index:
+            older.append((block, length))
+        elif body is None:
+            tombstones.append((block, length))
+        elif (not _valid_key(key) or len(body) > MAX_VALUE_BYTES
+              or not 0 <= expires_at <= _LATEST_EXPIRY):
+            raise _damaged(engine.dat_path, f"bad 1.0 record {key!r}")
+        else:
+            convert[key] = (block, length, expires_at, body)
+    for block, length in losers + older + tombstones:
+        engine._write_marker(block, length)
+    holders = {b"\0" + key: _slot(length * _BLOCK, block)  # hold their blocks
+               for key, (block, length, _, _) in convert.items()}
+    engine.index.update(holders)
+    _derive_free(engine, marked)
+    for key, (block, length, expires_at, body) in convert.items():
+        del engine.index[b"\0" + key]
+        engine._count(length, -1)
+        engine._put_record(key, body, expires_at)
+        engine._write_marker(block, length)
+        engine.free.add(block, length)
+    _fsync(engine.dat)  # the copies reach the disk before the new header

@@ -1,0 +1,354 @@
+"""Opening a store: the snapshot after a clean close, a scan after a crash.
+
+``.dat`` is the truth; ``.dir`` is only a snapshot of the index. Opening a
+store marks its header *open* (fsynced) before anything else is written; only
+a clean ``close()`` marks it *closed*, after ``.dir``, the index table and
+``.dat`` are written and fsynced. The next open trusts ``.dir`` only if the
+header says *closed* and the size and CRC-32 of ``.dir`` match; otherwise it
+scans ``.dat``:
+
+* A record counts only if its CRC-32 matches, so a torn write is never taken
+  for data. Free markers and the index table are recognised too, so the scan
+  can tell free space from damage; damage beyond the one record a crash can
+  tear is logged on the ``datastore`` logger.
+* Each key has at most one valid record at rest. While a record is being
+  moved or replaced there are two, and the higher sequence number wins; the
+  scan then invalidates the other before the store is used. Sequence numbers never go
+  back: the header holds a bound that every number issued while open stays
+  below, and the scan starts above both that bound and every record it saw.
+* A record that an earlier ``sync()`` (or open) made durable is never
+  invalidated or truncated away before its copy is fsynced, so a power cut
+  cannot lose both. A failed fsync refuses further writes until reopened,
+  because the kernel may have dropped the pages it could not write.
+
+Limits
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from array import array
+from collections import Counter, deque
+from itertools import compress, repeat
+from operator import add, and_, lshift, lt, or_, rshift
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+
+from .codec import MAX_VALUE_BYTES
+from .errors import _damaged, _log, _StoreFull
+from .format import (
+    _BLOCK, _FIELDS, _FREE, _HEAD, _LATEST_EXPIRY_BITS, _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES,
+    _MAX_RECORD, _MAX_SEQ, _PLAIN_KEY_BYTES, _SIZE_MASK, _SLOT_MASK, _TABLE, _VALUE,
+    _Header, _blocks, _digits, _parse_item, _read_at, _slot_block, _slot_size,
+    _table_room, _unpack_dir_keys, _unpack_table, _valid_key, _valid_keys,
+)
+
+if TYPE_CHECKING:
+    from .engine import _Engine
+
+_SCAN_CHUNK = 1 << 22  # bytes of .dat read at a time by a scan
+
+
+def _load_snapshot(engine: _Engine, header: _Header) -> bool:
+    """Load the index from the .dir and index table a clean close wrote.
+
+    The keys come from .dir, in its order; their blocks, sizes and
+    expiries from the table, as binary, which is faster than parsing the
+    same numbers out of .dir's text. Returns False if either does not
+    match the header (then scan .dat). What matches but does not make
+    sense raises CorruptStoreError.
+    """
+    engine.dat_size = os.fstat(engine.dat).st_size
+    if (os.fstat(engine.dir).st_size != header.dir_size
+            or header.dir_size > engine.max_bytes):
+        return False
+    text = _read_at(engine.dir, header.dir_size, 0)
+    table = _read_table(engine, header.table_pos, header.table_size)
+    if zlib.crc32(text) != header.dir_crc or table is None:
+        return False
+    keys = _unpack_dir_keys(text, engine.dir_path)
+    blocks, sizes, lines, exps = table
+    if len(blocks) != len(keys):
+        raise _damaged(engine.dat_path, "the index table does not match .dir")
+    # Records do not overlap (_derive_free checks, below), so the one
+    # that starts last ends last: where it ends is all .dat they need.
+    last = blocks.index(max(blocks)) if keys else None
+    end = 0 if last is None else blocks[last] * _BLOCK + sizes[last]
+    if keys and (min(blocks) < 1 or min(sizes) <= _HEAD.size or max(sizes) > _MAX_RECORD
+                 or end > engine.dat_size):
+        raise _damaged(engine.dat_path, "a record in the index table is out of bounds")
+    if not _valid_keys(keys):
+        raise _damaged(engine.dir_path, "a key is not 1 to 32 characters of UTF-8")
+    if lines and (max(lines) >= len(keys) or len(frozenset(lines)) != len(lines)
+                  or min(exps) <= 0 or max(exps) > _LATEST_EXPIRY_BITS):
+        raise _damaged(engine.dat_path, "bad expiry in the index table")
+    slots = list(map(or_, sizes, map(lshift, blocks, repeat(16))))
+    deque(map(slots.__setitem__, lines, map(or_, map(slots.__getitem__, lines),  # in C:
+                                             map(lshift, exps, repeat(48)))), maxlen=0)
+    engine.index.update(zip(keys, slots))
+    if len(engine.index) != len(keys):
+        raise _damaged(engine.dir_path, "a key is listed twice")
+    engine.expiries.load(exps, list(map(keys.__getitem__, lines)))
+    engine.dir_bytes = len(text)
+    engine.seq = header.seq
+    _derive_free(engine, None)  # writes nothing
+    _check_room(engine, end)
+    return True
+
+
+def _read_table(engine: _Engine, pos: int, size: int) -> Optional[tuple[Sequence[int], ...]]:
+    """The index table's blocks, sizes, ttl lines and expiries (float
+    bits), or None if it is damaged. An empty store has no table."""
+    if not size:
+        return ((), (), (), ()) if not pos else None
+    if (pos % _BLOCK or pos < _BLOCK or pos + size > engine.dat_size
+            or size > engine.max_bytes // 16):  # 6 to 18 bytes a key, 512 or more a key
+        return None
+    item = _parse_item(_read_at(engine.dat, size, pos), 0)
+    if item is None or item[0] != _TABLE or item[5] != size:
+        return None
+    return _unpack_table(_read_at(engine.dat, item[4], pos + _HEAD.size))
+
+
+def _derive_free(engine: _Engine, marked: Optional[dict[int, int]]) -> None:
+    """Make every block no record holds a free extent. With `marked` (the
+    free markers a scan found: block -> length), also write a marker at
+    the start of each extent that has no exact one yet. (In bulk: per
+    record, map() and friends run in C, and only the gaps in Python.)"""
+    slots = sorted(map(and_, engine.index.values(), repeat(_SLOT_MASK)))  # by block
+    starts = list(map(rshift, slots, repeat(16)))
+    lengths = list(map(rshift, map(add, map(and_, slots, repeat(_SIZE_MASK)),
+                                   repeat(_BLOCK - 1)), repeat(9)))
+    ends = [1] + list(map(add, starts, lengths))  # block 0 is the header
+    starts.append(max(_blocks(engine.dat_size), ends[-1]))
+    if any(map(lt, starts, ends)):
+        block = next(compress(starts, map(lt, starts, ends)))
+        raise _damaged(engine.dat_path, f"records overlap at block {block}")
+    for end, start in compress(zip(ends, starts), map(lt, ends, starts)):
+        _new_free(engine, end, start - end, marked)
+    for blocks, count in Counter(lengths).items():
+        engine.by_blocks[blocks] += count
+    engine.largest = max((n for n in range(_MAX_BLOCKS + 1) if engine.by_blocks[n]), default=0)
+
+
+def _new_free(engine: _Engine, start: int, length: int, marked: Optional[dict[int, int]]) -> None:
+    if marked is not None and marked.get(start) != length:
+        engine._write_marker(start, length)
+    engine.free.add(start, length)
+
+
+def _holds_records(engine: _Engine) -> bool:
+    """Whether .dat holds any valid record or marker of ours (for a file
+    whose header is not valid: damaged, or not a store's)."""
+    size = os.fstat(engine.dat).st_size
+    return any(_parse_item(buf, off) for _, buf, starts in _chunks(engine.dat, size, _HEAD.size)
+               for off in starts if buf.startswith(_MAGIC, off))
+
+
+def _recover(engine: _Engine, header: Optional[_Header]) -> None:
+    """Rebuild the index by scanning .dat (see "Why a crash cannot hurt")."""
+    engine.dat_size = os.fstat(engine.dat).st_size
+    losers, marked, tables, newest = _scan(engine)
+    engine.seq = max(header.seq if header else 1, newest + 1)
+    _count_index(engine)
+    last = max(map(and_, engine.index.values(), repeat(_SLOT_MASK)), default=0)
+    _check_room(engine, _slot_block(last) * _BLOCK + _slot_size(last))
+    for block, length in losers:  # older copies of keys: never again valid
+        engine._write_marker(block, length)
+    _derive_free(engine, marked)
+    _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}))
+
+
+def _check_room(engine: _Engine, end: int) -> None:
+    """Refuse, before anything is written, a store that needs more than
+    max_bytes (it was filled under a larger one): .dat up to `end`, the
+    end of its last record, then .dir and the index table."""
+    needed = max(_blocks(end), 1) * _BLOCK + engine.dir_bytes + _table_room(
+        len(engine.index), engine.expiries.count)
+    if needed > engine.max_bytes:
+        raise _StoreFull(0, needed)
+
+
+def _count_index(engine: _Engine) -> None:
+    """Count .dir's lines and list the expiries, for an index from a scan.
+    (The sum of _line_length over the index, in bulk: map() runs in C.)"""
+    keys, slots = list(engine.index), list(engine.index.values())
+    joined = b"".join(keys)
+    if joined.translate(None, _PLAIN_KEY_BYTES):  # some key repr() escapes
+        quoted = sum(map(len, map(repr, map(bytes.decode, keys, repeat("latin-1")))))
+    else:  # each key between two quotes
+        quoted = len(joined) + 2 * len(keys)
+    # After a scan the index is in .dat's order, so the sort is quick;
+    # sizes repeat, so each one's digits are counted once.
+    blocks = sorted(map(rshift, map(and_, slots, repeat(_SLOT_MASK)), repeat(16)))
+    sizes = Counter(map(and_, slots, repeat(_SIZE_MASK)))
+    engine.dir_bytes = (quoted + _digits(blocks, _BLOCK) + 7 * len(keys)
+                        + sum(len(str(size)) * count for size, count in sizes.items()))
+    exps = list(map(rshift, slots, repeat(48)))
+    engine.expiries.load(list(compress(exps, exps)), list(compress(keys, exps)))
+
+
+def _scan(engine: _Engine) -> tuple[list[tuple[int, int]], dict[int, int], dict[int, int], int]:
+    """Read every valid item of .dat into the index (newest copy of each key).
+
+    Returns the older copies (block, blocks), the free markers and the
+    index tables (each as block -> blocks), and the highest sequence
+    number seen. Value records are checked a chunk at a time, in bulk
+    (see _values); free markers and tables one by one.
+    """
+    index = engine.index
+    newest = 0
+    losers: list[tuple[int, int]] = []
+    marked: dict[int, int] = {}
+    tables: dict[int, int] = {}
+    for first, buf, starts in _chunks(engine.dat, engine.dat_size, _HEAD.size):
+        columns = _head_columns(buf, starts)
+        chosen = list(map(_VALUE_WORDS.__contains__, columns[0]))
+        values = _values(first, buf, starts, columns, chosen)
+        if values is None:  # one or more is not valid: leave those out
+            chosen = [ok and _is_value(buf, off) for ok, off in zip(chosen, starts)]
+            values = _values(first, buf, starts, columns, chosen)
+            assert values is not None  # the same checks, passed one by one
+        keys, slots, seqs = values
+        indexed = list(map(index.setdefault, keys, slots))
+        if indexed != slots:  # some key has another copy
+            for key, slot, seq, other in zip(keys, slots, seqs, indexed):
+                if other != slot:
+                    _choose(engine, key, slot, seq, losers)
+        newest = max(newest, max(seqs, default=0))
+        for off in compress(starts, map(_MARKER_WORDS.__contains__, columns[0])):
+            block = first + off // _BLOCK
+            kind, length = buf[off + 4], _HEAD.unpack_from(buf, off)[6]
+            item = _parse_item(buf, off)
+            if (item is None and kind == _TABLE  # a table longer than buf
+                    and block * _BLOCK + _HEAD.size + length <= engine.dat_size
+                    and _HEAD.size + length <= engine.max_bytes // 16):
+                item = _parse_item(_read_at(engine.dat, _HEAD.size + length, block * _BLOCK), 0)
+            if item is not None and kind == _FREE:
+                marked[block] = length
+            elif item is not None:
+                tables[block] = _blocks(_HEAD.size + length)
+    return losers, marked, tables, newest
+
+
+def _choose(engine: _Engine, key: bytes, slot: int, seq: int,
+            losers: list[tuple[int, int]]) -> None:
+    """Of a copy of key (its slot and seq) and the one indexed now, index
+    the one with the higher sequence number; add the other to losers."""
+    old = engine.index[key]
+    old_seq = _HEAD.unpack(_read_at(engine.dat, _HEAD.size, _slot_block(old) * _BLOCK))[4]
+    if seq > old_seq:
+        engine.index[key] = slot
+    loser = old if seq > old_seq else slot
+    losers.append((_slot_block(loser), _blocks(_slot_size(loser))))
+
+
+def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]]:
+    """The regions (block, blocks) of the free extents that no item the
+    scan found (a free marker, an index table or an older copy, as block
+    -> blocks) covers: a torn write, or damage."""
+    damage = []
+    for start, length in engine.free.at.items():
+        at, end = start, start + length
+        while at < end:
+            if at in items:
+                at += items[at]
+            else:
+                region = at
+                while at < end and at not in items:
+                    at += 1
+                damage.append((region, at - region))
+    return damage
+
+
+def _report_damage(engine: _Engine, damage: list[tuple[int, int]]) -> None:
+    """Say what recovery skipped. A crash tears at most the one record
+    (or free marker) being written: more than that is damage, a warning."""
+    skipped = sum(length for _, length in damage) * _BLOCK
+    if len(damage) > 1 or any(length > _MAX_BLOCKS for _, length in damage):
+        _log.warning(
+            "datastore %s: recovered %d keys; skipped %d damaged region(s) "
+            "of %d bytes in all, which a crash alone does not explain",
+            engine.dat_path[:-4], len(engine.index), len(damage), skipped)
+    else:
+        _log.info("datastore %s: recovered %d keys after a crash%s",
+                  engine.dat_path[:-4], len(engine.index),
+                  f"; skipped {skipped} bytes of a torn write" if damage else "")
+
+
+# --- Reading .dat in bulk ------------------------------------------------
+
+def _chunks(fd: int, size: int, head: int) -> Iterator[tuple[int, bytes, range]]:
+    """.dat after the header, a chunk at a time: (block, buffer, starts),
+    where the buffer holds the file from that block on, and `starts` are the
+    offsets in it of the chunk's blocks that hold a whole head of `head`
+    bytes. The buffer holds at least _MAX_RECORD bytes from each of those,
+    or up to the end of the file."""
+    pos = _BLOCK
+    while pos < size:
+        buf = _read_at(fd, min(_SCAN_CHUNK + _MAX_RECORD, size - pos), pos)
+        yield pos // _BLOCK, buf, range(0, min(_SCAN_CHUNK, len(buf) - head + 1), _BLOCK)
+        pos += _SCAN_CHUNK
+
+
+def _head_columns(buf: bytes, starts: range) -> list[Sequence[int]]:
+    """The heads at `starts` in buf, as four columns of 64-bit little-endian
+    numbers: magic, kind, key length and 0; sequence number; expires_at;
+    length and CRC-32. Read in bulk, through a memoryview (with no copy
+    where the machine is little-endian): far faster than head by head."""
+    if not starts:
+        return [[], [], [], []]
+    size = starts[-1] + _HEAD.size
+    if sys.byteorder == "little":
+        words: Sequence[int] = memoryview(buf)[:size].cast("Q")
+    else:  # as the machine reads them, then byte-swapped
+        swapped = array("Q", buf[:size])
+        swapped.byteswap()
+        words = swapped
+    return [words[i::_BLOCK // 8] for i in range(_HEAD.size // 8)]
+
+
+def _head_word(kind: int, key_len: int) -> int:
+    return int.from_bytes(_MAGIC + bytes((kind, key_len, 0, 0)), "little")
+
+
+# What the first column of a valid head can hold (see _head_columns).
+_VALUE_WORDS = frozenset(_head_word(_VALUE, n) for n in range(1, _MAX_KEY_BYTES + 1))
+_MARKER_WORDS = frozenset((_head_word(_FREE, 0), _head_word(_TABLE, 0)))
+
+
+def _values(first: int, buf: bytes, starts: range, columns: list[Sequence[int]],
+            chosen: list[bool]) -> Optional[tuple[list[bytes], list[int], list[int]]]:
+    """The keys, slots and sequence numbers of the chosen value records of a
+    chunk (see _chunks; `columns` are their heads, from _head_columns, and
+    the first column of each is in _VALUE_WORDS); or None if any one of them
+    is not valid. The checks are _parse_item's and _valid_key's, made for
+    all the records at once, which is several times faster than one by one."""
+    offs = list(compress(starts, chosen))
+    if not offs:
+        return [], [], []
+    tags, seqs, exps, tails = (list(compress(column, chosen)) for column in columns)
+    key_lens = [tag >> 40 for tag in tags]
+    lengths = [tail & 0xFFFFFFFF for tail in tails]
+    ends = [off + _HEAD.size + key_len + length
+            for off, key_len, length in zip(offs, key_lens, lengths)]
+    if (max(seqs) >= _MAX_SEQ or max(exps) > _LATEST_EXPIRY_BITS
+            or max(lengths) > MAX_VALUE_BYTES or max(ends) > len(buf)):
+        return None
+    crc32 = zlib.crc32
+    if [crc32(buf[off + _HEAD.size:end], crc32(buf[off:off + _FIELDS.size]))
+            for off, end in zip(offs, ends)] != [tail >> 32 for tail in tails]:
+        return None
+    keys = [buf[off + _HEAD.size:off + _HEAD.size + key_len]
+            for off, key_len in zip(offs, key_lens)]
+    if not _valid_keys(keys):
+        return None
+    slots = [end - off | (first + off // _BLOCK) << 16 | exp << 48
+             for off, end, exp in zip(offs, ends, exps)]
+    return keys, slots, seqs
+
+
+def _is_value(buf: bytes, off: int) -> bool:
+    item = _parse_item(buf, off)
+    return item is not None and item[0] == _VALUE and _valid_key(item[2])

@@ -1,0 +1,156 @@
+"""Free space and expiries: the two orders the engine keeps in memory.
+
+``_FreeSpace`` holds the free extents of ``.dat`` (runs of blocks no record
+holds), merged with their free neighbours, findable by start, by end and by
+length. ``_Expiries`` holds the keys that have a ttl, in order of expiry.
+Neither does I/O: the engine writes the free markers and records first, then
+tells these.
+"""
+
+from __future__ import annotations
+
+import builtins
+from array import array
+from bisect import bisect_left, bisect_right
+from itertools import islice
+from operator import gt
+from typing import Optional, Sequence
+
+from .format import _MAX_BLOCKS
+
+# Free extents are binned by length: 1 to _MAX_BLOCKS blocks, then longer.
+_LONG = _MAX_BLOCKS + 1
+
+
+class _FreeSpace:
+    """The free extents of .dat, as (start block, length in blocks)."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, int] = {}   # start -> length
+        self.to: dict[int, int] = {}   # end -> start
+        # Starts by length (builtins.set: the copy-in file's set() stores a value)
+        self.bins: list[builtins.set[int]] = [builtins.set() for _ in range(_LONG + 1)]
+        self.blocks = 0                # free blocks in all
+
+    def add(self, start: int, length: int) -> None:
+        """Count blocks [start, start + length) free, merged with free neighbours."""
+        before = self.to.get(start)
+        if before is not None:
+            length += self.remove(before)
+            start = before
+        if start + length in self.at:
+            length += self.remove(start + length)
+        self.at[start] = length
+        self.to[start + length] = start
+        self.bins[min(length, _LONG)].add(start)
+        self.blocks += length
+
+    def remove(self, start: int) -> int:
+        """Take the extent that starts at `start` out; return its length."""
+        length = self.at.pop(start)  # may raise KeyError: a bug
+        del self.to[start + length]
+        self.bins[min(length, _LONG)].discard(start)
+        self.blocks -= length
+        return length
+
+    def fitting(self, blocks: int) -> Optional[int]:
+        """The start of a smallest extent of at least `blocks` blocks, or None."""
+        if self.blocks >= blocks:
+            for length in range(blocks, _LONG + 1):
+                if self.bins[length]:
+                    start = self.bins[length].pop()
+                    self.bins[length].add(start)  # pop() then add(): a cheap peek
+                    return start
+        return None
+
+
+class _Expiries:
+    """(expiry, key) pairs in ascending order, kept as sorted runs.
+
+    Expiries are float bits (see the index). Each run holds at most
+    2 * _RUN pairs in two parallel sequences, so adding or removing a pair is
+    a bisection over the runs' first expiries and a short memmove, and the
+    earliest pairs are at the front: 16 bytes a pair.
+    """
+
+    _RUN = 512
+
+    def __init__(self) -> None:
+        self.firsts: list[int] = []         # the first expiry of each run
+        self.exps: list[array[int]] = []    # each run's expiries, ascending
+        self.keys: list[list[bytes]] = []   # each run's keys, in that order
+        self.count = 0
+
+    def load(self, exps: Sequence[int], keys: list[bytes]) -> None:
+        """Fill an empty instance with keys[i] expiring at exps[i]."""
+        if any(map(gt, exps, islice(exps, 1, None))):  # a clean close wrote them in order
+            order = sorted(range(len(exps)), key=exps.__getitem__)
+            exps, keys = list(map(exps.__getitem__, order)), list(map(keys.__getitem__, order))
+        for at in range(0, len(exps), self._RUN):
+            self.firsts.append(exps[at])
+            self.exps.append(array("Q", exps[at:at + self._RUN]))
+            self.keys.append(keys[at:at + self._RUN])
+        self.count = len(exps)
+
+    def add(self, exp: int, key: bytes) -> None:
+        if not self.exps:
+            self.firsts.append(exp)
+            self.exps.append(array("Q", [exp]))
+            self.keys.append([key])
+        else:
+            i = max(bisect_right(self.firsts, exp) - 1, 0)
+            run, keys = self.exps[i], self.keys[i]
+            j = bisect_right(run, exp)
+            run.insert(j, exp)
+            keys.insert(j, key)
+            if j == 0:
+                self.firsts[i] = exp
+            if len(run) > 2 * self._RUN:
+                self.exps.insert(i + 1, run[self._RUN:])
+                self.keys.insert(i + 1, keys[self._RUN:])
+                self.firsts.insert(i + 1, run[self._RUN])
+                del run[self._RUN:], keys[self._RUN:]
+        self.count += 1
+
+    def remove(self, exp: int, key: bytes) -> None:
+        i = max(bisect_left(self.firsts, exp) - 1, 0)
+        while i < len(self.exps):
+            run, keys = self.exps[i], self.keys[i]
+            lo = bisect_left(run, exp)
+            hi = bisect_right(run, exp, lo)
+            try:
+                at = keys.index(key, lo, hi)
+            except ValueError:
+                pass
+            else:
+                del run[at], keys[at]
+                if not run:
+                    del self.exps[i], self.keys[i], self.firsts[i]
+                elif at == 0:
+                    self.firsts[i] = run[0]
+                self.count -= 1
+                return
+            if hi < len(run):
+                break
+            i += 1
+        raise KeyError(key)  # the index and the expiries disagree: a bug
+
+    def due(self, now: int, limit: int) -> list[bytes]:
+        """Up to `limit` keys whose expiry is at or before `now`, earliest first."""
+        due: list[bytes] = []
+        for run, keys in zip(self.exps, self.keys):
+            end = bisect_right(run, now, 0, min(len(run), limit - len(due)))
+            due.extend(keys[:end])
+            if end < len(run) or len(due) >= limit:
+                break
+        return due
+
+    def count_due(self, now: int) -> int:
+        total = 0
+        for run in self.exps:
+            if run[-1] > now:
+                return total + bisect_right(run, now)
+            total += len(run)
+        return total
+
+
