@@ -63,10 +63,11 @@ How it is built
 One module per concern, each readable alone, in the order the copy-in file
 ``datastore.py`` holds them: ``errors`` (the exceptions), ``codec`` (checking
 keys, values and ttls), ``format`` (the files, field by field), ``space``
-(free extents and expiries), ``locks`` (one process per store), ``recovery``
-(opening: snapshot or scan), ``legacy`` (converting 1.0 stores), ``engine``
-(how each call changes the files), ``store`` (``DataStore`` and the default
-store) and ``cli`` (the command line).
+(free extents and expiries), ``locks`` (one process per store),
+``recovery`` (the scan after a crash), ``snapshot`` (what a clean close
+leaves for a fast open), ``legacy`` (converting 1.0 stores), ``engine`` (how
+each call changes the files), ``store`` (``DataStore`` and the default store)
+and ``cli`` (the command line).
 
 Generated from the package src/datastore by tools/single_file.py: edit those
 modules, not this file, then run the script.
@@ -97,7 +98,7 @@ import sys
 import threading
 import time
 from typing import (
-    Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar,
+    Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple, TypeVar,
 )
 import weakref
 import zlib
@@ -506,7 +507,11 @@ def _pack_marker(kind: int, length: int, body: bytes = b"", seq: int = 0) -> byt
     return fields + zlib.crc32(body, zlib.crc32(fields)).to_bytes(4, "little") + body
 
 
-def _parse_item(buf: bytes, off: int) -> Optional[tuple[int, int, bytes, int, int, int]]:
+# (kind, seq, key, expiry bits, length, total bytes): see _parse_item
+_Item = Tuple[int, int, bytes, int, int, int]
+
+
+def _parse_item(buf: bytes, off: int) -> Optional[_Item]:
     """The valid record or free marker at buf[off:], or None.
 
     Returns (kind, seq, key, expiry bits, length, total bytes). A table longer
@@ -656,7 +661,8 @@ def _table_room(keys: int, expiring: int) -> int:
     """Bytes (whole blocks) the index table of so many keys takes in .dat."""
     if not keys:
         return 0
-    return _blocks(_HEAD.size + 4 * -(-(_TABLE_COUNTS.size + 6 * keys + 12 * expiring) // 3)) * _BLOCK
+    base64_size = 4 * -(-(_TABLE_COUNTS.size + 6 * keys + 12 * expiring) // 3)
+    return _blocks(_HEAD.size + base64_size) * _BLOCK
 
 
 def _pack_table(slots: list[int]) -> bytes:
@@ -693,7 +699,44 @@ def _unpack_table(body: bytes) -> Optional[tuple[Sequence[int], ...]]:
     return blocks, sizes, lines, exps
 
 
-# --- Reading and writing at an offset -------------------------------------
+def _item_before(fd: int, end: int) -> Optional[tuple[int, bytes, _Item]]:
+    """(block, buffer from that block on, _parse_item's fields) of the last
+    valid item that starts within _MAX_BLOCKS blocks before block `end` of
+    .dat, or None. (It may end before `end`: the caller checks.)"""
+    if end <= 1:
+        return None
+    first, buf = end - 1, _read_at(fd, _BLOCK, (end - 1) * _BLOCK)
+    item = _parse_item(buf, 0)  # most records take one block
+    if item is None:
+        first = max(1, end - _MAX_BLOCKS)
+        buf = _read_at(fd, (end - first) * _BLOCK, first * _BLOCK)
+        off = len(buf)
+        while item is None and off > 0:
+            off = buf.rfind(_MAGIC, 0, off)
+            if off < 0:
+                return None
+            if off % _BLOCK == 0:  # else: the magic inside a value's text
+                item = _parse_item(buf, off)
+        buf, first = buf[off:], first + off // _BLOCK
+    return None if item is None else (first, buf, item)
+
+
+# --- Files ----------------------------------------------------------------
+
+def _open_regular(path: str) -> int:
+    """A descriptor of a regular file (created if missing), for the store's
+    life. Anything else (a folder, a FIFO, a device) is refused before a
+    byte is read."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
+    except IsADirectoryError:
+        raise CorruptStoreError(f"{path} is a folder, not a store file; move it away",
+                                path=path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptStoreError(f"{path} is not a regular file; move it away", path=path)
+    return fd
+
 
 def _write_at(fd: int, data: bytes, pos: int) -> None:
     """Write all of data at pos (seek and write where there is no pwrite)."""
@@ -1052,14 +1095,12 @@ def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> No
 
 
 # --- recovery.py -------------------------------------------------------------
-# Opening a store: the snapshot after a clean close, a scan after a crash.
+# Recovery: rebuilding the index by scanning .dat, after a crash.
 #
-# ``.dat`` is the truth; ``.dir`` is only a snapshot of the index. Opening a
-# store marks its header *open* (fsynced) before anything else is written; only
-# a clean ``close()`` marks it *closed*, after ``.dir``, the index table and
-# ``.dat`` are written and fsynced. The next open trusts ``.dir`` only if the
-# header says *closed* and the size and CRC-32 of ``.dir`` match; otherwise it
-# scans ``.dat``:
+# ``.dat`` is the truth; ``.dir`` is only a snapshot of the index (see
+# ``snapshot`` for when it is trusted). Opening a store marks its header
+# *open* (fsynced) before anything else is written, so a store that was not
+# closed cleanly is always scanned:
 #
 # * A record counts only if its CRC-32 matches, so a torn write is never taken
 #   for data. Free markers and the index table are recognised too, so the scan
@@ -1067,78 +1108,20 @@ def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> No
 #   tear is logged on the ``datastore`` logger.
 # * Each key has at most one valid record at rest. While a record is being
 #   moved or replaced there are two, and the higher sequence number wins; the
-#   scan then invalidates the other before the store is used. Sequence numbers never go
-#   back: the header holds a bound that every number issued while open stays
-#   below, and the scan starts above both that bound and every record it saw.
+#   scan then invalidates the other before the store is used. Sequence
+#   numbers never go back: the header holds a bound that every number issued
+#   while open stays below, and the scan starts above both that bound and
+#   every record it saw.
 # * A record that an earlier ``sync()`` (or open) made durable is never
 #   invalidated or truncated away before its copy is fsynced, so a power cut
 #   cannot lose both. A failed fsync refuses further writes until reopened,
 #   because the kernel may have dropped the pages it could not write.
 #
-# Limits
+# The scan reads ``.dat`` in chunks and checks the value records of a chunk
+# in bulk (``_values``), several times faster than one by one; free markers
+# and tables, which are few, go through ``_parse_item``.
 
 _SCAN_CHUNK = 1 << 22  # bytes of .dat read at a time by a scan
-
-
-def _load_snapshot(engine: _Engine, header: _Header) -> bool:
-    """Load the index from the .dir and index table a clean close wrote.
-
-    The keys come from .dir, in its order; their blocks, sizes and
-    expiries from the table, as binary, which is faster than parsing the
-    same numbers out of .dir's text. Returns False if either does not
-    match the header (then scan .dat). What matches but does not make
-    sense raises CorruptStoreError.
-    """
-    engine.dat_size = os.fstat(engine.dat).st_size
-    if (os.fstat(engine.dir).st_size != header.dir_size
-            or header.dir_size > engine.max_bytes):
-        return False
-    text = _read_at(engine.dir, header.dir_size, 0)
-    table = _read_table(engine, header.table_pos, header.table_size)
-    if zlib.crc32(text) != header.dir_crc or table is None:
-        return False
-    keys = _unpack_dir_keys(text, engine.dir_path)
-    blocks, sizes, lines, exps = table
-    if len(blocks) != len(keys):
-        raise _damaged(engine.dat_path, "the index table does not match .dir")
-    # Records do not overlap (_derive_free checks, below), so the one
-    # that starts last ends last: where it ends is all .dat they need.
-    last = blocks.index(max(blocks)) if keys else None
-    end = 0 if last is None else blocks[last] * _BLOCK + sizes[last]
-    if keys and (min(blocks) < 1 or min(sizes) <= _HEAD.size or max(sizes) > _MAX_RECORD
-                 or end > engine.dat_size):
-        raise _damaged(engine.dat_path, "a record in the index table is out of bounds")
-    if not _valid_keys(keys):
-        raise _damaged(engine.dir_path, "a key is not 1 to 32 characters of UTF-8")
-    if lines and (max(lines) >= len(keys) or len(frozenset(lines)) != len(lines)
-                  or min(exps) <= 0 or max(exps) > _LATEST_EXPIRY_BITS):
-        raise _damaged(engine.dat_path, "bad expiry in the index table")
-    slots = list(map(or_, sizes, map(lshift, blocks, repeat(16))))
-    deque(map(slots.__setitem__, lines, map(or_, map(slots.__getitem__, lines),  # in C:
-                                             map(lshift, exps, repeat(48)))), maxlen=0)
-    engine.index.update(zip(keys, slots))
-    if len(engine.index) != len(keys):
-        raise _damaged(engine.dir_path, "a key is listed twice")
-    engine.expiries.load(exps, list(map(keys.__getitem__, lines)))
-    engine.dir_bytes = len(text)
-    engine.seq = header.seq
-    _derive_free(engine, None)  # writes nothing
-    _check_room(engine, end)
-    return True
-
-
-def _read_table(engine: _Engine, pos: int, size: int) -> Optional[tuple[Sequence[int], ...]]:
-    """The index table's blocks, sizes, ttl lines and expiries (float
-    bits), or None if it is damaged. An empty store has no table."""
-    if not size:
-        return ((), (), (), ()) if not pos else None
-    if (pos % _BLOCK or pos < _BLOCK or pos + size > engine.dat_size
-            or size > engine.max_bytes // 16):  # 6 to 18 bytes a key, 512 or more a key
-        return None
-    item = _parse_item(_read_at(engine.dat, size, pos), 0)
-    if item is None or item[0] != _TABLE or item[5] != size:
-        return None
-    return _unpack_table(_read_at(engine.dat, item[4], pos + _HEAD.size))
 
 
 def _derive_free(engine: _Engine, marked: Optional[dict[int, int]]) -> None:
@@ -1384,6 +1367,95 @@ def _is_value(buf: bytes, off: int) -> bool:
     return item is not None and item[0] == _VALUE and _valid_key(item[2])
 
 
+# --- snapshot.py -------------------------------------------------------------
+# The snapshot: the index as a clean close leaves it, for a fast next open.
+#
+# A clean ``close()`` writes the index table into ``.dat`` and the ``.dir``
+# lines (both described in ``format``), fsyncs them and the records they point
+# at, and only then marks the header *closed* with the size and CRC-32 of
+# ``.dir`` and where the table is. The next open trusts the snapshot only if
+# the header says closed and ``.dir`` and the table match it; otherwise it
+# scans ``.dat`` (see ``recovery``). What matches but makes no sense (keys
+# twice, records out of bounds) is damage, not a crash, and is refused.
+
+def _write_snapshot(engine: _Engine) -> None:
+    """Write the index table and .dir, fsync, then mark the header closed."""
+    table = (0, 0)
+    if engine.index:
+        body = _pack_table(list(engine.index.values()))
+        record = _pack_marker(_TABLE, len(body), body, engine.seq)
+        block, _ = engine._place(len(record))  # used() has counted its room all along
+        engine._write_record(block, _blocks(len(record)), record)
+        table = (block * _BLOCK, len(record))
+    lines = _pack_dir(engine.index.items())
+    _write_at(engine.dir, lines, 0)
+    os.ftruncate(engine.dir, len(lines))
+    _fsync(engine.dir)
+    engine._sync()  # the records .dir points at, before the header trusts it
+    engine._write_header(_CLOSED, len(lines), zlib.crc32(lines), table)
+
+
+def _load_snapshot(engine: _Engine, header: _Header) -> bool:
+    """Load the index from the .dir and index table a clean close wrote.
+
+    The keys come from .dir, in its order; their blocks, sizes and
+    expiries from the table, as binary, which is faster than parsing the
+    same numbers out of .dir's text. Returns False if either does not
+    match the header (then scan .dat). What matches but does not make
+    sense raises CorruptStoreError.
+    """
+    engine.dat_size = os.fstat(engine.dat).st_size
+    if (os.fstat(engine.dir).st_size != header.dir_size
+            or header.dir_size > engine.max_bytes):
+        return False
+    text = _read_at(engine.dir, header.dir_size, 0)
+    table = _read_table(engine, header.table_pos, header.table_size)
+    if zlib.crc32(text) != header.dir_crc or table is None:
+        return False
+    keys = _unpack_dir_keys(text, engine.dir_path)
+    blocks, sizes, lines, exps = table
+    if len(blocks) != len(keys):
+        raise _damaged(engine.dat_path, "the index table does not match .dir")
+    # Records do not overlap (_derive_free checks, below), so the one
+    # that starts last ends last: where it ends is all .dat they need.
+    last = blocks.index(max(blocks)) if keys else None
+    end = 0 if last is None else blocks[last] * _BLOCK + sizes[last]
+    if keys and (min(blocks) < 1 or min(sizes) <= _HEAD.size or max(sizes) > _MAX_RECORD
+                 or end > engine.dat_size):
+        raise _damaged(engine.dat_path, "a record in the index table is out of bounds")
+    if not _valid_keys(keys):
+        raise _damaged(engine.dir_path, "a key is not 1 to 32 characters of UTF-8")
+    if lines and (max(lines) >= len(keys) or len(frozenset(lines)) != len(lines)
+                  or min(exps) <= 0 or max(exps) > _LATEST_EXPIRY_BITS):
+        raise _damaged(engine.dat_path, "bad expiry in the index table")
+    slots = list(map(or_, sizes, map(lshift, blocks, repeat(16))))
+    deque(map(slots.__setitem__, lines, map(or_, map(slots.__getitem__, lines),  # in C:
+                                             map(lshift, exps, repeat(48)))), maxlen=0)
+    engine.index.update(zip(keys, slots))
+    if len(engine.index) != len(keys):
+        raise _damaged(engine.dir_path, "a key is listed twice")
+    engine.expiries.load(exps, list(map(keys.__getitem__, lines)))
+    engine.dir_bytes = len(text)
+    engine.seq = header.seq
+    _derive_free(engine, None)  # writes nothing
+    _check_room(engine, end)
+    return True
+
+
+def _read_table(engine: _Engine, pos: int, size: int) -> Optional[tuple[Sequence[int], ...]]:
+    """The index table's blocks, sizes, ttl lines and expiries (float
+    bits), or None if it is damaged. An empty store has no table."""
+    if not size:
+        return ((), (), (), ()) if not pos else None
+    if (pos % _BLOCK or pos < _BLOCK or pos + size > engine.dat_size
+            or size > engine.max_bytes // 16):  # 6 to 18 bytes a key, 512 or more a key
+        return None
+    item = _parse_item(_read_at(engine.dat, size, pos), 0)
+    if item is None or item[0] != _TABLE or item[5] != size:
+        return None
+    return _unpack_table(_read_at(engine.dat, item[4], pos + _HEAD.size))
+
+
 # --- legacy.py ---------------------------------------------------------------
 # Stores written by version 1.0, converted in place at their first open.
 #
@@ -1546,7 +1618,12 @@ class _Engine:
         self.dat = self.dir = -1
         _engines.add(self)  # a fork from now on closes the child's copies
         try:
-            self.dat = self._open_file(self.dat_path)
+            if not os.path.exists(self.dat_path) and os.path.exists(self.dir_path) and (
+                    not os.path.isfile(self.dir_path) or os.path.getsize(self.dir_path)):
+                raise CorruptStoreError(
+                    f"{self.dir_path} exists but {self.dat_path} is missing; "
+                    "restore the data file or move the index away", path=self.dir_path)
+            self.dat = _open_regular(self.dat_path)
             _lock_data_file(self.dat, self.dat_path, deadline)
             self._load()
         except BaseException:
@@ -1554,28 +1631,6 @@ class _Engine:
             raise
 
     # --- Opening ---
-
-    def _open_file(self, path: str) -> int:
-        """A descriptor of a regular file, held for the store's life. Anything
-        else (a folder, a FIFO, a device) is refused before a byte is read."""
-        flags = os.O_RDWR | getattr(os, "O_BINARY", 0)
-        try:
-            fd = os.open(path, flags)
-        except FileNotFoundError:
-            if path == self.dat_path and os.path.exists(self.dir_path):
-                if not os.path.isfile(self.dir_path) or os.path.getsize(self.dir_path):
-                    raise CorruptStoreError(
-                        f"{self.dir_path} exists but {self.dat_path} is missing; "
-                        "restore the data file or move the index away",
-                        path=self.dir_path) from None
-            fd = os.open(path, flags | os.O_CREAT, 0o600)
-        except IsADirectoryError:
-            raise CorruptStoreError(f"{path} is a folder, not a store file; move it away",
-                                    path=path) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise CorruptStoreError(f"{path} is not a regular file; move it away", path=path)
-        return fd
 
     def _load(self) -> None:
         """Read the index: from the snapshot after a clean close, else by
@@ -1590,7 +1645,7 @@ class _Engine:
                 f"{self.dat_path} is not a datastore data file (no valid header "
                 "or record); move it away or open a different path",
                 path=self.dat_path)
-        self.dir = self._open_file(self.dir_path)
+        self.dir = _open_regular(self.dir_path)
         if not size and os.fstat(self.dir).st_size:
             raise CorruptStoreError(
                 f"{self.dat_path} is empty but {self.dir_path} is not; "
@@ -2005,24 +2060,10 @@ class _Engine:
     def _last_record(self, end: int) -> Optional[tuple[bytes, int, int, bytes]]:
         """(key, block, seq, record) of the live record that ends at block
         `end`, read from disk, or None if none does."""
-        if end <= 1:
+        found = _item_before(self.dat, end)
+        if found is None:
             return None
-        first, buf = end - 1, _read_at(self.dat, _BLOCK, (end - 1) * _BLOCK)
-        item = _parse_item(buf, 0)  # most records take one block
-        if item is None:
-            first = max(1, end - _MAX_BLOCKS)
-            buf = _read_at(self.dat, (end - first) * _BLOCK, first * _BLOCK)
-            off = len(buf)
-            while item is None and off > 0:
-                off = buf.rfind(_MAGIC, 0, off)
-                if off < 0:
-                    return None
-                if off % _BLOCK == 0:  # else: the magic inside a value's text
-                    item = _parse_item(buf, off)
-            buf, first = buf[off:], first + off // _BLOCK
-        if item is None:
-            return None
-        kind, seq, key, _, _, total = item
+        first, buf, (kind, seq, key, _, _, total) = found
         slot = self.index.get(key)
         if (kind == _VALUE and slot is not None and _slot_block(slot) == first
                 and first + _blocks(total) == end):
@@ -2042,33 +2083,16 @@ class _Engine:
     # --- Closing ---
 
     def close(self, now: float) -> None:
-        """Write the snapshot (.dir and the index table), fsync, mark the
-        header closed, and close the files; they are closed even if it raises."""
+        """Write the snapshot, mark the header closed, and close the files;
+        they are closed even if it raises."""
         try:
             if self.failed is None:
                 self._check_writable()
                 self._reclaim(now, len(self.index))  # .dir lists live keys only
                 self._trim()
-                table = self._write_table()
-                lines = _pack_dir(self.index.items())
-                _write_at(self.dir, lines, 0)
-                os.ftruncate(self.dir, len(lines))
-                _fsync(self.dir)
-                self._sync()  # the records .dir points at, before the header trusts it
-                self._write_header(_CLOSED, len(lines), zlib.crc32(lines), table)
+                _write_snapshot(self)
         finally:
             self.close_files()
-
-    def _write_table(self) -> tuple[int, int]:
-        """Write the index table (see format) into .dat, in .dir's line
-        order; return its (offset, size)."""
-        if not self.index:
-            return 0, 0
-        body = _pack_table(list(self.index.values()))
-        record = _pack_marker(_TABLE, len(body), body, self.seq)
-        block, _ = self._place(len(record))  # used() has counted its room all along
-        self._write_record(block, _blocks(len(record)), record)
-        return block * _BLOCK, len(record)
 
     def close_files(self) -> None:
         for fd in (self.dat, self.dir):

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "datastore"
 OUTPUT = ROOT / "datastore.py"
-MODULES = ["errors", "codec", "format", "space", "locks", "recovery", "legacy",
+MODULES = ["errors", "codec", "format", "space", "locks", "recovery", "snapshot", "legacy",
            "engine", "store", "cli"]
 THIRD_PARTY = {"fasteners"}
 WIDTH = 79

@@ -63,10 +63,11 @@ How it is built
 One module per concern, each readable alone, in the order the copy-in file
 ``datastore.py`` holds them: ``errors`` (the exceptions), ``codec`` (checking
 keys, values and ttls), ``format`` (the files, field by field), ``space``
-(free extents and expiries), ``locks`` (one process per store), ``recovery``
-(opening: snapshot or scan), ``legacy`` (converting 1.0 stores), ``engine``
-(how each call changes the files), ``store`` (``DataStore`` and the default
-store) and ``cli`` (the command line).
+(free extents and expiries), ``locks`` (one process per store),
+``recovery`` (the scan after a crash), ``snapshot`` (what a clean close
+leaves for a fast open), ``legacy`` (converting 1.0 stores), ``engine`` (how
+each call changes the files), ``store`` (``DataStore`` and the default store)
+and ``cli`` (the command line).
 """
 
 from __future__ import annotations

@@ -33,20 +33,20 @@ from __future__ import annotations
 
 import gc
 import os
-import stat
 import zlib
 from typing import Any, Callable, Iterator, Optional
 
 from .errors import CorruptStoreError, _log, _StoreFull
 from .format import (
-    _BLOCK, _CLOSED, _FREE, _HEAD, _HEADER, _MAGIC, _MAX_BLOCKS, _OPEN, _TABLE, _VALUE,
-    _Header, _blocks, _bits_float, _float_bits, _fsync, _line_length, _pack_dir,
-    _pack_header, _pack_marker, _pack_table, _pack_value, _parse_item, _read_at,
+    _BLOCK, _CLOSED, _FREE, _HEAD, _HEADER, _MAX_BLOCKS, _OPEN, _VALUE,
+    _Header, _blocks, _bits_float, _float_bits, _fsync, _item_before, _line_length, _open_regular,
+    _pack_header, _pack_marker, _pack_value, _read_at,
     _slot, _slot_block, _slot_exp, _slot_size, _table_room, _value_body, _write_at,
 )
 from .legacy import _convert_v1, _is_v1_header
 from .locks import _engines, _lock_data_file
-from .recovery import _holds_records, _load_snapshot, _recover
+from .recovery import _holds_records, _recover
+from .snapshot import _load_snapshot, _write_snapshot
 from .space import _Expiries, _FreeSpace
 
 _LEASE = 1 << 20  # sequence numbers issued per header write while open
@@ -89,7 +89,12 @@ class _Engine:
         self.dat = self.dir = -1
         _engines.add(self)  # a fork from now on closes the child's copies
         try:
-            self.dat = self._open_file(self.dat_path)
+            if not os.path.exists(self.dat_path) and os.path.exists(self.dir_path) and (
+                    not os.path.isfile(self.dir_path) or os.path.getsize(self.dir_path)):
+                raise CorruptStoreError(
+                    f"{self.dir_path} exists but {self.dat_path} is missing; "
+                    "restore the data file or move the index away", path=self.dir_path)
+            self.dat = _open_regular(self.dat_path)
             _lock_data_file(self.dat, self.dat_path, deadline)
             self._load()
         except BaseException:
@@ -97,28 +102,6 @@ class _Engine:
             raise
 
     # --- Opening ---
-
-    def _open_file(self, path: str) -> int:
-        """A descriptor of a regular file, held for the store's life. Anything
-        else (a folder, a FIFO, a device) is refused before a byte is read."""
-        flags = os.O_RDWR | getattr(os, "O_BINARY", 0)
-        try:
-            fd = os.open(path, flags)
-        except FileNotFoundError:
-            if path == self.dat_path and os.path.exists(self.dir_path):
-                if not os.path.isfile(self.dir_path) or os.path.getsize(self.dir_path):
-                    raise CorruptStoreError(
-                        f"{self.dir_path} exists but {self.dat_path} is missing; "
-                        "restore the data file or move the index away",
-                        path=self.dir_path) from None
-            fd = os.open(path, flags | os.O_CREAT, 0o600)
-        except IsADirectoryError:
-            raise CorruptStoreError(f"{path} is a folder, not a store file; move it away",
-                                    path=path) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise CorruptStoreError(f"{path} is not a regular file; move it away", path=path)
-        return fd
 
     def _load(self) -> None:
         """Read the index: from the snapshot after a clean close, else by
@@ -133,7 +116,7 @@ class _Engine:
                 f"{self.dat_path} is not a datastore data file (no valid header "
                 "or record); move it away or open a different path",
                 path=self.dat_path)
-        self.dir = self._open_file(self.dir_path)
+        self.dir = _open_regular(self.dir_path)
         if not size and os.fstat(self.dir).st_size:
             raise CorruptStoreError(
                 f"{self.dat_path} is empty but {self.dir_path} is not; "
@@ -548,24 +531,10 @@ class _Engine:
     def _last_record(self, end: int) -> Optional[tuple[bytes, int, int, bytes]]:
         """(key, block, seq, record) of the live record that ends at block
         `end`, read from disk, or None if none does."""
-        if end <= 1:
+        found = _item_before(self.dat, end)
+        if found is None:
             return None
-        first, buf = end - 1, _read_at(self.dat, _BLOCK, (end - 1) * _BLOCK)
-        item = _parse_item(buf, 0)  # most records take one block
-        if item is None:
-            first = max(1, end - _MAX_BLOCKS)
-            buf = _read_at(self.dat, (end - first) * _BLOCK, first * _BLOCK)
-            off = len(buf)
-            while item is None and off > 0:
-                off = buf.rfind(_MAGIC, 0, off)
-                if off < 0:
-                    return None
-                if off % _BLOCK == 0:  # else: the magic inside a value's text
-                    item = _parse_item(buf, off)
-            buf, first = buf[off:], first + off // _BLOCK
-        if item is None:
-            return None
-        kind, seq, key, _, _, total = item
+        first, buf, (kind, seq, key, _, _, total) = found
         slot = self.index.get(key)
         if (kind == _VALUE and slot is not None and _slot_block(slot) == first
                 and first + _blocks(total) == end):
@@ -585,33 +554,16 @@ class _Engine:
     # --- Closing ---
 
     def close(self, now: float) -> None:
-        """Write the snapshot (.dir and the index table), fsync, mark the
-        header closed, and close the files; they are closed even if it raises."""
+        """Write the snapshot, mark the header closed, and close the files;
+        they are closed even if it raises."""
         try:
             if self.failed is None:
                 self._check_writable()
                 self._reclaim(now, len(self.index))  # .dir lists live keys only
                 self._trim()
-                table = self._write_table()
-                lines = _pack_dir(self.index.items())
-                _write_at(self.dir, lines, 0)
-                os.ftruncate(self.dir, len(lines))
-                _fsync(self.dir)
-                self._sync()  # the records .dir points at, before the header trusts it
-                self._write_header(_CLOSED, len(lines), zlib.crc32(lines), table)
+                _write_snapshot(self)
         finally:
             self.close_files()
-
-    def _write_table(self) -> tuple[int, int]:
-        """Write the index table (see format) into .dat, in .dir's line
-        order; return its (offset, size)."""
-        if not self.index:
-            return 0, 0
-        body = _pack_table(list(self.index.values()))
-        record = _pack_marker(_TABLE, len(body), body, self.seq)
-        block, _ = self._place(len(record))  # used() has counted its room all along
-        self._write_record(block, _blocks(len(record)), record)
-        return block * _BLOCK, len(record)
 
     def close_files(self) -> None:
         for fd in (self.dat, self.dir):

@@ -67,14 +67,15 @@ import ast
 import base64
 import os
 import re
+import stat
 import struct
 import sys
 import zlib
 from bisect import bisect_left
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence, Tuple
 
 from .codec import _LATEST_EXPIRY, MAX_KEY_LENGTH, MAX_VALUE_BYTES
-from .errors import _damaged
+from .errors import CorruptStoreError, _damaged
 
 # Records start at multiples of this many bytes, as in dbm.dumb.
 _BLOCK = 512
@@ -150,7 +151,11 @@ def _pack_marker(kind: int, length: int, body: bytes = b"", seq: int = 0) -> byt
     return fields + zlib.crc32(body, zlib.crc32(fields)).to_bytes(4, "little") + body
 
 
-def _parse_item(buf: bytes, off: int) -> Optional[tuple[int, int, bytes, int, int, int]]:
+# (kind, seq, key, expiry bits, length, total bytes): see _parse_item
+_Item = Tuple[int, int, bytes, int, int, int]
+
+
+def _parse_item(buf: bytes, off: int) -> Optional[_Item]:
     """The valid record or free marker at buf[off:], or None.
 
     Returns (kind, seq, key, expiry bits, length, total bytes). A table longer
@@ -300,7 +305,8 @@ def _table_room(keys: int, expiring: int) -> int:
     """Bytes (whole blocks) the index table of so many keys takes in .dat."""
     if not keys:
         return 0
-    return _blocks(_HEAD.size + 4 * -(-(_TABLE_COUNTS.size + 6 * keys + 12 * expiring) // 3)) * _BLOCK
+    base64_size = 4 * -(-(_TABLE_COUNTS.size + 6 * keys + 12 * expiring) // 3)
+    return _blocks(_HEAD.size + base64_size) * _BLOCK
 
 
 def _pack_table(slots: list[int]) -> bytes:
@@ -337,7 +343,44 @@ def _unpack_table(body: bytes) -> Optional[tuple[Sequence[int], ...]]:
     return blocks, sizes, lines, exps
 
 
-# --- Reading and writing at an offset -------------------------------------
+def _item_before(fd: int, end: int) -> Optional[tuple[int, bytes, _Item]]:
+    """(block, buffer from that block on, _parse_item's fields) of the last
+    valid item that starts within _MAX_BLOCKS blocks before block `end` of
+    .dat, or None. (It may end before `end`: the caller checks.)"""
+    if end <= 1:
+        return None
+    first, buf = end - 1, _read_at(fd, _BLOCK, (end - 1) * _BLOCK)
+    item = _parse_item(buf, 0)  # most records take one block
+    if item is None:
+        first = max(1, end - _MAX_BLOCKS)
+        buf = _read_at(fd, (end - first) * _BLOCK, first * _BLOCK)
+        off = len(buf)
+        while item is None and off > 0:
+            off = buf.rfind(_MAGIC, 0, off)
+            if off < 0:
+                return None
+            if off % _BLOCK == 0:  # else: the magic inside a value's text
+                item = _parse_item(buf, off)
+        buf, first = buf[off:], first + off // _BLOCK
+    return None if item is None else (first, buf, item)
+
+
+# --- Files ----------------------------------------------------------------
+
+def _open_regular(path: str) -> int:
+    """A descriptor of a regular file (created if missing), for the store's
+    life. Anything else (a folder, a FIFO, a device) is refused before a
+    byte is read."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
+    except IsADirectoryError:
+        raise CorruptStoreError(f"{path} is a folder, not a store file; move it away",
+                                path=path) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptStoreError(f"{path} is not a regular file; move it away", path=path)
+    return fd
+
 
 def _write_at(fd: int, data: bytes, pos: int) -> None:
     """Write all of data at pos (seek and write where there is no pwrite)."""

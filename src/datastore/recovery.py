@@ -1,11 +1,9 @@
-"""Opening a store: the snapshot after a clean close, a scan after a crash.
+"""Recovery: rebuilding the index by scanning .dat, after a crash.
 
-``.dat`` is the truth; ``.dir`` is only a snapshot of the index. Opening a
-store marks its header *open* (fsynced) before anything else is written; only
-a clean ``close()`` marks it *closed*, after ``.dir``, the index table and
-``.dat`` are written and fsynced. The next open trusts ``.dir`` only if the
-header says *closed* and the size and CRC-32 of ``.dir`` match; otherwise it
-scans ``.dat``:
+``.dat`` is the truth; ``.dir`` is only a snapshot of the index (see
+``snapshot`` for when it is trusted). Opening a store marks its header
+*open* (fsynced) before anything else is written, so a store that was not
+closed cleanly is always scanned:
 
 * A record counts only if its CRC-32 matches, so a torn write is never taken
   for data. Free markers and the index table are recognised too, so the scan
@@ -13,15 +11,18 @@ scans ``.dat``:
   tear is logged on the ``datastore`` logger.
 * Each key has at most one valid record at rest. While a record is being
   moved or replaced there are two, and the higher sequence number wins; the
-  scan then invalidates the other before the store is used. Sequence numbers never go
-  back: the header holds a bound that every number issued while open stays
-  below, and the scan starts above both that bound and every record it saw.
+  scan then invalidates the other before the store is used. Sequence
+  numbers never go back: the header holds a bound that every number issued
+  while open stays below, and the scan starts above both that bound and
+  every record it saw.
 * A record that an earlier ``sync()`` (or open) made durable is never
   invalidated or truncated away before its copy is fsynced, so a power cut
   cannot lose both. A failed fsync refuses further writes until reopened,
   because the kernel may have dropped the pages it could not write.
 
-Limits
+The scan reads ``.dat`` in chunks and checks the value records of a chunk
+in bulk (``_values``), several times faster than one by one; free markers
+and tables, which are few, go through ``_parse_item``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import os
 import sys
 import zlib
 from array import array
-from collections import Counter, deque
+from collections import Counter
 from itertools import compress, repeat
-from operator import add, and_, lshift, lt, or_, rshift
+from operator import add, and_, lt, rshift
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 from .codec import MAX_VALUE_BYTES
@@ -41,74 +42,13 @@ from .format import (
     _BLOCK, _FIELDS, _FREE, _HEAD, _LATEST_EXPIRY_BITS, _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES,
     _MAX_RECORD, _MAX_SEQ, _PLAIN_KEY_BYTES, _SIZE_MASK, _SLOT_MASK, _TABLE, _VALUE,
     _Header, _blocks, _digits, _parse_item, _read_at, _slot_block, _slot_size,
-    _table_room, _unpack_dir_keys, _unpack_table, _valid_key, _valid_keys,
+    _table_room, _valid_key, _valid_keys,
 )
 
 if TYPE_CHECKING:
     from .engine import _Engine
 
 _SCAN_CHUNK = 1 << 22  # bytes of .dat read at a time by a scan
-
-
-def _load_snapshot(engine: _Engine, header: _Header) -> bool:
-    """Load the index from the .dir and index table a clean close wrote.
-
-    The keys come from .dir, in its order; their blocks, sizes and
-    expiries from the table, as binary, which is faster than parsing the
-    same numbers out of .dir's text. Returns False if either does not
-    match the header (then scan .dat). What matches but does not make
-    sense raises CorruptStoreError.
-    """
-    engine.dat_size = os.fstat(engine.dat).st_size
-    if (os.fstat(engine.dir).st_size != header.dir_size
-            or header.dir_size > engine.max_bytes):
-        return False
-    text = _read_at(engine.dir, header.dir_size, 0)
-    table = _read_table(engine, header.table_pos, header.table_size)
-    if zlib.crc32(text) != header.dir_crc or table is None:
-        return False
-    keys = _unpack_dir_keys(text, engine.dir_path)
-    blocks, sizes, lines, exps = table
-    if len(blocks) != len(keys):
-        raise _damaged(engine.dat_path, "the index table does not match .dir")
-    # Records do not overlap (_derive_free checks, below), so the one
-    # that starts last ends last: where it ends is all .dat they need.
-    last = blocks.index(max(blocks)) if keys else None
-    end = 0 if last is None else blocks[last] * _BLOCK + sizes[last]
-    if keys and (min(blocks) < 1 or min(sizes) <= _HEAD.size or max(sizes) > _MAX_RECORD
-                 or end > engine.dat_size):
-        raise _damaged(engine.dat_path, "a record in the index table is out of bounds")
-    if not _valid_keys(keys):
-        raise _damaged(engine.dir_path, "a key is not 1 to 32 characters of UTF-8")
-    if lines and (max(lines) >= len(keys) or len(frozenset(lines)) != len(lines)
-                  or min(exps) <= 0 or max(exps) > _LATEST_EXPIRY_BITS):
-        raise _damaged(engine.dat_path, "bad expiry in the index table")
-    slots = list(map(or_, sizes, map(lshift, blocks, repeat(16))))
-    deque(map(slots.__setitem__, lines, map(or_, map(slots.__getitem__, lines),  # in C:
-                                             map(lshift, exps, repeat(48)))), maxlen=0)
-    engine.index.update(zip(keys, slots))
-    if len(engine.index) != len(keys):
-        raise _damaged(engine.dir_path, "a key is listed twice")
-    engine.expiries.load(exps, list(map(keys.__getitem__, lines)))
-    engine.dir_bytes = len(text)
-    engine.seq = header.seq
-    _derive_free(engine, None)  # writes nothing
-    _check_room(engine, end)
-    return True
-
-
-def _read_table(engine: _Engine, pos: int, size: int) -> Optional[tuple[Sequence[int], ...]]:
-    """The index table's blocks, sizes, ttl lines and expiries (float
-    bits), or None if it is damaged. An empty store has no table."""
-    if not size:
-        return ((), (), (), ()) if not pos else None
-    if (pos % _BLOCK or pos < _BLOCK or pos + size > engine.dat_size
-            or size > engine.max_bytes // 16):  # 6 to 18 bytes a key, 512 or more a key
-        return None
-    item = _parse_item(_read_at(engine.dat, size, pos), 0)
-    if item is None or item[0] != _TABLE or item[5] != size:
-        return None
-    return _unpack_table(_read_at(engine.dat, item[4], pos + _HEAD.size))
 
 
 def _derive_free(engine: _Engine, marked: Optional[dict[int, int]]) -> None:
