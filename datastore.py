@@ -454,8 +454,9 @@ _TABLE_COUNTS = struct.Struct("<II")
 
 # The index's slots (see the module docstring).
 _SIZE_MASK = 0xFFFF
-_BLOCK_MASK = 0xFFFFFFFF
-_SLOT_MASK = (1 << 48) - 1  # size and block, without the expiry
+_BLOCK_SHIFT, _BLOCK_MASK = 16, 0xFFFFFFFF
+_EXP_SHIFT = 48
+_SLOT_MASK = (1 << _EXP_SHIFT) - 1  # size and block, without the expiry
 _FLOAT = struct.Struct("<d")
 _BITS = struct.Struct("<Q")
 _LATEST_EXPIRY_BITS = struct.unpack("<Q", struct.pack("<d", _LATEST_EXPIRY))[0]
@@ -469,7 +470,7 @@ def _blocks(size: int) -> int:
 
 
 def _slot(size: int, block: int, exp: int = 0) -> int:
-    return size | block << 16 | exp << 48
+    return size | block << _BLOCK_SHIFT | exp << _EXP_SHIFT
 
 
 def _slot_size(slot: int) -> int:
@@ -477,12 +478,12 @@ def _slot_size(slot: int) -> int:
 
 
 def _slot_block(slot: int) -> int:
-    return slot >> 16 & _BLOCK_MASK
+    return slot >> _BLOCK_SHIFT & _BLOCK_MASK
 
 
 def _slot_exp(slot: int) -> int:
     """The expiry's float bits, 0 for never."""
-    return slot >> 48
+    return slot >> _EXP_SHIFT
 
 
 def _float_bits(value: float) -> int:
@@ -597,9 +598,14 @@ class _Header:
 
 # --- The snapshot: .dir and the index table -------------------------------
 
+# What a .dir line holds besides the quoted key and the two numbers.
+_LINE_PUNCTUATION = len(", (, )\n")
+
+
 def _line_length(key: bytes, block: int, size: int) -> int:
     """Bytes of key's line in .dir (see _pack_dir), newline included."""
-    return len(repr(key.decode("latin-1"))) + len(str(block * _BLOCK)) + len(str(size)) + 7
+    return (len(repr(key.decode("latin-1"))) + len(str(block * _BLOCK)) + len(str(size))
+            + _LINE_PUNCTUATION)
 
 
 def _pack_dir(index: Iterable[tuple[bytes, int]]) -> bytes:
@@ -1130,7 +1136,7 @@ def _derive_free(engine: _Engine, marked: Optional[dict[int, int]]) -> None:
     the start of each extent that has no exact one yet. (In bulk: per
     record, map() and friends run in C, and only the gaps in Python.)"""
     slots = sorted(map(and_, engine.index.values(), repeat(_SLOT_MASK)))  # by block
-    starts = list(map(rshift, slots, repeat(16)))
+    starts = list(map(rshift, slots, repeat(_BLOCK_SHIFT)))
     lengths = list(map(rshift, map(add, map(and_, slots, repeat(_SIZE_MASK)),
                                    repeat(_BLOCK - 1)), repeat(9)))
     ends = [1] + list(map(add, starts, lengths))  # block 0 is the header
@@ -1194,11 +1200,11 @@ def _count_index(engine: _Engine) -> None:
         quoted = len(joined) + 2 * len(keys)
     # After a scan the index is in .dat's order, so the sort is quick;
     # sizes repeat, so each one's digits are counted once.
-    blocks = sorted(map(rshift, map(and_, slots, repeat(_SLOT_MASK)), repeat(16)))
+    blocks = sorted(map(rshift, map(and_, slots, repeat(_SLOT_MASK)), repeat(_BLOCK_SHIFT)))
     sizes = Counter(map(and_, slots, repeat(_SIZE_MASK)))
-    engine.dir_bytes = (quoted + _digits(blocks, _BLOCK) + 7 * len(keys)
+    engine.dir_bytes = (quoted + _digits(blocks, _BLOCK) + _LINE_PUNCTUATION * len(keys)
                         + sum(len(str(size)) * count for size, count in sizes.items()))
-    exps = list(map(rshift, slots, repeat(48)))
+    exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))
     engine.expiries.load(list(compress(exps, exps)), list(compress(keys, exps)))
 
 
@@ -1357,7 +1363,7 @@ def _values(first: int, buf: bytes, starts: range, columns: list[Sequence[int]],
             for off, key_len in zip(offs, key_lens)]
     if not _valid_keys(keys):
         return None
-    slots = [end - off | (first + off // _BLOCK) << 16 | exp << 48
+    slots = [end - off | (first + off // _BLOCK) << _BLOCK_SHIFT | exp << _EXP_SHIFT
              for off, end, exp in zip(offs, ends, exps)]
     return keys, slots, seqs
 
@@ -1428,9 +1434,9 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
     if lines and (max(lines) >= len(keys) or len(frozenset(lines)) != len(lines)
                   or min(exps) <= 0 or max(exps) > _LATEST_EXPIRY_BITS):
         raise _damaged(engine.dat_path, "bad expiry in the index table")
-    slots = list(map(or_, sizes, map(lshift, blocks, repeat(16))))
+    slots = list(map(or_, sizes, map(lshift, blocks, repeat(_BLOCK_SHIFT))))
     deque(map(slots.__setitem__, lines, map(or_, map(slots.__getitem__, lines),  # in C:
-                                             map(lshift, exps, repeat(48)))), maxlen=0)
+                                             map(lshift, exps, repeat(_EXP_SHIFT)))), maxlen=0)
     engine.index.update(zip(keys, slots))
     if len(engine.index) != len(keys):
         raise _damaged(engine.dir_path, "a key is listed twice")

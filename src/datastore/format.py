@@ -98,8 +98,9 @@ _TABLE_COUNTS = struct.Struct("<II")
 
 # The index's slots (see the module docstring).
 _SIZE_MASK = 0xFFFF
-_BLOCK_MASK = 0xFFFFFFFF
-_SLOT_MASK = (1 << 48) - 1  # size and block, without the expiry
+_BLOCK_SHIFT, _BLOCK_MASK = 16, 0xFFFFFFFF
+_EXP_SHIFT = 48
+_SLOT_MASK = (1 << _EXP_SHIFT) - 1  # size and block, without the expiry
 _FLOAT = struct.Struct("<d")
 _BITS = struct.Struct("<Q")
 _LATEST_EXPIRY_BITS = struct.unpack("<Q", struct.pack("<d", _LATEST_EXPIRY))[0]
@@ -113,7 +114,7 @@ def _blocks(size: int) -> int:
 
 
 def _slot(size: int, block: int, exp: int = 0) -> int:
-    return size | block << 16 | exp << 48
+    return size | block << _BLOCK_SHIFT | exp << _EXP_SHIFT
 
 
 def _slot_size(slot: int) -> int:
@@ -121,12 +122,12 @@ def _slot_size(slot: int) -> int:
 
 
 def _slot_block(slot: int) -> int:
-    return slot >> 16 & _BLOCK_MASK
+    return slot >> _BLOCK_SHIFT & _BLOCK_MASK
 
 
 def _slot_exp(slot: int) -> int:
     """The expiry's float bits, 0 for never."""
-    return slot >> 48
+    return slot >> _EXP_SHIFT
 
 
 def _float_bits(value: float) -> int:
@@ -241,9 +242,14 @@ class _Header:
 
 # --- The snapshot: .dir and the index table -------------------------------
 
+# What a .dir line holds besides the quoted key and the two numbers.
+_LINE_PUNCTUATION = len(", (, )\n")
+
+
 def _line_length(key: bytes, block: int, size: int) -> int:
     """Bytes of key's line in .dir (see _pack_dir), newline included."""
-    return len(repr(key.decode("latin-1"))) + len(str(block * _BLOCK)) + len(str(size)) + 7
+    return (len(repr(key.decode("latin-1"))) + len(str(block * _BLOCK)) + len(str(size))
+            + _LINE_PUNCTUATION)
 
 
 def _pack_dir(index: Iterable[tuple[bytes, int]]) -> bytes:

@@ -39,8 +39,9 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 from .codec import MAX_VALUE_BYTES
 from .errors import _damaged, _log, _StoreFull
 from .format import (
-    _BLOCK, _FIELDS, _FREE, _HEAD, _LATEST_EXPIRY_BITS, _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES,
-    _MAX_RECORD, _MAX_SEQ, _PLAIN_KEY_BYTES, _SIZE_MASK, _SLOT_MASK, _TABLE, _VALUE,
+    _BLOCK, _BLOCK_SHIFT, _EXP_SHIFT, _FIELDS, _FREE, _HEAD, _LATEST_EXPIRY_BITS,
+    _LINE_PUNCTUATION, _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES, _MAX_RECORD, _MAX_SEQ,
+    _PLAIN_KEY_BYTES, _SIZE_MASK, _SLOT_MASK, _TABLE, _VALUE,
     _Header, _blocks, _digits, _parse_item, _read_at, _slot_block, _slot_size,
     _table_room, _valid_key, _valid_keys,
 )
@@ -57,7 +58,7 @@ def _derive_free(engine: _Engine, marked: Optional[dict[int, int]]) -> None:
     the start of each extent that has no exact one yet. (In bulk: per
     record, map() and friends run in C, and only the gaps in Python.)"""
     slots = sorted(map(and_, engine.index.values(), repeat(_SLOT_MASK)))  # by block
-    starts = list(map(rshift, slots, repeat(16)))
+    starts = list(map(rshift, slots, repeat(_BLOCK_SHIFT)))
     lengths = list(map(rshift, map(add, map(and_, slots, repeat(_SIZE_MASK)),
                                    repeat(_BLOCK - 1)), repeat(9)))
     ends = [1] + list(map(add, starts, lengths))  # block 0 is the header
@@ -121,11 +122,11 @@ def _count_index(engine: _Engine) -> None:
         quoted = len(joined) + 2 * len(keys)
     # After a scan the index is in .dat's order, so the sort is quick;
     # sizes repeat, so each one's digits are counted once.
-    blocks = sorted(map(rshift, map(and_, slots, repeat(_SLOT_MASK)), repeat(16)))
+    blocks = sorted(map(rshift, map(and_, slots, repeat(_SLOT_MASK)), repeat(_BLOCK_SHIFT)))
     sizes = Counter(map(and_, slots, repeat(_SIZE_MASK)))
-    engine.dir_bytes = (quoted + _digits(blocks, _BLOCK) + 7 * len(keys)
+    engine.dir_bytes = (quoted + _digits(blocks, _BLOCK) + _LINE_PUNCTUATION * len(keys)
                         + sum(len(str(size)) * count for size, count in sizes.items()))
-    exps = list(map(rshift, slots, repeat(48)))
+    exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))
     engine.expiries.load(list(compress(exps, exps)), list(compress(keys, exps)))
 
 
@@ -284,7 +285,7 @@ def _values(first: int, buf: bytes, starts: range, columns: list[Sequence[int]],
             for off, key_len in zip(offs, key_lens)]
     if not _valid_keys(keys):
         return None
-    slots = [end - off | (first + off // _BLOCK) << 16 | exp << 48
+    slots = [end - off | (first + off // _BLOCK) << _BLOCK_SHIFT | exp << _EXP_SHIFT
              for off, end, exp in zip(offs, ends, exps)]
     return keys, slots, seqs
 

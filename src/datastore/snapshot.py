@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from .errors import _damaged
 from .format import (
-    _BLOCK, _CLOSED, _HEAD, _LATEST_EXPIRY_BITS, _MAX_RECORD, _TABLE, _Header, _blocks,
+    _BLOCK, _BLOCK_SHIFT, _CLOSED, _EXP_SHIFT, _HEAD, _LATEST_EXPIRY_BITS, _MAX_RECORD, _TABLE, _Header, _blocks,
     _fsync, _pack_dir, _pack_marker, _pack_table, _parse_item, _read_at, _unpack_dir_keys,
     _unpack_table, _valid_keys, _write_at,
 )
@@ -80,9 +80,9 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
     if lines and (max(lines) >= len(keys) or len(frozenset(lines)) != len(lines)
                   or min(exps) <= 0 or max(exps) > _LATEST_EXPIRY_BITS):
         raise _damaged(engine.dat_path, "bad expiry in the index table")
-    slots = list(map(or_, sizes, map(lshift, blocks, repeat(16))))
+    slots = list(map(or_, sizes, map(lshift, blocks, repeat(_BLOCK_SHIFT))))
     deque(map(slots.__setitem__, lines, map(or_, map(slots.__getitem__, lines),  # in C:
-                                             map(lshift, exps, repeat(48)))), maxlen=0)
+                                             map(lshift, exps, repeat(_EXP_SHIFT)))), maxlen=0)
     engine.index.update(zip(keys, slots))
     if len(engine.index) != len(keys):
         raise _damaged(engine.dir_path, "a key is listed twice")
