@@ -84,7 +84,9 @@ import base64
 from bisect import bisect_left, bisect_right
 import builtins
 from collections import Counter, deque
+import functools
 import gc
+import glob
 from itertools import compress, islice, repeat
 import json
 import logging
@@ -99,6 +101,7 @@ import threading
 import time
 from typing import (
     Any, Callable, Iterable, Iterator, Optional, Sequence, Tuple, TypeVar,
+    cast,
 )
 import weakref
 import zlib
@@ -131,7 +134,9 @@ __all__ = [
 # folder you may not write) stay the ``OSError`` they are.
 #
 # Two private exceptions are the engine's signals to the facade, which turns
-# them into the public errors with messages that name the store.
+# them into the public errors with messages that name the store; ``_unit``
+# marks the engine's writes, so that one cut short by any other exception is
+# known.
 
 # Recovery reports damage here, and upkeep its retried failures. The library
 # configures no handlers.
@@ -241,6 +246,30 @@ class _StoreFull(Exception):
         self.needed, self.used = needed, used
 
 
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _unit(method: _Method) -> _Method:
+    """A write that leaves memory matching the files when it ends, however
+    it ends: `busy` is set while it runs and cleared when it returns or
+    raises one of its own errors (OSError, _StoreFull), whose paths keep the
+    two in step. Anything else that cuts it short (KeyboardInterrupt, or
+    SystemExit from a signal handler, between any two statements) leaves
+    `busy` set, and the store reads its files again, as after a crash,
+    before it does anything more (DataStore._usable)."""
+    @functools.wraps(method)
+    def run(self: Any, *args: Any) -> Any:
+        self.busy = True
+        try:
+            result = method(self, *args)
+        except (OSError, _StoreFull):
+            self.busy = False
+            raise
+        self.busy = False
+        return result
+    return cast(_Method, run)
+
+
 # --- codec.py ----------------------------------------------------------------
 # Checking and encoding what users pass: keys, values and ttls.
 #
@@ -337,6 +366,9 @@ def _encode_value(key: str, value: object) -> bytes:
         reason = exc.reason if isinstance(exc, UnicodeEncodeError) else exc
         raise InvalidValueError(f"value for {key!r} is not plain JSON: {reason}",
                                 key=key) from None
+    except ValueError as exc:  # an int longer than sys.get_int_max_str_digits()
+        raise InvalidValueError(f"value for {key!r} cannot be written as JSON: {exc}",
+                                key=key) from None
     if len(body) > MAX_VALUE_BYTES:
         raise InvalidValueError(
             f"value for {key!r} is {len(body)} bytes as JSON; "
@@ -416,8 +448,8 @@ def _decode_object(body: bytes) -> Optional[dict[str, Any]]:
 #   (``_TABLE_COUNTS``) the number of keys and of keys with a ttl, then, in
 #   ``.dir``'s line order, each key's block (4 bytes) and record size (2),
 #   then the line number (4) and expires_at bits (8) of each key with a ttl,
-#   in expiry order. A clean open takes the keys from ``.dir`` and the numbers
-#   from here, faster than parsing them out of text.
+#   in (expiry, key) order. A clean open takes the keys from ``.dir`` and the
+#   numbers from here, faster than parsing them out of text.
 #
 # The kind is a byte below 0x20, which JSON and base64 text never contain, and
 # a key starts 32 bytes into its block: so nothing a user stores can look like
@@ -538,6 +570,13 @@ def _parse_item(buf: bytes, off: int) -> Optional[_Item]:
                                     zlib.crc32(buf[off:off + _HEAD.size - 4])) != crc:
         return None
     return kind, seq, buf[off + _HEAD.size:off + _HEAD.size + key_len], exp, length, total
+
+
+def _with_seq(record: bytes, seq: int) -> bytes:
+    """A copy of a valid value record with another sequence number."""
+    fields = record[:8] + seq.to_bytes(8, "little") + record[16:_FIELDS.size]
+    crc = zlib.crc32(record[_HEAD.size:], zlib.crc32(fields))
+    return fields + crc.to_bytes(4, "little") + record[_HEAD.size:]
 
 
 def _value_body(record: bytes, key: bytes) -> Optional[bytes]:
@@ -671,16 +710,17 @@ def _table_room(keys: int, expiring: int) -> int:
     return _blocks(_HEAD.size + base64_size) * _BLOCK
 
 
-def _pack_table(slots: list[int]) -> bytes:
-    """The index table's body for the slots in .dir's line order."""
+def _pack_table(keys: list[bytes], slots: list[int]) -> bytes:
+    """The index table's body for the keys and slots in .dir's line order."""
     exps = [_slot_exp(slot) for slot in slots]
-    # In expiry order, so that the next open need not sort them.
-    lines = sorted((line for line, exp in enumerate(exps) if exp), key=exps.__getitem__)
-    keys, expiring = len(slots), len(lines)
+    # In (expiry, key) order, the expiries' own, so that the next open need not sort them.
+    lines = sorted((line for line, exp in enumerate(exps) if exp),
+                   key=lambda line: (exps[line], keys[line]))
+    count, expiring = len(slots), len(lines)
     return base64.b64encode(b"".join((
-        _TABLE_COUNTS.pack(keys, expiring),
-        struct.pack(f"<{keys}I", *map(_slot_block, slots)),
-        struct.pack(f"<{keys}H", *map(_slot_size, slots)),
+        _TABLE_COUNTS.pack(count, expiring),
+        struct.pack(f"<{count}I", *map(_slot_block, slots)),
+        struct.pack(f"<{count}H", *map(_slot_size, slots)),
         struct.pack(f"<{expiring}I", *lines),
         struct.pack(f"<{expiring}Q", *map(exps.__getitem__, lines)))))
 
@@ -742,6 +782,56 @@ def _open_regular(path: str) -> int:
         os.close(fd)
         raise CorruptStoreError(f"{path} is not a regular file; move it away", path=path)
     return fd
+
+
+def _create_data_file(path: str) -> None:
+    """Make `path` a new store's .dat, holding only a valid header, unless
+    it exists already. The header is written under a temporary name and
+    fsynced before the file takes its name, and the folder is fsynced after:
+    so a power cut leaves either no .dat or one with a valid header, never
+    an empty or torn one that the next open would refuse as foreign."""
+    temp = f"{path}.{os.getpid()}.new"
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
+    try:
+        try:
+            _write_at(fd, _pack_header(_CLOSED, 1), 0)
+            _fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)  # never over a .dat another opener made meanwhile
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: create it in place
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o600)
+            try:
+                _write_at(fd, _pack_header(_CLOSED, 1), 0)
+                _fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        _remove(temp)
+    _fsync_folder(os.path.dirname(path))
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the names in `folder` durable (where folders can be opened)."""
+    if sys.platform == "win32":
+        return
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def _write_at(fd: int, data: bytes, pos: int) -> None:
@@ -844,71 +934,68 @@ class _Expiries:
 
     Expiries are float bits (see the index). Each run holds at most
     2 * _RUN pairs in two parallel sequences, so adding or removing a pair is
-    a bisection over the runs' first expiries and a short memmove, and the
-    earliest pairs are at the front: 16 bytes a pair.
+    a bisection over the runs' first pairs, one within the run, and a short
+    memmove, however many keys share one expiry; the earliest pairs are at
+    the front. 16 bytes a pair.
     """
 
     _RUN = 512
 
     def __init__(self) -> None:
-        self.firsts: list[int] = []         # the first expiry of each run
+        self.firsts: list[tuple[int, bytes]] = []  # the first pair of each run
         self.exps: list[array[int]] = []    # each run's expiries, ascending
-        self.keys: list[list[bytes]] = []   # each run's keys, in that order
+        self.keys: list[list[bytes]] = []   # each run's keys, ascending within an expiry
         self.count = 0
 
     def load(self, exps: Sequence[int], keys: list[bytes]) -> None:
         """Fill an empty instance with keys[i] expiring at exps[i]."""
-        if any(map(gt, exps, islice(exps, 1, None))):  # a clean close wrote them in order
-            order = sorted(range(len(exps)), key=exps.__getitem__)
-            exps, keys = list(map(exps.__getitem__, order)), list(map(keys.__getitem__, order))
+        pairs = list(zip(exps, keys))
+        if any(map(gt, pairs, islice(pairs, 1, None))):  # a clean close wrote them in order
+            pairs.sort()
+            exps, keys = [exp for exp, _ in pairs], [key for _, key in pairs]
         for at in range(0, len(exps), self._RUN):
-            self.firsts.append(exps[at])
+            self.firsts.append(pairs[at])
             self.exps.append(array("Q", exps[at:at + self._RUN]))
             self.keys.append(keys[at:at + self._RUN])
         self.count = len(exps)
 
+    def _find(self, exp: int, key: bytes) -> tuple[int, int]:
+        """(run, position) where the pair is, or would go."""
+        i = max(bisect_right(self.firsts, (exp, key)) - 1, 0)
+        run = self.exps[i]
+        lo = bisect_left(run, exp)
+        return i, bisect_left(self.keys[i], key, lo, bisect_right(run, exp, lo))
+
     def add(self, exp: int, key: bytes) -> None:
         if not self.exps:
-            self.firsts.append(exp)
+            self.firsts.append((exp, key))
             self.exps.append(array("Q", [exp]))
             self.keys.append([key])
         else:
-            i = max(bisect_right(self.firsts, exp) - 1, 0)
+            i, j = self._find(exp, key)
             run, keys = self.exps[i], self.keys[i]
-            j = bisect_right(run, exp)
             run.insert(j, exp)
             keys.insert(j, key)
             if j == 0:
-                self.firsts[i] = exp
+                self.firsts[i] = (exp, key)
             if len(run) > 2 * self._RUN:
                 self.exps.insert(i + 1, run[self._RUN:])
                 self.keys.insert(i + 1, keys[self._RUN:])
-                self.firsts.insert(i + 1, run[self._RUN])
+                self.firsts.insert(i + 1, (run[self._RUN], keys[self._RUN]))
                 del run[self._RUN:], keys[self._RUN:]
         self.count += 1
 
     def remove(self, exp: int, key: bytes) -> None:
-        i = max(bisect_left(self.firsts, exp) - 1, 0)
-        while i < len(self.exps):
-            run, keys = self.exps[i], self.keys[i]
-            lo = bisect_left(run, exp)
-            hi = bisect_right(run, exp, lo)
-            try:
-                at = keys.index(key, lo, hi)
-            except ValueError:
-                pass
-            else:
-                del run[at], keys[at]
-                if not run:
-                    del self.exps[i], self.keys[i], self.firsts[i]
-                elif at == 0:
-                    self.firsts[i] = run[0]
-                self.count -= 1
-                return
-            if hi < len(run):
-                break
-            i += 1
-        raise KeyError(key)  # the index and the expiries disagree: a bug
+        i, j = self._find(exp, key) if self.exps else (0, 0)
+        run, keys = (self.exps[i], self.keys[i]) if self.exps else (array("Q"), [])
+        if j == len(keys) or keys[j] != key or run[j] != exp:
+            raise KeyError(key)  # the index and the expiries disagree: a bug
+        del run[j], keys[j]
+        if not run:
+            del self.exps[i], self.keys[i], self.firsts[i]
+        elif j == 0:
+            self.firsts[i] = (run[0], keys[0])
+        self.count -= 1
 
     def due(self, now: int, limit: int) -> list[bytes]:
         """Up to `limit` keys whose expiry is at or before `now`, earliest first."""
@@ -980,14 +1067,25 @@ def _lock_data_file(fd: int, path: str, deadline: Optional[float]) -> None:
 
 # What we rely on in fasteners (0.18 to 0.20), in one place. InterProcessLock
 # opens path.lock when acquiring and keeps it open; acquire(blocking,
-# timeout=) returns False when it gives up; release() unlocks and closes
-# the file. After a failed acquire the file stays open; we close it through
-# its `lockfile` attribute rather than leave it to the garbage collector.
-# Closing it drops no lock of ours: this process holds none on that file (the
-# registry below makes sure of it).
+# timeout=) returns False when it gives up; release() unlocks, sets
+# `acquired` False, then closes the file (its `lockfile` attribute, None once
+# closed). After a failed acquire the file stays open; we close it ourselves
+# rather than leave it to the garbage collector. Closing it drops no lock of
+# ours: this process holds none on that file (the registry below makes sure
+# of it).
 
 def _close_unlocked(lock: Any) -> None:
-    lock.lockfile.close()
+    if lock.lockfile is not None:
+        lock.lockfile.close()
+        lock.lockfile = None
+
+
+def _release(lock: Any) -> None:
+    """Release fasteners' lock; if a release was cut short part-way, finish it."""
+    if lock.acquired:
+        lock.release()
+    else:
+        _close_unlocked(lock)
 
 
 def _file_identity(path: str) -> list[tuple[int, int]]:
@@ -1027,18 +1125,21 @@ _open_stores_lock = threading.Lock()
 _engines: weakref.WeakSet[_Engine] = weakref.WeakSet()
 
 
-def _reserve(store: DataStore, lock_path: str, dat_path: str) -> Optional[list[tuple[int, int]]]:
+def _reserve(store: DataStore, lock_path: str, dat_path: str
+             ) -> tuple[list[tuple[int, int]], Optional[DataStore]]:
     """Register `store` under the identities of its lock file and data file,
-    while it waits for their locks; None if either is open here already.
-    If the lock file was deleted and made anew, the data file still says the
-    store is open here."""
+    while it waits for their locks, unless another store has either here:
+    then that one is returned too, and nothing registered. (If the lock file
+    was deleted and made anew, the data file still says the store is open.)"""
     with _open_stores_lock:
         identities = [_lock_file_identity(lock_path)] + _file_identity(dat_path)
-        if any(identity in _open_stores for identity in identities):
-            return None
+        for identity in identities:
+            holder = _open_stores.get(identity)
+            if holder is not None:
+                return identities, holder
         for identity in identities:
             _open_stores[identity] = store
-        return identities
+        return identities, None
 
 
 def _hold_data_file(store: DataStore, identities: list[tuple[int, int]], dat_fd: int) -> None:
@@ -1097,7 +1198,7 @@ def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> No
         pass  # not closed cleanly: the next open scans the data file
     finally:
         mutex.release()
-        lock.release()
+        _release(lock)
 
 
 # --- recovery.py -------------------------------------------------------------
@@ -1165,18 +1266,24 @@ def _holds_records(engine: _Engine) -> bool:
                for off in starts if buf.startswith(_MAGIC, off))
 
 
-def _recover(engine: _Engine, header: Optional[_Header]) -> None:
-    """Rebuild the index by scanning .dat (see "Why a crash cannot hurt")."""
+def _recover(engine: _Engine, header: Optional[_Header],
+             listed: Optional[list[bytes]] = None) -> None:
+    """Rebuild the index by scanning .dat. `listed`: the keys of the
+    snapshot of a store closed cleanly whose snapshot does not match .dat;
+    then it is damage, not a crash, and keys it lists that the scan does not
+    find are lost (see _report_damage)."""
     engine.dat_size = os.fstat(engine.dat).st_size
     losers, marked, tables, newest = _scan(engine)
     engine.seq = max(header.seq if header else 1, newest + 1)
     _count_index(engine)
     last = max(map(and_, engine.index.values(), repeat(_SLOT_MASK)), default=0)
     _check_room(engine, _slot_block(last) * _BLOCK + _slot_size(last))
-    for block, length in losers:  # older copies of keys: never again valid
+    if losers:  # older copies of keys: never again valid, once the newer are durable
+        _fsync(engine.dat)
+    for block, length in losers:
         engine._write_marker(block, length)
     _derive_free(engine, marked)
-    _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}))
+    _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}), listed)
 
 
 def _check_room(engine: _Engine, end: int) -> None:
@@ -1281,11 +1388,24 @@ def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]
     return damage
 
 
-def _report_damage(engine: _Engine, damage: list[tuple[int, int]]) -> None:
+def _report_damage(engine: _Engine, damage: list[tuple[int, int]],
+                   listed: Optional[list[bytes]]) -> None:
     """Say what recovery skipped. A crash tears at most the one record
-    (or free marker) being written: more than that is damage, a warning."""
+    (or free marker) being written: more than that is damage, a warning.
+    So is any scan of a store closed cleanly: its keys that the scan did
+    not find are lost, and engine.lost keeps them for check() to say."""
     skipped = sum(length for _, length in damage) * _BLOCK
-    if len(damage) > 1 or any(length > _MAX_BLOCKS for _, length in damage):
+    if listed is not None:
+        engine.lost = [key for key in listed if key not in engine.index]
+        example = (f" (such as {engine.lost[0].decode('utf-8', 'replace')!r})"
+                   if engine.lost else "")
+        _log.warning(
+            "datastore %s was closed cleanly, but its data file does not match "
+            "the snapshot close wrote: it was damaged since. Recovered %d keys by "
+            "scanning it; lost %d key(s) the snapshot lists%s; skipped %d damaged "
+            "region(s) of %d bytes in all", engine.dat_path[:-4], len(engine.index),
+            len(engine.lost), example, len(damage), skipped)
+    elif len(damage) > 1 or any(length > _MAX_BLOCKS for _, length in damage):
         _log.warning(
             "datastore %s: recovered %d keys; skipped %d damaged region(s) "
             "of %d bytes in all, which a crash alone does not explain",
@@ -1388,7 +1508,7 @@ def _write_snapshot(engine: _Engine) -> None:
     """Write the index table and .dir, fsync, then mark the header closed."""
     table = (0, 0)
     if engine.index:
-        body = _pack_table(list(engine.index.values()))
+        body = _pack_table(list(engine.index), list(engine.index.values()))
         record = _pack_marker(_TABLE, len(body), body, engine.seq)
         block, _ = engine._place(len(record))  # used() has counted its room all along
         engine._write_record(block, _blocks(len(record)), record)
@@ -1462,6 +1582,19 @@ def _read_table(engine: _Engine, pos: int, size: int) -> Optional[tuple[Sequence
     return _unpack_table(_read_at(engine.dat, item[4], pos + _HEAD.size))
 
 
+def _listed_keys(engine: _Engine) -> list[bytes]:
+    """The keys .dir lists, as far as its lines can be read: for a snapshot
+    that does not match .dat, to tell which keys the scan lost."""
+    text = _read_at(engine.dir, min(os.fstat(engine.dir).st_size, engine.max_bytes), 0)
+    keys = []
+    for simple, quoted, _, _ in _DIR_LINE.findall(text):
+        try:
+            keys.append(simple or _literal_key(quoted, engine.dir_path))
+        except CorruptStoreError:  # a line too damaged to read: that key is not known
+            pass
+    return keys
+
+
 # --- legacy.py ---------------------------------------------------------------
 # Stores written by version 1.0, converted in place at their first open.
 #
@@ -1476,20 +1609,14 @@ _V1_HEADER = struct.Struct("<8sB3xQII")
 _V1_HEADER_MAGIC = b"DataStr1"
 _V1_HEAD = struct.Struct("<4sBBBxdII")
 _V1_MAGIC = b"DSr1"
+# Records copied between fsyncs, before their originals are invalidated.
+_CONVERT_BATCH = 256
 
 
 def _is_v1_header(data: bytes) -> bool:
     return (len(data) >= _V1_HEADER.size and data.startswith(_V1_HEADER_MAGIC)
             and zlib.crc32(data[:_V1_HEADER.size - 4])
             == int.from_bytes(data[_V1_HEADER.size - 4:_V1_HEADER.size], "little"))
-
-
-def _remove(*paths: str) -> None:
-    for path in paths:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
 
 
 def _convert_v1(engine: _Engine) -> None:
@@ -1504,6 +1631,9 @@ def _convert_v1(engine: _Engine) -> None:
     """
     for leftover in (".bak", ".compact.dat", ".compact.dir", ".compact.bak"):
         _remove(engine.dat_path[:-4] + leftover)  # 1.0's own temporary files
+    # 1.0's .dir, its snapshot of .dat, is not read: .dat says it all. Gone
+    # first, since the room the conversion may use counts only the new one.
+    os.ftruncate(engine.dir, 0)
     engine.dat_size = os.fstat(engine.dat).st_size
     newest: dict[bytes, tuple[int, int, float, Optional[bytes]]] = {}
     older: list[tuple[int, int]] = []
@@ -1538,19 +1668,119 @@ def _convert_v1(engine: _Engine) -> None:
             raise _damaged(engine.dat_path, f"bad 1.0 record {key!r}")
         else:
             convert[key] = (block, length, expires_at, body)
-    for block, length in losers + older + tombstones:
-        engine._write_marker(block, length)
+    # Each invalidation waits until what supersedes it is durable: the newer
+    # copies before the older ones go, and those before the tombstones.
+    for superseded in (losers + older, tombstones):
+        if superseded:
+            _fsync(engine.dat)
+        for block, length in superseded:
+            engine._write_marker(block, length)
     holders = {b"\0" + key: _slot(length * _BLOCK, block)  # hold their blocks
                for key, (block, length, _, _) in convert.items()}
     engine.index.update(holders)
     _derive_free(engine, marked)
+    copied: list[tuple[int, int]] = []  # originals whose copies are not yet durable
+
+    def release() -> None:
+        _fsync(engine.dat)  # the copies, before their originals are invalidated
+        for block, length in copied:
+            engine._write_marker(block, length)
+            engine.free.add(block, length)
+        copied.clear()
+
     for key, (block, length, expires_at, body) in convert.items():
         del engine.index[b"\0" + key]
         engine._count(length, -1)
-        engine._put_record(key, body, expires_at)
-        engine._write_marker(block, length)
-        engine.free.add(block, length)
-    _fsync(engine.dat)  # the copies reach the disk before the new header
+        try:
+            engine._put_record(key, body, expires_at)
+        except _StoreFull:
+            if not copied:
+                raise
+            release()  # the originals' room
+            engine._put_record(key, body, expires_at)
+        copied.append((block, length))
+        if len(copied) == _CONVERT_BATCH:
+            release()
+    release()  # and the copies reach the disk before the new header
+
+
+# --- compaction.py -----------------------------------------------------------
+# compact(): the smallest layout the records allow, now.
+#
+# Each write already moves a few records from the end of ``.dat`` into free
+# extents lower down (``_Engine._move``), which is all it takes while the
+# free extents are no smaller than the records at the end. When a record at
+# the end fits no free extent (say one 16 KiB value, with free extents of a
+# block or two between small records), moving stops, however much is free.
+#
+# So after moving what it can that way, ``compact()`` sweeps the records
+# above the lowest free extent, in order of their blocks: a batch at a time,
+# it appends copies of them to the end of ``.dat`` (within ``max_bytes``),
+# fsyncs once, and only then marks the originals free, where they join the
+# free extents around them into one; the moves from the end then bring the
+# copies back down into that space. It stops once fewer blocks are free than
+# one for each key plus one largest record, so a store with little to gain
+# costs one pass over the index, and a record is copied at most twice.
+
+_SWEEP_BATCH = 1024  # records copied to the end between fsyncs
+
+
+def _compact(engine: _Engine) -> None:
+    _settle(engine)
+    if _small_enough(engine) or not engine.free.at:
+        return
+    lowest = min(engine.free.at)
+    order = sorted((_slot_block(slot), key) for key, slot in engine.index.items()
+                   if _slot_block(slot) > lowest)
+    at = 0
+    while at < len(order) and not _small_enough(engine):
+        batch: list[tuple[bytes, int]] = []  # (key, the original's slot)
+        while at < len(order) and len(batch) < _SWEEP_BATCH:
+            block, key = order[at]
+            slot = engine.index.get(key)
+            if slot is not None and _slot_block(slot) == block:  # not moved since
+                end = _blocks(engine.dat_size)
+                growth = (_blocks(_slot_size(slot)) * _BLOCK + len(str(end * _BLOCK))
+                          - len(str(block * _BLOCK)))
+                if engine.used() + growth > engine.max_bytes:
+                    break  # no room for another copy now: settle this batch first
+                record = _read_at(engine.dat, _slot_size(slot), block * _BLOCK)
+                if _value_body(record, key) is not None:  # (a damaged one stays put)
+                    batch.append((key, engine._copy(key, record, end)))
+            at += 1
+        if not batch:
+            break
+        _free_originals(engine, batch)
+        _settle(engine)
+
+
+def _free_originals(engine: _Engine, batch: list[tuple[bytes, int]]) -> None:
+    """Make the copies durable, then free their originals."""
+    try:
+        engine._sync()
+    except OSError:
+        engine.stale.extend(batch)  # invalidated by the next write, as any stale copy
+        raise
+    for done, (key, old) in enumerate(batch):
+        try:
+            engine._write_marker(_slot_block(old), _blocks(_slot_size(old)))
+        except OSError:
+            engine.stale.extend(batch[done:])
+            raise
+        engine.free.add(_slot_block(old), _blocks(_slot_size(old)))
+
+
+def _settle(engine: _Engine) -> None:
+    """Move records from the end into free extents while they fit; truncate."""
+    engine._trim()
+    while engine._move(1024):
+        pass
+    engine._trim()
+
+
+def _small_enough(engine: _Engine) -> bool:
+    """Fewer free blocks than one a key and one largest record."""
+    return engine.free.blocks < len(engine.index) + engine.largest
 
 
 # --- engine.py ---------------------------------------------------------------
@@ -1621,17 +1851,27 @@ class _Engine:
         self.shrinking = False  # moving records down, until a fifth of .dat is free
         self.by_blocks = [0] * (_MAX_BLOCKS + 1)  # indexed records by blocks taken
         self.largest = 0      # blocks of the largest indexed record
+        self.lost: list[bytes] = []  # keys of a damaged snapshot that the scan did not find
+        self.busy = False     # a write is running, or was cut short (see _unit)
+        self.closing = False  # close() has begun
         self.dat = self.dir = -1
         _engines.add(self)  # a fork from now on closes the child's copies
         try:
-            if not os.path.exists(self.dat_path) and os.path.exists(self.dir_path) and (
+            new = not os.path.exists(self.dat_path)
+            if new and os.path.exists(self.dir_path) and (
                     not os.path.isfile(self.dir_path) or os.path.getsize(self.dir_path)):
                 raise CorruptStoreError(
                     f"{self.dir_path} exists but {self.dat_path} is missing; "
                     "restore the data file or move the index away", path=self.dir_path)
+            if new:
+                _create_data_file(self.dat_path)
             self.dat = _open_regular(self.dat_path)
             _lock_data_file(self.dat, self.dat_path, deadline)
+            for leftover in glob.glob(glob.escape(self.dat_path) + ".*.new"):
+                _remove(leftover)  # of a creator killed before it could (see format)
             self._load()
+            if new:  # .dir and .lock too: so that sync() covers their names
+                _fsync_folder(os.path.dirname(self.dat_path))
         except BaseException:
             self.close_files()
             raise
@@ -1661,8 +1901,9 @@ class _Engine:
         try:
             if v1:
                 _convert_v1(self)
-            elif header is not None and header.state == _CLOSED and _load_snapshot(self, header):
-                pass
+            elif header is not None and header.state == _CLOSED:
+                if not _load_snapshot(self, header):  # damaged since the clean close
+                    _recover(self, header, _listed_keys(self))
             elif size:
                 _recover(self, header)
         finally:
@@ -1734,6 +1975,7 @@ class _Engine:
 
     # --- Writing ---
 
+    @_unit
     def put(self, key: bytes, body: bytes, expires_at: float, now: float) -> None:
         """Make key's record one holding `body`, whether or not it has one.
 
@@ -1753,6 +1995,7 @@ class _Engine:
             self._supersede(key, old)
         self._tidy(now)
 
+    @_unit
     def remove(self, key: bytes, now: float) -> bool:
         """Delete key's live record; False if it has none."""
         slot = self.slot(key, now)
@@ -1956,6 +2199,7 @@ class _Engine:
             raise
         self.durable_seq = self.seq
 
+    @_unit
     def sync(self) -> None:
         self._check_writable()
         self._sync()
@@ -2031,15 +2275,7 @@ class _Engine:
                 target = self.free.fitting(blocks)
                 if target is None or target >= block:  # (none is above: passed ones left)
                     break
-                new_seq = self._next_seq()
-                copy = record[:8] + new_seq.to_bytes(8, "little") + record[16:_HEAD.size - 4]
-                crc = zlib.crc32(record[_HEAD.size:], zlib.crc32(copy))
-                self._write_record(target, blocks, copy + crc.to_bytes(4, "little")
-                                   + record[_HEAD.size:])
-                old = self.index[key]
-                self.index[key] = _slot(_slot_size(old), target, _slot_exp(old))
-                self.dir_bytes += len(str(target * _BLOCK)) - len(str(block * _BLOCK))
-                moved.append((key, old))
+                moved.append((key, self._copy(key, record, target)))
                 durable = durable or seq < self.durable_seq
                 end = block
             if durable:
@@ -2063,6 +2299,16 @@ class _Engine:
             self.dat_size = end * _BLOCK
         return len(moved)
 
+    def _copy(self, key: bytes, record: bytes, target: int) -> int:
+        """Write a copy of key's record, with a new sequence number, at block
+        `target`, and point the index at it. Returns the original's slot: the
+        caller must invalidate it, once the copy is durable if it was."""
+        self._write_record(target, _blocks(len(record)), _with_seq(record, self._next_seq()))
+        old = self.index[key]
+        self.index[key] = _slot(_slot_size(old), target, _slot_exp(old))
+        self.dir_bytes += len(str(target * _BLOCK)) - len(str(_slot_block(old) * _BLOCK))
+        return old
+
     def _last_record(self, end: int) -> Optional[tuple[bytes, int, int, bytes]]:
         """(key, block, seq, record) of the live record that ends at block
         `end`, read from disk, or None if none does."""
@@ -2076,23 +2322,23 @@ class _Engine:
             return key, first, seq, buf[:total]
         return None
 
+    @_unit
     def compact(self, now: float) -> None:
-        """All the upkeep at once: reclaim every expired key, move records
-        down until none fits lower, and truncate."""
+        """All the upkeep at once: reclaim every expired key and move records
+        down until little space is left free (see compaction)."""
         self._check_writable()
         self._reclaim(now, len(self.index))
-        self._trim()
-        while self._move(1024):
-            pass
-        self._trim()
+        _compact(self)
 
     # --- Closing ---
 
     def close(self, now: float) -> None:
         """Write the snapshot, mark the header closed, and close the files;
-        they are closed even if it raises."""
+        they are closed even if it raises. After a failed fsync, or a write
+        cut short, it writes nothing: the next open scans .dat."""
         try:
-            if self.failed is None:
+            if self.failed is None and not self.busy and not self.closing and self.dat >= 0:
+                self.closing = True  # once: a close() cut short does not write again
                 self._check_writable()
                 self._reclaim(now, len(self.index))  # .dir lists live keys only
                 self._trim()
@@ -2101,10 +2347,13 @@ class _Engine:
             self.close_files()
 
     def close_files(self) -> None:
-        for fd in (self.dat, self.dir):
+        """Close .dat (which drops its lock) and .dir; again does nothing.
+        Each is forgotten before it is closed, so that a close cut short by
+        an interrupt is never repeated on a number the system reused."""
+        dat, dir_, self.dat, self.dir = self.dat, self.dir, -1, -1
+        for fd in (dat, dir_):
             if fd >= 0:
                 os.close(fd)
-        self.dat = self.dir = -1
 
     def _try(self, action: Any, *args: Any) -> None:
         """Best effort, on a path that is already failing."""
@@ -2130,10 +2379,14 @@ def _store_path(path: Any) -> Path:
     """The resolved path of a store, or raise if `path` cannot name one."""
     if path is None:
         return _default_path()
-    if not isinstance(path, (str, os.PathLike)) or isinstance(os.fspath(path), bytes):
+    try:
+        text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    except TypeError:  # __fspath__ returned neither str nor bytes
+        text = None
+    if not isinstance(text, str):
         raise DataStoreTypeError(
-            f"path must be a str or os.PathLike, not {type(path).__name__}")
-    text = str.__str__(os.fspath(path))
+            f"path must be a str or an os.PathLike giving a str, not {type(path).__name__}")
+    text = str.__str__(text)
     if not text:
         raise DataStoreValueError("path must not be empty")
     if "\0" in text:
@@ -2225,11 +2478,15 @@ class DataStore:
         self._pid = os.getpid()
         self._clock = time.time         # tests replace it
         self._engine: Optional[_Engine] = None
+        self._closed = False            # close() has begun: no more calls
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = f"{self.path}.lock"
-        identities = _reserve(self, lock_path, f"{self.path}.dat")
-        if identities is None:
+        identities, holder = _reserve(self, lock_path, f"{self.path}.dat")
+        if holder is not None and holder._closed:  # its close() was cut short
+            holder.close()  # so finish it
+            identities, holder = _reserve(self, lock_path, f"{self.path}.dat")
+        if holder is not None:
             raise StoreLockedError(
                 f"store {self.path} is already open in this process; "
                 "use that DataStore or close it first", path=self.path)
@@ -2243,7 +2500,7 @@ class DataStore:
             if self._engine is not None:
                 self._engine.close_files()
                 self._engine = None
-                self._lock.release()
+                _release(self._lock)
             self._unregister()
             raise
 
@@ -2256,19 +2513,25 @@ class DataStore:
             raise self._in_use(timeout)
         try:
             os.chmod(lock_path, 0o600)
-            return _Engine(str(self.path), self.max_bytes, deadline)
-        except BaseException as exc:
-            self._lock.release()
-            if isinstance(exc, _Locked):
-                raise self._in_use(timeout) from None
-            if isinstance(exc, _StoreFull):
-                raise StoreFullError(
-                    f"store {self.path} needs {exc.used + exc.needed} bytes, more "
-                    f"than max_bytes={self.max_bytes} (it was filled under a larger "
-                    "max_bytes, or was written by version 1.0 and needs room to "
-                    "convert); open it with a larger max_bytes (to shrink it: "
-                    "delete keys, then compact())", path=self.path) from None
+            return self._new_engine(deadline, timeout)
+        except BaseException:
+            _release(self._lock)
             raise
+
+    def _new_engine(self, deadline: Optional[float], timeout: Optional[float]) -> _Engine:
+        """Open the files (path.lock's lock held), with the engine's signals
+        turned into the public errors."""
+        try:
+            return _Engine(str(self.path), self.max_bytes, deadline)
+        except _Locked:
+            raise self._in_use(timeout) from None
+        except _StoreFull as exc:
+            raise StoreFullError(
+                f"store {self.path} needs {exc.used + exc.needed} bytes, more "
+                f"than max_bytes={self.max_bytes} (it was filled under a larger "
+                "max_bytes, or was written by version 1.0 and needs room to "
+                "convert); open it with a larger max_bytes (to shrink it: "
+                "delete keys, then compact())", path=self.path) from None
 
     def _in_use(self, timeout: Optional[float]) -> StoreLockedError:
         waited = f"; gave up after waiting {timeout:g} s" if timeout else ""
@@ -2418,11 +2681,14 @@ class DataStore:
     def check(self) -> dict[str, int]:
         """Read every record and return a report: ``keys`` (records in the
         index, expired ones not yet reclaimed included), ``live_keys``,
-        ``damaged_records`` and ``dead_bytes`` (free space inside the data file).
+        ``damaged_records``, ``dead_bytes`` (free space inside the data file)
+        and ``lost_keys`` (keys that opening found missing from a store
+        damaged since it was closed cleanly).
 
         Raises ``CorruptStoreError``, with the same numbers, if any record is
-        damaged or does not hold a JSON object. It reads the whole store, so
-        it takes time in proportion to it, and other calls wait meanwhile.
+        damaged or does not hold a JSON object, or keys were lost. It reads
+        the whole store, so it takes time in proportion to it, and other
+        calls wait meanwhile.
         """
         self._check_process()
         with self._mutex:
@@ -2430,14 +2696,21 @@ class DataStore:
             damaged = [key for key, body in engine.records()
                        if body is None or _decode_object(body) is None]
             keys, live_keys, dead_bytes = engine.stats(self._clock())
-            report = {"keys": keys, "live_keys": live_keys,
-                      "damaged_records": len(damaged), "dead_bytes": dead_bytes}
+            lost = engine.lost
+            report = {"keys": keys, "live_keys": live_keys, "damaged_records": len(damaged),
+                      "dead_bytes": dead_bytes, "lost_keys": len(lost)}
         if damaged:
             raise CorruptStoreError(
                 f"store {self.path} has {len(damaged)} damaged record(s), such as "
                 f"{damaged[0].decode('utf-8', 'replace')!r} ({report}); reading those "
                 "keys raises CorruptStoreError: delete them, or restore a backup",
                 path=self.path)
+        if lost:
+            raise CorruptStoreError(
+                f"store {self.path} was damaged after it was closed cleanly: opening "
+                f"it lost {len(lost)} key(s), such as "
+                f"{lost[0].decode('utf-8', 'replace')!r} ({report}); restore a backup "
+                "to get them back", path=self.path)
         return report
 
     def sync(self) -> None:
@@ -2464,14 +2737,19 @@ class DataStore:
                 engine.close_files()
             return
         with self._mutex:
-            engine, self._engine = self._engine, None
-            if engine is None:
-                return
-            self._finalizer.detach()
+            # Each step can be done again: a close() (or a new DataStore on
+            # these files) finishes one that an interrupt cut short.
+            self._closed = True
+            engine = self._engine
             try:
-                engine.close(self._clock())
-            finally:
-                self._lock.release()
+                if engine is not None:
+                    self._finalizer.detach()
+                    engine.close(self._clock())  # the snapshot; it closes the files
+            finally:  # even if writing it failed
+                if engine is not None:
+                    engine.close_files()  # (done, unless an interrupt cut close() short)
+                    self._engine = None
+                _release(self._lock)
                 self._unregister()
 
     # --- Private helpers ---
@@ -2515,9 +2793,32 @@ class DataStore:
 
     def _usable(self) -> _Engine:
         """The engine, under the mutex; the process is checked before it."""
-        if self._engine is None:
+        if self._engine is None or self._closed:
             raise StoreClosedError(f"store {self.path} is closed", path=self.path)
+        if self._engine.busy:
+            self._reload()
         return self._engine
+
+    def _reload(self) -> None:
+        """Read the files again, as an open after a crash does: a write was
+        cut short by an exception not its own (see engine._unit), so memory
+        may not match the files. If they cannot be opened again, the store
+        is closed, and the error says why."""
+        engine, self._engine = self._engine, None
+        assert engine is not None
+        _log.warning("datastore %s: a write was interrupted part-way; reading the "
+                     "files again", self.path)
+        try:
+            self._finalizer.detach()
+            engine.close_files()  # no snapshot: the header still says open
+            self._engine = self._new_engine(time.monotonic(), 0)
+        except BaseException:
+            self._closed = True
+            _release(self._lock)
+            self._unregister()
+            raise
+        self._finalizer = weakref.finalize(self, _finalize, self._mutex, self._engine,
+                                           self._lock, self._pid)
 
 
 # --- Module-level functions on a default store ----------------------------

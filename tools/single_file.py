@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "datastore"
 OUTPUT = ROOT / "datastore.py"
 MODULES = ["errors", "codec", "format", "space", "locks", "recovery", "snapshot", "legacy",
-           "engine", "store", "cli"]
+           "compaction", "engine", "store", "cli"]
 THIRD_PARTY = {"fasteners"}
 WIDTH = 79
 

@@ -104,6 +104,9 @@ def _encode_value(key: str, value: object) -> bytes:
         reason = exc.reason if isinstance(exc, UnicodeEncodeError) else exc
         raise InvalidValueError(f"value for {key!r} is not plain JSON: {reason}",
                                 key=key) from None
+    except ValueError as exc:  # an int longer than sys.get_int_max_str_digits()
+        raise InvalidValueError(f"value for {key!r} cannot be written as JSON: {exc}",
+                                key=key) from None
     if len(body) > MAX_VALUE_BYTES:
         raise InvalidValueError(
             f"value for {key!r} is {len(body)} bytes as JSON; "

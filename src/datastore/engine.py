@@ -32,21 +32,22 @@ Any work after a commit point (freeing, moving, truncating) that fails is
 from __future__ import annotations
 
 import gc
+import glob
 import os
-import zlib
 from typing import Any, Callable, Iterator, Optional
 
-from .errors import CorruptStoreError, _log, _StoreFull
+from .compaction import _compact
+from .errors import CorruptStoreError, _log, _StoreFull, _unit
 from .format import (
-    _BLOCK, _CLOSED, _FREE, _HEAD, _HEADER, _MAX_BLOCKS, _OPEN, _VALUE,
-    _Header, _blocks, _bits_float, _float_bits, _fsync, _item_before, _line_length, _open_regular,
-    _pack_header, _pack_marker, _pack_value, _read_at,
-    _slot, _slot_block, _slot_exp, _slot_size, _table_room, _value_body, _write_at,
+    _BLOCK, _CLOSED, _FREE, _HEAD, _HEADER, _MAX_BLOCKS, _OPEN, _VALUE, _Header, _blocks,
+    _bits_float, _create_data_file, _float_bits, _fsync, _fsync_folder, _item_before,
+    _line_length, _open_regular, _pack_header, _pack_marker, _pack_value, _read_at, _remove,
+    _slot, _slot_block, _slot_exp, _slot_size, _table_room, _value_body, _with_seq, _write_at,
 )
 from .legacy import _convert_v1, _is_v1_header
 from .locks import _engines, _lock_data_file
 from .recovery import _holds_records, _recover
-from .snapshot import _load_snapshot, _write_snapshot
+from .snapshot import _listed_keys, _load_snapshot, _write_snapshot
 from .space import _Expiries, _FreeSpace
 
 _LEASE = 1 << 20  # sequence numbers issued per header write while open
@@ -86,17 +87,27 @@ class _Engine:
         self.shrinking = False  # moving records down, until a fifth of .dat is free
         self.by_blocks = [0] * (_MAX_BLOCKS + 1)  # indexed records by blocks taken
         self.largest = 0      # blocks of the largest indexed record
+        self.lost: list[bytes] = []  # keys of a damaged snapshot that the scan did not find
+        self.busy = False     # a write is running, or was cut short (see _unit)
+        self.closing = False  # close() has begun
         self.dat = self.dir = -1
         _engines.add(self)  # a fork from now on closes the child's copies
         try:
-            if not os.path.exists(self.dat_path) and os.path.exists(self.dir_path) and (
+            new = not os.path.exists(self.dat_path)
+            if new and os.path.exists(self.dir_path) and (
                     not os.path.isfile(self.dir_path) or os.path.getsize(self.dir_path)):
                 raise CorruptStoreError(
                     f"{self.dir_path} exists but {self.dat_path} is missing; "
                     "restore the data file or move the index away", path=self.dir_path)
+            if new:
+                _create_data_file(self.dat_path)
             self.dat = _open_regular(self.dat_path)
             _lock_data_file(self.dat, self.dat_path, deadline)
+            for leftover in glob.glob(glob.escape(self.dat_path) + ".*.new"):
+                _remove(leftover)  # of a creator killed before it could (see format)
             self._load()
+            if new:  # .dir and .lock too: so that sync() covers their names
+                _fsync_folder(os.path.dirname(self.dat_path))
         except BaseException:
             self.close_files()
             raise
@@ -126,8 +137,9 @@ class _Engine:
         try:
             if v1:
                 _convert_v1(self)
-            elif header is not None and header.state == _CLOSED and _load_snapshot(self, header):
-                pass
+            elif header is not None and header.state == _CLOSED:
+                if not _load_snapshot(self, header):  # damaged since the clean close
+                    _recover(self, header, _listed_keys(self))
             elif size:
                 _recover(self, header)
         finally:
@@ -199,6 +211,7 @@ class _Engine:
 
     # --- Writing ---
 
+    @_unit
     def put(self, key: bytes, body: bytes, expires_at: float, now: float) -> None:
         """Make key's record one holding `body`, whether or not it has one.
 
@@ -218,6 +231,7 @@ class _Engine:
             self._supersede(key, old)
         self._tidy(now)
 
+    @_unit
     def remove(self, key: bytes, now: float) -> bool:
         """Delete key's live record; False if it has none."""
         slot = self.slot(key, now)
@@ -421,6 +435,7 @@ class _Engine:
             raise
         self.durable_seq = self.seq
 
+    @_unit
     def sync(self) -> None:
         self._check_writable()
         self._sync()
@@ -496,15 +511,7 @@ class _Engine:
                 target = self.free.fitting(blocks)
                 if target is None or target >= block:  # (none is above: passed ones left)
                     break
-                new_seq = self._next_seq()
-                copy = record[:8] + new_seq.to_bytes(8, "little") + record[16:_HEAD.size - 4]
-                crc = zlib.crc32(record[_HEAD.size:], zlib.crc32(copy))
-                self._write_record(target, blocks, copy + crc.to_bytes(4, "little")
-                                   + record[_HEAD.size:])
-                old = self.index[key]
-                self.index[key] = _slot(_slot_size(old), target, _slot_exp(old))
-                self.dir_bytes += len(str(target * _BLOCK)) - len(str(block * _BLOCK))
-                moved.append((key, old))
+                moved.append((key, self._copy(key, record, target)))
                 durable = durable or seq < self.durable_seq
                 end = block
             if durable:
@@ -528,6 +535,16 @@ class _Engine:
             self.dat_size = end * _BLOCK
         return len(moved)
 
+    def _copy(self, key: bytes, record: bytes, target: int) -> int:
+        """Write a copy of key's record, with a new sequence number, at block
+        `target`, and point the index at it. Returns the original's slot: the
+        caller must invalidate it, once the copy is durable if it was."""
+        self._write_record(target, _blocks(len(record)), _with_seq(record, self._next_seq()))
+        old = self.index[key]
+        self.index[key] = _slot(_slot_size(old), target, _slot_exp(old))
+        self.dir_bytes += len(str(target * _BLOCK)) - len(str(_slot_block(old) * _BLOCK))
+        return old
+
     def _last_record(self, end: int) -> Optional[tuple[bytes, int, int, bytes]]:
         """(key, block, seq, record) of the live record that ends at block
         `end`, read from disk, or None if none does."""
@@ -541,23 +558,23 @@ class _Engine:
             return key, first, seq, buf[:total]
         return None
 
+    @_unit
     def compact(self, now: float) -> None:
-        """All the upkeep at once: reclaim every expired key, move records
-        down until none fits lower, and truncate."""
+        """All the upkeep at once: reclaim every expired key and move records
+        down until little space is left free (see compaction)."""
         self._check_writable()
         self._reclaim(now, len(self.index))
-        self._trim()
-        while self._move(1024):
-            pass
-        self._trim()
+        _compact(self)
 
     # --- Closing ---
 
     def close(self, now: float) -> None:
         """Write the snapshot, mark the header closed, and close the files;
-        they are closed even if it raises."""
+        they are closed even if it raises. After a failed fsync, or a write
+        cut short, it writes nothing: the next open scans .dat."""
         try:
-            if self.failed is None:
+            if self.failed is None and not self.busy and not self.closing and self.dat >= 0:
+                self.closing = True  # once: a close() cut short does not write again
                 self._check_writable()
                 self._reclaim(now, len(self.index))  # .dir lists live keys only
                 self._trim()
@@ -566,10 +583,13 @@ class _Engine:
             self.close_files()
 
     def close_files(self) -> None:
-        for fd in (self.dat, self.dir):
+        """Close .dat (which drops its lock) and .dir; again does nothing.
+        Each is forgotten before it is closed, so that a close cut short by
+        an interrupt is never repeated on a number the system reused."""
+        dat, dir_, self.dat, self.dir = self.dat, self.dir, -1, -1
+        for fd in (dat, dir_):
             if fd >= 0:
                 os.close(fd)
-        self.dat = self.dir = -1
 
     def _try(self, action: Any, *args: Any) -> None:
         """Best effort, on a path that is already failing."""

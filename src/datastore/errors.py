@@ -7,13 +7,16 @@ about, and pickles. The operating system's own failures (a full disk, a
 folder you may not write) stay the ``OSError`` they are.
 
 Two private exceptions are the engine's signals to the facade, which turns
-them into the public errors with messages that name the store.
+them into the public errors with messages that name the store; ``_unit``
+marks the engine's writes, so that one cut short by any other exception is
+known.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar, cast
 
 # Recovery reports damage here, and upkeep its retried failures. The library
 # configures no handlers.
@@ -121,3 +124,27 @@ class _StoreFull(Exception):
     def __init__(self, needed: int, used: int) -> None:
         super().__init__(needed, used)
         self.needed, self.used = needed, used
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def _unit(method: _Method) -> _Method:
+    """A write that leaves memory matching the files when it ends, however
+    it ends: `busy` is set while it runs and cleared when it returns or
+    raises one of its own errors (OSError, _StoreFull), whose paths keep the
+    two in step. Anything else that cuts it short (KeyboardInterrupt, or
+    SystemExit from a signal handler, between any two statements) leaves
+    `busy` set, and the store reads its files again, as after a crash,
+    before it does anything more (DataStore._usable)."""
+    @functools.wraps(method)
+    def run(self: Any, *args: Any) -> Any:
+        self.busy = True
+        try:
+            result = method(self, *args)
+        except (OSError, _StoreFull):
+            self.busy = False
+            raise
+        self.busy = False
+        return result
+    return cast(_Method, run)

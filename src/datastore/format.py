@@ -43,8 +43,8 @@ free space. A record starts at a block boundary and describes itself with a
   (``_TABLE_COUNTS``) the number of keys and of keys with a ttl, then, in
   ``.dir``'s line order, each key's block (4 bytes) and record size (2),
   then the line number (4) and expires_at bits (8) of each key with a ttl,
-  in expiry order. A clean open takes the keys from ``.dir`` and the numbers
-  from here, faster than parsing them out of text.
+  in (expiry, key) order. A clean open takes the keys from ``.dir`` and the
+  numbers from here, faster than parsing them out of text.
 
 The kind is a byte below 0x20, which JSON and base64 text never contain, and
 a key starts 32 bytes into its block: so nothing a user stores can look like
@@ -184,6 +184,13 @@ def _parse_item(buf: bytes, off: int) -> Optional[_Item]:
     return kind, seq, buf[off + _HEAD.size:off + _HEAD.size + key_len], exp, length, total
 
 
+def _with_seq(record: bytes, seq: int) -> bytes:
+    """A copy of a valid value record with another sequence number."""
+    fields = record[:8] + seq.to_bytes(8, "little") + record[16:_FIELDS.size]
+    crc = zlib.crc32(record[_HEAD.size:], zlib.crc32(fields))
+    return fields + crc.to_bytes(4, "little") + record[_HEAD.size:]
+
+
 def _value_body(record: bytes, key: bytes) -> Optional[bytes]:
     """The body of `record` if it is a whole, valid value record of `key`."""
     item = _parse_item(record, 0)
@@ -315,16 +322,17 @@ def _table_room(keys: int, expiring: int) -> int:
     return _blocks(_HEAD.size + base64_size) * _BLOCK
 
 
-def _pack_table(slots: list[int]) -> bytes:
-    """The index table's body for the slots in .dir's line order."""
+def _pack_table(keys: list[bytes], slots: list[int]) -> bytes:
+    """The index table's body for the keys and slots in .dir's line order."""
     exps = [_slot_exp(slot) for slot in slots]
-    # In expiry order, so that the next open need not sort them.
-    lines = sorted((line for line, exp in enumerate(exps) if exp), key=exps.__getitem__)
-    keys, expiring = len(slots), len(lines)
+    # In (expiry, key) order, the expiries' own, so that the next open need not sort them.
+    lines = sorted((line for line, exp in enumerate(exps) if exp),
+                   key=lambda line: (exps[line], keys[line]))
+    count, expiring = len(slots), len(lines)
     return base64.b64encode(b"".join((
-        _TABLE_COUNTS.pack(keys, expiring),
-        struct.pack(f"<{keys}I", *map(_slot_block, slots)),
-        struct.pack(f"<{keys}H", *map(_slot_size, slots)),
+        _TABLE_COUNTS.pack(count, expiring),
+        struct.pack(f"<{count}I", *map(_slot_block, slots)),
+        struct.pack(f"<{count}H", *map(_slot_size, slots)),
         struct.pack(f"<{expiring}I", *lines),
         struct.pack(f"<{expiring}Q", *map(exps.__getitem__, lines)))))
 
@@ -386,6 +394,56 @@ def _open_regular(path: str) -> int:
         os.close(fd)
         raise CorruptStoreError(f"{path} is not a regular file; move it away", path=path)
     return fd
+
+
+def _create_data_file(path: str) -> None:
+    """Make `path` a new store's .dat, holding only a valid header, unless
+    it exists already. The header is written under a temporary name and
+    fsynced before the file takes its name, and the folder is fsynced after:
+    so a power cut leaves either no .dat or one with a valid header, never
+    an empty or torn one that the next open would refuse as foreign."""
+    temp = f"{path}.{os.getpid()}.new"
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
+    try:
+        try:
+            _write_at(fd, _pack_header(_CLOSED, 1), 0)
+            _fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temp, path)  # never over a .dat another opener made meanwhile
+        except FileExistsError:
+            pass
+        except OSError:  # a file system without hard links: create it in place
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                         0o600)
+            try:
+                _write_at(fd, _pack_header(_CLOSED, 1), 0)
+                _fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        _remove(temp)
+    _fsync_folder(os.path.dirname(path))
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the names in `folder` durable (where folders can be opened)."""
+    if sys.platform == "win32":
+        return
+    fd = os.open(folder or ".", os.O_RDONLY)
+    try:
+        _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def _write_at(fd: int, data: bytes, pos: int) -> None:

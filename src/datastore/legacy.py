@@ -16,8 +16,8 @@ import zlib
 from typing import TYPE_CHECKING, Optional
 
 from .codec import _LATEST_EXPIRY, MAX_VALUE_BYTES
-from .errors import _damaged
-from .format import _BLOCK, _MAX_SEQ, _blocks, _fsync, _slot, _valid_key
+from .errors import _damaged, _StoreFull
+from .format import _BLOCK, _MAX_SEQ, _blocks, _fsync, _remove, _slot, _valid_key
 from .recovery import _chunks, _count_index, _derive_free, _scan
 
 if TYPE_CHECKING:
@@ -27,20 +27,14 @@ _V1_HEADER = struct.Struct("<8sB3xQII")
 _V1_HEADER_MAGIC = b"DataStr1"
 _V1_HEAD = struct.Struct("<4sBBBxdII")
 _V1_MAGIC = b"DSr1"
+# Records copied between fsyncs, before their originals are invalidated.
+_CONVERT_BATCH = 256
 
 
 def _is_v1_header(data: bytes) -> bool:
     return (len(data) >= _V1_HEADER.size and data.startswith(_V1_HEADER_MAGIC)
             and zlib.crc32(data[:_V1_HEADER.size - 4])
             == int.from_bytes(data[_V1_HEADER.size - 4:_V1_HEADER.size], "little"))
-
-
-def _remove(*paths: str) -> None:
-    for path in paths:
-        try:
-            os.remove(path)
-        except FileNotFoundError:
-            pass
 
 
 def _convert_v1(engine: _Engine) -> None:
@@ -55,6 +49,9 @@ def _convert_v1(engine: _Engine) -> None:
     """
     for leftover in (".bak", ".compact.dat", ".compact.dir", ".compact.bak"):
         _remove(engine.dat_path[:-4] + leftover)  # 1.0's own temporary files
+    # 1.0's .dir, its snapshot of .dat, is not read: .dat says it all. Gone
+    # first, since the room the conversion may use counts only the new one.
+    os.ftruncate(engine.dir, 0)
     engine.dat_size = os.fstat(engine.dat).st_size
     newest: dict[bytes, tuple[int, int, float, Optional[bytes]]] = {}
     older: list[tuple[int, int]] = []
@@ -89,16 +86,37 @@ def _convert_v1(engine: _Engine) -> None:
             raise _damaged(engine.dat_path, f"bad 1.0 record {key!r}")
         else:
             convert[key] = (block, length, expires_at, body)
-    for block, length in losers + older + tombstones:
-        engine._write_marker(block, length)
+    # Each invalidation waits until what supersedes it is durable: the newer
+    # copies before the older ones go, and those before the tombstones.
+    for superseded in (losers + older, tombstones):
+        if superseded:
+            _fsync(engine.dat)
+        for block, length in superseded:
+            engine._write_marker(block, length)
     holders = {b"\0" + key: _slot(length * _BLOCK, block)  # hold their blocks
                for key, (block, length, _, _) in convert.items()}
     engine.index.update(holders)
     _derive_free(engine, marked)
+    copied: list[tuple[int, int]] = []  # originals whose copies are not yet durable
+
+    def release() -> None:
+        _fsync(engine.dat)  # the copies, before their originals are invalidated
+        for block, length in copied:
+            engine._write_marker(block, length)
+            engine.free.add(block, length)
+        copied.clear()
+
     for key, (block, length, expires_at, body) in convert.items():
         del engine.index[b"\0" + key]
         engine._count(length, -1)
-        engine._put_record(key, body, expires_at)
-        engine._write_marker(block, length)
-        engine.free.add(block, length)
-    _fsync(engine.dat)  # the copies reach the disk before the new header
+        try:
+            engine._put_record(key, body, expires_at)
+        except _StoreFull:
+            if not copied:
+                raise
+            release()  # the originals' room
+            engine._put_record(key, body, expires_at)
+        copied.append((block, length))
+        if len(copied) == _CONVERT_BATCH:
+            release()
+    release()  # and the copies reach the disk before the new header

@@ -64,14 +64,25 @@ def _lock_data_file(fd: int, path: str, deadline: Optional[float]) -> None:
 
 # What we rely on in fasteners (0.18 to 0.20), in one place. InterProcessLock
 # opens path.lock when acquiring and keeps it open; acquire(blocking,
-# timeout=) returns False when it gives up; release() unlocks and closes
-# the file. After a failed acquire the file stays open; we close it through
-# its `lockfile` attribute rather than leave it to the garbage collector.
-# Closing it drops no lock of ours: this process holds none on that file (the
-# registry below makes sure of it).
+# timeout=) returns False when it gives up; release() unlocks, sets
+# `acquired` False, then closes the file (its `lockfile` attribute, None once
+# closed). After a failed acquire the file stays open; we close it ourselves
+# rather than leave it to the garbage collector. Closing it drops no lock of
+# ours: this process holds none on that file (the registry below makes sure
+# of it).
 
 def _close_unlocked(lock: Any) -> None:
-    lock.lockfile.close()
+    if lock.lockfile is not None:
+        lock.lockfile.close()
+        lock.lockfile = None
+
+
+def _release(lock: Any) -> None:
+    """Release fasteners' lock; if a release was cut short part-way, finish it."""
+    if lock.acquired:
+        lock.release()
+    else:
+        _close_unlocked(lock)
 
 
 def _file_identity(path: str) -> list[tuple[int, int]]:
@@ -111,18 +122,21 @@ _open_stores_lock = threading.Lock()
 _engines: weakref.WeakSet[_Engine] = weakref.WeakSet()
 
 
-def _reserve(store: DataStore, lock_path: str, dat_path: str) -> Optional[list[tuple[int, int]]]:
+def _reserve(store: DataStore, lock_path: str, dat_path: str
+             ) -> tuple[list[tuple[int, int]], Optional[DataStore]]:
     """Register `store` under the identities of its lock file and data file,
-    while it waits for their locks; None if either is open here already.
-    If the lock file was deleted and made anew, the data file still says the
-    store is open here."""
+    while it waits for their locks, unless another store has either here:
+    then that one is returned too, and nothing registered. (If the lock file
+    was deleted and made anew, the data file still says the store is open.)"""
     with _open_stores_lock:
         identities = [_lock_file_identity(lock_path)] + _file_identity(dat_path)
-        if any(identity in _open_stores for identity in identities):
-            return None
+        for identity in identities:
+            holder = _open_stores.get(identity)
+            if holder is not None:
+                return identities, holder
         for identity in identities:
             _open_stores[identity] = store
-        return identities
+        return identities, None
 
 
 def _hold_data_file(store: DataStore, identities: list[tuple[int, int]], dat_fd: int) -> None:
@@ -181,4 +195,4 @@ def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> No
         pass  # not closed cleanly: the next open scans the data file
     finally:
         mutex.release()
-        lock.release()
+        _release(lock)

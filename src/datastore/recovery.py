@@ -42,7 +42,7 @@ from .format import (
     _BLOCK, _BLOCK_SHIFT, _EXP_SHIFT, _FIELDS, _FREE, _HEAD, _LATEST_EXPIRY_BITS,
     _LINE_PUNCTUATION, _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES, _MAX_RECORD, _MAX_SEQ,
     _PLAIN_KEY_BYTES, _SIZE_MASK, _SLOT_MASK, _TABLE, _VALUE,
-    _Header, _blocks, _digits, _parse_item, _read_at, _slot_block, _slot_size,
+    _Header, _blocks, _digits, _fsync, _parse_item, _read_at, _slot_block, _slot_size,
     _table_room, _valid_key, _valid_keys,
 )
 
@@ -87,18 +87,24 @@ def _holds_records(engine: _Engine) -> bool:
                for off in starts if buf.startswith(_MAGIC, off))
 
 
-def _recover(engine: _Engine, header: Optional[_Header]) -> None:
-    """Rebuild the index by scanning .dat (see "Why a crash cannot hurt")."""
+def _recover(engine: _Engine, header: Optional[_Header],
+             listed: Optional[list[bytes]] = None) -> None:
+    """Rebuild the index by scanning .dat. `listed`: the keys of the
+    snapshot of a store closed cleanly whose snapshot does not match .dat;
+    then it is damage, not a crash, and keys it lists that the scan does not
+    find are lost (see _report_damage)."""
     engine.dat_size = os.fstat(engine.dat).st_size
     losers, marked, tables, newest = _scan(engine)
     engine.seq = max(header.seq if header else 1, newest + 1)
     _count_index(engine)
     last = max(map(and_, engine.index.values(), repeat(_SLOT_MASK)), default=0)
     _check_room(engine, _slot_block(last) * _BLOCK + _slot_size(last))
-    for block, length in losers:  # older copies of keys: never again valid
+    if losers:  # older copies of keys: never again valid, once the newer are durable
+        _fsync(engine.dat)
+    for block, length in losers:
         engine._write_marker(block, length)
     _derive_free(engine, marked)
-    _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}))
+    _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}), listed)
 
 
 def _check_room(engine: _Engine, end: int) -> None:
@@ -203,11 +209,24 @@ def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]
     return damage
 
 
-def _report_damage(engine: _Engine, damage: list[tuple[int, int]]) -> None:
+def _report_damage(engine: _Engine, damage: list[tuple[int, int]],
+                   listed: Optional[list[bytes]]) -> None:
     """Say what recovery skipped. A crash tears at most the one record
-    (or free marker) being written: more than that is damage, a warning."""
+    (or free marker) being written: more than that is damage, a warning.
+    So is any scan of a store closed cleanly: its keys that the scan did
+    not find are lost, and engine.lost keeps them for check() to say."""
     skipped = sum(length for _, length in damage) * _BLOCK
-    if len(damage) > 1 or any(length > _MAX_BLOCKS for _, length in damage):
+    if listed is not None:
+        engine.lost = [key for key in listed if key not in engine.index]
+        example = (f" (such as {engine.lost[0].decode('utf-8', 'replace')!r})"
+                   if engine.lost else "")
+        _log.warning(
+            "datastore %s was closed cleanly, but its data file does not match "
+            "the snapshot close wrote: it was damaged since. Recovered %d keys by "
+            "scanning it; lost %d key(s) the snapshot lists%s; skipped %d damaged "
+            "region(s) of %d bytes in all", engine.dat_path[:-4], len(engine.index),
+            len(engine.lost), example, len(damage), skipped)
+    elif len(damage) > 1 or any(length > _MAX_BLOCKS for _, length in damage):
         _log.warning(
             "datastore %s: recovered %d keys; skipped %d damaged region(s) "
             "of %d bytes in all, which a crash alone does not explain",

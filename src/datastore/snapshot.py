@@ -18,11 +18,11 @@ from itertools import repeat
 from operator import lshift, or_
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from .errors import _damaged
+from .errors import CorruptStoreError, _damaged
 from .format import (
-    _BLOCK, _BLOCK_SHIFT, _CLOSED, _EXP_SHIFT, _HEAD, _LATEST_EXPIRY_BITS, _MAX_RECORD, _TABLE, _Header, _blocks,
-    _fsync, _pack_dir, _pack_marker, _pack_table, _parse_item, _read_at, _unpack_dir_keys,
-    _unpack_table, _valid_keys, _write_at,
+    _BLOCK, _BLOCK_SHIFT, _CLOSED, _DIR_LINE, _EXP_SHIFT, _HEAD, _LATEST_EXPIRY_BITS, _MAX_RECORD,
+    _TABLE, _Header, _blocks, _fsync, _pack_dir, _pack_marker, _pack_table, _parse_item,
+    _literal_key, _read_at, _unpack_dir_keys, _unpack_table, _valid_keys, _write_at,
 )
 from .recovery import _check_room, _derive_free
 
@@ -34,7 +34,7 @@ def _write_snapshot(engine: _Engine) -> None:
     """Write the index table and .dir, fsync, then mark the header closed."""
     table = (0, 0)
     if engine.index:
-        body = _pack_table(list(engine.index.values()))
+        body = _pack_table(list(engine.index), list(engine.index.values()))
         record = _pack_marker(_TABLE, len(body), body, engine.seq)
         block, _ = engine._place(len(record))  # used() has counted its room all along
         engine._write_record(block, _blocks(len(record)), record)
@@ -106,3 +106,16 @@ def _read_table(engine: _Engine, pos: int, size: int) -> Optional[tuple[Sequence
     if item is None or item[0] != _TABLE or item[5] != size:
         return None
     return _unpack_table(_read_at(engine.dat, item[4], pos + _HEAD.size))
+
+
+def _listed_keys(engine: _Engine) -> list[bytes]:
+    """The keys .dir lists, as far as its lines can be read: for a snapshot
+    that does not match .dat, to tell which keys the scan lost."""
+    text = _read_at(engine.dir, min(os.fstat(engine.dir).st_size, engine.max_bytes), 0)
+    keys = []
+    for simple, quoted, _, _ in _DIR_LINE.findall(text):
+        try:
+            keys.append(simple or _literal_key(quoted, engine.dir_path))
+        except CorruptStoreError:  # a line too damaged to read: that key is not known
+            pass
+    return keys

@@ -69,71 +69,68 @@ class _Expiries:
 
     Expiries are float bits (see the index). Each run holds at most
     2 * _RUN pairs in two parallel sequences, so adding or removing a pair is
-    a bisection over the runs' first expiries and a short memmove, and the
-    earliest pairs are at the front: 16 bytes a pair.
+    a bisection over the runs' first pairs, one within the run, and a short
+    memmove, however many keys share one expiry; the earliest pairs are at
+    the front. 16 bytes a pair.
     """
 
     _RUN = 512
 
     def __init__(self) -> None:
-        self.firsts: list[int] = []         # the first expiry of each run
+        self.firsts: list[tuple[int, bytes]] = []  # the first pair of each run
         self.exps: list[array[int]] = []    # each run's expiries, ascending
-        self.keys: list[list[bytes]] = []   # each run's keys, in that order
+        self.keys: list[list[bytes]] = []   # each run's keys, ascending within an expiry
         self.count = 0
 
     def load(self, exps: Sequence[int], keys: list[bytes]) -> None:
         """Fill an empty instance with keys[i] expiring at exps[i]."""
-        if any(map(gt, exps, islice(exps, 1, None))):  # a clean close wrote them in order
-            order = sorted(range(len(exps)), key=exps.__getitem__)
-            exps, keys = list(map(exps.__getitem__, order)), list(map(keys.__getitem__, order))
+        pairs = list(zip(exps, keys))
+        if any(map(gt, pairs, islice(pairs, 1, None))):  # a clean close wrote them in order
+            pairs.sort()
+            exps, keys = [exp for exp, _ in pairs], [key for _, key in pairs]
         for at in range(0, len(exps), self._RUN):
-            self.firsts.append(exps[at])
+            self.firsts.append(pairs[at])
             self.exps.append(array("Q", exps[at:at + self._RUN]))
             self.keys.append(keys[at:at + self._RUN])
         self.count = len(exps)
 
+    def _find(self, exp: int, key: bytes) -> tuple[int, int]:
+        """(run, position) where the pair is, or would go."""
+        i = max(bisect_right(self.firsts, (exp, key)) - 1, 0)
+        run = self.exps[i]
+        lo = bisect_left(run, exp)
+        return i, bisect_left(self.keys[i], key, lo, bisect_right(run, exp, lo))
+
     def add(self, exp: int, key: bytes) -> None:
         if not self.exps:
-            self.firsts.append(exp)
+            self.firsts.append((exp, key))
             self.exps.append(array("Q", [exp]))
             self.keys.append([key])
         else:
-            i = max(bisect_right(self.firsts, exp) - 1, 0)
+            i, j = self._find(exp, key)
             run, keys = self.exps[i], self.keys[i]
-            j = bisect_right(run, exp)
             run.insert(j, exp)
             keys.insert(j, key)
             if j == 0:
-                self.firsts[i] = exp
+                self.firsts[i] = (exp, key)
             if len(run) > 2 * self._RUN:
                 self.exps.insert(i + 1, run[self._RUN:])
                 self.keys.insert(i + 1, keys[self._RUN:])
-                self.firsts.insert(i + 1, run[self._RUN])
+                self.firsts.insert(i + 1, (run[self._RUN], keys[self._RUN]))
                 del run[self._RUN:], keys[self._RUN:]
         self.count += 1
 
     def remove(self, exp: int, key: bytes) -> None:
-        i = max(bisect_left(self.firsts, exp) - 1, 0)
-        while i < len(self.exps):
-            run, keys = self.exps[i], self.keys[i]
-            lo = bisect_left(run, exp)
-            hi = bisect_right(run, exp, lo)
-            try:
-                at = keys.index(key, lo, hi)
-            except ValueError:
-                pass
-            else:
-                del run[at], keys[at]
-                if not run:
-                    del self.exps[i], self.keys[i], self.firsts[i]
-                elif at == 0:
-                    self.firsts[i] = run[0]
-                self.count -= 1
-                return
-            if hi < len(run):
-                break
-            i += 1
-        raise KeyError(key)  # the index and the expiries disagree: a bug
+        i, j = self._find(exp, key) if self.exps else (0, 0)
+        run, keys = (self.exps[i], self.keys[i]) if self.exps else (array("Q"), [])
+        if j == len(keys) or keys[j] != key or run[j] != exp:
+            raise KeyError(key)  # the index and the expiries disagree: a bug
+        del run[j], keys[j]
+        if not run:
+            del self.exps[i], self.keys[i], self.firsts[i]
+        elif j == 0:
+            self.firsts[i] = (run[0], keys[0])
+        self.count -= 1
 
     def due(self, now: int, limit: int) -> list[bytes]:
         """Up to `limit` keys whose expiry is at or before `now`, earliest first."""

@@ -24,10 +24,12 @@ from .engine import _Engine
 from .errors import (
     CorruptStoreError, DataStoreError, DataStoreTypeError, DataStoreValueError,
     KeyExistsError, KeyNotFoundError, StoreClosedError, StoreForkedError,
-    StoreFullError, StoreLockedError, _Locked, _StoreFull,
+    StoreFullError, StoreLockedError, _Locked, _log, _StoreFull,
 )
 from .format import _LARGEST_STORE
-from .locks import _close_unlocked, _finalize, _hold_data_file, _reserve, _unreserve
+from .locks import (
+    _close_unlocked, _finalize, _hold_data_file, _release, _reserve, _unreserve,
+)
 
 MAX_STORE_BYTES = 1024 ** 3     # all of a store's files together, by default
 MIN_STORE_BYTES = 64 * 1024     # room for the header and a few largest values
@@ -37,10 +39,14 @@ def _store_path(path: Any) -> Path:
     """The resolved path of a store, or raise if `path` cannot name one."""
     if path is None:
         return _default_path()
-    if not isinstance(path, (str, os.PathLike)) or isinstance(os.fspath(path), bytes):
+    try:
+        text = os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+    except TypeError:  # __fspath__ returned neither str nor bytes
+        text = None
+    if not isinstance(text, str):
         raise DataStoreTypeError(
-            f"path must be a str or os.PathLike, not {type(path).__name__}")
-    text = str.__str__(os.fspath(path))
+            f"path must be a str or an os.PathLike giving a str, not {type(path).__name__}")
+    text = str.__str__(text)
     if not text:
         raise DataStoreValueError("path must not be empty")
     if "\0" in text:
@@ -132,11 +138,15 @@ class DataStore:
         self._pid = os.getpid()
         self._clock = time.time         # tests replace it
         self._engine: Optional[_Engine] = None
+        self._closed = False            # close() has begun: no more calls
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_path = f"{self.path}.lock"
-        identities = _reserve(self, lock_path, f"{self.path}.dat")
-        if identities is None:
+        identities, holder = _reserve(self, lock_path, f"{self.path}.dat")
+        if holder is not None and holder._closed:  # its close() was cut short
+            holder.close()  # so finish it
+            identities, holder = _reserve(self, lock_path, f"{self.path}.dat")
+        if holder is not None:
             raise StoreLockedError(
                 f"store {self.path} is already open in this process; "
                 "use that DataStore or close it first", path=self.path)
@@ -150,7 +160,7 @@ class DataStore:
             if self._engine is not None:
                 self._engine.close_files()
                 self._engine = None
-                self._lock.release()
+                _release(self._lock)
             self._unregister()
             raise
 
@@ -163,19 +173,25 @@ class DataStore:
             raise self._in_use(timeout)
         try:
             os.chmod(lock_path, 0o600)
-            return _Engine(str(self.path), self.max_bytes, deadline)
-        except BaseException as exc:
-            self._lock.release()
-            if isinstance(exc, _Locked):
-                raise self._in_use(timeout) from None
-            if isinstance(exc, _StoreFull):
-                raise StoreFullError(
-                    f"store {self.path} needs {exc.used + exc.needed} bytes, more "
-                    f"than max_bytes={self.max_bytes} (it was filled under a larger "
-                    "max_bytes, or was written by version 1.0 and needs room to "
-                    "convert); open it with a larger max_bytes (to shrink it: "
-                    "delete keys, then compact())", path=self.path) from None
+            return self._new_engine(deadline, timeout)
+        except BaseException:
+            _release(self._lock)
             raise
+
+    def _new_engine(self, deadline: Optional[float], timeout: Optional[float]) -> _Engine:
+        """Open the files (path.lock's lock held), with the engine's signals
+        turned into the public errors."""
+        try:
+            return _Engine(str(self.path), self.max_bytes, deadline)
+        except _Locked:
+            raise self._in_use(timeout) from None
+        except _StoreFull as exc:
+            raise StoreFullError(
+                f"store {self.path} needs {exc.used + exc.needed} bytes, more "
+                f"than max_bytes={self.max_bytes} (it was filled under a larger "
+                "max_bytes, or was written by version 1.0 and needs room to "
+                "convert); open it with a larger max_bytes (to shrink it: "
+                "delete keys, then compact())", path=self.path) from None
 
     def _in_use(self, timeout: Optional[float]) -> StoreLockedError:
         waited = f"; gave up after waiting {timeout:g} s" if timeout else ""
@@ -325,11 +341,14 @@ class DataStore:
     def check(self) -> dict[str, int]:
         """Read every record and return a report: ``keys`` (records in the
         index, expired ones not yet reclaimed included), ``live_keys``,
-        ``damaged_records`` and ``dead_bytes`` (free space inside the data file).
+        ``damaged_records``, ``dead_bytes`` (free space inside the data file)
+        and ``lost_keys`` (keys that opening found missing from a store
+        damaged since it was closed cleanly).
 
         Raises ``CorruptStoreError``, with the same numbers, if any record is
-        damaged or does not hold a JSON object. It reads the whole store, so
-        it takes time in proportion to it, and other calls wait meanwhile.
+        damaged or does not hold a JSON object, or keys were lost. It reads
+        the whole store, so it takes time in proportion to it, and other
+        calls wait meanwhile.
         """
         self._check_process()
         with self._mutex:
@@ -337,14 +356,21 @@ class DataStore:
             damaged = [key for key, body in engine.records()
                        if body is None or _decode_object(body) is None]
             keys, live_keys, dead_bytes = engine.stats(self._clock())
-            report = {"keys": keys, "live_keys": live_keys,
-                      "damaged_records": len(damaged), "dead_bytes": dead_bytes}
+            lost = engine.lost
+            report = {"keys": keys, "live_keys": live_keys, "damaged_records": len(damaged),
+                      "dead_bytes": dead_bytes, "lost_keys": len(lost)}
         if damaged:
             raise CorruptStoreError(
                 f"store {self.path} has {len(damaged)} damaged record(s), such as "
                 f"{damaged[0].decode('utf-8', 'replace')!r} ({report}); reading those "
                 "keys raises CorruptStoreError: delete them, or restore a backup",
                 path=self.path)
+        if lost:
+            raise CorruptStoreError(
+                f"store {self.path} was damaged after it was closed cleanly: opening "
+                f"it lost {len(lost)} key(s), such as "
+                f"{lost[0].decode('utf-8', 'replace')!r} ({report}); restore a backup "
+                "to get them back", path=self.path)
         return report
 
     def sync(self) -> None:
@@ -371,14 +397,19 @@ class DataStore:
                 engine.close_files()
             return
         with self._mutex:
-            engine, self._engine = self._engine, None
-            if engine is None:
-                return
-            self._finalizer.detach()
+            # Each step can be done again: a close() (or a new DataStore on
+            # these files) finishes one that an interrupt cut short.
+            self._closed = True
+            engine = self._engine
             try:
-                engine.close(self._clock())
-            finally:
-                self._lock.release()
+                if engine is not None:
+                    self._finalizer.detach()
+                    engine.close(self._clock())  # the snapshot; it closes the files
+            finally:  # even if writing it failed
+                if engine is not None:
+                    engine.close_files()  # (done, unless an interrupt cut close() short)
+                    self._engine = None
+                _release(self._lock)
                 self._unregister()
 
     # --- Private helpers ---
@@ -422,9 +453,32 @@ class DataStore:
 
     def _usable(self) -> _Engine:
         """The engine, under the mutex; the process is checked before it."""
-        if self._engine is None:
+        if self._engine is None or self._closed:
             raise StoreClosedError(f"store {self.path} is closed", path=self.path)
+        if self._engine.busy:
+            self._reload()
         return self._engine
+
+    def _reload(self) -> None:
+        """Read the files again, as an open after a crash does: a write was
+        cut short by an exception not its own (see engine._unit), so memory
+        may not match the files. If they cannot be opened again, the store
+        is closed, and the error says why."""
+        engine, self._engine = self._engine, None
+        assert engine is not None
+        _log.warning("datastore %s: a write was interrupted part-way; reading the "
+                     "files again", self.path)
+        try:
+            self._finalizer.detach()
+            engine.close_files()  # no snapshot: the header still says open
+            self._engine = self._new_engine(time.monotonic(), 0)
+        except BaseException:
+            self._closed = True
+            _release(self._lock)
+            self._unregister()
+            raise
+        self._finalizer = weakref.finalize(self, _finalize, self._mutex, self._engine,
+                                           self._lock, self._pid)
 
 
 # --- Module-level functions on a default store ----------------------------

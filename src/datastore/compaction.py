@@ -1,0 +1,86 @@
+"""compact(): the smallest layout the records allow, now.
+
+Each write already moves a few records from the end of ``.dat`` into free
+extents lower down (``_Engine._move``), which is all it takes while the
+free extents are no smaller than the records at the end. When a record at
+the end fits no free extent (say one 16 KiB value, with free extents of a
+block or two between small records), moving stops, however much is free.
+
+So after moving what it can that way, ``compact()`` sweeps the records
+above the lowest free extent, in order of their blocks: a batch at a time,
+it appends copies of them to the end of ``.dat`` (within ``max_bytes``),
+fsyncs once, and only then marks the originals free, where they join the
+free extents around them into one; the moves from the end then bring the
+copies back down into that space. It stops once fewer blocks are free than
+one for each key plus one largest record, so a store with little to gain
+costs one pass over the index, and a record is copied at most twice.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .format import _BLOCK, _blocks, _read_at, _slot_block, _slot_size, _value_body
+
+if TYPE_CHECKING:
+    from .engine import _Engine
+
+_SWEEP_BATCH = 1024  # records copied to the end between fsyncs
+
+
+def _compact(engine: _Engine) -> None:
+    _settle(engine)
+    if _small_enough(engine) or not engine.free.at:
+        return
+    lowest = min(engine.free.at)
+    order = sorted((_slot_block(slot), key) for key, slot in engine.index.items()
+                   if _slot_block(slot) > lowest)
+    at = 0
+    while at < len(order) and not _small_enough(engine):
+        batch: list[tuple[bytes, int]] = []  # (key, the original's slot)
+        while at < len(order) and len(batch) < _SWEEP_BATCH:
+            block, key = order[at]
+            slot = engine.index.get(key)
+            if slot is not None and _slot_block(slot) == block:  # not moved since
+                end = _blocks(engine.dat_size)
+                growth = (_blocks(_slot_size(slot)) * _BLOCK + len(str(end * _BLOCK))
+                          - len(str(block * _BLOCK)))
+                if engine.used() + growth > engine.max_bytes:
+                    break  # no room for another copy now: settle this batch first
+                record = _read_at(engine.dat, _slot_size(slot), block * _BLOCK)
+                if _value_body(record, key) is not None:  # (a damaged one stays put)
+                    batch.append((key, engine._copy(key, record, end)))
+            at += 1
+        if not batch:
+            break
+        _free_originals(engine, batch)
+        _settle(engine)
+
+
+def _free_originals(engine: _Engine, batch: list[tuple[bytes, int]]) -> None:
+    """Make the copies durable, then free their originals."""
+    try:
+        engine._sync()
+    except OSError:
+        engine.stale.extend(batch)  # invalidated by the next write, as any stale copy
+        raise
+    for done, (key, old) in enumerate(batch):
+        try:
+            engine._write_marker(_slot_block(old), _blocks(_slot_size(old)))
+        except OSError:
+            engine.stale.extend(batch[done:])
+            raise
+        engine.free.add(_slot_block(old), _blocks(_slot_size(old)))
+
+
+def _settle(engine: _Engine) -> None:
+    """Move records from the end into free extents while they fit; truncate."""
+    engine._trim()
+    while engine._move(1024):
+        pass
+    engine._trim()
+
+
+def _small_enough(engine: _Engine) -> bool:
+    """Fewer free blocks than one a key and one largest record."""
+    return engine.free.blocks < len(engine.index) + engine.largest
