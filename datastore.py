@@ -1268,10 +1268,10 @@ def _holds_records(engine: _Engine) -> bool:
 
 def _recover(engine: _Engine, header: Optional[_Header],
              listed: Optional[list[bytes]] = None) -> None:
-    """Rebuild the index by scanning .dat. `listed`: the keys of the
-    snapshot of a store closed cleanly whose snapshot does not match .dat;
-    then it is damage, not a crash, and keys it lists that the scan does not
-    find are lost (see _report_damage)."""
+    """Rebuild the index by scanning .dat. If the header says the store was
+    closed cleanly, its snapshot did not match .dat: that is damage, not a
+    crash, and `listed` holds the keys the snapshot lists, if its .dir is
+    whole (see _report_damage)."""
     engine.dat_size = os.fstat(engine.dat).st_size
     losers, marked, tables, newest = _scan(engine)
     engine.seq = max(header.seq if header else 1, newest + 1)
@@ -1283,7 +1283,9 @@ def _recover(engine: _Engine, header: Optional[_Header],
     for block, length in losers:
         engine._write_marker(block, length)
     _derive_free(engine, marked)
-    _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}), listed)
+    closed = header is not None and header.state == _CLOSED
+    _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}),
+                   closed, listed)
 
 
 def _check_room(engine: _Engine, end: int) -> None:
@@ -1388,23 +1390,25 @@ def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]
     return damage
 
 
-def _report_damage(engine: _Engine, damage: list[tuple[int, int]],
+def _report_damage(engine: _Engine, damage: list[tuple[int, int]], closed: bool,
                    listed: Optional[list[bytes]]) -> None:
     """Say what recovery skipped. A crash tears at most the one record
     (or free marker) being written: more than that is damage, a warning.
-    So is any scan of a store closed cleanly: its keys that the scan did
-    not find are lost, and engine.lost keeps them for check() to say."""
+    So is any scan of a store closed cleanly: the keys its snapshot lists
+    (`listed`, if known) that the scan did not find are lost, and
+    engine.lost keeps them for check() to say."""
     skipped = sum(length for _, length in damage) * _BLOCK
-    if listed is not None:
-        engine.lost = [key for key in listed if key not in engine.index]
-        example = (f" (such as {engine.lost[0].decode('utf-8', 'replace')!r})"
-                   if engine.lost else "")
+    if closed:
+        engine.lost = [key for key in listed or () if key not in engine.index]
+        lost = ("which keys were lost cannot be told, as its .dir is damaged too"
+                if listed is None else f"lost {len(engine.lost)} key(s) the snapshot lists"
+                + (f", such as {engine.lost[0].decode('utf-8', 'replace')!r}"
+                   if engine.lost else ""))
         _log.warning(
-            "datastore %s was closed cleanly, but its data file does not match "
-            "the snapshot close wrote: it was damaged since. Recovered %d keys by "
-            "scanning it; lost %d key(s) the snapshot lists%s; skipped %d damaged "
-            "region(s) of %d bytes in all", engine.dat_path[:-4], len(engine.index),
-            len(engine.lost), example, len(damage), skipped)
+            "datastore %s was closed cleanly, but its files do not match the "
+            "snapshot close wrote: they were damaged since. Recovered %d keys by "
+            "scanning; %s; skipped %d damaged region(s) of %d bytes in all",
+            engine.dat_path[:-4], len(engine.index), lost, len(damage), skipped)
     elif len(damage) > 1 or any(length > _MAX_BLOCKS for _, length in damage):
         _log.warning(
             "datastore %s: recovered %d keys; skipped %d damaged region(s) "
@@ -1582,17 +1586,19 @@ def _read_table(engine: _Engine, pos: int, size: int) -> Optional[tuple[Sequence
     return _unpack_table(_read_at(engine.dat, item[4], pos + _HEAD.size))
 
 
-def _listed_keys(engine: _Engine) -> list[bytes]:
-    """The keys .dir lists, as far as its lines can be read: for a snapshot
-    that does not match .dat, to tell which keys the scan lost."""
-    text = _read_at(engine.dir, min(os.fstat(engine.dir).st_size, engine.max_bytes), 0)
-    keys = []
-    for simple, quoted, _, _ in _DIR_LINE.findall(text):
-        try:
-            keys.append(simple or _literal_key(quoted, engine.dir_path))
-        except CorruptStoreError:  # a line too damaged to read: that key is not known
-            pass
-    return keys
+def _listed_keys(engine: _Engine, header: _Header) -> Optional[list[bytes]]:
+    """The keys .dir lists, if it is the one the header says close wrote (it
+    is the index table or .dat that does not match): for recovery to tell
+    which keys the scan lost. None if .dir is damaged too."""
+    if os.fstat(engine.dir).st_size != header.dir_size or header.dir_size > engine.max_bytes:
+        return None
+    text = _read_at(engine.dir, header.dir_size, 0)
+    if zlib.crc32(text) != header.dir_crc:
+        return None
+    try:
+        return _unpack_dir_keys(text, engine.dir_path)
+    except CorruptStoreError:
+        return None
 
 
 # --- legacy.py ---------------------------------------------------------------
@@ -1903,7 +1909,7 @@ class _Engine:
                 _convert_v1(self)
             elif header is not None and header.state == _CLOSED:
                 if not _load_snapshot(self, header):  # damaged since the clean close
-                    _recover(self, header, _listed_keys(self))
+                    _recover(self, header, _listed_keys(self, header))
             elif size:
                 _recover(self, header)
         finally:

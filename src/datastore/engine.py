@@ -139,7 +139,7 @@ class _Engine:
                 _convert_v1(self)
             elif header is not None and header.state == _CLOSED:
                 if not _load_snapshot(self, header):  # damaged since the clean close
-                    _recover(self, header, _listed_keys(self))
+                    _recover(self, header, _listed_keys(self, header))
             elif size:
                 _recover(self, header)
         finally:

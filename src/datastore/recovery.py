@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 from .codec import MAX_VALUE_BYTES
 from .errors import _damaged, _log, _StoreFull
 from .format import (
-    _BLOCK, _BLOCK_SHIFT, _EXP_SHIFT, _FIELDS, _FREE, _HEAD, _LATEST_EXPIRY_BITS,
+    _BLOCK, _BLOCK_SHIFT, _CLOSED, _EXP_SHIFT, _FIELDS, _FREE, _HEAD, _LATEST_EXPIRY_BITS,
     _LINE_PUNCTUATION, _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES, _MAX_RECORD, _MAX_SEQ,
     _PLAIN_KEY_BYTES, _SIZE_MASK, _SLOT_MASK, _TABLE, _VALUE,
     _Header, _blocks, _digits, _fsync, _parse_item, _read_at, _slot_block, _slot_size,
@@ -89,10 +89,10 @@ def _holds_records(engine: _Engine) -> bool:
 
 def _recover(engine: _Engine, header: Optional[_Header],
              listed: Optional[list[bytes]] = None) -> None:
-    """Rebuild the index by scanning .dat. `listed`: the keys of the
-    snapshot of a store closed cleanly whose snapshot does not match .dat;
-    then it is damage, not a crash, and keys it lists that the scan does not
-    find are lost (see _report_damage)."""
+    """Rebuild the index by scanning .dat. If the header says the store was
+    closed cleanly, its snapshot did not match .dat: that is damage, not a
+    crash, and `listed` holds the keys the snapshot lists, if its .dir is
+    whole (see _report_damage)."""
     engine.dat_size = os.fstat(engine.dat).st_size
     losers, marked, tables, newest = _scan(engine)
     engine.seq = max(header.seq if header else 1, newest + 1)
@@ -104,7 +104,9 @@ def _recover(engine: _Engine, header: Optional[_Header],
     for block, length in losers:
         engine._write_marker(block, length)
     _derive_free(engine, marked)
-    _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}), listed)
+    closed = header is not None and header.state == _CLOSED
+    _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}),
+                   closed, listed)
 
 
 def _check_room(engine: _Engine, end: int) -> None:
@@ -209,23 +211,25 @@ def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]
     return damage
 
 
-def _report_damage(engine: _Engine, damage: list[tuple[int, int]],
+def _report_damage(engine: _Engine, damage: list[tuple[int, int]], closed: bool,
                    listed: Optional[list[bytes]]) -> None:
     """Say what recovery skipped. A crash tears at most the one record
     (or free marker) being written: more than that is damage, a warning.
-    So is any scan of a store closed cleanly: its keys that the scan did
-    not find are lost, and engine.lost keeps them for check() to say."""
+    So is any scan of a store closed cleanly: the keys its snapshot lists
+    (`listed`, if known) that the scan did not find are lost, and
+    engine.lost keeps them for check() to say."""
     skipped = sum(length for _, length in damage) * _BLOCK
-    if listed is not None:
-        engine.lost = [key for key in listed if key not in engine.index]
-        example = (f" (such as {engine.lost[0].decode('utf-8', 'replace')!r})"
-                   if engine.lost else "")
+    if closed:
+        engine.lost = [key for key in listed or () if key not in engine.index]
+        lost = ("which keys were lost cannot be told, as its .dir is damaged too"
+                if listed is None else f"lost {len(engine.lost)} key(s) the snapshot lists"
+                + (f", such as {engine.lost[0].decode('utf-8', 'replace')!r}"
+                   if engine.lost else ""))
         _log.warning(
-            "datastore %s was closed cleanly, but its data file does not match "
-            "the snapshot close wrote: it was damaged since. Recovered %d keys by "
-            "scanning it; lost %d key(s) the snapshot lists%s; skipped %d damaged "
-            "region(s) of %d bytes in all", engine.dat_path[:-4], len(engine.index),
-            len(engine.lost), example, len(damage), skipped)
+            "datastore %s was closed cleanly, but its files do not match the "
+            "snapshot close wrote: they were damaged since. Recovered %d keys by "
+            "scanning; %s; skipped %d damaged region(s) of %d bytes in all",
+            engine.dat_path[:-4], len(engine.index), lost, len(damage), skipped)
     elif len(damage) > 1 or any(length > _MAX_BLOCKS for _, length in damage):
         _log.warning(
             "datastore %s: recovered %d keys; skipped %d damaged region(s) "

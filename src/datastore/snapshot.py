@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 from .errors import CorruptStoreError, _damaged
 from .format import (
-    _BLOCK, _BLOCK_SHIFT, _CLOSED, _DIR_LINE, _EXP_SHIFT, _HEAD, _LATEST_EXPIRY_BITS, _MAX_RECORD,
+    _BLOCK, _BLOCK_SHIFT, _CLOSED, _EXP_SHIFT, _HEAD, _LATEST_EXPIRY_BITS, _MAX_RECORD,
     _TABLE, _Header, _blocks, _fsync, _pack_dir, _pack_marker, _pack_table, _parse_item,
-    _literal_key, _read_at, _unpack_dir_keys, _unpack_table, _valid_keys, _write_at,
+    _read_at, _unpack_dir_keys, _unpack_table, _valid_keys, _write_at,
 )
 from .recovery import _check_room, _derive_free
 
@@ -108,14 +108,16 @@ def _read_table(engine: _Engine, pos: int, size: int) -> Optional[tuple[Sequence
     return _unpack_table(_read_at(engine.dat, item[4], pos + _HEAD.size))
 
 
-def _listed_keys(engine: _Engine) -> list[bytes]:
-    """The keys .dir lists, as far as its lines can be read: for a snapshot
-    that does not match .dat, to tell which keys the scan lost."""
-    text = _read_at(engine.dir, min(os.fstat(engine.dir).st_size, engine.max_bytes), 0)
-    keys = []
-    for simple, quoted, _, _ in _DIR_LINE.findall(text):
-        try:
-            keys.append(simple or _literal_key(quoted, engine.dir_path))
-        except CorruptStoreError:  # a line too damaged to read: that key is not known
-            pass
-    return keys
+def _listed_keys(engine: _Engine, header: _Header) -> Optional[list[bytes]]:
+    """The keys .dir lists, if it is the one the header says close wrote (it
+    is the index table or .dat that does not match): for recovery to tell
+    which keys the scan lost. None if .dir is damaged too."""
+    if os.fstat(engine.dir).st_size != header.dir_size or header.dir_size > engine.max_bytes:
+        return None
+    text = _read_at(engine.dir, header.dir_size, 0)
+    if zlib.crc32(text) != header.dir_crc:
+        return None
+    try:
+        return _unpack_dir_keys(text, engine.dir_path)
+    except CorruptStoreError:
+        return None
