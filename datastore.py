@@ -784,12 +784,17 @@ def _open_regular(path: str) -> int:
     return fd
 
 
-def _create_data_file(path: str) -> None:
+def _create_data_file(path: str, dir_path: str) -> None:
     """Make `path` a new store's .dat, holding only a valid header, unless
     it exists already. The header is written under a temporary name and
     fsynced before the file takes its name, and the folder is fsynced after:
     so a power cut leaves either no .dat or one with a valid header, never
-    an empty or torn one that the next open would refuse as foreign."""
+    an empty or torn one that the next open would refuse as foreign. A .dir
+    with lines in it says the .dat was lost, not never made: that is refused."""
+    if os.path.exists(dir_path) and (not os.path.isfile(dir_path)
+                                     or os.path.getsize(dir_path)):
+        raise CorruptStoreError(f"{dir_path} exists but {path} is missing; restore "
+                                "the data file or move the index away", path=dir_path)
     temp = f"{path}.{os.getpid()}.new"
     fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
     try:
@@ -1864,13 +1869,8 @@ class _Engine:
         _engines.add(self)  # a fork from now on closes the child's copies
         try:
             new = not os.path.exists(self.dat_path)
-            if new and os.path.exists(self.dir_path) and (
-                    not os.path.isfile(self.dir_path) or os.path.getsize(self.dir_path)):
-                raise CorruptStoreError(
-                    f"{self.dir_path} exists but {self.dat_path} is missing; "
-                    "restore the data file or move the index away", path=self.dir_path)
             if new:
-                _create_data_file(self.dat_path)
+                _create_data_file(self.dat_path, self.dir_path)
             self.dat = _open_regular(self.dat_path)
             _lock_data_file(self.dat, self.dat_path, deadline)
             for leftover in glob.glob(glob.escape(self.dat_path) + ".*.new"):
@@ -1892,7 +1892,9 @@ class _Engine:
         first = _read_at(self.dat, min(size, _HEADER.size), 0)
         header = _Header.parse(first)
         v1 = header is None and _is_v1_header(first)
-        if size and header is None and not v1 and not _holds_records(self):
+        torn = (size <= _BLOCK and os.path.isfile(self.dir_path)  # an empty store's header,
+                and not os.path.getsize(self.dir_path))           # torn by a power cut
+        if size and header is None and not v1 and not torn and not _holds_records(self):
             raise CorruptStoreError(
                 f"{self.dat_path} is not a datastore data file (no valid header "
                 "or record); move it away or open a different path",

@@ -396,12 +396,17 @@ def _open_regular(path: str) -> int:
     return fd
 
 
-def _create_data_file(path: str) -> None:
+def _create_data_file(path: str, dir_path: str) -> None:
     """Make `path` a new store's .dat, holding only a valid header, unless
     it exists already. The header is written under a temporary name and
     fsynced before the file takes its name, and the folder is fsynced after:
     so a power cut leaves either no .dat or one with a valid header, never
-    an empty or torn one that the next open would refuse as foreign."""
+    an empty or torn one that the next open would refuse as foreign. A .dir
+    with lines in it says the .dat was lost, not never made: that is refused."""
+    if os.path.exists(dir_path) and (not os.path.isfile(dir_path)
+                                     or os.path.getsize(dir_path)):
+        raise CorruptStoreError(f"{dir_path} exists but {path} is missing; restore "
+                                "the data file or move the index away", path=dir_path)
     temp = f"{path}.{os.getpid()}.new"
     fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
     try:
