@@ -228,6 +228,14 @@ class CorruptStoreError(DataStoreError):
 
 
 
+if __name__.endswith(".errors"):  # in the package: named, shown and pickled as datastore.X
+    for _public in (DataStoreError, DataStoreTypeError, DataStoreValueError, KeyTypeError,
+                    InvalidKeyError, ValueTypeError, InvalidValueError, TTLTypeError,
+                    InvalidTTLError, KeyExistsError, KeyNotFoundError, StoreFullError,
+                    StoreLockedError, StoreClosedError, StoreForkedError, CorruptStoreError):
+        _public.__module__ = __name__[:-len(".errors")]
+
+
 def _damaged(path: str, detail: str) -> CorruptStoreError:
     return CorruptStoreError(f"{path} is damaged: {detail}; move the store "
                              "away and restore a backup", path=path)

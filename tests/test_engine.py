@@ -1,0 +1,383 @@
+"""White-box tests of datastore.engine: how each call changes the files.
+
+The upkeep each call does (reclaiming expired keys, moving records down) and
+its bounds; the order of writes and fsyncs that makes a crash safe; making
+room for a write; and every write, fsync and truncate failing in turn (the
+files must then still match what the engine holds in memory, and scan
+clean). The tests that need only the engine open an _Engine directly; those
+that need the facade (a crash left by abandon(), errors, reopening) go
+through DataStore.
+"""
+
+import errno
+import logging
+import os
+import random
+import shutil
+
+import pytest
+
+from datastore import (
+    MAX_STORE_BYTES, MIN_STORE_BYTES, DataStore, StoreClosedError, StoreFullError, codec,
+)
+from datastore import engine as engine_module
+from datastore import format as fmt
+from datastore.engine import _Engine
+from tests.support import (
+    SLOW, abandon, assert_files_match_memory, counted_size, files_size, fill, live_content,
+)
+
+
+def put(engine, key, value, now, ttl=None):
+    """What DataStore.set(key, value, ttl) asks of the engine at time `now`."""
+    key, key_bytes = codec._encode_key(key)
+    engine.put(key_bytes, codec._encode_value(key, value), codec._expiry(key, ttl, now), now)
+
+
+def delete(engine, key, now):
+    """What DataStore.delete(key) asks of the engine, for a live key."""
+    assert engine.remove(key.encode(), now)
+
+
+def test_expired_keys_are_reclaimed_a_few_per_call(path, clock):
+    engine = _Engine(str(path), MAX_STORE_BYTES)
+    for i in range(2000):
+        put(engine, f"k{i}", {"i": i}, clock(), ttl=10)
+    clock.advance(10)
+    put(engine, "first", {}, clock())
+    reclaimed = 2000 - sum(key.startswith(b"k") for key in engine.index)
+    assert 0 < reclaimed <= engine_module._RECLAIM_BATCH
+    for i in range(2000 // engine_module._RECLAIM_BATCH):
+        put(engine, f"more{i}", {}, clock())
+    assert not any(key.startswith(b"k") for key in engine.index)
+    engine.close(clock())
+
+
+def test_no_call_moves_more_than_a_few_records(path, monkeypatch, clock):
+    writes = []
+    engine = _Engine(str(path), MAX_STORE_BYTES)
+    for i in range(3000):
+        put(engine, f"k{i}", {"i": i, "pad": "x" * (i % 7 * 100)}, clock())
+    engine._move = lambda limit: 0
+    for i in range(0, 3000, 2):
+        delete(engine, f"k{i}", clock())
+    del engine._move
+    before = files_size(path)
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda *args: writes.append(1) or real(*args))
+    most = 0
+    for i in range(1, 3000, 4):
+        writes.clear()
+        delete(engine, f"k{i}", clock())
+        most = max(most, len(writes))
+    assert files_size(path) < before / 2  # the moves did shrink the file
+    assert most <= 2 + 2 * engine_module._MOVE_BATCH  # the delete, then a batch
+    monkeypatch.undo()
+    engine.close(clock())
+
+
+def test_set_over_a_durable_value_fsyncs_the_new_one_before_giving_up_the_old(
+        path, monkeypatch, clock):
+    calls = []
+    engine = _Engine(str(path), MAX_STORE_BYTES)
+    put(engine, "k", {"v": "old"}, clock())
+    engine.sync()
+    for name in ("pwrite", "fsync"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, name=name, real=real:
+                            calls.append((name, bytes(a[1][:8]) if name == "pwrite" else None))
+                            or real(*a))
+    put(engine, "k", {"v": "new"}, clock())
+    monkeypatch.undo()
+    assert engine.get(b"k", clock()) == b'{"v":"new"}'
+    engine.close(clock())
+    new_record = calls.index(("pwrite", fmt._MAGIC + bytes([fmt._VALUE, 1, 0, 0])))
+    old_invalidated = calls.index(("pwrite", fmt._MAGIC + bytes([fmt._FREE, 0, 0, 0])))
+    assert new_record < calls.index(("fsync", None)) < old_invalidated
+
+
+def test_set_of_the_record_that_making_room_moves_keeps_the_new_value(path):
+    with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
+        count = fill(s, "k", size=100)  # one block each; the last one ends .dat
+        last = f"k{count - 1:05d}"
+        assert max(s._engine.index.values(), key=lambda slot: slot & fmt._SLOT_MASK) \
+            == s._engine.index[last.encode()]
+        for i in (3, 5, 7, 9):  # one-block holes: room for the last records only
+            s.delete(f"k{i:05d}")
+        s.set(last, {"pad": "x" * 700})  # two blocks: room only once that record moves
+        assert_files_match_memory(s)
+        assert s.read(last) == {"pad": "x" * 700}
+        abandon(s)
+    with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
+        assert s.read(last) == {"pad": "x" * 700}
+        s.delete(last)
+        abandon(s)
+    with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
+        assert last not in s and len(s) == count - 5
+
+
+def test_a_record_written_into_a_free_tail_survives_a_failed_append(path, clock, monkeypatch):
+    s = DataStore(path)
+    s._clock = clock
+    s.create("a", {"v": "a" * 100})
+    s.create("b", {"v": "b" * 100}, ttl=1)  # the last record; it ends mid-block
+    clock.advance(1)
+    s.set("b", {"v": "B" * 400})  # into b's extent, past the old end of .dat
+    assert_files_match_memory(s)
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, pos: real(fd, data, pos) if pos < 1024
+                        else (_ for _ in ()).throw(OSError(errno.ENOSPC, "injected")))
+    with pytest.raises(OSError, match="injected"):
+        s.create("c", {"v": "c" * 100})  # an append that fails, and is undone
+    monkeypatch.undo()
+    assert s.read("b") == {"v": "B" * 400}
+    assert_files_match_memory(s)
+    s.close()
+
+
+def test_an_expired_last_record_reclaimed_for_room_is_cut_away(path, clock):
+    with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
+        s._clock = clock
+        count = fill(s, "k", size=100)
+        s.delete(f"k{count - 1:05d}")  # its end of .dat is cut away ...
+        s.create("e", {"pad": "e" * 100}, ttl=1)  # ... and this one ends .dat now
+        clock.advance(1)
+        with pytest.raises(StoreFullError):  # reclaiming e cannot make that much room
+            s.create("big", {"pad": "b" * 3000})
+        assert "e" not in s
+        assert_files_match_memory(s)  # e's blocks did not stay at the end of .dat
+
+
+def test_after_a_failed_fsync_the_same_call_writes_nothing_more(path, monkeypatch):
+    s = DataStore(path)
+    s._engine._move = lambda limit: 0
+    for i in range(40):
+        s.create(f"k{i}", {"p": "x" * 300})
+    for i in range(30):
+        s.delete(f"k{i}")  # most of .dat free: the next write would move records
+    del s._engine._move
+    s.sync()  # and every record durable, so a set must fsync before invalidating
+    log = []
+    real_pwrite = os.pwrite
+
+    def failing_fsync(fd):
+        log.append("fsync")
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    monkeypatch.setattr(os, "pwrite", lambda *a: log.append("pwrite") or real_pwrite(*a))
+    s.set("k35", {"p": "y" * 300})  # it committed: it returns
+    monkeypatch.undo()
+    assert "fsync" in log and "pwrite" not in log[log.index("fsync"):]
+    assert s.read("k35") == {"p": "y" * 300}
+    s.close()
+    with DataStore(path) as s:
+        assert s.read("k35") == {"p": "y" * 300} and len(s) == 10
+
+
+@pytest.mark.parametrize("seed", [pytest.param(1, id="seed-1"),
+                                  pytest.param(3, id="seed-3", marks=SLOW),
+                                  pytest.param(6, id="seed-6", marks=SLOW)])
+def test_the_files_match_memory_after_every_call_of_a_random_workload(path, clock, seed):
+    rng = random.Random(seed)
+    live = {}
+    with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as s:
+        s._clock = clock
+        for i in range(1500):
+            roll = rng.random()
+            try:
+                if live and roll < 0.25:  # set: making room may move the very record replaced
+                    key, value = rng.choice(sorted(live)), {"pad": "s" * rng.randrange(1500)}
+                    s.set(key, value)
+                    live[key] = value
+                elif live and roll < 0.5:
+                    key = rng.choice(sorted(live))
+                    del live[key]
+                    s.delete(key)
+                elif roll < 0.52:
+                    s.compact()
+                elif roll < 0.55:
+                    clock.advance(rng.choice([0.5, 5]))
+                    live = {k: v for k, v in live.items() if k in s}
+                else:
+                    value = {"pad": "c" * rng.randrange(1500)}
+                    s.create(f"k{i}", value, ttl=rng.choice([None, None, 2]))
+                    live[f"k{i}"] = value
+            except StoreFullError:
+                pass
+            assert_files_match_memory(s)
+        assert live_content(s) == live
+
+
+@pytest.mark.parametrize("synced", [pytest.param(True, id="after-sync"),
+                                    pytest.param(False, id="not-synced")])
+def test_a_durable_record_is_moved_only_after_its_copy_is_fsynced(path, monkeypatch, clock,
+                                                                  synced):
+    calls = []
+    engine = _Engine(str(path), MAX_STORE_BYTES)
+    for i in range(40):
+        put(engine, f"k{i}", {"i": i}, clock())
+    engine._move = lambda limit: 0
+    for i in range(0, 40, 2):
+        delete(engine, f"k{i}", clock())
+    del engine._move
+    if synced:
+        engine.sync()
+    for name in ("pwrite", "fsync", "ftruncate"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, name=name, real=real:
+                            calls.append(name) or real(*a))
+    engine.compact(clock())
+    monkeypatch.undo()
+    assert engine.free.blocks == 0 and {key: engine.get(key, clock()) for key in engine.index} == {
+        b"k%d" % i: b'{"i":%d}' % i for i in range(1, 40, 2)}
+    engine.close(clock())
+    copies = calls.index("pwrite")
+    if synced:  # copies, fsync, then the originals cut away
+        assert copies < calls.index("fsync") < calls.index("ftruncate")
+    else:  # nothing had reached the disk for sure: no need to wait for it
+        assert "fsync" not in calls and copies < calls.index("ftruncate")
+
+
+class FailingCall:
+    """Make the n-th call of os.write, pwrite, fsync, ftruncate or replace
+    raise OSError, as a full disk or a failing one would. A write writes
+    half of its bytes first: a short write, then the error."""
+
+    NAMES = ("write", "pwrite", "fsync", "ftruncate", "replace")
+
+    def __init__(self, monkeypatch, n):
+        self.n, self.count, self.failed = n, 0, None
+        for name in self.NAMES:
+            monkeypatch.setattr(os, name, self.wrap(name, getattr(os, name)))
+
+    def wrap(self, name, real):
+        def call(*args):
+            self.count += 1
+            if self.count == self.n:
+                self.failed = name
+                if name in ("write", "pwrite") and len(args[1]) > 1:
+                    real(args[0], args[1][:len(args[1]) // 2], *args[2:])
+                code = errno.EIO if name == "fsync" else errno.ENOSPC
+                raise OSError(code, f"injected failure of os.{name}")
+            return real(*args)
+        return call
+
+
+def store_for_io_errors(path, clock):
+    """A store with free extents, records after them and expired keys."""
+    with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as s:
+        s._clock = clock
+        s._engine._move = lambda limit: 0
+        for i in range(30):
+            s.create(f"k{i}", {"i": i, "pad": "x" * (i % 5 * 300)})
+        for i in range(0, 30, 3):
+            s.delete(f"k{i}")
+        for i in range(5):
+            s.create(f"t{i}", {"i": i}, ttl=1)
+        clock.advance(1)  # the t keys have expired; close() reclaims them
+        s.create("t9", {"i": 9}, ttl=1)
+        return live_content(s)
+
+
+IO_OPERATIONS = {  # the call, and how it changes what the store holds
+    "create": (lambda s: s.create("new", {"pad": "n" * 900}),
+               lambda c: dict(c, new={"pad": "n" * 900})),
+    "create-at-the-end": (lambda s: s.create("big", {"pad": "b" * 9000}),  # fits no free extent
+                          lambda c: dict(c, big={"pad": "b" * 9000})),
+    "create-over-expired": (lambda s: s.create("t9", {"v": "again"}),
+                            lambda c: dict(c, t9={"v": "again"})),
+    "delete": (lambda s: s.delete("k29"), lambda c: {k: v for k, v in c.items() if k != "k29"}),
+    "compact": (lambda s: s.compact(), lambda c: c),
+    "close": (lambda s: s.close(), lambda c: c),
+}
+
+
+@pytest.mark.parametrize("operation", list(IO_OPERATIONS))
+def test_each_write_fsync_and_truncate_failing_in_turn(tmp_path, monkeypatch, operation,
+                                                       clock, caplog):
+    template = tmp_path / "template" / "store"
+    before = store_for_io_errors(template, clock)
+    before.pop("t9")
+    clock.advance(1)  # "t9" has expired too
+    call, change = IO_OPERATIONS[operation]
+    after = change(before)
+    n = 1
+    while True:
+        path = tmp_path / f"n{n}" / "store"
+        shutil.copytree(template.parent, path.parent)
+        s = DataStore(path, max_bytes=MIN_STORE_BYTES * 2)
+        s._clock = clock
+        with monkeypatch.context() as patch:
+            fault = FailingCall(patch, n)
+            try:
+                call(s)
+                raised = None
+            except OSError as exc:
+                raised = exc
+        assert (raised is None) or fault.failed, raised
+        if operation != "close":
+            assert files_size(path) <= counted_size(s) <= s.max_bytes
+            content = live_content(s)
+            assert content == (before if raised else after), (fault.failed, n)
+            assert_files_match_memory(s, trimmed=False)
+            if s._engine.failed:  # an fsync failed: writes wait for a reopen
+                with pytest.raises(OSError, match="open it again"):
+                    s.create("probe", {})
+            else:  # the store still works
+                s.create("probe", {"v": 1})
+                s.delete("probe")
+            abandon(s)  # then a crash: what the failure left must scan clean
+        else:  # closed either way, lock released
+            content = before
+            with pytest.raises(StoreClosedError):
+                s.read("k1")
+        assert files_size(path) <= MIN_STORE_BYTES * 2
+        caplog.clear()
+        caplog.set_level(logging.INFO, logger="datastore")
+        with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as again:
+            again._clock = clock
+            assert live_content(again) == content
+        assert "skipped" not in caplog.text, (fault.failed, n)  # no write was in flight
+        with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as again:  # after close
+            again._clock = clock
+            assert live_content(again) == content
+            for key in list(again):
+                again.delete(key)
+            abandon(again)  # no copy the failure left behind may come back
+        with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as again:
+            again._clock = clock
+            assert live_content(again) == {}
+        if fault.failed is None:
+            break
+        n += 1
+    assert n > {"create": 3, "create-at-the-end": 2, "delete": 2, "compact": 5,
+                "close": 5}.get(operation, 3)
+
+
+# --- item 5: compact reaches a small layout ---------------------------------
+
+def test_compact_packs_records_that_fit_no_free_extent_at_the_end(tmp_path):
+    cap = 256 * 1024
+    with DataStore(tmp_path / "store", max_bytes=cap) as s:
+        s._engine._move = lambda limit: 0  # no upkeep while the holes are made
+        for r in range(14):
+            s.create(f"keep{r}", {"v": "x" * 100})
+            for f in range(28):
+                s.create(f"fill{r}-{f}", {"v": "x" * 100})
+        s.create("big", {"v": "x" * 16000})  # the last record: 33 blocks
+        for r in range(14):
+            for f in range(28):
+                s.delete(f"fill{r}-{f}")  # holes of 28 blocks
+        del s._engine._move
+        s.compact()
+        report = s.check()
+        assert report["dead_bytes"] < (len(s) + s._engine.largest) * 512
+        assert files_size(tmp_path / "store") < 20 * 512 + 16 * 1024 + 4096
+        live = 14 * 512 + 33 * 512
+        count = 0
+        while live + 33 * 512 <= 0.9 * cap:  # a 16 KiB value fits in 90% of the cap
+            s.create(f"more{count}", {"v": "y" * 16000})
+            live += 33 * 512
+            count += 1
+        assert count >= 5

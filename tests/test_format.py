@@ -1,0 +1,110 @@
+"""White-box tests of datastore.format: records as the format describes them
+(and as tests/support.py reads them for the user-level tests), the numbers
+in .dir, and the limit on expiries. The snapshot's checks are in
+test_snapshot.py; the scan that reads records in bulk is in test_recovery.py.
+"""
+
+import os
+import random
+import stat
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from datastore import DataStore, codec
+from datastore import format as fmt
+from tests.support import abandon, value_record
+
+
+def test_digits_counts_the_characters_of_numbers_written_in_decimal():
+    rng = random.Random(3)
+    for _ in range(300):
+        numbers = sorted(rng.randrange(10 ** rng.randrange(1, 15)) for _ in range(rng.randrange(30)))
+        assert fmt._digits(numbers, 512) == sum(len(str(n * 512)) for n in numbers)
+        assert fmt._digits(numbers, 1) == sum(len(str(n)) for n in numbers)
+
+
+def test_the_latest_expiry_is_the_last_second_of_the_year_9999():
+    """The limit test_datastore.py's largest ttl is computed from."""
+    last = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp())
+    assert codec._LATEST_EXPIRY == last
+    assert fmt._LATEST_EXPIRY_BITS == fmt._float_bits(float(last))
+
+
+def test_records_read_by_the_documented_format_are_the_ones_parse_item_accepts(path):
+    """tests/support.py reads value records from the format's description
+    alone, for the user-level tests; it must agree with _parse_item, whatever
+    bits are damaged."""
+    rng = random.Random(4)
+    s = DataStore(path)
+    for i in range(200):
+        s.create(f"k{i}", {"pad": "x" * rng.randrange(0, 1500)}, ttl=3600 if i % 3 else None)
+    for i in range(0, 200, 7):
+        s.delete(f"k{i}")  # free markers among the records
+    abandon(s)
+    pristine = Path(f"{path}.dat").read_bytes()
+    heads = [block * 512 for block in range(1, fmt._blocks(len(pristine)))
+             if pristine.startswith(b"DSr2", block * 512)]
+    accepted = rejected = 0
+    for _ in range(20):
+        data = bytearray(pristine)
+        for _ in range(rng.randrange(0, 8)):  # bits of heads, and anywhere
+            at = rng.choice(heads) + rng.randrange(32) if rng.random() < 0.6 else rng.randrange(
+                512, len(data))
+            data[at] ^= 1 << rng.randrange(8)
+        data = bytes(data)
+        for off in range(512, len(data), 512):
+            item = fmt._parse_item(data, off)
+            if item is not None and item[0] == fmt._VALUE:
+                kind, seq, key, exp, length, total = item
+                body = data[off + total - length:off + total]
+                assert value_record(data, off) == (seq, key, exp, body)
+                accepted += 1
+            else:
+                assert value_record(data, off) is None
+                rejected += 1
+    assert accepted > 1000 and rejected > 100
+
+
+# --- item 4: a new store is absent or valid ----------------------------------
+
+def test_a_new_store_gets_its_data_file_whole_and_its_folder_fsynced(tmp_path, monkeypatch):
+    path = tmp_path / "store"
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(
+        (stat.S_ISDIR(os.fstat(fd).st_mode), sorted(p.name for p in tmp_path.iterdir())))
+        or real_fsync(fd))
+    links = []
+    real_link = os.link
+    monkeypatch.setattr(os, "link", lambda src, dst: links.append(
+        Path(src).read_bytes()) or real_link(src, dst))
+    with DataStore(path) as s:
+        s.create("k", {})
+    assert links and fmt._Header.parse(links[0]) is not None
+    folders = [names for is_dir, names in synced if is_dir]
+    assert any({"store.dat", "store.dir", "store.lock"} <= set(names) for names in folders)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.dat", "store.dir", "store.lock"]
+
+
+@pytest.mark.parametrize("failing", ["pwrite", "fsync", "link"])
+def test_a_failure_while_making_a_new_store_leaves_none_or_a_valid_one(tmp_path, monkeypatch,
+                                                                      failing):
+    path = tmp_path / "store"
+    real = getattr(os, failing)
+
+    def fail(*args):
+        raise OSError(1, "Operation not permitted")
+    monkeypatch.setattr(os, failing, fail)
+    if failing == "link":  # a file system without hard links: made in place instead
+        DataStore(path).close()
+    else:
+        with pytest.raises(OSError):
+            DataStore(path)
+    monkeypatch.setattr(os, failing, real)
+    dat = Path(f"{path}.dat")
+    assert not dat.exists() or fmt._Header.parse(dat.read_bytes()) is not None
+    assert not list(tmp_path.glob("store.dat.*"))  # no temporary file left
+    with DataStore(path) as s:
+        s.create("k", {})

@@ -1,0 +1,120 @@
+"""White-box tests of datastore.space: the free extents of .dat and the keys
+that have a ttl, in order of expiry, each held to a plain model (a set of
+free blocks; a dict of key -> expiry) through random operations. Neither
+does I/O; how the engine uses them is in test_engine.py.
+"""
+
+import random
+
+import pytest
+
+from datastore.format import _MAX_BLOCKS
+from datastore.space import _LONG, _Expiries, _FreeSpace
+
+
+def runs(blocks):
+    """The maximal runs of consecutive blocks, as start -> length."""
+    found = {}
+    for block in sorted(blocks):
+        if block - 1 in blocks:
+            continue
+        length = 1
+        while block + length in blocks:
+            length += 1
+        found[block] = length
+    return found
+
+
+def test_free_extents_merge_with_their_neighbours_and_a_smallest_one_that_fits_is_found():
+    rng = random.Random(5)
+    free, blocks = _FreeSpace(), set()
+    for _ in range(2000):
+        if free.at and rng.random() < 0.4:
+            start = rng.choice(sorted(free.at))
+            length = free.remove(start)
+            assert set(range(start, start + length)) <= blocks
+            blocks -= set(range(start, start + length))
+        else:
+            start, length = rng.randrange(1, 300), rng.randrange(1, 50)
+            if blocks & set(range(start, start + length)):
+                continue  # the engine frees only blocks that are not free
+            free.add(start, length)
+            blocks |= set(range(start, start + length))
+        extents = runs(blocks)
+        assert free.at == extents  # merged with free neighbours: maximal runs
+        assert free.to == {start + length: start for start, length in extents.items()}
+        assert free.blocks == len(blocks)
+        assert sorted(start for b in free.bins for start in b) == sorted(extents)
+        assert all(start in free.bins[min(length, _LONG)] for start, length in extents.items())
+        for wanted in range(1, _MAX_BLOCKS + 1):
+            found = free.fitting(wanted)
+            fitting = [length for length in extents.values() if length >= wanted]
+            if not fitting:
+                assert found is None
+            else:  # a smallest one (all of _LONG blocks or more are alike)
+                assert found in extents and extents[found] >= wanted
+                assert min(extents[found], _LONG) == min(min(fitting), _LONG)
+
+
+@pytest.mark.parametrize("loaded", [pytest.param(False, id="added"),
+                                    pytest.param(True, id="loaded-then-added")])
+def test_expiries_give_the_earliest_keys_first_through_adds_and_removes(loaded):
+    rng = random.Random(6)
+    expiries, model = _Expiries(), {}
+    expiries._RUN = 4  # short runs: many splits and emptied runs
+    if loaded:  # out of order, as a scan lists them
+        model = {b"l%d" % i: rng.randrange(1, 200) for i in range(300)}
+        expiries.load(list(model.values()), list(model))
+    for step in range(3000):
+        if model and rng.random() < 0.4:
+            key = rng.choice(sorted(model))
+            expiries.remove(model.pop(key), key)
+        else:
+            key, exp = b"k%d" % step, rng.randrange(1, 200)  # many keys share an expiry
+            expiries.add(exp, key)
+            model[key] = exp
+        assert expiries.count == len(model)
+        now, limit = rng.randrange(0, 220), rng.randrange(1, 20)
+        due = expiries.due(now, limit)
+        assert len(set(due)) == len(due) and set(due) <= set(model)
+        assert [model[key] for key in due] == sorted(
+            exp for exp in model.values() if exp <= now)[:limit]  # ties in any order
+        assert expiries.count_due(now) == sum(exp <= now for exp in model.values())
+    key = next(iter(model))
+    for exp, absent in ((model[key] + 1, key), (model[key], b"never added")):
+        with pytest.raises(KeyError):
+            expiries.remove(exp, absent)
+    assert expiries.count == len(model)
+
+
+class CountedKey(bytes):
+    comparisons = 0
+
+    def __eq__(self, other):
+        CountedKey.comparisons += 1
+        return bytes.__eq__(self, other)
+
+    def __lt__(self, other):
+        CountedKey.comparisons += 1
+        return bytes.__lt__(self, other)
+
+    def __gt__(self, other):
+        CountedKey.comparisons += 1
+        return bytes.__gt__(self, other)
+
+    __hash__ = bytes.__hash__
+
+
+def test_removing_one_of_many_keys_with_one_expiry_is_a_bisection():
+    expiries = _Expiries()
+    keys = [CountedKey(b"k%06d" % i) for i in range(20000)]
+    expiries.load([7] * len(keys), keys)
+    for key in (keys[0], keys[12345], keys[-1]):
+        CountedKey.comparisons = 0
+        expiries.remove(7, CountedKey(key))
+        assert CountedKey.comparisons <= 100
+    assert expiries.count == len(keys) - 3
+    CountedKey.comparisons = 0
+    expiries.add(7, CountedKey(b"k012345"))
+    assert CountedKey.comparisons <= 100
+    assert expiries.due(7, 5) == keys[1:6]
