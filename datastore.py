@@ -2820,16 +2820,18 @@ class DataStore:
         cut short by an exception not its own (see engine._unit), so memory
         may not match the files. If they cannot be opened again, the store
         is closed, and the error says why."""
-        engine, self._engine = self._engine, None
+        engine = self._engine
         assert engine is not None
         _log.warning("datastore %s: a write was interrupted part-way; reading the "
                      "files again", self.path)
         try:
             self._finalizer.detach()
             engine.close_files()  # no snapshot: the header still says open
+            self._engine = None
             self._engine = self._new_engine(time.monotonic(), 0)
         except BaseException:
             self._closed = True
+            engine.close_files()
             _release(self._lock)
             self._unregister()
             raise

@@ -4,12 +4,13 @@ sees of them (the functions, DATASTORE_PATH, XDG_DATA_HOME, the folder's
 permissions) is in test_datastore.py.
 """
 
+import os
 import sys
 
 import pytest
 
 import datastore
-from datastore import StoreClosedError
+from datastore import StoreClosedError, locks
 from datastore import store as facade
 
 
@@ -51,3 +52,51 @@ def test_default_path_per_platform(tmp_path, monkeypatch, platform, env, expecte
         monkeypatch.setenv(name, value.format(home=tmp_path))
     monkeypatch.setattr(sys, "platform", platform)
     assert facade._default_path() == tmp_path / expected
+
+
+# --- A write cut short: read the files again ---------------------------------
+
+def interrupt_next_pwrite(monkeypatch):
+    real = os.pwrite
+
+    def once(*args):
+        monkeypatch.setattr(os, "pwrite", real)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "pwrite", once)
+
+
+def test_the_call_after_a_write_cut_short_reads_the_files_again(tmp_path, monkeypatch, caplog):
+    store = datastore.DataStore(tmp_path / "store")
+    store.create("kept", {"v": 1})
+    old = store._engine
+    interrupt_next_pwrite(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        store.create("cut", {"v": 2})
+    assert old.busy and store._engine is old
+    assert store.read("kept") == {"v": 1}  # after reading the files again
+    assert store._engine is not old and old.dat == -1 and not store._engine.busy
+    assert "cut" not in store and "interrupted part-way" in caplog.text
+    store.close()
+    with datastore.DataStore(tmp_path / "store") as again:
+        assert again.keys() == ["kept"]
+
+
+def test_a_store_that_cannot_read_its_files_again_closes(tmp_path, monkeypatch):
+    path = tmp_path / "store"
+    store = datastore.DataStore(path)
+    store.create("kept", {"v": 1})
+    interrupt_next_pwrite(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        store.create("cut", {"v": 2})
+    dat = tmp_path / "store.dat"
+    dat.rename(tmp_path / "moved.dat")  # and a folder where .dat was
+    dat.mkdir()
+    with pytest.raises(datastore.CorruptStoreError, match="is a folder"):
+        store.read("kept")
+    with pytest.raises(StoreClosedError):
+        store.read("kept")
+    assert not locks._open_stores
+    dat.rmdir()
+    (tmp_path / "moved.dat").rename(dat)
+    with datastore.DataStore(path) as again:  # nothing of the first one is held
+        assert again.read("kept") == {"v": 1}
