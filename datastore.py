@@ -84,9 +84,11 @@ import base64
 from bisect import bisect_left, bisect_right
 import builtins
 from collections import Counter, deque
+import errno
 import functools
 import gc
 import glob
+import io
 from itertools import compress, islice, repeat
 import json
 import logging
@@ -232,7 +234,8 @@ if __name__.endswith(".errors"):  # in the package: named, shown and pickled as 
     for _public in (DataStoreError, DataStoreTypeError, DataStoreValueError, KeyTypeError,
                     InvalidKeyError, ValueTypeError, InvalidValueError, TTLTypeError,
                     InvalidTTLError, KeyExistsError, KeyNotFoundError, StoreFullError,
-                    StoreLockedError, StoreClosedError, StoreForkedError, CorruptStoreError):
+                    StoreLockedError, StoreClosedError, StoreForkedError, CorruptStoreError,
+                    _rebuild_error):  # (which pickles name: the copy-in file has it too)
         _public.__module__ = __name__[:-len(".errors")]
 
 
@@ -490,6 +493,7 @@ _LARGEST_STORE = 1 << 40
 _HEADER = struct.Struct("<8sB3xQQIQII")
 _HEADER_MAGIC = b"DataStr2"
 _CLOSED, _OPEN = 0, 1
+_LEASE = 1 << 20  # sequence numbers issued while open per write of the header's bound
 _TABLE_COUNTS = struct.Struct("<II")
 
 # The index's slots (see the module docstring).
@@ -777,19 +781,35 @@ def _item_before(fd: int, end: int) -> Optional[tuple[int, bytes, _Item]]:
 
 # --- Files ----------------------------------------------------------------
 
-def _open_regular(path: str) -> int:
-    """A descriptor of a regular file (created if missing), for the store's
-    life. Anything else (a folder, a FIFO, a device) is refused before a
-    byte is read."""
+def _open_regular(path: str) -> io.FileIO:
+    """A regular file (created, private, if missing) open for reading and
+    writing, for the store's life. Anything else (a folder, a FIFO, a
+    device) is refused before a byte is read. A file object, not a bare
+    descriptor: if an interrupt comes between opening it and handing it
+    over, it closes as it is dropped, and no lock stays behind."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
+        _new_file(path, b"")
+    except FileExistsError:
+        pass
+    try:
+        file = io.FileIO(path, "r+")
     except IsADirectoryError:
         raise CorruptStoreError(f"{path} is a folder, not a store file; move it away",
                                 path=path) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
+    if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+        file.close()
         raise CorruptStoreError(f"{path} is not a regular file; move it away", path=path)
-    return fd
+    return file
+
+
+def _new_file(path: str, data: bytes) -> None:
+    """Make `path` (which must not exist), readable by its owner only,
+    holding `data`, fsynced if there is any."""
+    with io.FileIO(path, "x") as file:
+        os.chmod(path, 0o600)
+        if data:
+            _write_at(file.fileno(), data, 0)
+            _fsync(file.fileno())
 
 
 def _create_data_file(path: str, dir_path: str) -> None:
@@ -804,28 +824,28 @@ def _create_data_file(path: str, dir_path: str) -> None:
         raise CorruptStoreError(f"{dir_path} exists but {path} is missing; restore "
                                 "the data file or move the index away", path=dir_path)
     temp = f"{path}.{os.getpid()}.new"
-    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
+    _remove(temp)  # of a creator that had this process's number before
     try:
-        try:
-            _write_at(fd, _pack_header(_CLOSED, 1), 0)
-            _fsync(fd)
-        finally:
-            os.close(fd)
+        _new_file(temp, _pack_header(_CLOSED, 1))
         try:
             os.link(temp, path)  # never over a .dat another opener made meanwhile
         except FileExistsError:
             pass
-        except OSError:  # a file system without hard links: create it in place
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                         0o600)
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
             try:
-                _write_at(fd, _pack_header(_CLOSED, 1), 0)
-                _fsync(fd)
-            finally:
-                os.close(fd)
+                _new_file(path, _pack_header(_CLOSED, 1))  # in place, then
+            except FileExistsError:
+                pass
     finally:
         _remove(temp)
     _fsync_folder(os.path.dirname(path))
+
+
+# What os.link raises on a file system without hard links (FAT, some FUSE
+# ones): then the new .dat is made in place instead, with O_EXCL.
+_NO_HARD_LINKS = frozenset((errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK))
 
 
 def _fsync_folder(folder: str) -> None:
@@ -1765,7 +1785,11 @@ def _compact(engine: _Engine) -> None:
                     break  # no room for another copy now: settle this batch first
                 record = _read_at(engine.dat, _slot_size(slot), block * _BLOCK)
                 if _value_body(record, key) is not None:  # (a damaged one stays put)
-                    batch.append((key, engine._copy(key, record, end)))
+                    try:
+                        batch.append((key, engine._copy(key, record, end)))
+                    except OSError:  # the originals of the copies made stay valid:
+                        engine.stale.extend(batch)  # the next write invalidates them
+                        raise
             at += 1
         if not batch:
             break
@@ -1802,6 +1826,83 @@ def _small_enough(engine: _Engine) -> bool:
     return engine.free.blocks < len(engine.index) + engine.largest
 
 
+# --- opening.py --------------------------------------------------------------
+# Opening a store: from the files on disk to an engine ready for calls.
+#
+# A new store's .dat is made whole first (see format's _create_data_file);
+# then .dat is opened and locked (locks), a creator's leftover temporary file
+# removed, and the index loaded: from the snapshot after a clean close
+# (snapshot), by a scan after a crash (recovery), or by converting a store
+# written by version 1.0 (legacy). Only then is the header marked open,
+# before anything else is written.
+
+def _open(engine: _Engine, deadline: Optional[float]) -> None:
+    """See _Engine.open."""
+    _engines.add(engine)  # a fork from now on closes the child's copies
+    try:
+        new = not os.path.exists(engine.dat_path)
+        if new:
+            _create_data_file(engine.dat_path, engine.dir_path)
+        engine.files.append(_open_regular(engine.dat_path))
+        engine.dat = engine.files[-1].fileno()
+        _lock_data_file(engine.dat, engine.dat_path, deadline)
+        name = os.path.basename(engine.dat_path)
+        for leftover in glob.glob(glob.escape(engine.dat_path) + ".*.new"):
+            if re.fullmatch(re.escape(name) + r"\.\d+\.new", os.path.basename(leftover)):
+                _remove(leftover)  # of a creator killed before it could (see format)
+        _load(engine)
+        if new:  # .dir and .lock too: so that sync() covers their names
+            _fsync_folder(os.path.dirname(engine.dat_path))
+    except BaseException:
+        engine.close_files()
+        raise
+
+
+def _load(engine: _Engine) -> None:
+    """Read the index: from the snapshot after a clean close, else by
+    scanning .dat (see recovery); convert a 1.0 store. Then mark the
+    header open, before anything else is written."""
+    size = os.fstat(engine.dat).st_size
+    first = _read_at(engine.dat, min(size, _HEADER.size), 0)
+    header = _Header.parse(first)
+    v1 = header is None and _is_v1_header(first)
+    # A store that holds no record leaves .dat one header, or one block,
+    # long, zero after the header, beside an empty .dir: with the header
+    # torn by a power cut, it is that, not a foreign file.
+    torn = (size in (_HEADER.size, _BLOCK) and os.path.isfile(engine.dir_path)
+            and not os.path.getsize(engine.dir_path)
+            and not _read_at(engine.dat, size, 0)[_HEADER.size:].strip(b"\0"))
+    if size and header is None and not v1 and not torn and not _holds_records(engine):
+        raise CorruptStoreError(
+            f"{engine.dat_path} is not a datastore data file (no valid header "
+            "or record); move it away or open a different path",
+            path=engine.dat_path)
+    engine.files.append(_open_regular(engine.dir_path))
+    engine.dir = engine.files[-1].fileno()
+    if not size and os.fstat(engine.dir).st_size:
+        raise CorruptStoreError(
+            f"{engine.dat_path} is empty but {engine.dir_path} is not; "
+            "restore the data file or move the index away", path=engine.dat_path)
+    gc_was_on = gc.isenabled()
+    gc.disable()  # loading makes millions of objects, none of them cyclic
+    try:
+        if v1:
+            _convert_v1(engine)
+        elif header is not None and header.state == _CLOSED:
+            if not _load_snapshot(engine, header):  # damaged since the clean close
+                _recover(engine, header, _listed_keys(engine, header))
+        elif size:
+            _recover(engine, header)
+    finally:
+        if gc_was_on:
+            gc.enable()
+    engine.lease = engine.seq + _LEASE
+    engine._write_header(_OPEN)  # before anything else is written
+    engine.durable_seq = engine.seq
+    os.ftruncate(engine.dir, 0)  # a stale snapshot: rewritten at close
+    engine._try(engine._trim)
+
+
 # --- engine.py ---------------------------------------------------------------
 # The storage engine: records and free space in .dat, the snapshot in .dir.
 #
@@ -1833,8 +1934,6 @@ def _small_enough(engine: _Engine) -> bool:
 #
 # Any work after a commit point (freeing, moving, truncating) that fails is
 
-_LEASE = 1 << 20  # sequence numbers issued per header write while open
-
 # Work a single call may do besides its own: expired keys reclaimed, and
 # records moved toward the start of .dat (one fsync covers a batch), after a
 # write or, at the most, when a create needs the room.
@@ -1853,7 +1952,8 @@ class _Engine:
     docstring for the format and the crash argument.
     """
 
-    def __init__(self, base: str, max_bytes: int, deadline: Optional[float] = None) -> None:
+    def __init__(self, base: str, max_bytes: int) -> None:
+        """The engine of the store `base`, not yet open: see open()."""
         self.dat_path, self.dir_path = base + ".dat", base + ".dir"
         self.max_bytes = max_bytes
         self.index: dict[bytes, int] = {}       # key -> slot (see format)
@@ -1873,63 +1973,16 @@ class _Engine:
         self.lost: list[bytes] = []  # keys of a damaged snapshot that the scan did not find
         self.busy = False     # a write is running, or was cut short (see _unit)
         self.closing = False  # close() has begun
-        self.dat = self.dir = -1
-        _engines.add(self)  # a fork from now on closes the child's copies
-        try:
-            new = not os.path.exists(self.dat_path)
-            if new:
-                _create_data_file(self.dat_path, self.dir_path)
-            self.dat = _open_regular(self.dat_path)
-            _lock_data_file(self.dat, self.dat_path, deadline)
-            for leftover in glob.glob(glob.escape(self.dat_path) + ".*.new"):
-                _remove(leftover)  # of a creator killed before it could (see format)
-            self._load()
-            if new:  # .dir and .lock too: so that sync() covers their names
-                _fsync_folder(os.path.dirname(self.dat_path))
-        except BaseException:
-            self.close_files()
-            raise
+        self.dat = self.dir = -1  # the descriptors of .dat and .dir, once open
+        self.files: list[io.FileIO] = []  # which own them
 
-    # --- Opening ---
-
-    def _load(self) -> None:
-        """Read the index: from the snapshot after a clean close, else by
-        scanning .dat (see recovery); convert a 1.0 store. Then mark the
-        header open, before anything else is written."""
-        size = os.fstat(self.dat).st_size
-        first = _read_at(self.dat, min(size, _HEADER.size), 0)
-        header = _Header.parse(first)
-        v1 = header is None and _is_v1_header(first)
-        torn = (size <= _BLOCK and os.path.isfile(self.dir_path)  # an empty store's header,
-                and not os.path.getsize(self.dir_path))           # torn by a power cut
-        if size and header is None and not v1 and not torn and not _holds_records(self):
-            raise CorruptStoreError(
-                f"{self.dat_path} is not a datastore data file (no valid header "
-                "or record); move it away or open a different path",
-                path=self.dat_path)
-        self.dir = _open_regular(self.dir_path)
-        if not size and os.fstat(self.dir).st_size:
-            raise CorruptStoreError(
-                f"{self.dat_path} is empty but {self.dir_path} is not; "
-                "restore the data file or move the index away", path=self.dat_path)
-        gc_was_on = gc.isenabled()
-        gc.disable()  # loading makes millions of objects, none of them cyclic
-        try:
-            if v1:
-                _convert_v1(self)
-            elif header is not None and header.state == _CLOSED:
-                if not _load_snapshot(self, header):  # damaged since the clean close
-                    _recover(self, header, _listed_keys(self, header))
-            elif size:
-                _recover(self, header)
-        finally:
-            if gc_was_on:
-                gc.enable()
-        self.lease = self.seq + _LEASE
-        self._write_header(_OPEN)  # before anything else is written
-        self.durable_seq = self.seq
-        os.ftruncate(self.dir, 0)  # a stale snapshot: rewritten at close
-        self._try(self._trim)
+    def open(self, deadline: Optional[float] = None) -> _Engine:
+        """Open and lock the files (waiting for the lock until `deadline` at
+        most) and load the index (see opening); returns self. The files are
+        closed if it raises. (Apart from __init__, so that the caller holds
+        the engine, and can close its files, before any is open.)"""
+        _open(self, deadline)
+        return self
 
     # --- Reading ---
 
@@ -2002,6 +2055,8 @@ class _Engine:
         Raises _StoreFull (nothing written) if there is no room.
         """
         self._check_writable()
+        if self.lost and key in self.lost:  # written anew, from a backup say
+            self.lost.remove(key)
         old = self.index.get(key)
         if old is not None and _slot_exp(old) and _slot_exp(old) <= _float_bits(now):
             self._drop(key, old)  # expired: its space may serve the new record
@@ -2364,12 +2419,11 @@ class _Engine:
 
     def close_files(self) -> None:
         """Close .dat (which drops its lock) and .dir; again does nothing.
-        Each is forgotten before it is closed, so that a close cut short by
-        an interrupt is never repeated on a number the system reused."""
-        dat, dir_, self.dat, self.dir = self.dat, self.dir, -1, -1
-        for fd in (dat, dir_):
-            if fd >= 0:
-                os.close(fd)
+        They are forgotten before they are closed, so that a close cut short
+        by an interrupt is never repeated on a number the system reused."""
+        files, self.files, self.dat, self.dir = self.files, [], -1, -1
+        for file in files:
+            file.close()
 
     def _try(self, action: Any, *args: Any) -> None:
         """Best effort, on a path that is already failing."""
@@ -2508,19 +2562,19 @@ class DataStore:
                 "use that DataStore or close it first", path=self.path)
         self._identities = identities
         try:
-            self._engine = self._open(lock_path, timeout)
+            self._open(lock_path, timeout)
+            assert self._engine is not None
             _hold_data_file(self, self._identities, self._engine.dat)
-            self._finalizer = weakref.finalize(self, _finalize, self._mutex, self._engine,
-                                               self._lock, self._pid)
         except BaseException:  # even KeyboardInterrupt: leave nothing locked
             if self._engine is not None:
+                self._finalizer.detach()
                 self._engine.close_files()
                 self._engine = None
                 _release(self._lock)
             self._unregister()
             raise
 
-    def _open(self, lock_path: str, timeout: Optional[float]) -> _Engine:
+    def _open(self, lock_path: str, timeout: Optional[float]) -> None:
         """Take both locks (waiting up to `timeout`) and open the files."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._lock = fasteners.InterProcessLock(lock_path)
@@ -2529,19 +2583,29 @@ class DataStore:
             raise self._in_use(timeout)
         try:
             os.chmod(lock_path, 0o600)
-            return self._new_engine(deadline, timeout)
+            self._new_engine(deadline, timeout)
         except BaseException:
             _release(self._lock)
             raise
 
-    def _new_engine(self, deadline: Optional[float], timeout: Optional[float]) -> _Engine:
-        """Open the files (path.lock's lock held), with the engine's signals
-        turned into the public errors."""
+    def _new_engine(self, deadline: Optional[float], timeout: Optional[float]) -> None:
+        """Open the files (path.lock's lock held) as self._engine, with its
+        finalizer, the engine's signals turned into the public errors. The
+        engine is the store's before any file is open, so that whatever cuts
+        this short, the files are closed."""
+        engine = self._engine = _Engine(str(self.path), self.max_bytes)
+        self._finalizer = weakref.finalize(self, _finalize, self._mutex, engine,
+                                           self._lock, self._pid)
         try:
-            return _Engine(str(self.path), self.max_bytes, deadline)
-        except _Locked:
-            raise self._in_use(timeout) from None
-        except _StoreFull as exc:
+            engine.open(deadline)
+        except BaseException as exc:
+            self._finalizer.detach()
+            engine.close_files()
+            self._engine = None
+            if isinstance(exc, _Locked):
+                raise self._in_use(timeout) from None
+            if not isinstance(exc, _StoreFull):
+                raise
             raise StoreFullError(
                 f"store {self.path} needs {exc.used + exc.needed} bytes, more "
                 f"than max_bytes={self.max_bytes} (it was filled under a larger "
@@ -2828,15 +2892,13 @@ class DataStore:
             self._finalizer.detach()
             engine.close_files()  # no snapshot: the header still says open
             self._engine = None
-            self._engine = self._new_engine(time.monotonic(), 0)
+            self._new_engine(time.monotonic(), 0)
         except BaseException:
             self._closed = True
             engine.close_files()
             _release(self._lock)
             self._unregister()
             raise
-        self._finalizer = weakref.finalize(self, _finalize, self._mutex, self._engine,
-                                           self._lock, self._pid)
 
 
 # --- Module-level functions on a default store ----------------------------
@@ -2859,7 +2921,9 @@ if hasattr(os, "register_at_fork"):
 def _default() -> DataStore:
     global _default_store
     with _default_store_lock:
-        if _default_store is None or _default_store._engine is None:
+        if _default_store is None or _default_store._closed:
+            if _default_store is not None:
+                _default_store.close()  # finishes one that an interrupt cut short
             _default_store = DataStore()
         return _default_store
 

@@ -40,7 +40,7 @@ def delete(engine, key, now):
 
 
 def test_expired_keys_are_reclaimed_a_few_per_call(path, clock):
-    engine = _Engine(str(path), MAX_STORE_BYTES)
+    engine = _Engine(str(path), MAX_STORE_BYTES).open()
     for i in range(2000):
         put(engine, f"k{i}", {"i": i}, clock(), ttl=10)
     clock.advance(10)
@@ -55,7 +55,7 @@ def test_expired_keys_are_reclaimed_a_few_per_call(path, clock):
 
 def test_no_call_moves_more_than_a_few_records(path, monkeypatch, clock):
     writes = []
-    engine = _Engine(str(path), MAX_STORE_BYTES)
+    engine = _Engine(str(path), MAX_STORE_BYTES).open()
     for i in range(3000):
         put(engine, f"k{i}", {"i": i, "pad": "x" * (i % 7 * 100)}, clock())
     engine._move = lambda limit: 0
@@ -79,7 +79,7 @@ def test_no_call_moves_more_than_a_few_records(path, monkeypatch, clock):
 def test_set_over_a_durable_value_fsyncs_the_new_one_before_giving_up_the_old(
         path, monkeypatch, clock):
     calls = []
-    engine = _Engine(str(path), MAX_STORE_BYTES)
+    engine = _Engine(str(path), MAX_STORE_BYTES).open()
     put(engine, "k", {"v": "old"}, clock())
     engine.sync()
     for name in ("pwrite", "fsync"):
@@ -214,7 +214,7 @@ def test_the_files_match_memory_after_every_call_of_a_random_workload(path, cloc
 def test_a_durable_record_is_moved_only_after_its_copy_is_fsynced(path, monkeypatch, clock,
                                                                   synced):
     calls = []
-    engine = _Engine(str(path), MAX_STORE_BYTES)
+    engine = _Engine(str(path), MAX_STORE_BYTES).open()
     for i in range(40):
         put(engine, f"k{i}", {"i": i}, clock())
     engine._move = lambda limit: 0
@@ -355,7 +355,7 @@ def test_each_write_fsync_and_truncate_failing_in_turn(tmp_path, monkeypatch, op
                 "close": 5}.get(operation, 3)
 
 
-# --- item 5: compact reaches a small layout ---------------------------------
+# --- compact(): the smallest layout --------------------------------------
 
 def test_compact_packs_records_that_fit_no_free_extent_at_the_end(tmp_path):
     cap = 256 * 1024
@@ -381,3 +381,72 @@ def test_compact_packs_records_that_fit_no_free_extent_at_the_end(tmp_path):
             live += 33 * 512
             count += 1
         assert count >= 5
+
+
+def test_an_error_part_way_through_compact_leaves_no_copy_untracked(tmp_path, monkeypatch):
+    """The sweep's copies made before a full disk stopped it: their originals
+    must still be invalidated, or a delete and a kill -9 bring keys back."""
+    path = tmp_path / "store"
+    with DataStore(path) as s:
+        s._engine._move = lambda limit: 0
+        for r in range(6):
+            s.create(f"k{r}", {"v": r})
+            for f in range(28):
+                s.create(f"fill{r}-{f}", {"v": f})
+        s.create("big", {"v": "x" * 16000})
+        for r in range(6):
+            for f in range(28):
+                s.delete(f"fill{r}-{f}")
+        del s._engine._move
+    s = DataStore(path)
+    end = s._engine.dat_size
+    real, appended = os.pwrite, []
+
+    def full_after_two_copies(fd, data, pos):
+        if pos >= end and len(data) > 32:
+            appended.append(pos)
+            if len(appended) == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, pos)
+    monkeypatch.setattr(os, "pwrite", full_after_two_copies)
+    with pytest.raises(OSError):
+        s.compact()
+    monkeypatch.undo()
+    s.delete("k1")
+    s.delete("k2")
+    abandon(s)
+    with DataStore(path) as s:
+        assert "k1" not in s and "k2" not in s
+        assert sorted(s.keys()) == ["big", "k0", "k3", "k4", "k5"]
+
+
+def test_compact_fsyncs_its_copies_before_it_frees_their_originals(tmp_path, monkeypatch):
+    path = tmp_path / "store"
+    with DataStore(path) as s:
+        s._engine._move = lambda limit: 0
+        for r in range(6):
+            s.create(f"k{r}", {"v": r})
+            for f in range(28):
+                s.create(f"fill{r}-{f}", {"v": f})
+        s.create("big", {"v": "x" * 16000})
+        for r in range(6):
+            for f in range(28):
+                s.delete(f"fill{r}-{f}")
+        del s._engine._move
+    with DataStore(path) as s:
+        end = s._engine.dat_size
+        originals = {fmt._slot_block(slot) * 512 for slot in s._engine.index.values()}
+        real_pwrite, real_fsync, unsynced, checked = os.pwrite, os.fsync, [], []
+
+        def pwrite(fd, data, pos):
+            if pos >= end:
+                unsynced.append(pos)  # a copy at the end, not yet durable
+            elif pos in originals and data[4] == fmt._FREE:
+                checked.append(pos)
+                assert not unsynced, "an original freed before its copy was fsynced"
+            return real_pwrite(fd, data, pos)
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "fsync", lambda fd: unsynced.clear() or real_fsync(fd))
+        s.compact()
+        monkeypatch.undo()
+        assert checked  # the sweep did free originals

@@ -4,6 +4,7 @@ in .dir, and the limit on expiries. The snapshot's checks are in
 test_snapshot.py; the scan that reads records in bulk is in test_recovery.py.
 """
 
+import errno
 import os
 import random
 import stat
@@ -67,7 +68,7 @@ def test_records_read_by_the_documented_format_are_the_ones_parse_item_accepts(p
     assert accepted > 1000 and rejected > 100
 
 
-# --- item 4: a new store is absent or valid ----------------------------------
+# --- A new store's files: absent, or a valid header ------------------------
 
 def test_a_new_store_gets_its_data_file_whole_and_its_folder_fsynced(tmp_path, monkeypatch):
     path = tmp_path / "store"
@@ -108,3 +109,36 @@ def test_a_failure_while_making_a_new_store_leaves_none_or_a_valid_one(tmp_path,
     assert not list(tmp_path.glob("store.dat.*"))  # no temporary file left
     with DataStore(path) as s:
         s.create("k", {})
+
+
+def test_a_new_data_file_is_fsynced_before_it_takes_its_name(tmp_path, monkeypatch):
+    log = []
+    real_fsync, real_link = os.fsync, os.link
+    monkeypatch.setattr(os, "fsync", lambda fd: log.append(
+        "fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        or real_fsync(fd))
+    monkeypatch.setattr(os, "link", lambda src, dst: log.append("link") or real_link(src, dst))
+    DataStore(tmp_path / "store").close()
+    assert log.index("fsync file") < log.index("link") < log.index("fsync folder")
+
+
+def test_only_a_creators_own_leftover_is_removed(tmp_path):
+    path = tmp_path / "store"
+    mine = Path(f"{path}.dat.2024-backup.new")  # a user's file, by a similar name
+    other = Path(f"{path}.dat.other.dat.999.new")
+    for keep in (mine, other):
+        keep.write_bytes(b"keep me")
+    Path(f"{path}.dat.4242.new").write_bytes(b"x" * 512)
+    DataStore(path).close()
+    assert mine.read_bytes() == other.read_bytes() == b"keep me"
+    assert not Path(f"{path}.dat.4242.new").exists()
+
+
+def test_a_link_that_fails_for_another_reason_than_no_hard_links_is_raised(tmp_path,
+                                                                         monkeypatch):
+    def broken(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, "link", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        DataStore(tmp_path / "store")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.lock"]

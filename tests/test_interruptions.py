@@ -160,8 +160,10 @@ def templates(tmp_path_factory):
 
 
 def fresh(templates, make, path):
+    """The template's files at path, and no lock file: every run alike."""
     for suffix in (".dat", ".dir"):
         shutil.copy(f"{templates[make]}{suffix}", f"{path}{suffix}")
+    Path(f"{path}.lock").unlink(missing_ok=True)
 
 
 def before_and_after(templates, make, clock, change, path):
@@ -236,3 +238,67 @@ def test_a_write_cut_short_anywhere_leaves_it_done_or_not_done(tmp_path, monkeyp
     print(f"{name}: {points} points, each with both endings")
     if change:
         assert outcomes == {"before", "after"}, outcomes
+
+
+def held_descriptors(path):
+    """This process's open descriptors of the store's .dat or .dir (Linux)."""
+    names = {f"{path}.dat", f"{path}.dir"}
+    held = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") in names:
+                held.append(fd)
+        except OSError:  # closed meanwhile: listdir's own descriptor
+            pass
+    return held
+
+
+@SLOW
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists descriptors in /proc")
+@pytest.mark.parametrize("how", ["open-after-close", "open-after-kill", "reload"])
+def test_an_open_cut_short_anywhere_leaves_nothing_open(tmp_path, monkeypatch, templates, how):
+    """Opening (and reading the files again after a write was cut short)
+    hands the engine to the store before any file is open: an interrupt at
+    any point leaves no descriptor, and so no lock, behind."""
+    path = tmp_path / "store"
+
+    def prepare():
+        fresh(templates, make_base, path)
+        if how == "open-after-kill":
+            abandon(DataStore(path))
+        if how != "reload":
+            return None
+        s = DataStore(path)
+        s._engine.busy = True  # as a write cut short leaves it
+        return s
+
+    def action(s):
+        if how == "reload":
+            s.keys()
+        else:
+            DataStore(path).close()
+    counter = Interrupter(monkeypatch, 0)
+    s = prepare()
+    counter.run(lambda: action(s))
+    monkeypatch.undo()
+    if s is not None:
+        s.close()
+    assert counter.points > 20, counter.points
+    for at in range(1, counter.points + 1):
+        s = prepare()
+        interrupter = Interrupter(monkeypatch, at)
+        try:
+            interrupter.run(lambda: action(s))
+        except KeyboardInterrupt:
+            pass
+        finally:
+            monkeypatch.undo()
+        assert interrupter.fired, (how, at)
+        if s is not None:
+            if not s._closed:
+                assert sorted(s.keys()) == sorted(f"k{i}" for i in range(20) if i != 10)
+            s.close()
+        assert held_descriptors(path) == [], (how, at)
+        with DataStore(path) as again:
+            assert len(again) == 19, (how, at)
+    print(f"{how}: {counter.points} points")

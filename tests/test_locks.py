@@ -12,8 +12,7 @@ import time
 
 import pytest
 
-from datastore import DataStore, locks
-from datastore.engine import _Engine
+from datastore import DataStore, locks, opening
 from tests.support import OPEN_IN_CHILD, POSIX_ONLY, run_python
 
 
@@ -113,8 +112,8 @@ def test_the_finalizer_takes_no_lock_the_collecting_thread_may_hold(path):
 def test_a_fork_while_another_thread_opens_a_store_leaves_no_lock_in_the_child(
         path, monkeypatch):
     DataStore(path).close()
-    load = _Engine._load
-    monkeypatch.setattr(_Engine, "_load", lambda self: (time.sleep(0.5), load(self)))
+    load = opening._load
+    monkeypatch.setattr(opening, "_load", lambda engine: (time.sleep(0.5), load(engine)))
     opened = {}
     opener = threading.Thread(target=lambda: opened.setdefault("store", DataStore(path)))
     opener.start()

@@ -59,6 +59,12 @@ def test_the_check_fails_when_a_module_changed_after_generating(tmp_path):
                  "_log is defined in both errors and space", id="a-name-twice"),
     pytest.param(("codec.py", "def _expiry(", "_SEEN = set()\n\n\ndef _expiry("),
                  "codec uses set, which is store's set() in the one file", id="set"),
+    pytest.param(("compaction.py", "_SWEEP_BATCH = 1024", "_FIELDS, _unused = 0, 1\n_SWEEP_BATCH = 1024"),
+                 "_FIELDS is defined in both format and compaction", id="a-tuple-target"),
+    pytest.param(("compaction.py", "from typing import TYPE_CHECKING\n",
+                  "from typing import TYPE_CHECKING\nfrom struct import pack as _blocks\n"),
+                 "compaction imports _blocks from struct.pack, which the one file binds "
+                 "otherwise (format)", id="an-import-as"),
     pytest.param(("errors.py", "import logging\n",
                   "import logging\n\nfrom .store import DataStore\n"),
                  "errors imports ['store'], which come after it", id="import-order"),
@@ -114,6 +120,22 @@ def test_import_star_leaves_the_builtin_set_alone(form):
     assert result.returncode == 0, result.stderr
     expected = source / "datastore" / "__init__.py" if form == "package" else source / "datastore.py"
     assert Path(result.stdout.strip()).resolve() == expected
+
+
+def test_an_error_pickled_by_one_form_loads_in_the_other():
+    dump = ("import datastore, pickle, sys; sys.stdout.buffer.write(pickle.dumps("
+            "datastore.KeyNotFoundError(\"key 'k' not found\", key='k', path='p')))")
+    load = ("import datastore, pickle, sys; error = pickle.loads(sys.stdin.buffer.read()); "
+            "assert type(error) is datastore.KeyNotFoundError, type(error); "
+            "print(error.key, error.path, error, type(error).__module__)")
+    for source, target in ((ROOT / "src", ROOT), (ROOT, ROOT / "src")):
+        dumped = subprocess.run([sys.executable, "-c", dump], cwd=source, capture_output=True,
+                                env=dict(os.environ, PYTHONPATH=str(source)), timeout=60)
+        assert dumped.returncode == 0, dumped.stderr
+        loaded = subprocess.run([sys.executable, "-c", load], cwd=target, input=dumped.stdout,
+                                capture_output=True, env=dict(os.environ, PYTHONPATH=str(target)),
+                                timeout=60)
+        assert loaded.stdout == b"k p key 'k' not found datastore\n", loaded.stderr
 
 
 # --- Installing -------------------------------------------------------------

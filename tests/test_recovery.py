@@ -193,21 +193,21 @@ def test_sequence_numbers_keep_rising_across_reopen_and_recovery(path):
             for slot in engine.index.values())
 
     now = time.time()
-    engine = _Engine(str(path), MAX_STORE_BYTES)
+    engine = _Engine(str(path), MAX_STORE_BYTES).open()
     for i in range(10):
         engine.put(b"k%d" % i, b'{"i":%d}' % i, 0.0, now)
     engine.close(now)
-    engine = _Engine(str(path), MAX_STORE_BYTES)  # from the header written at close
+    engine = _Engine(str(path), MAX_STORE_BYTES).open()  # from the header written at close
     assert engine.seq > highest_on_disk(engine)
     engine.put(b"k10", b"{}", 0.0, now)
     bound = engine.lease  # what the header says no number issued reaches
     engine.close_files()  # as a killed process leaves it: nothing written at close
-    engine = _Engine(str(path), MAX_STORE_BYTES)  # from the scan, and not below the header's bound
+    engine = _Engine(str(path), MAX_STORE_BYTES).open()  # from the scan, and not below the header's bound
     assert engine.seq > highest_on_disk(engine) and engine.seq >= bound
     engine.close(now)
 
 
-# --- item 2: recovery fsyncs the winners first ------------------------------
+# --- The newer copy is durable before the older goes ----------------------
 
 def test_recovery_fsyncs_the_newer_copy_before_it_invalidates_the_older(tmp_path, monkeypatch):
     path = tmp_path / "store"

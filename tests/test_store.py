@@ -100,3 +100,26 @@ def test_a_store_that_cannot_read_its_files_again_closes(tmp_path, monkeypatch):
     (tmp_path / "moved.dat").rename(dat)
     with datastore.DataStore(path) as again:  # nothing of the first one is held
         assert again.read("kept") == {"v": 1}
+
+
+def test_the_module_functions_work_after_an_interrupted_close(tmp_path, monkeypatch,
+                                                               fresh_default):
+    monkeypatch.setenv("DATASTORE_PATH", str(tmp_path / "store"))
+    datastore.create("k", {"v": 1})
+    engine = facade._default_store._engine
+    calls = []
+    real = engine.close_files
+
+    def second_cut_short():
+        calls.append(1)
+        if len(calls) == 2:  # close()'s own, after the engine's
+            raise KeyboardInterrupt
+        real()
+    monkeypatch.setattr(engine, "close_files", second_cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        datastore.close()
+    store = facade._default_store
+    assert store._closed and store._engine is engine  # cut short part-way
+    assert datastore.read("k") == {"v": 1}  # the next call finishes it, then opens anew
+    assert facade._default_store is not store and store._engine is None
+    datastore.close()

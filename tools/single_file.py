@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "datastore"
 OUTPUT = ROOT / "datastore.py"
 MODULES = ["errors", "codec", "format", "space", "locks", "recovery", "snapshot", "legacy",
-           "compaction", "engine", "store", "cli"]
+           "compaction", "opening", "engine", "store", "cli"]
 THIRD_PARTY = {"fasteners"}
 WIDTH = 79
 
@@ -54,7 +54,7 @@ def split_module(name: str, text: str) -> tuple[str, list[ast.stmt], list[str], 
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             drop.update(span)
             hoisted.append(node)
-        elif is_type_checking_block(node):
+        elif isinstance(node, ast.If) and is_type_checking_block(node):
             assert all(isinstance(inner, ast.ImportFrom) and inner.level for inner in node.body), name
             drop.update(span)
     body = [line for number, line in enumerate(lines) if number not in drop]
@@ -62,15 +62,33 @@ def split_module(name: str, text: str) -> tuple[str, list[ast.stmt], list[str], 
 
 
 def defined_names(text: str) -> set[str]:
-    names = set()
+    """Every name a module binds at its top level, however (def, class, any
+    assignment or loop target, also inside if and try), but its imports."""
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)  # and not what is bound inside
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif not isinstance(node, (ast.Lambda, ast.comprehension, ast.Import, ast.ImportFrom)):
+            for child in ast.iter_child_nodes(node):
+                visit(child)
+
     for node in ast.parse(text).body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, ast.Assign):
-            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            names.add(node.target.id)
+        visit(node)
     return names
+
+
+def imported_names(nodes: list[ast.stmt]) -> dict[str, str]:
+    """What each hoisted import binds: name -> where from."""
+    bound = {}
+    for node in nodes:
+        assert isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in node.names:
+            source = alias.name if isinstance(node, ast.Import) else f"{node.module}.{alias.name}"
+            bound[alias.asname or alias.name.split(".")[0]] = source
+    return bound
 
 
 def import_lines(nodes: list[ast.stmt], texts: dict[int, str]) -> list[str]:
@@ -137,12 +155,17 @@ def generate() -> str:
     node_texts: dict[int, str] = {}
     sections: list[str] = []
     done: set[str] = {"__init__"}
+    imported: dict[str, str] = {}
     init_doc, init_imports, init_body, _ = split_module("__init__", texts["__init__"])
     for name in [*MODULES, "__main__"]:
         doc, imports, body, uses = split_module(name, texts[name])
         if not uses <= done:
             raise SystemExit(f"{name} imports {sorted(uses - done)}, which come after it")
         done.add(name)
+        for bound, source in imported_names(imports).items():
+            if bound in seen or imported.setdefault(bound, source) != source:
+                raise SystemExit(f"{name} imports {bound} from {source}, which the one "
+                                 f"file binds otherwise ({seen.get(bound) or imported[bound]})")
         for node in imports:
             node_texts[id(node)] = source_of(node, texts[name])
         hoisted += imports

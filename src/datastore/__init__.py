@@ -88,6 +88,7 @@ __all__ = [
 
 from .cli import main
 from .codec import MAX_KEY_LENGTH, MAX_VALUE_BYTES, MAX_VALUE_DEPTH
+from .errors import _rebuild_error  # noqa: F401  (pickled errors name datastore._rebuild_error)
 from .errors import (
     CorruptStoreError, DataStoreError, DataStoreTypeError, DataStoreValueError,
     InvalidKeyError, InvalidTTLError, InvalidValueError, KeyExistsError,

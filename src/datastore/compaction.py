@@ -49,7 +49,11 @@ def _compact(engine: _Engine) -> None:
                     break  # no room for another copy now: settle this batch first
                 record = _read_at(engine.dat, _slot_size(slot), block * _BLOCK)
                 if _value_body(record, key) is not None:  # (a damaged one stays put)
-                    batch.append((key, engine._copy(key, record, end)))
+                    try:
+                        batch.append((key, engine._copy(key, record, end)))
+                    except OSError:  # the originals of the copies made stay valid:
+                        engine.stale.extend(batch)  # the next write invalidates them
+                        raise
             at += 1
         if not batch:
             break

@@ -31,26 +31,21 @@ Any work after a commit point (freeing, moving, truncating) that fails is
 
 from __future__ import annotations
 
-import gc
-import glob
+import io
 import os
 from typing import Any, Callable, Iterator, Optional
 
 from .compaction import _compact
 from .errors import CorruptStoreError, _log, _StoreFull, _unit
 from .format import (
-    _BLOCK, _CLOSED, _FREE, _HEAD, _HEADER, _MAX_BLOCKS, _OPEN, _VALUE, _Header, _blocks,
-    _bits_float, _create_data_file, _float_bits, _fsync, _fsync_folder, _item_before,
-    _line_length, _open_regular, _pack_header, _pack_marker, _pack_value, _read_at, _remove,
-    _slot, _slot_block, _slot_exp, _slot_size, _table_room, _value_body, _with_seq, _write_at,
+    _BLOCK, _CLOSED, _FREE, _HEAD, _LEASE, _MAX_BLOCKS, _OPEN, _VALUE, _blocks, _bits_float,
+    _float_bits, _fsync, _item_before, _line_length, _pack_header, _pack_marker, _pack_value,
+    _read_at, _slot, _slot_block, _slot_exp, _slot_size, _table_room, _value_body, _with_seq,
+    _write_at,
 )
-from .legacy import _convert_v1, _is_v1_header
-from .locks import _engines, _lock_data_file
-from .recovery import _holds_records, _recover
-from .snapshot import _listed_keys, _load_snapshot, _write_snapshot
+from .opening import _open
+from .snapshot import _write_snapshot
 from .space import _Expiries, _FreeSpace
-
-_LEASE = 1 << 20  # sequence numbers issued per header write while open
 
 # Work a single call may do besides its own: expired keys reclaimed, and
 # records moved toward the start of .dat (one fsync covers a batch), after a
@@ -70,7 +65,8 @@ class _Engine:
     docstring for the format and the crash argument.
     """
 
-    def __init__(self, base: str, max_bytes: int, deadline: Optional[float] = None) -> None:
+    def __init__(self, base: str, max_bytes: int) -> None:
+        """The engine of the store `base`, not yet open: see open()."""
         self.dat_path, self.dir_path = base + ".dat", base + ".dir"
         self.max_bytes = max_bytes
         self.index: dict[bytes, int] = {}       # key -> slot (see format)
@@ -90,63 +86,16 @@ class _Engine:
         self.lost: list[bytes] = []  # keys of a damaged snapshot that the scan did not find
         self.busy = False     # a write is running, or was cut short (see _unit)
         self.closing = False  # close() has begun
-        self.dat = self.dir = -1
-        _engines.add(self)  # a fork from now on closes the child's copies
-        try:
-            new = not os.path.exists(self.dat_path)
-            if new:
-                _create_data_file(self.dat_path, self.dir_path)
-            self.dat = _open_regular(self.dat_path)
-            _lock_data_file(self.dat, self.dat_path, deadline)
-            for leftover in glob.glob(glob.escape(self.dat_path) + ".*.new"):
-                _remove(leftover)  # of a creator killed before it could (see format)
-            self._load()
-            if new:  # .dir and .lock too: so that sync() covers their names
-                _fsync_folder(os.path.dirname(self.dat_path))
-        except BaseException:
-            self.close_files()
-            raise
+        self.dat = self.dir = -1  # the descriptors of .dat and .dir, once open
+        self.files: list[io.FileIO] = []  # which own them
 
-    # --- Opening ---
-
-    def _load(self) -> None:
-        """Read the index: from the snapshot after a clean close, else by
-        scanning .dat (see recovery); convert a 1.0 store. Then mark the
-        header open, before anything else is written."""
-        size = os.fstat(self.dat).st_size
-        first = _read_at(self.dat, min(size, _HEADER.size), 0)
-        header = _Header.parse(first)
-        v1 = header is None and _is_v1_header(first)
-        torn = (size <= _BLOCK and os.path.isfile(self.dir_path)  # an empty store's header,
-                and not os.path.getsize(self.dir_path))           # torn by a power cut
-        if size and header is None and not v1 and not torn and not _holds_records(self):
-            raise CorruptStoreError(
-                f"{self.dat_path} is not a datastore data file (no valid header "
-                "or record); move it away or open a different path",
-                path=self.dat_path)
-        self.dir = _open_regular(self.dir_path)
-        if not size and os.fstat(self.dir).st_size:
-            raise CorruptStoreError(
-                f"{self.dat_path} is empty but {self.dir_path} is not; "
-                "restore the data file or move the index away", path=self.dat_path)
-        gc_was_on = gc.isenabled()
-        gc.disable()  # loading makes millions of objects, none of them cyclic
-        try:
-            if v1:
-                _convert_v1(self)
-            elif header is not None and header.state == _CLOSED:
-                if not _load_snapshot(self, header):  # damaged since the clean close
-                    _recover(self, header, _listed_keys(self, header))
-            elif size:
-                _recover(self, header)
-        finally:
-            if gc_was_on:
-                gc.enable()
-        self.lease = self.seq + _LEASE
-        self._write_header(_OPEN)  # before anything else is written
-        self.durable_seq = self.seq
-        os.ftruncate(self.dir, 0)  # a stale snapshot: rewritten at close
-        self._try(self._trim)
+    def open(self, deadline: Optional[float] = None) -> _Engine:
+        """Open and lock the files (waiting for the lock until `deadline` at
+        most) and load the index (see opening); returns self. The files are
+        closed if it raises. (Apart from __init__, so that the caller holds
+        the engine, and can close its files, before any is open.)"""
+        _open(self, deadline)
+        return self
 
     # --- Reading ---
 
@@ -219,6 +168,8 @@ class _Engine:
         Raises _StoreFull (nothing written) if there is no room.
         """
         self._check_writable()
+        if self.lost and key in self.lost:  # written anew, from a backup say
+            self.lost.remove(key)
         old = self.index.get(key)
         if old is not None and _slot_exp(old) and _slot_exp(old) <= _float_bits(now):
             self._drop(key, old)  # expired: its space may serve the new record
@@ -581,12 +532,11 @@ class _Engine:
 
     def close_files(self) -> None:
         """Close .dat (which drops its lock) and .dir; again does nothing.
-        Each is forgotten before it is closed, so that a close cut short by
-        an interrupt is never repeated on a number the system reused."""
-        dat, dir_, self.dat, self.dir = self.dat, self.dir, -1, -1
-        for fd in (dat, dir_):
-            if fd >= 0:
-                os.close(fd)
+        They are forgotten before they are closed, so that a close cut short
+        by an interrupt is never repeated on a number the system reused."""
+        files, self.files, self.dat, self.dir = self.files, [], -1, -1
+        for file in files:
+            file.close()
 
     def _try(self, action: Any, *args: Any) -> None:
         """Best effort, on a path that is already failing."""

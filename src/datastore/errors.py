@@ -112,7 +112,8 @@ if __name__.endswith(".errors"):  # in the package: named, shown and pickled as 
     for _public in (DataStoreError, DataStoreTypeError, DataStoreValueError, KeyTypeError,
                     InvalidKeyError, ValueTypeError, InvalidValueError, TTLTypeError,
                     InvalidTTLError, KeyExistsError, KeyNotFoundError, StoreFullError,
-                    StoreLockedError, StoreClosedError, StoreForkedError, CorruptStoreError):
+                    StoreLockedError, StoreClosedError, StoreForkedError, CorruptStoreError,
+                    _rebuild_error):  # (which pickles name: the copy-in file has it too)
         _public.__module__ = __name__[:-len(".errors")]
 
 

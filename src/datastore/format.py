@@ -65,6 +65,8 @@ from __future__ import annotations
 
 import ast
 import base64
+import errno
+import io
 import os
 import re
 import stat
@@ -94,6 +96,7 @@ _LARGEST_STORE = 1 << 40
 _HEADER = struct.Struct("<8sB3xQQIQII")
 _HEADER_MAGIC = b"DataStr2"
 _CLOSED, _OPEN = 0, 1
+_LEASE = 1 << 20  # sequence numbers issued while open per write of the header's bound
 _TABLE_COUNTS = struct.Struct("<II")
 
 # The index's slots (see the module docstring).
@@ -381,19 +384,35 @@ def _item_before(fd: int, end: int) -> Optional[tuple[int, bytes, _Item]]:
 
 # --- Files ----------------------------------------------------------------
 
-def _open_regular(path: str) -> int:
-    """A descriptor of a regular file (created if missing), for the store's
-    life. Anything else (a folder, a FIFO, a device) is refused before a
-    byte is read."""
+def _open_regular(path: str) -> io.FileIO:
+    """A regular file (created, private, if missing) open for reading and
+    writing, for the store's life. Anything else (a folder, a FIFO, a
+    device) is refused before a byte is read. A file object, not a bare
+    descriptor: if an interrupt comes between opening it and handing it
+    over, it closes as it is dropped, and no lock stays behind."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o600)
+        _new_file(path, b"")
+    except FileExistsError:
+        pass
+    try:
+        file = io.FileIO(path, "r+")
     except IsADirectoryError:
         raise CorruptStoreError(f"{path} is a folder, not a store file; move it away",
                                 path=path) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
+    if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+        file.close()
         raise CorruptStoreError(f"{path} is not a regular file; move it away", path=path)
-    return fd
+    return file
+
+
+def _new_file(path: str, data: bytes) -> None:
+    """Make `path` (which must not exist), readable by its owner only,
+    holding `data`, fsynced if there is any."""
+    with io.FileIO(path, "x") as file:
+        os.chmod(path, 0o600)
+        if data:
+            _write_at(file.fileno(), data, 0)
+            _fsync(file.fileno())
 
 
 def _create_data_file(path: str, dir_path: str) -> None:
@@ -408,28 +427,28 @@ def _create_data_file(path: str, dir_path: str) -> None:
         raise CorruptStoreError(f"{dir_path} exists but {path} is missing; restore "
                                 "the data file or move the index away", path=dir_path)
     temp = f"{path}.{os.getpid()}.new"
-    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
+    _remove(temp)  # of a creator that had this process's number before
     try:
-        try:
-            _write_at(fd, _pack_header(_CLOSED, 1), 0)
-            _fsync(fd)
-        finally:
-            os.close(fd)
+        _new_file(temp, _pack_header(_CLOSED, 1))
         try:
             os.link(temp, path)  # never over a .dat another opener made meanwhile
         except FileExistsError:
             pass
-        except OSError:  # a file system without hard links: create it in place
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                         0o600)
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
             try:
-                _write_at(fd, _pack_header(_CLOSED, 1), 0)
-                _fsync(fd)
-            finally:
-                os.close(fd)
+                _new_file(path, _pack_header(_CLOSED, 1))  # in place, then
+            except FileExistsError:
+                pass
     finally:
         _remove(temp)
     _fsync_folder(os.path.dirname(path))
+
+
+# What os.link raises on a file system without hard links (FAT, some FUSE
+# ones): then the new .dat is made in place instead, with O_EXCL.
+_NO_HARD_LINKS = frozenset((errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK))
 
 
 def _fsync_folder(folder: str) -> None:

@@ -152,19 +152,19 @@ class DataStore:
                 "use that DataStore or close it first", path=self.path)
         self._identities = identities
         try:
-            self._engine = self._open(lock_path, timeout)
+            self._open(lock_path, timeout)
+            assert self._engine is not None
             _hold_data_file(self, self._identities, self._engine.dat)
-            self._finalizer = weakref.finalize(self, _finalize, self._mutex, self._engine,
-                                               self._lock, self._pid)
         except BaseException:  # even KeyboardInterrupt: leave nothing locked
             if self._engine is not None:
+                self._finalizer.detach()
                 self._engine.close_files()
                 self._engine = None
                 _release(self._lock)
             self._unregister()
             raise
 
-    def _open(self, lock_path: str, timeout: Optional[float]) -> _Engine:
+    def _open(self, lock_path: str, timeout: Optional[float]) -> None:
         """Take both locks (waiting up to `timeout`) and open the files."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._lock = fasteners.InterProcessLock(lock_path)
@@ -173,19 +173,29 @@ class DataStore:
             raise self._in_use(timeout)
         try:
             os.chmod(lock_path, 0o600)
-            return self._new_engine(deadline, timeout)
+            self._new_engine(deadline, timeout)
         except BaseException:
             _release(self._lock)
             raise
 
-    def _new_engine(self, deadline: Optional[float], timeout: Optional[float]) -> _Engine:
-        """Open the files (path.lock's lock held), with the engine's signals
-        turned into the public errors."""
+    def _new_engine(self, deadline: Optional[float], timeout: Optional[float]) -> None:
+        """Open the files (path.lock's lock held) as self._engine, with its
+        finalizer, the engine's signals turned into the public errors. The
+        engine is the store's before any file is open, so that whatever cuts
+        this short, the files are closed."""
+        engine = self._engine = _Engine(str(self.path), self.max_bytes)
+        self._finalizer = weakref.finalize(self, _finalize, self._mutex, engine,
+                                           self._lock, self._pid)
         try:
-            return _Engine(str(self.path), self.max_bytes, deadline)
-        except _Locked:
-            raise self._in_use(timeout) from None
-        except _StoreFull as exc:
+            engine.open(deadline)
+        except BaseException as exc:
+            self._finalizer.detach()
+            engine.close_files()
+            self._engine = None
+            if isinstance(exc, _Locked):
+                raise self._in_use(timeout) from None
+            if not isinstance(exc, _StoreFull):
+                raise
             raise StoreFullError(
                 f"store {self.path} needs {exc.used + exc.needed} bytes, more "
                 f"than max_bytes={self.max_bytes} (it was filled under a larger "
@@ -472,15 +482,13 @@ class DataStore:
             self._finalizer.detach()
             engine.close_files()  # no snapshot: the header still says open
             self._engine = None
-            self._engine = self._new_engine(time.monotonic(), 0)
+            self._new_engine(time.monotonic(), 0)
         except BaseException:
             self._closed = True
             engine.close_files()
             _release(self._lock)
             self._unregister()
             raise
-        self._finalizer = weakref.finalize(self, _finalize, self._mutex, self._engine,
-                                           self._lock, self._pid)
 
 
 # --- Module-level functions on a default store ----------------------------
@@ -503,7 +511,9 @@ if hasattr(os, "register_at_fork"):
 def _default() -> DataStore:
     global _default_store
     with _default_store_lock:
-        if _default_store is None or _default_store._engine is None:
+        if _default_store is None or _default_store._closed:
+            if _default_store is not None:
+                _default_store.close()  # finishes one that an interrupt cut short
             _default_store = DataStore()
         return _default_store
 

@@ -1,0 +1,97 @@
+"""Opening a store: from the files on disk to an engine ready for calls.
+
+A new store's .dat is made whole first (see format's _create_data_file);
+then .dat is opened and locked (locks), a creator's leftover temporary file
+removed, and the index loaded: from the snapshot after a clean close
+(snapshot), by a scan after a crash (recovery), or by converting a store
+written by version 1.0 (legacy). Only then is the header marked open,
+before anything else is written.
+"""
+
+from __future__ import annotations
+
+import gc
+import glob
+import os
+import re
+from typing import TYPE_CHECKING, Optional
+
+from .errors import CorruptStoreError
+from .format import (
+    _BLOCK, _CLOSED, _HEADER, _LEASE, _OPEN, _Header, _create_data_file, _fsync_folder,
+    _open_regular, _read_at, _remove,
+)
+from .legacy import _convert_v1, _is_v1_header
+from .locks import _engines, _lock_data_file
+from .recovery import _holds_records, _recover
+from .snapshot import _listed_keys, _load_snapshot
+
+if TYPE_CHECKING:
+    from .engine import _Engine
+
+
+def _open(engine: _Engine, deadline: Optional[float]) -> None:
+    """See _Engine.open."""
+    _engines.add(engine)  # a fork from now on closes the child's copies
+    try:
+        new = not os.path.exists(engine.dat_path)
+        if new:
+            _create_data_file(engine.dat_path, engine.dir_path)
+        engine.files.append(_open_regular(engine.dat_path))
+        engine.dat = engine.files[-1].fileno()
+        _lock_data_file(engine.dat, engine.dat_path, deadline)
+        name = os.path.basename(engine.dat_path)
+        for leftover in glob.glob(glob.escape(engine.dat_path) + ".*.new"):
+            if re.fullmatch(re.escape(name) + r"\.\d+\.new", os.path.basename(leftover)):
+                _remove(leftover)  # of a creator killed before it could (see format)
+        _load(engine)
+        if new:  # .dir and .lock too: so that sync() covers their names
+            _fsync_folder(os.path.dirname(engine.dat_path))
+    except BaseException:
+        engine.close_files()
+        raise
+
+
+def _load(engine: _Engine) -> None:
+    """Read the index: from the snapshot after a clean close, else by
+    scanning .dat (see recovery); convert a 1.0 store. Then mark the
+    header open, before anything else is written."""
+    size = os.fstat(engine.dat).st_size
+    first = _read_at(engine.dat, min(size, _HEADER.size), 0)
+    header = _Header.parse(first)
+    v1 = header is None and _is_v1_header(first)
+    # A store that holds no record leaves .dat one header, or one block,
+    # long, zero after the header, beside an empty .dir: with the header
+    # torn by a power cut, it is that, not a foreign file.
+    torn = (size in (_HEADER.size, _BLOCK) and os.path.isfile(engine.dir_path)
+            and not os.path.getsize(engine.dir_path)
+            and not _read_at(engine.dat, size, 0)[_HEADER.size:].strip(b"\0"))
+    if size and header is None and not v1 and not torn and not _holds_records(engine):
+        raise CorruptStoreError(
+            f"{engine.dat_path} is not a datastore data file (no valid header "
+            "or record); move it away or open a different path",
+            path=engine.dat_path)
+    engine.files.append(_open_regular(engine.dir_path))
+    engine.dir = engine.files[-1].fileno()
+    if not size and os.fstat(engine.dir).st_size:
+        raise CorruptStoreError(
+            f"{engine.dat_path} is empty but {engine.dir_path} is not; "
+            "restore the data file or move the index away", path=engine.dat_path)
+    gc_was_on = gc.isenabled()
+    gc.disable()  # loading makes millions of objects, none of them cyclic
+    try:
+        if v1:
+            _convert_v1(engine)
+        elif header is not None and header.state == _CLOSED:
+            if not _load_snapshot(engine, header):  # damaged since the clean close
+                _recover(engine, header, _listed_keys(engine, header))
+        elif size:
+            _recover(engine, header)
+    finally:
+        if gc_was_on:
+            gc.enable()
+    engine.lease = engine.seq + _LEASE
+    engine._write_header(_OPEN)  # before anything else is written
+    engine.durable_seq = engine.seq
+    os.ftruncate(engine.dir, 0)  # a stale snapshot: rewritten at close
+    engine._try(engine._trim)
