@@ -65,9 +65,10 @@ One module per concern, each readable alone, in the order the copy-in file
 keys, values and ttls), ``format`` (the files, field by field), ``space``
 (free extents and expiries), ``locks`` (one process per store),
 ``recovery`` (the scan after a crash), ``snapshot`` (what a clean close
-leaves for a fast open), ``legacy`` (converting 1.0 stores), ``engine`` (how
-each call changes the files), ``store`` (``DataStore`` and the default store)
-and ``cli`` (the command line).
+leaves for a fast open), ``legacy`` (converting 1.0 stores), ``compaction``
+(``compact()``), ``opening`` (from the files to a loaded store), ``engine``
+(how each call changes the files), ``store`` (``DataStore`` and the default
+store) and ``cli`` (the command line).
 """
 
 from __future__ import annotations
