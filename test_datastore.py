@@ -1883,14 +1883,20 @@ def test_recovery_warns_of_damage_a_crash_cannot_explain(path, caplog):
     assert "recovered 38 keys; skipped 2 damaged region(s) of 2048 bytes" in caplog.text  # 2 blocks each
 
 
-def test_a_store_cut_short_after_a_clean_close_warns_of_each_key_lost(tmp_path, caplog):
-    path = tmp_path / "store"
+def cut_after_a_clean_close(path):
+    """20 keys, closed cleanly, then 3,000 bytes cut off the end of .dat:
+    the index table and the last few records."""
     with DataStore(path) as s:
         for i in range(20):
             s.create(f"k{i:02d}", {"i": i, "pad": "x" * 300})
     dat = Path(f"{path}.dat")
     with open(dat, "r+b") as f:
         f.truncate(dat.stat().st_size - 3000)
+
+
+def test_a_store_cut_short_after_a_clean_close_warns_of_each_key_lost(tmp_path, caplog):
+    path = tmp_path / "store"
+    cut_after_a_clean_close(path)
     caplog.set_level(logging.INFO, logger="datastore")
     with DataStore(path) as s:
         survivors = len(s)
@@ -1959,12 +1965,7 @@ def test_an_emptied_dbm_dumb_database_is_not_taken_for_an_empty_store(tmp_path):
 
 def test_keys_written_again_are_no_longer_lost(tmp_path):
     path = tmp_path / "store"
-    with DataStore(path) as s:
-        for i in range(20):
-            s.create(f"k{i:02d}", {"i": i, "pad": "x" * 300})
-    dat = Path(f"{path}.dat")
-    with open(dat, "r+b") as f:
-        f.truncate(dat.stat().st_size - 3000)
+    cut_after_a_clean_close(path)
     with DataStore(path) as s:
         lost = [f"k{i:02d}" for i in range(20) if f"k{i:02d}" not in s]
         assert lost

@@ -357,19 +357,26 @@ def test_each_write_fsync_and_truncate_failing_in_turn(tmp_path, monkeypatch, op
 
 # --- compact(): the smallest layout --------------------------------------
 
+def make_stuck(store, rounds):
+    """Small records k0, k1, ... between free extents of 28 blocks, then a
+    16 KiB record, "big", at the end that fits none of them: moving records
+    from the end stops at once, and compact() must sweep."""
+    store._engine._move = lambda limit: 0  # no upkeep while the holes are made
+    for r in range(rounds):
+        store.create(f"k{r}", {"v": r})
+        for f in range(28):
+            store.create(f"fill{r}-{f}", {"v": f})
+    store.create("big", {"v": "x" * 16000})  # the last record: 33 blocks
+    for r in range(rounds):
+        for f in range(28):
+            store.delete(f"fill{r}-{f}")
+    del store._engine._move
+
+
 def test_compact_packs_records_that_fit_no_free_extent_at_the_end(tmp_path):
     cap = 256 * 1024
     with DataStore(tmp_path / "store", max_bytes=cap) as s:
-        s._engine._move = lambda limit: 0  # no upkeep while the holes are made
-        for r in range(14):
-            s.create(f"keep{r}", {"v": "x" * 100})
-            for f in range(28):
-                s.create(f"fill{r}-{f}", {"v": "x" * 100})
-        s.create("big", {"v": "x" * 16000})  # the last record: 33 blocks
-        for r in range(14):
-            for f in range(28):
-                s.delete(f"fill{r}-{f}")  # holes of 28 blocks
-        del s._engine._move
+        make_stuck(s, 14)
         s.compact()
         report = s.check()
         assert report["dead_bytes"] < (len(s) + s._engine.largest) * 512
@@ -388,16 +395,7 @@ def test_an_error_part_way_through_compact_leaves_no_copy_untracked(tmp_path, mo
     must still be invalidated, or a delete and a kill -9 bring keys back."""
     path = tmp_path / "store"
     with DataStore(path) as s:
-        s._engine._move = lambda limit: 0
-        for r in range(6):
-            s.create(f"k{r}", {"v": r})
-            for f in range(28):
-                s.create(f"fill{r}-{f}", {"v": f})
-        s.create("big", {"v": "x" * 16000})
-        for r in range(6):
-            for f in range(28):
-                s.delete(f"fill{r}-{f}")
-        del s._engine._move
+        make_stuck(s, 6)
     s = DataStore(path)
     end = s._engine.dat_size
     real, appended = os.pwrite, []
@@ -423,16 +421,7 @@ def test_an_error_part_way_through_compact_leaves_no_copy_untracked(tmp_path, mo
 def test_compact_fsyncs_its_copies_before_it_frees_their_originals(tmp_path, monkeypatch):
     path = tmp_path / "store"
     with DataStore(path) as s:
-        s._engine._move = lambda limit: 0
-        for r in range(6):
-            s.create(f"k{r}", {"v": r})
-            for f in range(28):
-                s.create(f"fill{r}-{f}", {"v": f})
-        s.create("big", {"v": "x" * 16000})
-        for r in range(6):
-            for f in range(28):
-                s.delete(f"fill{r}-{f}")
-        del s._engine._move
+        make_stuck(s, 6)
     with DataStore(path) as s:
         end = s._engine.dat_size
         originals = {fmt._slot_block(slot) * 512 for slot in s._engine.index.values()}

@@ -68,6 +68,26 @@ class Interrupter:
     on = False
 
 
+def points_of(monkeypatch, action):
+    """How many points `action` reaches."""
+    counter = Interrupter(monkeypatch, 0)
+    counter.run(action)
+    monkeypatch.undo()
+    return counter.points
+
+
+def interrupt(monkeypatch, at, action):
+    """Run `action`, cut short at its `at`-th point."""
+    interrupter = Interrupter(monkeypatch, at)
+    try:
+        interrupter.run(action)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        monkeypatch.undo()
+    assert interrupter.fired, at
+
+
 def abandon(store):
     """Leave the files as kill -9 would: closed, nothing written at close."""
     store._finalizer.detach()
@@ -196,13 +216,10 @@ def test_a_write_cut_short_anywhere_leaves_it_done_or_not_done(tmp_path, monkeyp
     make, clock, write, change = WRITES[name]
     path = tmp_path / "store"
     keys, before, after = before_and_after(templates, make, clock, change, path)
-    counter = Interrupter(monkeypatch, 0)
     fresh(templates, make, path)
     with DataStore(path) as s:
         s._clock = lambda: clock
-        counter.run(lambda: write(s))
-    monkeypatch.undo()
-    points = counter.points
+        points = points_of(monkeypatch, lambda: write(s))
     assert points > 5, points
     outcomes = set()
     for at in range(1, points + 1):
@@ -210,14 +227,7 @@ def test_a_write_cut_short_anywhere_leaves_it_done_or_not_done(tmp_path, monkeyp
             fresh(templates, make, path)
             s = DataStore(path)
             s._clock = lambda: clock
-            interrupter = Interrupter(monkeypatch, at)
-            try:
-                interrupter.run(lambda: write(s))
-            except KeyboardInterrupt:
-                pass
-            finally:
-                monkeypatch.undo()
-            assert interrupter.fired, (name, at)
+            interrupt(monkeypatch, at, lambda: write(s))
             if s._closed:  # close() itself was cut short: a new open finishes it
                 s = DataStore(path)
                 s._clock = lambda: clock
@@ -277,23 +287,14 @@ def test_an_open_cut_short_anywhere_leaves_nothing_open(tmp_path, monkeypatch, t
             s.keys()
         else:
             DataStore(path).close()
-    counter = Interrupter(monkeypatch, 0)
     s = prepare()
-    counter.run(lambda: action(s))
-    monkeypatch.undo()
+    points = points_of(monkeypatch, lambda: action(s))
     if s is not None:
         s.close()
-    assert counter.points > 20, counter.points
-    for at in range(1, counter.points + 1):
+    assert points > 20, points
+    for at in range(1, points + 1):
         s = prepare()
-        interrupter = Interrupter(monkeypatch, at)
-        try:
-            interrupter.run(lambda: action(s))
-        except KeyboardInterrupt:
-            pass
-        finally:
-            monkeypatch.undo()
-        assert interrupter.fired, (how, at)
+        interrupt(monkeypatch, at, lambda: action(s))
         if s is not None:
             if not s._closed:
                 assert sorted(s.keys()) == sorted(f"k{i}" for i in range(20) if i != 10)
@@ -301,4 +302,4 @@ def test_an_open_cut_short_anywhere_leaves_nothing_open(tmp_path, monkeypatch, t
         assert held_descriptors(path) == [], (how, at)
         with DataStore(path) as again:
             assert len(again) == 19, (how, at)
-    print(f"{how}: {counter.points} points")
+    print(f"{how}: {points} points")
