@@ -57,12 +57,14 @@ import random
 import shelve
 import signal
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import tracemalloc
+import zlib
 from array import array
 
 from datastore import (MAX_STORE_BYTES, DataStore, KeyExistsError,
@@ -78,6 +80,8 @@ READ_PASSES = 3
 
 # The issue's targets, DataStore's mean time per call over sqlite3's.
 SQLITE_TARGETS = {"create": 0.7, "read": 0.8, "delete": 0.7}
+# DataStore / the pure-Python floor (issue 16's targets)
+FLOOR_TARGETS = {"create": 2.5, "read": 1.3, "delete": 3.0}
 LONGEST_CALL_TARGET = 0.050   # seconds, any create or delete at the cap
 MIXED_FULL_OK_ABOVE = 0.90    # StoreFullError is allowed for mixed sizes above this
 OPEN_TARGET, RECOVER_TARGET = 0.2, 0.5  # DataStore's open over dbm.dumb's
@@ -120,6 +124,42 @@ class DataStoreSystem:
 
     def close(self):
         self.store.close()
+
+
+class FloorSystem:
+    """The least a pure-Python store can do per call, a yardstick rather than
+    a store: create is compact JSON, a CRC-32 and one pwrite appended to one
+    file; read is one pread and json.loads; delete is one small pwrite over
+    the record's head. The index is a dict; nothing else is checked, kept or
+    reused, and a crash would leave what the file happens to hold."""
+
+    name = "floor (pure Python)"
+    HEAD = struct.Struct("<II")  # body length, CRC-32
+
+    def __init__(self, folder):
+        self.fd = os.open(os.path.join(folder, "floor"), os.O_RDWR | os.O_CREAT, 0o600)
+        self.index = {}
+        self.end = 0
+
+    def create(self, key, value):
+        if key in self.index:
+            raise KeyExistsError(f"key {key!r} already exists", key=key)
+        body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        record = self.HEAD.pack(len(body), zlib.crc32(body)) + body
+        os.pwrite(self.fd, record, self.end)
+        self.index[key] = (self.end, len(record))
+        self.end += len(record)
+
+    def read(self, key):
+        at, size = self.index[key]
+        return json.loads(os.pread(self.fd, size, at)[self.HEAD.size:])
+
+    def delete(self, key):
+        at, _ = self.index.pop(key)
+        os.pwrite(self.fd, b"\0" * self.HEAD.size, at)
+
+    def close(self):
+        os.close(self.fd)
 
 
 class ShelveSystem:
@@ -229,7 +269,7 @@ class SqliteDictSystem:
 
 
 # (class, the module it needs or None)
-PEERS = [(ShelveSystem, None), (SqliteSystem, None),
+PEERS = [(FloorSystem, None), (ShelveSystem, None), (SqliteSystem, None),
          (DiskCacheSystem, "diskcache"), (SqliteDictSystem, "sqlitedict")]
 
 
@@ -924,6 +964,12 @@ def report_compare(results, large, sizes, args):
         print(f"| {n:,} | " + " | ".join(f"{ratios[op]:.2f}×" for op in SQLITE_TARGETS)
               + " |")
     print(f"\nTargets against sqlite3: {'**MISSED**: ' + '; '.join(missed) if missed else 'met'}.")
+    if FloorSystem.name in results:
+        floor = results[FloorSystem.name]
+        ratios = {op: results["DataStore"][op] / floor[op] for op in FLOOR_TARGETS}
+        print(f"\nDataStore / the pure-Python floor at {args.n:,} keys: "
+              + ", ".join(f"{op} {ratios[op]:.2f}× (target ≤ {FLOOR_TARGETS[op]}×: "
+                          f"{met(ratios[op] <= FLOOR_TARGETS[op])})" for op in FLOOR_TARGETS))
     if sizes:
         print("\nDataStore with N keys already stored (5,000 operations each, best of "
               f"{args.rounds} rounds):\n")
