@@ -93,6 +93,7 @@ import io
 from itertools import compress, islice, repeat
 import json
 import logging
+import math
 from operator import add, and_, gt, lshift, lt, or_, rshift
 import os
 from pathlib import Path
@@ -367,13 +368,42 @@ def _plain(value: object, depth: int) -> Any:
         " (use a list: JSON would make it one)" if isinstance(value, tuple) else ""))
 
 
+def _is_plain(value: object, depth: int) -> bool:
+    """Whether `value` holds only the exact types dict (with str keys), list,
+    str, int, finite float, bool and None, nested at most MAX_VALUE_DEPTH
+    levels: then JSON writes it as it is and read() returns an equal value,
+    with no copy made. Anything else goes through _plain, which copies what
+    it can and says what it cannot. (Scalars are checked in the loops, not
+    by a call each: most of a value is scalars.)"""
+    if depth >= MAX_VALUE_DEPTH:
+        return False
+    if type(value) is dict:
+        items: Iterable[tuple[object, object]] = value.items()
+    elif type(value) is list:
+        items = enumerate(value)
+    else:
+        return False
+    for name, item in items:
+        if type(name) is not str and type(value) is dict:
+            return False
+        scalar = type(item)
+        if scalar is str or scalar is int or scalar is bool or item is None:
+            continue
+        if scalar is float:
+            if not math.isfinite(item):  # type: ignore[arg-type]  # (a float: checked)
+                return False
+        elif not _is_plain(item, depth + 1):
+            return False
+    return True
+
+
 def _encode_value(key: str, value: object) -> bytes:
     """Return the value as compact UTF-8 JSON, or raise if it is not storable."""
     if not isinstance(value, dict):
         raise ValueTypeError(
             f"value for {key!r} must be a dict, not {type(value).__name__}", key=key)
     try:
-        body = _JSON.encode(_plain(value, 0)).encode("utf-8")
+        body = _JSON.encode(value if _is_plain(value, 0) else _plain(value, 0)).encode("utf-8")
     except (_NotPlain, UnicodeEncodeError) as exc:
         reason = exc.reason if isinstance(exc, UnicodeEncodeError) else exc
         raise InvalidValueError(f"value for {key!r} is not plain JSON: {reason}",

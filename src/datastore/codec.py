@@ -10,7 +10,8 @@ A value is a ``dict`` of plain JSON, stored as compact UTF-8 JSON of at most
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+import math
+from typing import Any, Iterable, Optional
 
 from .errors import (
     InvalidKeyError, InvalidTTLError, InvalidValueError, KeyTypeError,
@@ -93,13 +94,42 @@ def _plain(value: object, depth: int) -> Any:
         " (use a list: JSON would make it one)" if isinstance(value, tuple) else ""))
 
 
+def _is_plain(value: object, depth: int) -> bool:
+    """Whether `value` holds only the exact types dict (with str keys), list,
+    str, int, finite float, bool and None, nested at most MAX_VALUE_DEPTH
+    levels: then JSON writes it as it is and read() returns an equal value,
+    with no copy made. Anything else goes through _plain, which copies what
+    it can and says what it cannot. (Scalars are checked in the loops, not
+    by a call each: most of a value is scalars.)"""
+    if depth >= MAX_VALUE_DEPTH:
+        return False
+    if type(value) is dict:
+        items: Iterable[tuple[object, object]] = value.items()
+    elif type(value) is list:
+        items = enumerate(value)
+    else:
+        return False
+    for name, item in items:
+        if type(name) is not str and type(value) is dict:
+            return False
+        scalar = type(item)
+        if scalar is str or scalar is int or scalar is bool or item is None:
+            continue
+        if scalar is float:
+            if not math.isfinite(item):  # type: ignore[arg-type]  # (a float: checked)
+                return False
+        elif not _is_plain(item, depth + 1):
+            return False
+    return True
+
+
 def _encode_value(key: str, value: object) -> bytes:
     """Return the value as compact UTF-8 JSON, or raise if it is not storable."""
     if not isinstance(value, dict):
         raise ValueTypeError(
             f"value for {key!r} must be a dict, not {type(value).__name__}", key=key)
     try:
-        body = _JSON.encode(_plain(value, 0)).encode("utf-8")
+        body = _JSON.encode(value if _is_plain(value, 0) else _plain(value, 0)).encode("utf-8")
     except (_NotPlain, UnicodeEncodeError) as exc:
         reason = exc.reason if isinstance(exc, UnicodeEncodeError) else exc
         raise InvalidValueError(f"value for {key!r} is not plain JSON: {reason}",
