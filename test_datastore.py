@@ -2415,6 +2415,8 @@ def test_benchmark_runs_and_skips_missing_peers_with_a_hint(peers):
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "| DataStore |" in result.stdout and "| shelve (dbm.dumb) |" in result.stdout
+    assert "| floor (pure Python) |" in result.stdout
+    assert "DataStore / the pure-Python floor at 300 keys: create" in result.stdout
     assert "300 keys against 100" in result.stdout
     assert "### At the cap" in result.stdout and "| sqlite3 |" in result.stdout
     if peers == "missing":
