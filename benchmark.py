@@ -35,7 +35,16 @@ largest (only with --largest: it takes minutes)
     A store of --largest-bytes (1 GiB) filled with the smallest values, about
     two million keys: what close, open, recovery and compact() take there.
 
-The peers: shelve over dbm.dumb (always; its delete rewrites the whole index,
+capacity (only with --sections capacity: it takes minutes)
+    How many values of {}, 150 B, 1 KiB and 4 KiB (as compact JSON) under
+    keys of 8 characters fit in --capacity-bytes (1 GiB): DataStore until
+    StoreFullError, and a hand-written sqlite3 table until its page_count x
+    page_size plus its WAL would pass the same size (the last count that did
+    not, in steps that shrink as it nears the cap).
+
+The peers: the pure-Python floor (always): JSON, a CRC-32 and one pwrite per
+create, one pread and json.loads per read, one small pwrite per delete, a
+yardstick rather than a store; shelve over dbm.dumb (always; its delete rewrites the whole index,
 so only the first 500 deletes are timed); sqlite3 (always): one table, WAL,
 synchronous=NORMAL, one autocommitted statement per call, with DataStore's
 semantics; diskcache.Cache with add() for create; and
@@ -98,11 +107,13 @@ POLL_INTERVAL = 0.002  # seconds between two polls of the files' sizes
 FULL = {"n": 20_000, "rounds": 3, "sizes": "5000,200000", "large_n": 200_000,
         "large_rounds": 2, "cap_configs": "200000x150,20000x4096",
         "cap_spreads": "10,0", "cap_ops": 50_000, "ttl_ops": 50_000,
-        "scale_keys": 1_000_000, "scale_rounds": 3, "largest_bytes": MAX_STORE_BYTES}
+        "scale_keys": 1_000_000, "scale_rounds": 3, "largest_bytes": MAX_STORE_BYTES,
+        "capacity_bytes": MAX_STORE_BYTES}
 QUICK = {"n": 1000, "rounds": 1, "sizes": "500,2000", "large_n": 5000,
          "large_rounds": 1, "cap_configs": "5000x150,2000x4096",
          "cap_spreads": "10,0", "cap_ops": 1000, "ttl_ops": 100,
-         "scale_keys": 20_000, "scale_rounds": 1, "largest_bytes": 4 * 1024 ** 2}
+         "scale_keys": 20_000, "scale_rounds": 1, "largest_bytes": 4 * 1024 ** 2,
+         "capacity_bytes": 1024 ** 2}
 
 
 # --- The systems, behind one small interface --------------------------------
@@ -905,6 +916,84 @@ def run_largest(args):
 
 # --- Reporting ---------------------------------------------------------------
 
+# --- Section "capacity": how many values fit in max_bytes ------------------
+
+CAPACITY_VALUES = {"{}": 2, "150 B": 150, "1 KiB": 1024, "4 KiB": 4096}  # bytes of JSON
+
+
+def capacity_value(size):
+    return {} if size == 2 else sized_value(0, size)
+
+
+def datastore_capacity(max_bytes, value):
+    """Values that fit before StoreFullError, under keys of 8 characters."""
+    with tempfile.TemporaryDirectory() as folder:
+        store = DataStore(os.path.join(folder, "store"), max_bytes=max_bytes)
+        count = 0
+        try:
+            while True:
+                store.create(f"{count:08x}", value)
+                count += 1
+        except StoreFullError:
+            return count
+        finally:
+            store.close()
+
+
+def sqlite_capacity(max_bytes, value):
+    """Rows that fit in SqliteSystem's table while page_count x page_size
+    plus the WAL stays within max_bytes: batches of inserts, each one
+    committed, sized to a quarter of the room left at the bytes a row took
+    so far."""
+    text = json.dumps(value, separators=(",", ":"))
+    with tempfile.TemporaryDirectory() as folder:
+        system = SqliteSystem(folder)
+        db, wal = system.db, os.path.join(folder, "kv.sqlite-wal")
+
+        def size():
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+            return pages * page + (os.path.getsize(wal) if os.path.exists(wal) else 0)
+
+        count, used = 0, size()
+        empty = used
+        try:
+            while True:
+                # (before any row, a guess on the high side: the row in the table
+                # and again in the WAL, until a checkpoint)
+                per_row = max(1.0, (used - empty) / count) if count else 4 * (len(text) + 80.0)
+                step = max(1, int((max_bytes - used) / per_row / 4))
+                db.execute("BEGIN")
+                db.executemany("INSERT INTO kv VALUES (?, ?, NULL)",
+                               ((f"{n:08x}", text) for n in range(count, count + step)))
+                db.execute("COMMIT")
+                if size() > max_bytes:
+                    return count  # (the batch that passed it had one row, or more)
+                count += step
+                used = size()
+        finally:
+            system.close()
+
+
+def run_capacity(args):
+    rows = []
+    for name, size in CAPACITY_VALUES.items():
+        progress(f"capacity: DataStore, values of {name}")
+        ours = datastore_capacity(args.capacity_bytes, capacity_value(size))
+        progress(f"capacity: sqlite3, values of {name}")
+        theirs = sqlite_capacity(args.capacity_bytes, capacity_value(size))
+        rows.append((name, ours, theirs))
+    print(f"### Capacity\n\nValues that fit in {args.capacity_bytes:,} bytes, under keys "
+          "of 8 characters: DataStore with that max_bytes, until StoreFullError; "
+          "sqlite3 until page_count x page_size plus its WAL would pass it.\n")
+    print("| values | DataStore | sqlite3 | DataStore / sqlite3 | target ≥ 1× |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for name, ours, theirs in rows:
+        ratio = f"{ours / theirs:.2f}×" if theirs else "-"
+        print(f"| {name} | {ours:,} | {theirs:,} | {ratio} | {met(ours >= theirs)} |")
+    print(flush=True)
+
+
 def cpu_name():
     try:
         with open("/proc/cpuinfo") as f:
@@ -1137,7 +1226,7 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--sections", default="compare,cap",
-        help="comma-separated: compare, cap, scale, largest (default compare,cap)")
+        help="comma-separated: compare, cap, scale, largest, capacity (default compare,cap)")
     add("--scale", action="store_true", help="also run the scale section (slow)")
     add("--largest", action="store_true", help="also run the largest section (slow)")
     add("--largest-bytes", type=int,
@@ -1160,13 +1249,15 @@ def parse_args(argv):
     add("--ttl-ops", type=int, help=f"creates with a ttl (default {FULL['ttl_ops']})")
     add("--scale-keys", type=int, help=f"keys for scale (default {FULL['scale_keys']})")
     add("--scale-rounds", type=int, help=f"rounds of opening (default {FULL['scale_rounds']})")
+    add("--capacity-bytes", type=int,
+        help=f"the size the capacity section fills (default {FULL['capacity_bytes']:,})")
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.sections = set(filter(None, args.sections.split(","))) | (
         {"scale"} if args.scale else set()) | ({"largest"} if args.largest else set())
-    unknown = args.sections - {"compare", "cap", "scale", "largest"}
+    unknown = args.sections - {"compare", "cap", "scale", "largest", "capacity"}
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     if args.plot:
@@ -1204,6 +1295,8 @@ def main(argv=None):
         run_scale(args)
     if "largest" in args.sections:
         run_largest(args)
+    if "capacity" in args.sections:
+        run_capacity(args)
 
 
 if __name__ == "__main__":

@@ -2409,7 +2409,8 @@ def test_benchmark_runs_and_skips_missing_peers_with_a_hint(peers):
     block = ("import sys; sys.modules['diskcache'] = sys.modules['sqlitedict'] = None; "
              if peers == "missing" else "import sys; ")
     code = (block + "sys.argv = ['benchmark.py', '--quick', '--n', '300', '--rounds', '1', "
-            "'--sizes', '100,300']; import runpy; runpy.run_path('benchmark.py', "
+            "'--sizes', '100,300', '--sections', 'compare,cap,capacity', "
+            "'--capacity-bytes', '262144']; import runpy; runpy.run_path('benchmark.py', "
             "run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                             text=True, timeout=120)
@@ -2419,6 +2420,11 @@ def test_benchmark_runs_and_skips_missing_peers_with_a_hint(peers):
     assert "DataStore / the pure-Python floor at 300 keys: create" in result.stdout
     assert "300 keys against 100" in result.stdout
     assert "### At the cap" in result.stdout and "| sqlite3 |" in result.stdout
+    capacity = re.findall(r"^\| (\{\}|150 B|1 KiB|4 KiB) \| ([\d,]+) \| ([\d,]+) \|",
+                          result.stdout, re.M)
+    assert [name for name, _, _ in capacity] == ["{}", "150 B", "1 KiB", "4 KiB"]
+    assert all(int(ours.replace(",", "")) > 0 and int(theirs.replace(",", "")) > 0
+               for _, ours, theirs in capacity)
     if peers == "missing":
         assert "skipping diskcache: python -m pip install diskcache" in result.stderr
         assert "skipping sqlitedict: python -m pip install sqlitedict" in result.stderr
