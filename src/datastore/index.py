@@ -1,0 +1,383 @@
+"""The index: where each key's record is, in ``path.idx``, mapped into memory.
+
+The process keeps almost nothing per key: the index lives in a file that is
+mapped into memory (its pages are the kernel's page cache, not the
+process's own memory), and a clean open reads only its header and
+directory, whatever the number of keys. It holds no keys either: each entry
+is a 32-bit hash of the key and the place of its record in ``.dat``, and the
+engine checks the key against the record it reads (see engine).
+
+It is an extendible hash table (Fagin et al., 1979). The *directory*, kept
+in memory, has ``2 ** depth`` entries; the entry for a hash is its top
+``depth`` bits, and names the page that holds every hash that starts so.
+A page holds the hashes of one prefix of ``d <= depth`` bits (its *local
+depth*), in ascending order. A full page splits in two by the hash's next
+bit: one new page, half the entries moved, and the directory doubled if
+``d`` was ``depth``. So an insert costs at most one page's work, never the
+whole table's, and the file grows a page at a time.
+
+``path.idx`` is a sequence of 4096-byte pages. Page 0 is the header
+(``_IDX_HEADER``, little-endian)::
+
+    magic "DSidx3\\0\\0"  8 bytes
+    state                1 byte: 0 closed cleanly, 1 open (or killed while open)
+    depth                1 byte: the directory's depth
+    (zero)               2 bytes
+    pages                4 bytes: pages in the file, this one included
+    keys                 8 bytes: entries in all pages
+    stamp                8 bytes: the .dat header's sequence number when a
+                         clean close wrote this (see opening)
+    CRC-32               4 bytes, of the fields before it
+
+Every other page is a *bucket*::
+
+    prefix               4 bytes: the top d bits its hashes share, then zeros
+    local depth d        1 byte
+    (zero)               1 byte
+    count                2 bytes: entries, at most _ENTRIES (340)
+    CRC-32               4 bytes, of the page with this field zero, written at
+                         a clean close (it is stale while the store is open)
+    (zero)               4 bytes
+    hashes               340 x 4 bytes: the entries' hashes, ascending
+    places               340 x 8 bytes: each entry's record in .dat, as
+                         format's slot without the expiry: size | block << 16
+
+After the last page, a clean close writes the directory: ``2 ** depth``
+page numbers of 4 bytes. The file is trusted only after a clean close that
+the .dat header confirms (see opening); otherwise it is rebuilt from a scan
+of ``.dat``, which is the truth. A bucket's CRC is checked the first time it
+is used after an open.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import zlib
+from array import array
+from bisect import bisect_left, bisect_right
+from typing import Iterable, Optional
+
+from .errors import _damaged
+from .format import _fsync, _read_at, _write_at
+
+_PAGE = 4096
+_ENTRIES = 340
+_IDX_HEADER = struct.Struct("<8sBB2xIQQI")
+_IDX_MAGIC = b"DSidx3\0\0"
+_CLOSED, _OPEN = 0, 1
+_HASHES = 4      # a bucket's first hash, in 4-byte words from its start
+_PLACES = 172    # its first place, in 8-byte words from its start
+_CRC_WORD = 2    # its CRC, in 4-byte words
+_FULL_DEPTH = 32
+
+
+def _hash(key: bytes) -> int:
+    """The index's hash of a key: CRC-32, which spreads keys evenly (and
+    costs 40 ns). Keys chosen to share one would slow their own lookups."""
+    return zlib.crc32(key)
+
+
+class _Index:
+    """The entries (hash, place) of path.idx. Duplicate hashes are allowed
+    (keys that share one); places are unique. It knows nothing of keys or
+    records: the engine checks each candidate place against .dat."""
+
+    def __init__(self, file: int, path: str) -> None:
+        self.fd, self.path = file, path
+        self.pages = 0
+        self.depth = 0
+        self.shift = 32
+        self.count = 0
+        self.directory = array("I")
+        self.seen = bytearray()   # 1 for buckets checked or written since open
+        self.map: Optional[mmap.mmap] = None
+        self.u32: memoryview = memoryview(b"")
+        self.u64: memoryview = memoryview(b"")
+
+    # --- Opening and closing ---
+
+    def load(self, stamp: int) -> bool:
+        """Map a file that a clean close wrote with `stamp`; False (nothing
+        kept) if it is missing, another close's, or damaged."""
+        size = os.fstat(self.fd).st_size
+        header = _read_at(self.fd, _IDX_HEADER.size, 0)
+        if len(header) < _IDX_HEADER.size:
+            return False
+        magic, state, depth, pages, count, file_stamp, crc = _IDX_HEADER.unpack(header)
+        if (magic != _IDX_MAGIC or zlib.crc32(header[:-4]) != crc or state != _CLOSED
+                or file_stamp != stamp or depth > _FULL_DEPTH or pages < 2
+                or size != pages * _PAGE + 4 * (1 << depth)):
+            return False
+        directory = array("I", _read_at(self.fd, 4 * (1 << depth), pages * _PAGE))
+        if directory.byteorder_swapped if False else False:  # pragma: no cover
+            pass
+        if not _LITTLE:
+            directory.byteswap()
+        if min(directory) < 1 or max(directory) >= pages:
+            return False
+        self.depth, self.shift, self.pages, self.count = depth, 32 - depth, pages, count
+        self.directory = directory
+        self.seen = bytearray(pages)
+        self.seen[0] = 1
+        self._map()
+        return True
+
+    def build(self, entries: Iterable[tuple[int, int]]) -> None:
+        """Make the index hold exactly `entries`, (hash, place) pairs, in a
+        file written anew: buckets filled to three quarters, split by hash
+        prefix. O(entries), for an open that scanned .dat."""
+        self._unmap()
+        packed = sorted(h << 48 | place for h, place in entries)
+        buckets: list[tuple[int, int, int, int]] = []  # (prefix, depth, lo, hi)
+        stack = [(0, 0, 0, len(packed))]
+        while stack:
+            prefix, depth, lo, hi = stack.pop()
+            if hi - lo <= _ENTRIES * 3 // 4 or depth == _FULL_DEPTH:
+                if hi - lo > _ENTRIES:
+                    raise _damaged(self.path, "more than 340 keys share one hash")
+                buckets.append((prefix, depth, lo, hi))
+                continue
+            upper = prefix | 1 << (31 - depth)
+            mid = bisect_left(packed, upper << 48, lo, hi)
+            stack.append((upper, depth + 1, mid, hi))
+            stack.append((prefix, depth + 1, lo, mid))
+        buckets.sort()
+        self.depth = max(depth for _, depth, _, _ in buckets)
+        self.shift = 32 - self.depth
+        self.pages, self.count = len(buckets) + 1, len(packed)
+        self.directory = array("I", bytes(4 << self.depth))
+        os.ftruncate(self.fd, 0)
+        os.ftruncate(self.fd, self.pages * _PAGE)
+        _write_at(self.fd, bytes(_PAGE * self.pages), 0)  # blocks for the map's writes
+        self._map()
+        for page, (prefix, depth, lo, hi) in enumerate(buckets, 1):
+            base = page << 10
+            self.u32[base] = prefix
+            self.u32[base + 1] = depth | (hi - lo) << 16
+            chunk = packed[lo:hi]
+            self.u32[base + _HASHES:base + _HASHES + hi - lo] = array(
+                "I", [x >> 48 for x in chunk])
+            places = (page << 9) + _PLACES
+            self.u64[places:places + hi - lo] = array("Q", [x & 0xFFFFFFFFFFFF for x in chunk])
+            first = prefix >> self.shift
+            self.directory[first:first + (1 << (self.depth - depth))] = array(
+                "I", [page]) * (1 << (self.depth - depth))
+        self.seen = bytearray(b"\1") * self.pages
+        self.write_header(_OPEN, 0)
+
+    def write_header(self, state: int, stamp: int) -> None:
+        fields = _IDX_HEADER.pack(_IDX_MAGIC, state, self.depth, self.pages, self.count,
+                                  stamp, 0)[:-4]
+        _write_at(self.fd, fields + zlib.crc32(fields).to_bytes(4, "little"), 0)
+
+    def save(self, stamp: int) -> None:
+        """For a clean close: CRCs of the buckets written since open, the
+        directory after the last page, everything fsynced, then the header
+        marked closed with `stamp` (fsynced: the caller then marks .dat)."""
+        assert self.map is not None
+        for page in _ones(self.seen):
+            if page:
+                base = page << 10
+                self.u32[base + _CRC_WORD] = 0
+                self.u32[base + _CRC_WORD] = zlib.crc32(self.u32[base:base + 1024])
+        directory = array("I", self.directory)
+        if not _LITTLE:
+            directory.byteswap()
+        _write_at(self.fd, directory.tobytes(), self.pages * _PAGE)
+        os.ftruncate(self.fd, self.pages * _PAGE + 4 * len(self.directory))
+        self.map.flush()
+        _fsync(self.fd)
+        self.write_header(_CLOSED, stamp)
+        _fsync(self.fd)
+
+    def room(self) -> int:
+        """Bytes the file takes at a clean close: pages and directory."""
+        return self.pages * _PAGE + 4 * len(self.directory)
+
+    def close(self) -> None:
+        self._unmap()
+
+    def _map(self) -> None:
+        self.map = mmap.mmap(self.fd, self.pages * _PAGE)
+        view = memoryview(self.map)
+        self.u32, self.u64 = view.cast("I"), view.cast("Q")
+        view.release()
+
+    def _unmap(self) -> None:
+        self.u32.release()
+        self.u64.release()
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+
+    # --- Lookups ---
+
+    def find(self, h: int) -> list[int]:
+        """The places of the entries with hash h (usually none or one)."""
+        page = self.directory[h >> self.shift]
+        if not self.seen[page]:
+            self._check(page)
+        base = page << 10
+        lo = base + _HASHES
+        hi = lo + (self.u32[base + 1] >> 16)
+        i = bisect_left(self.u32, h, lo, hi)
+        places, u32 = [], self.u32
+        while i < hi and u32[i] == h:
+            places.append(self.u64[(page << 9) + _PLACES + i - lo])
+            i += 1
+        return places
+
+    def places(self) -> list[int]:
+        """Every entry's place. O(entries)."""
+        found: list[int] = []
+        for page in range(1, self.pages):
+            if not self.seen[page]:
+                self._check(page)
+            first = (page << 9) + _PLACES
+            found.extend(self.u64[first:first + (self.u32[(page << 10) + 1] >> 16)])
+        return found
+
+    def _check(self, page: int) -> None:
+        base = page << 10
+        crc = self.u32[base + _CRC_WORD]
+        self.u32[base + _CRC_WORD] = 0
+        whole = zlib.crc32(self.u32[base:base + 1024]) == crc
+        self.u32[base + _CRC_WORD] = crc
+        word = self.u32[base + 1]
+        if not whole or word >> 16 > _ENTRIES or word & 0xFF > self.depth:
+            raise _damaged(self.path, f"page {page} is damaged; remove the file to "
+                           "have the next open rebuild it from .dat")
+        self.seen[page] = 1
+
+    # --- Changes ---
+
+    def split_cost(self, h: int) -> int:
+        """Bytes the file (and its directory) would grow by to add h."""
+        page = self.directory[h >> self.shift]
+        if not self.seen[page]:
+            self._check(page)
+        base = page << 10
+        word = self.u32[base + 1]
+        count, local, prefix, depth = word >> 16, word & 0xFF, self.u32[base], self.depth
+        lo, hi, cost = base + _HASHES, base + _HASHES + (word >> 16), 0
+        while count >= _ENTRIES:  # as the splits would go, on h's side
+            if local == _FULL_DEPTH:
+                raise _damaged(self.path, "more than 340 keys share one hash")
+            upper = prefix | 1 << (31 - local)
+            mid = bisect_left(self.u32, upper, lo, hi)
+            if local == depth:
+                cost += 4 << depth
+                depth += 1
+            cost += _PAGE
+            local += 1
+            if h >= upper:
+                prefix, lo = upper, mid
+            else:
+                hi = mid
+            count = hi - lo
+        return cost
+
+    def add(self, h: int, place: int) -> None:
+        """Add an entry; the caller has checked split_cost's room."""
+        while True:
+            page = self.directory[h >> self.shift]
+            base = page << 10
+            word = self.u32[base + 1]
+            if word >> 16 < _ENTRIES:
+                break
+            self._split(page)
+        self.seen[page] = 1
+        u32, u64 = self.u32, self.u64
+        lo = base + _HASHES
+        hi = lo + (word >> 16)
+        i = bisect_right(u32, h, lo, hi)
+        u32[i + 1:hi + 1] = u32[i:hi]
+        u32[i] = h
+        first = (page << 9) + _PLACES
+        j, end = first + i - lo, first + hi - lo
+        u64[j + 1:end + 1] = u64[j:end]
+        u64[j] = place
+        u32[base + 1] = word + (1 << 16)
+        self.count += 1
+
+    def remove(self, h: int, place: int) -> None:
+        page, i, lo, hi = self._entry(h, place)
+        base, u32, u64 = page << 10, self.u32, self.u64
+        u32[i:hi - 1] = u32[i + 1:hi]
+        u32[hi - 1] = 0
+        first = (page << 9) + _PLACES
+        j, end = first + i - lo, first + hi - lo
+        u64[j:end - 1] = u64[j + 1:end]
+        u64[end - 1] = 0
+        u32[base + 1] -= 1 << 16
+        self.count -= 1
+
+    def replace(self, h: int, place: int, new: int) -> None:
+        page, i, lo, _ = self._entry(h, place)
+        self.u64[(page << 9) + _PLACES + i - lo] = new
+
+    def _entry(self, h: int, place: int) -> tuple[int, int, int, int]:
+        """(page, hash word, first and end hash words of its page) of an entry."""
+        page = self.directory[h >> self.shift]
+        if not self.seen[page]:
+            self._check(page)
+        self.seen[page] = 1
+        base = page << 10
+        lo = base + _HASHES
+        hi = lo + (self.u32[base + 1] >> 16)
+        first = (page << 9) + _PLACES - lo
+        i = bisect_left(self.u32, h, lo, hi)
+        while i < hi and self.u32[i] == h:
+            if self.u64[first + i] == place:
+                return page, i, lo, hi
+            i += 1
+        raise KeyError((h, place))  # the engine and the index disagree: a bug
+
+    def _split(self, page: int) -> None:
+        """Split a full bucket by the next bit of its hashes: a new page
+        takes those with the bit set. Doubles the directory if need be."""
+        base = page << 10
+        word = self.u32[base + 1]
+        local, count = word & 0xFF, word >> 16
+        if local == _FULL_DEPTH:
+            raise _damaged(self.path, "more than 340 keys share one hash")
+        new = self.pages
+        _write_at(self.fd, bytes(_PAGE), new * _PAGE)  # blocks, before the map uses them
+        self._unmap()
+        self.pages += 1
+        self.seen.append(1)
+        self._map()
+        u32, u64 = self.u32, self.u64
+        upper = u32[base] | 1 << (31 - local)
+        lo = base + _HASHES
+        mid = bisect_left(u32, upper, lo, lo + count) - lo
+        moved, nb = count - mid, new << 10
+        u32[nb + _HASHES:nb + _HASHES + moved] = u32[lo + mid:lo + count]
+        u32[lo + mid:lo + count] = array("I", bytes(4 * moved))
+        first, new_first = (page << 9) + _PLACES, (new << 9) + _PLACES
+        u64[new_first:new_first + moved] = u64[first + mid:first + count]
+        u64[first + mid:first + count] = array("Q", bytes(8 * moved))
+        u32[nb] = upper
+        u32[nb + 1] = local + 1 | moved << 16
+        u32[base + 1] = local + 1 | mid << 16
+        if local == self.depth:
+            doubled = array("I", bytes(8 << self.depth))
+            doubled[0::2] = self.directory
+            doubled[1::2] = self.directory
+            self.directory, self.depth, self.shift = doubled, self.depth + 1, self.shift - 1
+        span = 1 << (self.depth - local - 1)
+        start = upper >> self.shift
+        self.directory[start:start + span] = array("I", [new]) * span
+
+
+_LITTLE = struct.pack("=I", 1) == struct.pack("<I", 1)
+
+
+def _ones(flags: bytearray) -> Iterable[int]:
+    """The positions of the nonzero bytes of `flags`."""
+    at = flags.find(1)
+    while at >= 0:
+        yield at
+        at = flags.find(1, at + 1)
