@@ -80,11 +80,9 @@ from __future__ import annotations
 
 import argparse
 from array import array
-import ast
-import base64
 from bisect import bisect_left, bisect_right
 import builtins
-from collections import Counter, deque
+from collections import Counter
 import errno
 import functools
 import gc
@@ -94,7 +92,8 @@ from itertools import compress, islice, repeat
 import json
 import logging
 import math
-from operator import add, and_, gt, lshift, lt, or_, rshift
+import mmap
+from operator import add, and_, gt, lt, rshift
 import os
 from pathlib import Path
 import re
@@ -448,24 +447,22 @@ def _decode_object(body: bytes) -> Optional[dict[str, Any]]:
 # The on-disk format: each structure described once, field by field, with
 # one function that packs it and one that checks and unpacks it.
 #
-# A store named ``path`` is ``path.dat``, ``path.dir`` and ``path.lock`` (for
-# the inter-process lock, which holds no data). ``.dat`` and ``.dir`` have the
-# format of a ``dbm.dumb`` database: after a clean ``close()``,
-# ``dbm.dumb.open(path, "r")`` opens the store and lists exactly its live keys.
-# The code that reads and writes them is ours, not ``dbm.dumb``'s, which opens
-# the files by name for every write, appends a ``.dir`` line per new key, never
-# reuses space, and parses ``.dir`` one ``ast.literal_eval`` at a time.
+# A store named ``path`` is ``path.dat`` (the records: the truth),
+# ``path.idx`` (the index: where each key's record is, see ``index``) and
+# ``path.lock`` (for the inter-process lock, which holds no data). Version 2
+# kept a ``dbm.dumb``-readable ``path.dir`` instead of ``path.idx``; it cost
+# 30 bytes a key and a write of every key at each close, and is gone:
+# ``datastore export`` gives a store's content as JSON Lines.
 #
 # ``.dat`` is a sequence of 512-byte blocks. Block 0 holds the *header*
 # (``_HEADER``, little-endian, 48 bytes, within one disk sector)::
 #
-#     magic "DataStr2"   8 bytes
+#     magic "DataStr3"   8 bytes ("DataStr2": version 2, converted at open)
 #     state              1 byte: 0 closed cleanly, 1 open (or killed while open)
 #     (zero)             3 bytes
 #     sequence number    8 bytes: closed, the next one to issue; open, a bound
 #                        that every number issued while open stays below
-#     .dir size, CRC-32  8 + 4 bytes: the snapshot a clean close wrote
-#     table offset, size 8 + 4 bytes: where in .dat the index table is
+#     (zero)             24 bytes (version 2: where its .dir and index table were)
 #     CRC-32             4 bytes, of the fields before it
 #
 # Every other block is the first block of a *record*, a block inside one, or
@@ -473,7 +470,7 @@ def _decode_object(body: bytes) -> Optional[dict[str, Any]]:
 # 32-byte *head* (``_HEAD``, little-endian)::
 #
 #     magic "DSr2"       4 bytes
-#     kind               1 byte: 1 value, 2 free marker, 3 index table
+#     kind               1 byte: 1 value, 2 free marker, 3 version 2's index table
 #     key length         1 byte: UTF-8 bytes of the key (0 for kinds 2 and 3)
 #     (zero)             2 bytes
 #     sequence number    8 bytes: which of two copies of a key is newer
@@ -486,26 +483,18 @@ def _decode_object(body: bytes) -> Optional[dict[str, Any]]:
 # * kind 1, a *value*: the key (UTF-8) and the body (the value as compact
 #   JSON) follow the head.
 # * kind 2, a *free marker*: nothing follows the head.
-# * kind 3, the *index table*, written at close: the body is base64 text of
-#   (``_TABLE_COUNTS``) the number of keys and of keys with a ttl, then, in
-#   ``.dir``'s line order, each key's block (4 bytes) and record size (2),
-#   then the line number (4) and expires_at bits (8) of each key with a ttl,
-#   in (expiry, key) order. A clean open takes the keys from ``.dir`` and the
-#   numbers from here, faster than parsing them out of text.
+# * kind 3, version 2's *index table*, base64 text written at close: free
+#   space once a version 2 store is converted.
 #
 # The kind is a byte below 0x20, which JSON and base64 text never contain, and
 # a key starts 32 bytes into its block: so nothing a user stores can look like
 # a head at a block boundary.
 #
-# ``.dir`` is a snapshot written at a clean close, one line per live key in
-# ``dbm.dumb``'s text format, ``'key', (offset, size)``, with the key decoded
-# as Latin-1 (the key's UTF-8 bytes, one character each); offset and size are
-# the record's, in bytes.
-#
-# In memory, the index maps each key to a *slot*, one int (see ``_slot``):
-# record size in bytes (16 bits) | block (32 bits) << 16 | expires_at bits
-# << 48. The bits of non-negative floats order as the floats do, so expiries
-# compare directly as ints.
+# The engine describes a record by a *slot*, one int (see ``_slot``): record
+# size in bytes (16 bits) | block (32 bits) << 16 | expires_at bits << 48.
+# The index stores the low 48 bits, the *place*; the expiry is in the
+# record's head. The bits of non-negative floats order as the floats do, so
+# expiries compare directly as ints.
 
 # Records start at multiples of this many bytes, as in dbm.dumb.
 _BLOCK = 512
@@ -521,11 +510,10 @@ _MAX_SEQ = 1 << 62  # larger sequence numbers in a file are damage (they would o
 # The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
 _LARGEST_STORE = 1 << 40
 
-_HEADER = struct.Struct("<8sB3xQQIQII")
-_HEADER_MAGIC = b"DataStr2"
+_HEADER = struct.Struct("<8sB3xQ24xI")
+_HEADER_MAGIC, _V2_MAGIC = b"DataStr3", b"DataStr2"
 _CLOSED, _OPEN = 0, 1
 _LEASE = 1 << 20  # sequence numbers issued while open per write of the header's bound
-_TABLE_COUNTS = struct.Struct("<II")
 
 # The index's slots (see the module docstring).
 _SIZE_MASK = 0xFFFF
@@ -655,137 +643,26 @@ def _valid_keys(keys: list[bytes]) -> bool:
 
 # --- The header -----------------------------------------------------------
 
-def _pack_header(state: int, seq: int, dir_size: int = 0, dir_crc: int = 0,
-                 table: tuple[int, int] = (0, 0)) -> bytes:
-    fields = _HEADER.pack(_HEADER_MAGIC, state, seq, dir_size, dir_crc, *table, 0)
+def _pack_header(state: int, seq: int) -> bytes:
+    fields = _HEADER.pack(_HEADER_MAGIC, state, seq, 0)
     return fields[:-4] + zlib.crc32(fields[:-4]).to_bytes(4, "little")
 
 
 class _Header:
-    """The fields of a valid header."""
+    """The fields of a valid header (version 3, or 2: see `version`)."""
 
     def __init__(self, data: bytes) -> None:
-        (_, self.state, self.seq, self.dir_size, self.dir_crc, self.table_pos,
-         self.table_size, _) = _HEADER.unpack(data)
+        magic, self.state, self.seq, _ = _HEADER.unpack(data)
+        self.version = 3 if magic == _HEADER_MAGIC else 2
 
     @staticmethod
     def parse(data: bytes) -> Optional[_Header]:
-        if (len(data) < _HEADER.size or not data.startswith(_HEADER_MAGIC)
+        if (len(data) < _HEADER.size or not data.startswith((_HEADER_MAGIC, _V2_MAGIC))
                 or zlib.crc32(data[:_HEADER.size - 4])
                 != int.from_bytes(data[_HEADER.size - 4:_HEADER.size], "little")):
             return None
         header = _Header(data[:_HEADER.size])
         return header if header.state in (_CLOSED, _OPEN) and header.seq < _MAX_SEQ else None
-
-
-# --- The snapshot: .dir and the index table -------------------------------
-
-# What a .dir line holds besides the quoted key and the two numbers.
-_LINE_PUNCTUATION = len(", (, )\n")
-
-
-def _line_length(key: bytes, block: int, size: int) -> int:
-    """Bytes of key's line in .dir (see _pack_dir), newline included."""
-    return (len(repr(key.decode("latin-1"))) + len(str(block * _BLOCK)) + len(str(size))
-            + _LINE_PUNCTUATION)
-
-
-def _pack_dir(index: Iterable[tuple[bytes, int]]) -> bytes:
-    """.dir's text for (key, slot) pairs, a line each."""
-    return b"".join(b"%s, (%d, %d)\n" % (
-        repr(key.decode("latin-1")).encode("latin-1"), _slot_block(slot) * _BLOCK,
-        _slot_size(slot)) for key, slot in index)
-
-
-# The bytes repr() writes as they are, between single quotes.
-_PLAIN_KEY_BYTES = bytes(range(0x20, 0x7F)).translate(None, b"'\\")
-
-# A .dir line, for the common key that repr() writes between single quotes
-# with no escapes (group 1); any other key is read with ast.literal_eval
-# (group 2). Offsets and sizes are groups 3 and 4.
-_DIR_SIMPLE_KEY = re.compile(rb"^'([^'\\\n]*)', \(\d{1,19}, \d{1,5}\)$", re.M)
-_DIR_LINE = re.compile(rb"^(?:'([^'\\\n]*)'|(.+?)), \((\d{1,19}), (\d{1,5})\)$", re.M)
-
-
-def _unpack_dir_keys(text: bytes, path: str) -> list[bytes]:
-    """The keys of .dir's lines, in order, or raise CorruptStoreError. A key
-    repr() wrote between single quotes with no escapes is the common case,
-    read with one regular expression; if any line is not of that kind, every
-    line is read with _DIR_LINE, and the others with ast.literal_eval. (The
-    numbers come from the index table.)"""
-    lines = text.count(b"\n")
-    if text and not text.endswith(b"\n"):
-        raise _damaged(path, "it does not end with a newline")
-    keys: list[bytes] = _DIR_SIMPLE_KEY.findall(text)
-    if len(keys) == lines:
-        return keys
-    entries = _DIR_LINE.findall(text)
-    if len(entries) != lines:
-        raise _damaged(path, "a line is not of dbm.dumb's form")
-    return [simple or _literal_key(quoted, path) for simple, quoted, _, _ in entries]
-
-
-def _literal_key(quoted: bytes, path: str) -> bytes:
-    try:
-        key = ast.literal_eval(quoted.decode("latin-1"))
-    except Exception:  # whatever literal_eval makes of bad text
-        key = None
-    if not isinstance(key, str):
-        raise _damaged(path, f"bad key {quoted[:80]!r}")
-    return key.encode("latin-1")
-
-
-def _digits(numbers: list[int], scale: int) -> int:
-    """The total of len(str(n * scale)) over numbers >= 0 in ascending order:
-    for each length, the numbers that reach it are found by bisection."""
-    total, power = len(numbers), 10
-    while numbers and numbers[-1] * scale >= power:
-        total += len(numbers) - bisect_left(numbers, -(-power // scale))
-        power *= 10
-    return total
-
-
-def _table_room(keys: int, expiring: int) -> int:
-    """Bytes (whole blocks) the index table of so many keys takes in .dat."""
-    if not keys:
-        return 0
-    base64_size = 4 * -(-(_TABLE_COUNTS.size + 6 * keys + 12 * expiring) // 3)
-    return _blocks(_HEAD.size + base64_size) * _BLOCK
-
-
-def _pack_table(keys: list[bytes], slots: list[int]) -> bytes:
-    """The index table's body for the keys and slots in .dir's line order."""
-    exps = [_slot_exp(slot) for slot in slots]
-    # In (expiry, key) order, the expiries' own, so that the next open need not sort them.
-    lines = sorted((line for line, exp in enumerate(exps) if exp),
-                   key=lambda line: (exps[line], keys[line]))
-    count, expiring = len(slots), len(lines)
-    return base64.b64encode(b"".join((
-        _TABLE_COUNTS.pack(count, expiring),
-        struct.pack(f"<{count}I", *map(_slot_block, slots)),
-        struct.pack(f"<{count}H", *map(_slot_size, slots)),
-        struct.pack(f"<{expiring}I", *lines),
-        struct.pack(f"<{expiring}Q", *map(exps.__getitem__, lines)))))
-
-
-def _unpack_table(body: bytes) -> Optional[tuple[Sequence[int], ...]]:
-    """The blocks, sizes, ttl lines and expiries of an index table's body,
-    or None if it is not one."""
-    try:
-        raw = base64.b64decode(body, validate=True)
-    except ValueError:
-        return None
-    if len(raw) < _TABLE_COUNTS.size:
-        return None
-    keys, expiring = _TABLE_COUNTS.unpack_from(raw)
-    if len(raw) != _TABLE_COUNTS.size + 6 * keys + 12 * expiring:
-        return None
-    at = _TABLE_COUNTS.size
-    blocks = struct.unpack_from(f"<{keys}I", raw, at)
-    sizes = struct.unpack_from(f"<{keys}H", raw, at + 4 * keys)
-    lines = struct.unpack_from(f"<{expiring}I", raw, at + 6 * keys)
-    exps = struct.unpack_from(f"<{expiring}Q", raw, at + 6 * keys + 4 * expiring)
-    return blocks, sizes, lines, exps
 
 
 def _item_before(fd: int, end: int) -> Optional[tuple[int, bytes, _Item]]:
@@ -843,17 +720,18 @@ def _new_file(path: str, data: bytes) -> None:
             _fsync(file.fileno())
 
 
-def _create_data_file(path: str, dir_path: str) -> None:
+def _create_data_file(path: str, idx_path: str) -> None:
     """Make `path` a new store's .dat, holding only a valid header, unless
     it exists already. The header is written under a temporary name and
     fsynced before the file takes its name, and the folder is fsynced after:
     so a power cut leaves either no .dat or one with a valid header, never
-    an empty or torn one that the next open would refuse as foreign. A .dir
-    with lines in it says the .dat was lost, not never made: that is refused."""
-    if os.path.exists(dir_path) and (not os.path.isfile(dir_path)
-                                     or os.path.getsize(dir_path)):
-        raise CorruptStoreError(f"{dir_path} exists but {path} is missing; restore "
-                                "the data file or move the index away", path=dir_path)
+    an empty or torn one that the next open would refuse as foreign. An
+    index file that holds anything says the .dat was lost, not never made:
+    that is refused."""
+    if os.path.exists(idx_path) and (not os.path.isfile(idx_path)
+                                     or os.path.getsize(idx_path)):
+        raise CorruptStoreError(f"{idx_path} exists but {path} is missing; restore "
+                                "the data file or move the index away", path=idx_path)
     temp = f"{path}.{os.getpid()}.new"
     _remove(temp)  # of a creator that had this process's number before
     try:
@@ -943,7 +821,8 @@ def _fsync(fd: int) -> None:
 #
 # ``_FreeSpace`` holds the free extents of ``.dat`` (runs of blocks no record
 # holds), merged with their free neighbours, findable by start, by end and by
-# length. ``_Expiries`` holds the keys that have a ttl, in order of expiry.
+# length. ``_Expiries`` holds the records that have a ttl (by their place, see
+# format), in order of expiry.
 # Neither does I/O: the engine writes the free markers and records first, then
 # tells these.
 
@@ -994,47 +873,54 @@ class _FreeSpace:
 
 
 class _Expiries:
-    """(expiry, key) pairs in ascending order, kept as sorted runs.
+    """(expiry, place) pairs in ascending order, kept as sorted runs.
 
-    Expiries are float bits (see the index). Each run holds at most
-    2 * _RUN pairs in two parallel sequences, so adding or removing a pair is
-    a bisection over the runs' first pairs, one within the run, and a short
-    memmove, however many keys share one expiry; the earliest pairs are at
-    the front. 16 bytes a pair.
+    Expiries are float bits, places a record's (see format). Each run holds
+    at most 2 * _RUN pairs in two parallel arrays, so adding or removing a
+    pair is a bisection over the runs' first pairs, one within the run, and
+    a short memmove, however many records share one expiry; the earliest
+    pairs are at the front. 16 bytes a pair.
     """
 
     _RUN = 512
 
     def __init__(self) -> None:
-        self.firsts: list[tuple[int, bytes]] = []  # the first pair of each run
+        self.firsts: list[tuple[int, int]] = []  # the first pair of each run
         self.exps: list[array[int]] = []    # each run's expiries, ascending
-        self.keys: list[list[bytes]] = []   # each run's keys, ascending within an expiry
+        self.keys: list[array[int]] = []    # each run's places, ascending within an expiry
         self.count = 0
 
-    def load(self, exps: Sequence[int], keys: list[bytes]) -> None:
+    def load(self, exps: Sequence[int], keys: Sequence[int]) -> None:
         """Fill an empty instance with keys[i] expiring at exps[i]."""
-        pairs = list(zip(exps, keys))
-        if any(map(gt, pairs, islice(pairs, 1, None))):  # a clean close wrote them in order
-            pairs.sort()
+        if any(map(gt, zip(exps, keys), islice(zip(exps, keys), 1, None))):
+            pairs = sorted(zip(exps, keys))  # (a clean close wrote them in order)
             exps, keys = [exp for exp, _ in pairs], [key for _, key in pairs]
         for at in range(0, len(exps), self._RUN):
-            self.firsts.append(pairs[at])
+            self.firsts.append((exps[at], keys[at]))
             self.exps.append(array("Q", exps[at:at + self._RUN]))
-            self.keys.append(keys[at:at + self._RUN])
+            self.keys.append(array("Q", keys[at:at + self._RUN]))
         self.count = len(exps)
 
-    def _find(self, exp: int, key: bytes) -> tuple[int, int]:
+    def dump(self) -> tuple[array[int], array[int]]:
+        """All expiries and places, in order (for load)."""
+        exps, keys = array("Q"), array("Q")
+        for run, places in zip(self.exps, self.keys):
+            exps.extend(run)
+            keys.extend(places)
+        return exps, keys
+
+    def _find(self, exp: int, key: int) -> tuple[int, int]:
         """(run, position) where the pair is, or would go."""
         i = max(bisect_right(self.firsts, (exp, key)) - 1, 0)
         run = self.exps[i]
         lo = bisect_left(run, exp)
         return i, bisect_left(self.keys[i], key, lo, bisect_right(run, exp, lo))
 
-    def add(self, exp: int, key: bytes) -> None:
+    def add(self, exp: int, key: int) -> None:
         if not self.exps:
             self.firsts.append((exp, key))
             self.exps.append(array("Q", [exp]))
-            self.keys.append([key])
+            self.keys.append(array("Q", [key]))
         else:
             i, j = self._find(exp, key)
             run, keys = self.exps[i], self.keys[i]
@@ -1049,9 +935,9 @@ class _Expiries:
                 del run[self._RUN:], keys[self._RUN:]
         self.count += 1
 
-    def remove(self, exp: int, key: bytes) -> None:
+    def remove(self, exp: int, key: int) -> None:
         i, j = self._find(exp, key) if self.exps else (0, 0)
-        run, keys = (self.exps[i], self.keys[i]) if self.exps else (array("Q"), [])
+        run, keys = (self.exps[i], self.keys[i]) if self.exps else (array("Q"), array("Q"))
         if j == len(keys) or keys[j] != key or run[j] != exp:
             raise KeyError(key)  # the index and the expiries disagree: a bug
         del run[j], keys[j]
@@ -1061,9 +947,9 @@ class _Expiries:
             self.firsts[i] = (run[0], keys[0])
         self.count -= 1
 
-    def due(self, now: int, limit: int) -> list[bytes]:
-        """Up to `limit` keys whose expiry is at or before `now`, earliest first."""
-        due: list[bytes] = []
+    def due(self, now: int, limit: int) -> list[int]:
+        """Up to `limit` places whose expiry is at or before `now`, earliest first."""
+        due: list[int] = []
         for run, keys in zip(self.exps, self.keys):
             end = bisect_right(run, now, 0, min(len(run), limit - len(due)))
             due.extend(keys[:end])
@@ -1078,6 +964,413 @@ class _Expiries:
                 return total + bisect_right(run, now)
             total += len(run)
         return total
+
+
+# --- index.py ----------------------------------------------------------------
+# The index: where each key's record is, in ``path.idx``, mapped into memory.
+#
+# The process keeps almost nothing per key: the index lives in a file that is
+# mapped into memory (its pages are the kernel's page cache, not the
+# process's own memory), and a clean open reads only its header and
+# directory, whatever the number of keys. It holds no keys either: each entry
+# is a 32-bit hash of the key and the place of its record in ``.dat``, and the
+# engine checks the key against the record it reads (see engine).
+#
+# It is an extendible hash table (Fagin et al., 1979). The *directory*, kept
+# in memory, has ``2 ** depth`` entries; the entry for a hash is its top
+# ``depth`` bits, and names the page that holds every hash that starts so.
+# A page holds the hashes of one prefix of ``d <= depth`` bits (its *local
+# depth*), in ascending order. A full page splits in two by the hash's next
+# bit: one new page, half the entries moved, and the directory doubled if
+# ``d`` was ``depth``. So an insert costs at most one page's work, never the
+# whole table's, and the file grows a page at a time.
+#
+# ``path.idx`` is a sequence of 4096-byte pages. Page 0 is the header
+# (``_IDX_HEADER``, little-endian)::
+#
+#     magic "DSidx3\0\0"  8 bytes
+#     state                1 byte: 0 closed cleanly, 1 open (or killed while open)
+#     depth                1 byte: the directory's depth
+#     (zero)               2 bytes
+#     pages                4 bytes: pages in the file, this one included
+#     keys                 8 bytes: entries in all pages
+#     stamp                8 bytes: the .dat header's sequence number when a
+#                          clean close wrote this (see opening)
+#     tail size, CRC-32    4 + 4 bytes: of what follows the last page
+#     CRC-32               4 bytes, of the fields before it
+#
+# Every other page is a *bucket*::
+#
+#     prefix               4 bytes: the top d bits its hashes share, then zeros
+#     local depth d        1 byte
+#     (zero)               1 byte
+#     count                2 bytes: entries, at most _ENTRIES (340)
+#     CRC-32               4 bytes, of the page with this field zero, written at
+#                          a clean close (it is stale while the store is open)
+#     (zero)               4 bytes
+#     hashes               340 x 4 bytes: the entries' hashes, ascending
+#     places               340 x 8 bytes: each entry's record in .dat, as
+#                          format's slot without the expiry: size | block << 16
+#
+# After the last page, a clean close writes the *tail*: the directory
+# (``2 ** depth`` page numbers of 4 bytes), then what the engine keeps besides
+# (see snapshot). The file is trusted only after a clean close that
+# the .dat header confirms (see opening); otherwise it is rebuilt from a scan
+# of ``.dat``, which is the truth. A bucket's CRC is checked the first time it
+# is used after an open.
+
+_PAGE = 4096
+_ENTRIES = 340
+_IDX_HEADER = struct.Struct("<8sBB2xIQQIII")
+_IDX_MAGIC = b"DSidx3\0\0"
+
+_HASHES = 4      # a bucket's first hash, in 4-byte words from its start
+_PLACES = 172    # its first place, in 8-byte words from its start
+_CRC_WORD = 2    # its CRC, in 4-byte words
+_FULL_DEPTH = 32
+
+
+def _hash(key: bytes) -> int:
+    """The index's hash of a key: CRC-32, which spreads keys evenly (and
+    costs 40 ns). Keys chosen to share one would slow their own lookups."""
+    return zlib.crc32(key)
+
+
+class _Index:
+    """The entries (hash, place) of path.idx. Duplicate hashes are allowed
+    (keys that share one); places are unique. It knows nothing of keys or
+    records: the engine checks each candidate place against .dat."""
+
+    def __init__(self, file: int, path: str) -> None:
+        self.fd, self.path = file, path
+        self.pages = 0
+        self.depth = 0
+        self.shift = 32
+        self.count = 0
+        self.directory = array("I")
+        self.seen = bytearray()   # 1 for buckets checked or written since open
+        self.damaged = False      # a bucket failed its check: rebuild from .dat
+        self.map: Optional[mmap.mmap] = None
+        self.u32: memoryview = memoryview(b"")
+        self.u64: memoryview = memoryview(b"")
+
+    # --- Opening and closing ---
+
+    def load(self, stamp: int) -> Optional[bytes]:
+        """Map a file that a clean close wrote with `stamp`, and return what
+        its tail holds after the directory; None (nothing kept) if it is
+        missing, another close's, or damaged. Reads the header and the tail
+        only."""
+        size = os.fstat(self.fd).st_size
+        header = _read_at(self.fd, _IDX_HEADER.size, 0)
+        if len(header) < _IDX_HEADER.size or not _LITTLE:  # (pages are in the machine's order)
+            return None
+        magic, state, depth, pages, count, file_stamp, tail, tail_crc, crc = (
+            _IDX_HEADER.unpack(header))
+        if (magic != _IDX_MAGIC or zlib.crc32(header[:-4]) != crc or state != _CLOSED
+                or file_stamp != stamp or depth > _FULL_DEPTH or pages < 2
+                or size != pages * _PAGE + tail or tail < 4 << depth):
+            return None
+        data = _read_at(self.fd, tail, pages * _PAGE)
+        if zlib.crc32(data) != tail_crc:
+            return None
+        directory = array("I", data[:4 << depth])
+        if min(directory) < 1 or max(directory) >= pages:
+            return None
+        self.depth, self.shift, self.pages, self.count = depth, 32 - depth, pages, count
+        self.directory = directory
+        self.seen = bytearray(pages)
+        self.seen[0] = 1
+        self._map()
+        return data[4 << depth:]
+
+    def build(self, entries: Iterable[tuple[int, int]]) -> None:
+        """Make the index hold exactly `entries`, (hash, place) pairs, in a
+        file written anew. O(entries), for an open that scanned .dat. A
+        bucket splits only if it must, so the file takes no more pages than
+        adding the same entries one by one would."""
+        self._unmap()
+        packed = sorted(h << 48 | place for h, place in entries)
+        buckets: list[tuple[int, int, int, int]] = []  # (prefix, depth, lo, hi)
+        stack = [(0, 0, 0, len(packed))]
+        while stack:
+            prefix, depth, lo, hi = stack.pop()
+            if hi - lo <= _ENTRIES or depth == _FULL_DEPTH:
+                if hi - lo > _ENTRIES:
+                    raise _damaged(self.path, "more than 340 keys share one hash")
+                buckets.append((prefix, depth, lo, hi))
+                continue
+            upper = prefix | 1 << (31 - depth)
+            mid = bisect_left(packed, upper << 48, lo, hi)
+            stack.append((upper, depth + 1, mid, hi))
+            stack.append((prefix, depth + 1, lo, mid))
+        buckets.sort()
+        self.depth = max(depth for _, depth, _, _ in buckets)
+        self.shift = 32 - self.depth
+        self.pages, self.count = len(buckets) + 1, len(packed)
+        self.directory = array("I", bytes(4 << self.depth))
+        os.ftruncate(self.fd, 0)
+        for page in range(0, self.pages, 256):  # blocks for the map's writes
+            _write_at(self.fd, bytes(_PAGE * min(256, self.pages - page)), page * _PAGE)
+        self._map()
+        for page, (prefix, depth, lo, hi) in enumerate(buckets, 1):
+            base = page << 10
+            self.u32[base] = prefix
+            self.u32[base + 1] = depth | (hi - lo) << 16
+            chunk = packed[lo:hi]
+            self.u32[base + _HASHES:base + _HASHES + hi - lo] = array(
+                "I", [x >> 48 for x in chunk])
+            places = (page << 9) + _PLACES
+            self.u64[places:places + hi - lo] = array("Q", [x & 0xFFFFFFFFFFFF for x in chunk])
+            first = prefix >> self.shift
+            self.directory[first:first + (1 << (self.depth - depth))] = array(
+                "I", [page]) * (1 << (self.depth - depth))
+        self.seen = bytearray(b"\1") * self.pages
+        self.write_header(_OPEN)
+
+    def write_header(self, state: int, stamp: int = 0, tail: bytes = b"") -> None:
+        fields = _IDX_HEADER.pack(_IDX_MAGIC, state, self.depth, self.pages, self.count,
+                                  stamp, len(tail), zlib.crc32(tail), 0)[:-4]
+        _write_at(self.fd, fields + zlib.crc32(fields).to_bytes(4, "little"), 0)
+
+    def save(self, stamp: int, extra: bytes) -> None:
+        """For a clean close: the CRCs of the buckets used since open, the
+        tail (the directory, then `extra`), everything fsynced, then the
+        header marked closed with `stamp`, fsynced (then the caller marks
+        .dat closed)."""
+        assert self.map is not None
+        for page in _ones(self.seen):
+            if page:
+                self.u32[(page << 10) + _CRC_WORD] = self._crc(page)
+        tail = self.directory.tobytes() + extra
+        _write_at(self.fd, tail, self.pages * _PAGE)
+        os.ftruncate(self.fd, self.pages * _PAGE + len(tail))
+        self.map.flush()
+        _fsync(self.fd)
+        self.write_header(_CLOSED, stamp, tail)
+        _fsync(self.fd)
+
+    def rebuild(self) -> None:
+        """Build the file anew from its own entries, in as few pages as
+        they need (the file never shrinks otherwise). O(entries)."""
+        entries: list[tuple[int, int]] = []
+        for page in range(1, self.pages):
+            if not self.seen[page]:
+                self._check(page)
+            base, first = page << 10, (page << 9) + _PLACES
+            count = self.u32[base + 1] >> 16
+            entries.extend(zip(self.u32[base + _HASHES:base + _HASHES + count],
+                               self.u64[first:first + count]))
+        self.build(entries)
+
+    def room(self) -> int:
+        """Bytes of the file, with the directory a close writes."""
+        return self.pages * _PAGE + 4 * len(self.directory)
+
+    def close(self) -> None:
+        self._unmap()
+
+    def _map(self) -> None:
+        self.map = mmap.mmap(self.fd, self.pages * _PAGE)
+        view = memoryview(self.map)
+        self.u32, self.u64 = view.cast("I"), view.cast("Q")
+        view.release()
+
+    def _unmap(self) -> None:
+        self.u32.release()
+        self.u64.release()
+        if self.map is not None:
+            self.map.close()
+            self.map = None
+
+    # --- Lookups ---
+
+    def find(self, h: int) -> list[int]:
+        """The places of the entries with hash h (usually none or one)."""
+        page = self.directory[h >> self.shift]
+        if not self.seen[page]:
+            self._check(page)
+        base = page << 10
+        lo = base + _HASHES
+        hi = lo + (self.u32[base + 1] >> 16)
+        i = bisect_left(self.u32, h, lo, hi)
+        places, u32 = [], self.u32
+        while i < hi and u32[i] == h:
+            places.append(self.u64[(page << 9) + _PLACES + i - lo])
+            i += 1
+        return places
+
+    def places(self) -> list[int]:
+        """Every entry's place. O(entries)."""
+        found: list[int] = []
+        for page in range(1, self.pages):
+            if not self.seen[page]:
+                self._check(page)
+            first = (page << 9) + _PLACES
+            found.extend(self.u64[first:first + (self.u32[(page << 10) + 1] >> 16)])
+        return found
+
+    def _crc(self, page: int) -> int:
+        """A bucket's CRC-32, its own field taken as zero."""
+        base = page << 10
+        return zlib.crc32(self.u32[base + _CRC_WORD + 1:base + 1024], zlib.crc32(
+            bytes(4), zlib.crc32(self.u32[base:base + _CRC_WORD])))
+
+    def _check(self, page: int) -> None:
+        base = page << 10
+        word = self.u32[base + 1]
+        if (self._crc(page) != self.u32[base + _CRC_WORD] or word >> 16 > _ENTRIES
+                or word & 0xFF > self.depth):
+            self.damaged = True
+            raise _damaged(self.path, f"page {page} is damaged; the next call rebuilds "
+                           "it from the data file")
+        self.seen[page] = 1
+
+    # --- Changes ---
+
+    def split_cost(self, h: int) -> int:
+        """Bytes the file (and its directory) would grow by to add h."""
+        page = self.directory[h >> self.shift]
+        if not self.seen[page]:
+            self._check(page)
+        base = page << 10
+        word = self.u32[base + 1]
+        count, local, prefix, depth = word >> 16, word & 0xFF, self.u32[base], self.depth
+        lo, hi, cost = base + _HASHES, base + _HASHES + (word >> 16), 0
+        while count >= _ENTRIES:  # as the splits would go, on h's side
+            if local == _FULL_DEPTH:
+                raise _damaged(self.path, "more than 340 keys share one hash")
+            upper = prefix | 1 << (31 - local)
+            mid = bisect_left(self.u32, upper, lo, hi)
+            if local == depth:
+                cost += 4 << depth
+                depth += 1
+            cost += _PAGE
+            local += 1
+            if h >= upper:
+                prefix, lo = upper, mid
+            else:
+                hi = mid
+            count = hi - lo
+        return cost
+
+    def add(self, h: int, place: int) -> None:
+        """Add an entry; the caller has checked split_cost's room."""
+        while True:
+            page = self.directory[h >> self.shift]
+            if not self.seen[page]:
+                self._check(page)
+            base = page << 10
+            word = self.u32[base + 1]
+            if word >> 16 < _ENTRIES:
+                break
+            self._split(page)
+        self.seen[page] = 1
+        u32, u64 = self.u32, self.u64
+        lo = base + _HASHES
+        hi = lo + (word >> 16)
+        i = bisect_right(u32, h, lo, hi)
+        u32[i + 1:hi + 1] = u32[i:hi]
+        u32[i] = h
+        first = (page << 9) + _PLACES
+        j, end = first + i - lo, first + hi - lo
+        u64[j + 1:end + 1] = u64[j:end]
+        u64[j] = place
+        u32[base + 1] = word + (1 << 16)
+        self.count += 1
+
+    def remove(self, h: int, place: int) -> None:
+        page, i, lo, hi = self._entry(h, place)
+        base, u32, u64 = page << 10, self.u32, self.u64
+        u32[i:hi - 1] = u32[i + 1:hi]
+        u32[hi - 1] = 0
+        first = (page << 9) + _PLACES
+        j, end = first + i - lo, first + hi - lo
+        u64[j:end - 1] = u64[j + 1:end]
+        u64[end - 1] = 0
+        u32[base + 1] -= 1 << 16
+        self.count -= 1
+
+    def replace(self, h: int, place: int, new: int) -> None:
+        page, i, lo, _ = self._entry(h, place)
+        self.u64[(page << 9) + _PLACES + i - lo] = new
+
+    def _entry(self, h: int, place: int) -> tuple[int, int, int, int]:
+        """(page, hash word, first and end hash words of its page) of an entry."""
+        page = self.directory[h >> self.shift]
+        if not self.seen[page]:
+            self._check(page)
+        self.seen[page] = 1
+        base = page << 10
+        lo = base + _HASHES
+        hi = lo + (self.u32[base + 1] >> 16)
+        first = (page << 9) + _PLACES - lo
+        i = bisect_left(self.u32, h, lo, hi)
+        while i < hi and self.u32[i] == h:
+            if self.u64[first + i] == place:
+                return page, i, lo, hi
+            i += 1
+        raise KeyError((h, place))  # the engine and the index disagree: a bug
+
+    def _split(self, page: int) -> None:
+        """Split a full bucket by the next bit of its hashes: a new page
+        takes those with the bit set. Doubles the directory if need be."""
+        base = page << 10
+        word = self.u32[base + 1]
+        local, count = word & 0xFF, word >> 16
+        if local == _FULL_DEPTH:
+            raise _damaged(self.path, "more than 340 keys share one hash")
+        new = self.pages
+        _write_at(self.fd, bytes(_PAGE), new * _PAGE)  # blocks, before the map uses them
+        self._unmap()
+        self.pages += 1
+        self.seen.append(1)
+        self._map()
+        u32, u64 = self.u32, self.u64
+        upper = u32[base] | 1 << (31 - local)
+        lo = base + _HASHES
+        mid = bisect_left(u32, upper, lo, lo + count) - lo
+        moved, nb = count - mid, new << 10
+        u32[nb + _HASHES:nb + _HASHES + moved] = u32[lo + mid:lo + count]
+        u32[lo + mid:lo + count] = array("I", bytes(4 * moved))
+        first, new_first = (page << 9) + _PLACES, (new << 9) + _PLACES
+        u64[new_first:new_first + moved] = u64[first + mid:first + count]
+        u64[first + mid:first + count] = array("Q", bytes(8 * moved))
+        u32[nb] = upper
+        u32[nb + 1] = local + 1 | moved << 16
+        u32[base + 1] = local + 1 | mid << 16
+        if local == self.depth:
+            doubled = array("I", bytes(8 << self.depth))
+            doubled[0::2] = self.directory
+            doubled[1::2] = self.directory
+            self.directory, self.depth, self.shift = doubled, self.depth + 1, self.shift - 1
+        span = 1 << (self.depth - local - 1)
+        start = upper >> self.shift
+        self.directory[start:start + span] = array("I", [new]) * span
+
+
+_LITTLE = struct.pack("=I", 1) == struct.pack("<I", 1)
+
+
+def _keys_saved(fd: int, stamp: Optional[int] = None) -> Optional[int]:
+    """The number of keys the index file `fd` says it holds (if saved with
+    `stamp`, when given), or None if it has no valid header."""
+    header = _read_at(fd, _IDX_HEADER.size, 0)
+    if len(header) < _IDX_HEADER.size:
+        return None
+    magic, state, _, _, count, file_stamp, _, _, crc = _IDX_HEADER.unpack(header)
+    if magic != _IDX_MAGIC or zlib.crc32(header[:-4]) != crc or (
+            stamp is not None and (state != _CLOSED or file_stamp != stamp)):
+        return None
+    return int(count)
+
+
+def _ones(flags: bytearray) -> Iterable[int]:
+    """The positions of the nonzero bytes of `flags`."""
+    at = flags.find(1)
+    while at >= 0:
+        yield at
+        at = flags.find(1, at + 1)
 
 
 # --- locks.py ----------------------------------------------------------------
@@ -1265,11 +1558,93 @@ def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> No
         _release(lock)
 
 
+# --- snapshot.py -------------------------------------------------------------
+# The snapshot: what a clean close leaves in ``.idx`` for a fast next open.
+#
+# A clean ``close()`` fsyncs ``.dat``, then saves the index (see index) with,
+# in its tail after the directory, what the engine keeps in memory besides
+# (``_SNAPSHOT``, little-endian)::
+#
+#     .dat size          8 bytes: where .dat ended at the close
+#     free extents       4 bytes: how many, n
+#     expiring records   4 bytes: how many, m
+#     records by blocks  (_MAX_BLOCKS + 1) x 4 bytes: indexed records taking
+#                        0, 1, 2, ... blocks
+#     free extents       n x (4 + 4) bytes: start block and length in blocks
+#     expiries           m x 8 bytes: expires_at bits, ascending, then
+#                        m x 8 bytes: each one's place (see format)
+#
+# and only then marks the header of ``.dat`` *closed*. The next open trusts
+# ``.idx`` only if the header says closed and ``.idx`` says it was saved at
+# that very close (see index), and ``.dat`` is the size it was: then it reads
+# the header and the tail, and nothing per key but the expiries. Otherwise
+# it scans ``.dat`` (see recovery). What matches but makes no sense is
+# damage, and is refused.
+
+_SNAPSHOT = struct.Struct(f"<QII{_MAX_BLOCKS + 1}I")
+
+
+def _snapshot_room(extents: int, expiring: int) -> int:
+    """Bytes of the snapshot with so many free extents and expiring records."""
+    return _SNAPSHOT.size + 8 * extents + 16 * expiring
+
+
+def _write_snapshot(engine: _Engine) -> None:
+    """Fsync .dat, save .idx with the snapshot, then mark the header closed."""
+    engine._sync()  # the records .idx points at, before .idx is trusted
+    extents = sorted(engine.free.at.items())
+    exps, places = engine.expiries.dump()
+    starts = array("I", [start for start, _ in extents])
+    lengths = array("I", [length for _, length in extents])
+    pairs = array("I", bytes(8 * len(extents)))
+    pairs[0::2], pairs[1::2] = starts, lengths
+    data = b"".join((
+        _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), *engine.by_blocks),
+        pairs.tobytes(), exps.tobytes(), places.tobytes()))
+    engine.index.save(engine.seq, data)
+    engine._write_header(_CLOSED)
+
+
+def _load_snapshot(engine: _Engine, header: _Header) -> bool:
+    """Load .idx and the snapshot a clean close wrote. Returns False if they
+    do not match the header or .dat (then scan .dat). What matches but does
+    not make sense raises CorruptStoreError."""
+    engine.dat_size = os.fstat(engine.dat).st_size
+    if header.version != 3 or header.state != _CLOSED:
+        return False
+    data = engine.index.load(header.seq)
+    if data is None:
+        return False
+    dat_size, extents, expiring, *by_blocks = _SNAPSHOT.unpack_from(data)
+    if dat_size != engine.dat_size:
+        engine.index.close()
+        return False
+    at = _SNAPSHOT.size
+    if len(data) != at + 8 * extents + 16 * expiring or sum(by_blocks) != engine.index.count:
+        raise _damaged(engine.idx_path, "its snapshot does not match its index")
+    pairs = array("I", data[at:at + 8 * extents])
+    exps = array("Q", data[at + 8 * extents:at + 8 * extents + 8 * expiring])
+    places = array("Q", data[at + 8 * extents + 8 * expiring:])
+    if (pairs and min(pairs[0::2]) < 1) or (exps and max(exps) > _LATEST_EXPIRY_BITS):
+        raise _damaged(engine.idx_path, "its snapshot is out of bounds")
+    for start, length in zip(pairs[0::2], pairs[1::2]):
+        if (start + length) * _BLOCK > _blocks(dat_size) * _BLOCK or not length:
+            raise _damaged(engine.idx_path, "a free extent in it is out of bounds")
+        engine.free.add(start, length)
+    engine.by_blocks = list(by_blocks)
+    engine.largest = max((n for n in range(_MAX_BLOCKS + 1) if by_blocks[n]), default=0)
+    engine.expiries.load(exps, places)
+    engine.seq = header.seq
+    if engine.used() > engine.max_bytes:  # filled under a larger max_bytes
+        raise _StoreFull(0, engine.used())
+    return True
+
+
 # --- recovery.py -------------------------------------------------------------
 # Recovery: rebuilding the index by scanning .dat, after a crash.
 #
-# ``.dat`` is the truth; ``.dir`` is only a snapshot of the index (see
-# ``snapshot`` for when it is trusted). Opening a store marks its header
+# ``.dat`` is the truth; ``.idx`` is trusted only after a clean close (see
+# ``snapshot``), and is rebuilt from the scan otherwise. Opening a store marks its header
 # *open* (fsynced) before anything else is written, so a store that was not
 # closed cleanly is always scanned:
 #
@@ -1295,12 +1670,13 @@ def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> No
 _SCAN_CHUNK = 1 << 22  # bytes of .dat read at a time by a scan
 
 
-def _derive_free(engine: _Engine, marked: Optional[dict[int, int]]) -> None:
-    """Make every block no record holds a free extent. With `marked` (the
-    free markers a scan found: block -> length), also write a marker at
-    the start of each extent that has no exact one yet. (In bulk: per
-    record, map() and friends run in C, and only the gaps in Python.)"""
-    slots = sorted(map(and_, engine.index.values(), repeat(_SLOT_MASK)))  # by block
+def _derive_free(engine: _Engine, held: Iterable[int], marked: Optional[dict[int, int]]) -> None:
+    """Make every block no record holds (`held`: their slots) a free
+    extent. With `marked` (the free markers a scan found: block -> length),
+    also write a marker at the start of each extent that has no exact one
+    yet. (In bulk: per record, map() and friends run in C, and only the
+    gaps in Python.)"""
+    slots = sorted(map(and_, held, repeat(_SLOT_MASK)))  # by block
     starts = list(map(rshift, slots, repeat(_BLOCK_SHIFT)))
     lengths = list(map(rshift, map(add, map(and_, slots, repeat(_SIZE_MASK)),
                                    repeat(_BLOCK - 1)), repeat(9)))
@@ -1330,66 +1706,67 @@ def _holds_records(engine: _Engine) -> bool:
                for off in starts if buf.startswith(_MAGIC, off))
 
 
-def _recover(engine: _Engine, header: Optional[_Header],
-             listed: Optional[list[bytes]] = None) -> None:
+def _recover(engine: _Engine, header: Optional[_Header], listed: Optional[int] = None) -> None:
     """Rebuild the index by scanning .dat. If the header says the store was
     closed cleanly, its snapshot did not match .dat: that is damage, not a
-    crash, and `listed` holds the keys the snapshot lists, if its .dir is
-    whole (see _report_damage)."""
+    crash, and `listed` is the number of keys the snapshot held, if known
+    (see _report_damage)."""
     engine.dat_size = os.fstat(engine.dat).st_size
-    losers, marked, tables, newest = _scan(engine)
+    found: dict[bytes, int] = {}
+    losers, marked, tables, newest = _scan(engine, found)
     engine.seq = max(header.seq if header else 1, newest + 1)
-    _count_index(engine)
-    last = max(map(and_, engine.index.values(), repeat(_SLOT_MASK)), default=0)
-    _check_room(engine, _slot_block(last) * _BLOCK + _slot_size(last))
-    if losers:  # older copies of keys: never again valid, once the newer are durable
-        _fsync(engine.dat)
-    for block, length in losers:
-        engine._write_marker(block, length)
-    _derive_free(engine, marked)
-    closed = header is not None and header.state == _CLOSED
+    _index_found(engine, found, losers, marked)
+    closed = header is not None and header.state == _CLOSED and header.version == 3
+    if closed and engine.dat_size <= _BLOCK and not listed:
+        return  # a new store, which has no .idx yet
+    if header is not None and header.version == 2:
+        _log.info("datastore %s: converted from version 2 (%d keys)",
+                  engine.dat_path[:-4], engine.index.count)
     _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}),
                    closed, listed)
 
 
-def _check_room(engine: _Engine, end: int) -> None:
+def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[int, int]],
+                 marked: dict[int, int]) -> None:
+    """From a scan's newest copy of each key (`found`, key -> slot): refuse a
+    store too large for max_bytes, invalidate the older copies (`losers`),
+    derive the free space, list the expiries and build .idx."""
+    slots = list(found.values())
+    last = max(map(and_, slots, repeat(_SLOT_MASK)), default=0)
+    end = _slot_block(last) * _BLOCK + _slot_size(last)
+    exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))
+    _check_room(engine, end, sum(map(bool, exps)))
+    if losers:  # older copies of keys: never again valid, once the newer are durable
+        _fsync(engine.dat)
+    for block, length in losers:
+        engine._write_marker(block, length)
+    _derive_free(engine, slots, marked)
+    engine.expiries.load(list(compress(exps, exps)),
+                         list(map(and_, compress(slots, exps), repeat(_SLOT_MASK))))
+    engine.index.build(zip(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK))))
+    _check_room(engine, end, engine.expiries.count)
+
+
+def _check_room(engine: _Engine, end: int, expiring: int) -> None:
     """Refuse, before anything is written, a store that needs more than
     max_bytes (it was filled under a larger one): .dat up to `end`, the
-    end of its last record, then .dir and the index table."""
-    needed = max(_blocks(end), 1) * _BLOCK + engine.dir_bytes + _table_room(
-        len(engine.index), engine.expiries.count)
+    end of its last record, then .idx (once built: a bulk build takes no
+    more pages than the same keys added one by one) and the snapshot."""
+    needed = (max(_blocks(end), 1) * _BLOCK + engine.index.room()
+              + _snapshot_room(len(engine.free.at), expiring))
     if needed > engine.max_bytes:
         raise _StoreFull(0, needed)
 
 
-def _count_index(engine: _Engine) -> None:
-    """Count .dir's lines and list the expiries, for an index from a scan.
-    (The sum of _line_length over the index, in bulk: map() runs in C.)"""
-    keys, slots = list(engine.index), list(engine.index.values())
-    joined = b"".join(keys)
-    if joined.translate(None, _PLAIN_KEY_BYTES):  # some key repr() escapes
-        quoted = sum(map(len, map(repr, map(bytes.decode, keys, repeat("latin-1")))))
-    else:  # each key between two quotes
-        quoted = len(joined) + 2 * len(keys)
-    # After a scan the index is in .dat's order, so the sort is quick;
-    # sizes repeat, so each one's digits are counted once.
-    blocks = sorted(map(rshift, map(and_, slots, repeat(_SLOT_MASK)), repeat(_BLOCK_SHIFT)))
-    sizes = Counter(map(and_, slots, repeat(_SIZE_MASK)))
-    engine.dir_bytes = (quoted + _digits(blocks, _BLOCK) + _LINE_PUNCTUATION * len(keys)
-                        + sum(len(str(size)) * count for size, count in sizes.items()))
-    exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))
-    engine.expiries.load(list(compress(exps, exps)), list(compress(keys, exps)))
-
-
-def _scan(engine: _Engine) -> tuple[list[tuple[int, int]], dict[int, int], dict[int, int], int]:
-    """Read every valid item of .dat into the index (newest copy of each key).
+def _scan(engine: _Engine, index: dict[bytes, int]
+          ) -> tuple[list[tuple[int, int]], dict[int, int], dict[int, int], int]:
+    """Read every valid item of .dat into `index` (newest copy of each key).
 
     Returns the older copies (block, blocks), the free markers and the
     index tables (each as block -> blocks), and the highest sequence
     number seen. Value records are checked a chunk at a time, in bulk
     (see _values); free markers and tables one by one.
     """
-    index = engine.index
     newest = 0
     losers: list[tuple[int, int]] = []
     marked: dict[int, int] = {}
@@ -1407,7 +1784,7 @@ def _scan(engine: _Engine) -> tuple[list[tuple[int, int]], dict[int, int], dict[
         if indexed != slots:  # some key has another copy
             for key, slot, seq, other in zip(keys, slots, seqs, indexed):
                 if other != slot:
-                    _choose(engine, key, slot, seq, losers)
+                    _choose(engine, index, key, slot, seq, losers)
         newest = max(newest, max(seqs, default=0))
         for off in compress(starts, map(_MARKER_WORDS.__contains__, columns[0])):
             block = first + off // _BLOCK
@@ -1424,14 +1801,14 @@ def _scan(engine: _Engine) -> tuple[list[tuple[int, int]], dict[int, int], dict[
     return losers, marked, tables, newest
 
 
-def _choose(engine: _Engine, key: bytes, slot: int, seq: int,
+def _choose(engine: _Engine, index: dict[bytes, int], key: bytes, slot: int, seq: int,
             losers: list[tuple[int, int]]) -> None:
     """Of a copy of key (its slot and seq) and the one indexed now, index
     the one with the higher sequence number; add the other to losers."""
-    old = engine.index[key]
+    old = index[key]
     old_seq = _HEAD.unpack(_read_at(engine.dat, _HEAD.size, _slot_block(old) * _BLOCK))[4]
     if seq > old_seq:
-        engine.index[key] = slot
+        index[key] = slot
     loser = old if seq > old_seq else slot
     losers.append((_slot_block(loser), _blocks(_slot_size(loser))))
 
@@ -1455,32 +1832,30 @@ def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]
 
 
 def _report_damage(engine: _Engine, damage: list[tuple[int, int]], closed: bool,
-                   listed: Optional[list[bytes]]) -> None:
+                   listed: Optional[int]) -> None:
     """Say what recovery skipped. A crash tears at most the one record
     (or free marker) being written: more than that is damage, a warning.
-    So is any scan of a store closed cleanly: the keys its snapshot lists
-    (`listed`, if known) that the scan did not find are lost, and
-    engine.lost keeps them for check() to say."""
+    So is any scan of a store closed cleanly: if the number of keys it held
+    is known (`listed`), the ones the scan did not find are lost, and
+    engine.lost keeps their number for check() to say."""
     skipped = sum(length for _, length in damage) * _BLOCK
     if closed:
-        engine.lost = [key for key in listed or () if key not in engine.index]
-        lost = ("which keys were lost cannot be told, as its .dir is damaged too"
-                if listed is None else f"lost {len(engine.lost)} key(s) the snapshot lists"
-                + (f", such as {engine.lost[0].decode('utf-8', 'replace')!r}"
-                   if engine.lost else ""))
+        engine.lost = max(0, (listed or 0) - engine.index.count)
+        lost = ("how many keys were lost cannot be told, as its .idx is missing or "
+                "damaged too" if listed is None else f"lost {engine.lost} key(s)")
         _log.warning(
             "datastore %s was closed cleanly, but its files do not match the "
             "snapshot close wrote: they were damaged since. Recovered %d keys by "
             "scanning; %s; skipped %d damaged region(s) of %d bytes in all",
-            engine.dat_path[:-4], len(engine.index), lost, len(damage), skipped)
+            engine.dat_path[:-4], engine.index.count, lost, len(damage), skipped)
     elif len(damage) > 1 or any(length > _MAX_BLOCKS for _, length in damage):
         _log.warning(
             "datastore %s: recovered %d keys; skipped %d damaged region(s) "
             "of %d bytes in all, which a crash alone does not explain",
-            engine.dat_path[:-4], len(engine.index), len(damage), skipped)
+            engine.dat_path[:-4], engine.index.count, len(damage), skipped)
     else:
         _log.info("datastore %s: recovered %d keys after a crash%s",
-                  engine.dat_path[:-4], len(engine.index),
+                  engine.dat_path[:-4], engine.index.count,
                   f"; skipped {skipped} bytes of a torn write" if damage else "")
 
 
@@ -1561,110 +1936,6 @@ def _is_value(buf: bytes, off: int) -> bool:
     return item is not None and item[0] == _VALUE and _valid_key(item[2])
 
 
-# --- snapshot.py -------------------------------------------------------------
-# The snapshot: the index as a clean close leaves it, for a fast next open.
-#
-# A clean ``close()`` writes the index table into ``.dat`` and the ``.dir``
-# lines (both described in ``format``), fsyncs them and the records they point
-# at, and only then marks the header *closed* with the size and CRC-32 of
-# ``.dir`` and where the table is. The next open trusts the snapshot only if
-# the header says closed and ``.dir`` and the table match it; otherwise it
-# scans ``.dat`` (see ``recovery``). What matches but makes no sense (keys
-# twice, records out of bounds) is damage, not a crash, and is refused.
-
-def _write_snapshot(engine: _Engine) -> None:
-    """Write the index table and .dir, fsync, then mark the header closed."""
-    table = (0, 0)
-    if engine.index:
-        body = _pack_table(list(engine.index), list(engine.index.values()))
-        record = _pack_marker(_TABLE, len(body), body, engine.seq)
-        block, _ = engine._place(len(record))  # used() has counted its room all along
-        engine._write_record(block, _blocks(len(record)), record)
-        table = (block * _BLOCK, len(record))
-    lines = _pack_dir(engine.index.items())
-    _write_at(engine.dir, lines, 0)
-    os.ftruncate(engine.dir, len(lines))
-    _fsync(engine.dir)
-    engine._sync()  # the records .dir points at, before the header trusts it
-    engine._write_header(_CLOSED, len(lines), zlib.crc32(lines), table)
-
-
-def _load_snapshot(engine: _Engine, header: _Header) -> bool:
-    """Load the index from the .dir and index table a clean close wrote.
-
-    The keys come from .dir, in its order; their blocks, sizes and
-    expiries from the table, as binary, which is faster than parsing the
-    same numbers out of .dir's text. Returns False if either does not
-    match the header (then scan .dat). What matches but does not make
-    sense raises CorruptStoreError.
-    """
-    engine.dat_size = os.fstat(engine.dat).st_size
-    if (os.fstat(engine.dir).st_size != header.dir_size
-            or header.dir_size > engine.max_bytes):
-        return False
-    text = _read_at(engine.dir, header.dir_size, 0)
-    table = _read_table(engine, header.table_pos, header.table_size)
-    if zlib.crc32(text) != header.dir_crc or table is None:
-        return False
-    keys = _unpack_dir_keys(text, engine.dir_path)
-    blocks, sizes, lines, exps = table
-    if len(blocks) != len(keys):
-        raise _damaged(engine.dat_path, "the index table does not match .dir")
-    # Records do not overlap (_derive_free checks, below), so the one
-    # that starts last ends last: where it ends is all .dat they need.
-    last = blocks.index(max(blocks)) if keys else None
-    end = 0 if last is None else blocks[last] * _BLOCK + sizes[last]
-    if keys and (min(blocks) < 1 or min(sizes) <= _HEAD.size or max(sizes) > _MAX_RECORD
-                 or end > engine.dat_size):
-        raise _damaged(engine.dat_path, "a record in the index table is out of bounds")
-    if not _valid_keys(keys):
-        raise _damaged(engine.dir_path, "a key is not 1 to 32 characters of UTF-8")
-    if lines and (max(lines) >= len(keys) or len(frozenset(lines)) != len(lines)
-                  or min(exps) <= 0 or max(exps) > _LATEST_EXPIRY_BITS):
-        raise _damaged(engine.dat_path, "bad expiry in the index table")
-    slots = list(map(or_, sizes, map(lshift, blocks, repeat(_BLOCK_SHIFT))))
-    deque(map(slots.__setitem__, lines, map(or_, map(slots.__getitem__, lines),  # in C:
-                                             map(lshift, exps, repeat(_EXP_SHIFT)))), maxlen=0)
-    engine.index.update(zip(keys, slots))
-    if len(engine.index) != len(keys):
-        raise _damaged(engine.dir_path, "a key is listed twice")
-    engine.expiries.load(exps, list(map(keys.__getitem__, lines)))
-    engine.dir_bytes = len(text)
-    engine.seq = header.seq
-    _derive_free(engine, None)  # writes nothing
-    _check_room(engine, end)
-    return True
-
-
-def _read_table(engine: _Engine, pos: int, size: int) -> Optional[tuple[Sequence[int], ...]]:
-    """The index table's blocks, sizes, ttl lines and expiries (float
-    bits), or None if it is damaged. An empty store has no table."""
-    if not size:
-        return ((), (), (), ()) if not pos else None
-    if (pos % _BLOCK or pos < _BLOCK or pos + size > engine.dat_size
-            or size > engine.max_bytes // 16):  # 6 to 18 bytes a key, 512 or more a key
-        return None
-    item = _parse_item(_read_at(engine.dat, size, pos), 0)
-    if item is None or item[0] != _TABLE or item[5] != size:
-        return None
-    return _unpack_table(_read_at(engine.dat, item[4], pos + _HEAD.size))
-
-
-def _listed_keys(engine: _Engine, header: _Header) -> Optional[list[bytes]]:
-    """The keys .dir lists, if it is the one the header says close wrote (it
-    is the index table or .dat that does not match): for recovery to tell
-    which keys the scan lost. None if .dir is damaged too."""
-    if os.fstat(engine.dir).st_size != header.dir_size or header.dir_size > engine.max_bytes:
-        return None
-    text = _read_at(engine.dir, header.dir_size, 0)
-    if zlib.crc32(text) != header.dir_crc:
-        return None
-    try:
-        return _unpack_dir_keys(text, engine.dir_path)
-    except CorruptStoreError:
-        return None
-
-
 # --- legacy.py ---------------------------------------------------------------
 # Stores written by version 1.0, converted in place at their first open.
 #
@@ -1689,7 +1960,7 @@ def _is_v1_header(data: bytes) -> bool:
             == int.from_bytes(data[_V1_HEADER.size - 4:_V1_HEADER.size], "little"))
 
 
-def _convert_v1(engine: _Engine) -> None:
+def _convert_v1(engine: _Engine, old_dir: str) -> None:
     """Convert a store written by version 1.0, in place.
 
     The 1.0 header stays until the end, so a crash here converts again: a
@@ -1701,9 +1972,11 @@ def _convert_v1(engine: _Engine) -> None:
     """
     for leftover in (".bak", ".compact.dat", ".compact.dir", ".compact.bak"):
         _remove(engine.dat_path[:-4] + leftover)  # 1.0's own temporary files
-    # 1.0's .dir, its snapshot of .dat, is not read: .dat says it all. Gone
-    # first, since the room the conversion may use counts only the new one.
-    os.ftruncate(engine.dir, 0)
+    # 1.0's .dir, its snapshot of .dat, is not read: .dat says it all. Emptied
+    # first, since the room the conversion may use counts .dat and .idx only
+    # (and removed once the store is converted, see opening).
+    if os.path.isfile(old_dir):
+        os.truncate(old_dir, 0)
     engine.dat_size = os.fstat(engine.dat).st_size
     newest: dict[bytes, tuple[int, int, float, Optional[bytes]]] = {}
     older: list[tuple[int, int]] = []
@@ -1723,13 +1996,13 @@ def _convert_v1(engine: _Engine) -> None:
                 older.append(newest[key][:2])
             newest[key] = (block, _blocks(end - off), expires_at,
                            buf[key_at + key_len:end] if kind == 1 else None)
-    losers, marked, _, seq = _scan(engine)  # from a conversion cut short
+    found: dict[bytes, int] = {}
+    losers, marked, _, seq = _scan(engine, found)  # from a conversion cut short
     engine.seq = seq + 1
     engine.lease = _MAX_SEQ  # no header write: the 1.0 header stays until the end
-    _count_index(engine)
     tombstones, convert = [], {}
     for key, (block, length, expires_at, body) in newest.items():
-        if key in engine.index:
+        if key in found:
             older.append((block, length))
         elif body is None:
             tombstones.append((block, length))
@@ -1747,8 +2020,8 @@ def _convert_v1(engine: _Engine) -> None:
             engine._write_marker(block, length)
     holders = {b"\0" + key: _slot(length * _BLOCK, block)  # hold their blocks
                for key, (block, length, _, _) in convert.items()}
-    engine.index.update(holders)
-    _derive_free(engine, marked)
+    found.update(holders)
+    _index_found(engine, found, [], marked)
     copied: list[tuple[int, int]] = []  # originals whose copies are not yet durable
 
     def release() -> None:
@@ -1759,15 +2032,15 @@ def _convert_v1(engine: _Engine) -> None:
         copied.clear()
 
     for key, (block, length, expires_at, body) in convert.items():
-        del engine.index[b"\0" + key]
+        engine.index.remove(_hash(b"\0" + key), holders[b"\0" + key])
         engine._count(length, -1)
         try:
-            engine._put_record(key, body, expires_at)
+            engine._put_record(key, body, expires_at, None, None)
         except _StoreFull:
             if not copied:
                 raise
             release()  # the originals' room
-            engine._put_record(key, body, expires_at)
+            engine._put_record(key, body, expires_at, None, None)
         copied.append((block, length))
         if len(copied) == _CONVERT_BATCH:
             release()
@@ -1797,30 +2070,30 @@ _SWEEP_BATCH = 1024  # records copied to the end between fsyncs
 
 def _compact(engine: _Engine) -> None:
     _settle(engine)
+    engine.index.rebuild()  # in as few pages as its keys need
     if _small_enough(engine) or not engine.free.at:
         return
     lowest = min(engine.free.at)
-    order = sorted((_slot_block(slot), key) for key, slot in engine.index.items()
-                   if _slot_block(slot) > lowest)
+    order = sorted(place for place in engine.index.places() if _slot_block(place) > lowest)
     at = 0
     while at < len(order) and not _small_enough(engine):
         batch: list[tuple[bytes, int]] = []  # (key, the original's slot)
         while at < len(order) and len(batch) < _SWEEP_BATCH:
-            block, key = order[at]
-            slot = engine.index.get(key)
-            if slot is not None and _slot_block(slot) == block:  # not moved since
-                end = _blocks(engine.dat_size)
-                growth = (_blocks(_slot_size(slot)) * _BLOCK + len(str(end * _BLOCK))
-                          - len(str(block * _BLOCK)))
-                if engine.used() + growth > engine.max_bytes:
+            slot = order[at]
+            block = _slot_block(slot)
+            record = _read_at(engine.dat, _slot_size(slot), block * _BLOCK)
+            item = _parse_item(record, 0)
+            # (a damaged record fails _parse_item, and stays put)
+            if (item is not None and item[0] == _VALUE and item[5] == len(record)
+                    and slot in engine.index.find(_hash(item[2]))):  # not moved since
+                if engine.used() + _blocks(_slot_size(slot)) * _BLOCK > engine.max_bytes:
                     break  # no room for another copy now: settle this batch first
-                record = _read_at(engine.dat, _slot_size(slot), block * _BLOCK)
-                if _value_body(record, key) is not None:  # (a damaged one stays put)
-                    try:
-                        batch.append((key, engine._copy(key, record, end)))
-                    except OSError:  # the originals of the copies made stay valid:
-                        engine.stale.extend(batch)  # the next write invalidates them
-                        raise
+                try:
+                    batch.append((item[2], engine._copy(
+                        item[2], record, _blocks(engine.dat_size), block)))
+                except OSError:  # the originals of the copies made stay valid:
+                    engine.stale.extend(batch)  # the next write invalidates them
+                    raise
             at += 1
         if not batch:
             break
@@ -1854,7 +2127,7 @@ def _settle(engine: _Engine) -> None:
 
 def _small_enough(engine: _Engine) -> bool:
     """Fewer free blocks than one a key and one largest record."""
-    return engine.free.blocks < len(engine.index) + engine.largest
+    return engine.free.blocks < engine.index.count + engine.largest
 
 
 # --- opening.py --------------------------------------------------------------
@@ -1862,10 +2135,10 @@ def _small_enough(engine: _Engine) -> bool:
 #
 # A new store's .dat is made whole first (see format's _create_data_file);
 # then .dat is opened and locked (locks), a creator's leftover temporary file
-# removed, and the index loaded: from the snapshot after a clean close
-# (snapshot), by a scan after a crash (recovery), or by converting a store
-# written by version 1.0 (legacy). Only then is the header marked open,
-# before anything else is written.
+# removed, and the index loaded: from .idx after a clean close (snapshot), by
+# a scan after a crash (recovery), or by converting a store written by
+# version 1.0 (legacy) or 2.0 (a scan, as after a crash). Only then is the
+# header marked open, before anything else is written.
 
 def _open(engine: _Engine, deadline: Optional[float]) -> None:
     """See _Engine.open."""
@@ -1873,7 +2146,7 @@ def _open(engine: _Engine, deadline: Optional[float]) -> None:
     try:
         new = not os.path.exists(engine.dat_path)
         if new:
-            _create_data_file(engine.dat_path, engine.dir_path)
+            _create_data_file(engine.dat_path, engine.idx_path)
         engine.files.append(_open_regular(engine.dat_path))
         engine.dat = engine.files[-1].fileno()
         _lock_data_file(engine.dat, engine.dat_path, deadline)
@@ -1882,7 +2155,7 @@ def _open(engine: _Engine, deadline: Optional[float]) -> None:
             if re.fullmatch(re.escape(name) + r"\.\d+\.new", os.path.basename(leftover)):
                 _remove(leftover)  # of a creator killed before it could (see format)
         _load(engine)
-        if new:  # .dir and .lock too: so that sync() covers their names
+        if new:  # .idx and .lock too: so that sync() covers their names
             _fsync_folder(os.path.dirname(engine.dat_path))
     except BaseException:
         engine.close_files()
@@ -1890,57 +2163,60 @@ def _open(engine: _Engine, deadline: Optional[float]) -> None:
 
 
 def _load(engine: _Engine) -> None:
-    """Read the index: from the snapshot after a clean close, else by
-    scanning .dat (see recovery); convert a 1.0 store. Then mark the
-    header open, before anything else is written."""
+    """Read the index: from .idx after a clean close, else by scanning .dat
+    (see recovery); convert a 1.0 or 2.0 store. Then mark the header open,
+    before anything else is written."""
     size = os.fstat(engine.dat).st_size
     first = _read_at(engine.dat, min(size, _HEADER.size), 0)
     header = _Header.parse(first)
     v1 = header is None and _is_v1_header(first)
+    old_dir = engine.dat_path[:-4] + ".dir"  # of a 1.0 or 2.0 store: removed once converted
+    engine.files.append(_open_regular(engine.idx_path))
+    engine.index.fd = engine.files[-1].fileno()
     # A store that holds no record leaves .dat one header, or one block,
-    # long, zero after the header, beside an empty .dir: with the header
-    # torn by a power cut, it is that, not a foreign file.
-    torn = (size in (_HEADER.size, _BLOCK) and os.path.isfile(engine.dir_path)
-            and not os.path.getsize(engine.dir_path)
+    # long, zero after the header, beside an index of no key: with the
+    # header torn by a power cut, it is that, not a foreign file.
+    torn = (size in (_HEADER.size, _BLOCK) and _keys_saved(engine.index.fd) in (0, None)
+            and not os.path.exists(old_dir)
             and not _read_at(engine.dat, size, 0)[_HEADER.size:].strip(b"\0"))
     if size and header is None and not v1 and not torn and not _holds_records(engine):
         raise CorruptStoreError(
             f"{engine.dat_path} is not a datastore data file (no valid header "
             "or record); move it away or open a different path",
             path=engine.dat_path)
-    engine.files.append(_open_regular(engine.dir_path))
-    engine.dir = engine.files[-1].fileno()
-    if not size and os.fstat(engine.dir).st_size:
+    if not size and _keys_saved(engine.index.fd):
         raise CorruptStoreError(
-            f"{engine.dat_path} is empty but {engine.dir_path} is not; "
+            f"{engine.dat_path} is empty but {engine.idx_path} is not; "
             "restore the data file or move the index away", path=engine.dat_path)
     gc_was_on = gc.isenabled()
     gc.disable()  # loading makes millions of objects, none of them cyclic
     try:
         if v1:
-            _convert_v1(engine)
-        elif header is not None and header.state == _CLOSED:
-            if not _load_snapshot(engine, header):  # damaged since the clean close
-                _recover(engine, header, _listed_keys(engine, header))
-        elif size:
-            _recover(engine, header)
+            _convert_v1(engine, old_dir)
+        elif header is None or not _load_snapshot(engine, header):
+            _recover(engine, header, _keys_saved(engine.index.fd, header.seq) if header else None)
     finally:
         if gc_was_on:
             gc.enable()
     engine.lease = engine.seq + _LEASE
     engine._write_header(_OPEN)  # before anything else is written
     engine.durable_seq = engine.seq
-    os.ftruncate(engine.dir, 0)  # a stale snapshot: rewritten at close
+    if os.path.exists(old_dir):
+        _remove(old_dir)
+        _fsync_folder(os.path.dirname(engine.dat_path))
     engine._try(engine._trim)
 
 
 # --- engine.py ---------------------------------------------------------------
-# The storage engine: records and free space in .dat, the snapshot in .dir.
+# The storage engine: records and free space in .dat, the index in .idx.
 #
-# The store keeps in memory an index (key -> offset, size and expiry of its
-# record), the free extents (by start, by end and by size, merged with free
-# neighbours), the keys that have a ttl in order of expiry, and the sizes of the
-# files. It changes memory only after the bytes are written.
+# The index (see index) maps a hash of each key to the place of its record;
+# the key itself is checked against the record. The store keeps in memory the
+# free extents (by start, by end and by size, merged with free neighbours),
+# the records that have a ttl in order of expiry, and the sizes of the files.
+# It changes them only after the bytes are written. The index file is not
+# kept in step on disk while the store is open: after a crash it is rebuilt
+# from .dat (see recovery).
 #
 # * ``create`` takes the best-fitting free extent, or appends to ``.dat``. If
 #   it splits an extent, it first writes a free marker for the remainder. The
@@ -1974,7 +2250,7 @@ _MOVE_FOR_ROOM = 64
 
 
 class _Engine:
-    """The files of one store: records and free space in .dat, the snapshot in .dir.
+    """The files of one store: records and free space in .dat, the index in .idx.
 
     It deals in bytes keys, records, 512-byte blocks and file descriptors,
     held open for the store's life and never reopened by name; it holds the
@@ -1985,13 +2261,12 @@ class _Engine:
 
     def __init__(self, base: str, max_bytes: int) -> None:
         """The engine of the store `base`, not yet open: see open()."""
-        self.dat_path, self.dir_path = base + ".dat", base + ".dir"
+        self.dat_path, self.idx_path = base + ".dat", base + ".idx"
         self.max_bytes = max_bytes
-        self.index: dict[bytes, int] = {}       # key -> slot (see format)
-        self.expiries = _Expiries()             # keys that have a ttl
+        self.index = _Index(-1, self.idx_path)  # hash of key -> place (see index)
+        self.expiries = _Expiries()             # records that have a ttl
         self.free = _FreeSpace()                # blocks no record holds
         self.dat_size = 0     # bytes of .dat, from what was written
-        self.dir_bytes = 0    # bytes .dir will hold at close: its lines
         self.seq = 1          # the next sequence number
         self.lease = 0        # the header's bound on sequence numbers issued
         self.durable_seq = 0  # records below this number have been fsynced
@@ -2001,10 +2276,11 @@ class _Engine:
         self.shrinking = False  # moving records down, until a fifth of .dat is free
         self.by_blocks = [0] * (_MAX_BLOCKS + 1)  # indexed records by blocks taken
         self.largest = 0      # blocks of the largest indexed record
-        self.lost: list[bytes] = []  # keys of a damaged snapshot that the scan did not find
+        self.lost = 0         # keys a damaged store had that its scan did not find
+        self.moves = 0        # records moved so far (see _put_record)
         self.busy = False     # a write is running, or was cut short (see _unit)
         self.closing = False  # close() has begun
-        self.dat = self.dir = -1  # the descriptors of .dat and .dir, once open
+        self.dat = -1         # the descriptor of .dat, once open (.idx's: index.fd)
         self.files: list[io.FileIO] = []  # which own them
 
     def open(self, deadline: Optional[float] = None) -> _Engine:
@@ -2017,61 +2293,85 @@ class _Engine:
 
     # --- Reading ---
 
+    def lookup(self, key: bytes) -> Optional[int]:
+        """key's slot, expired or not, or None: of the index's candidates,
+        the one whose record's head holds key (one read of it, if any)."""
+        for place in self.index.find(_hash(key)):
+            head = _read_at(self.dat, _HEAD.size + len(key), (place >> 16) * _BLOCK)
+            if head[_HEAD.size:] == key and head[4] == _VALUE and head[5] == len(key):
+                return place | _HEAD.unpack_from(head)[5] << _EXP_SHIFT
+        return None
+
     def slot(self, key: bytes, now: float) -> Optional[int]:
-        """key's slot if it has a live record at `now`, else None. No I/O."""
-        slot = self.index.get(key)
+        """key's slot if it has a live record at `now`, else None."""
+        slot = self.lookup(key)
         if slot is None:
             return None
         exp = _slot_exp(slot)
         return None if exp and exp <= _float_bits(now) else slot
 
     def expires_at(self, key: bytes, now: float) -> Optional[float]:
-        """expires_at of key's live record (0.0 for never), or None. No I/O."""
+        """expires_at of key's live record (0.0 for never), or None."""
         slot = self.slot(key, now)
         return None if slot is None else _bits_float(_slot_exp(slot))
 
     def count(self, now: float) -> int:
         """The number of live keys at `now`. No I/O."""
-        return len(self.index) - self.expiries.count_due(_float_bits(now))
+        return self.index.count - self.expiries.count_due(_float_bits(now))
 
     def keys(self, now: float) -> list[bytes]:
-        """The live keys at `now`, in no particular order. No I/O."""
+        """The live keys at `now`, in no particular order. O(keys), reading
+        each record's head."""
         now_bits = _float_bits(now)
-        return [key for key, slot in self.index.items()
-                if not _slot_exp(slot) or _slot_exp(slot) > now_bits]
+        return [key for key, exp, _ in self._heads() if not exp or exp > now_bits]
+
+    def items(self) -> list[tuple[bytes, int]]:
+        """(key, slot) of every indexed record, expired or not. O(keys)."""
+        return [(key, place | exp << _EXP_SHIFT) for key, exp, place in self._heads()]
+
+    def _heads(self) -> Iterator[tuple[bytes, int, int]]:
+        """(key, expiry bits, place) of every indexed record, in .dat's order."""
+        for place in sorted(self.index.places(), key=lambda place: place >> 16):
+            head = _read_at(self.dat, _HEAD.size + _MAX_KEY_BYTES, (place >> 16) * _BLOCK)
+            fields = _HEAD.unpack_from(head)
+            if fields[0] != _MAGIC or fields[1] != _VALUE:
+                raise CorruptStoreError(f"a record of {self.dat_path} that {self.idx_path} "
+                                        "lists is damaged", path=self.dat_path)
+            yield head[_HEAD.size:_HEAD.size + fields[2]], fields[5], place
 
     def get(self, key: bytes, now: float) -> Optional[bytes]:
-        """The body of key's live record, or None."""
-        slot = self.slot(key, now)
-        if slot is None:
-            return None
-        body = _value_body(_read_at(self.dat, _slot_size(slot), _slot_block(slot) * _BLOCK), key)
-        if body is None:
-            raise CorruptStoreError(
-                f"the record of {key.decode('utf-8', 'replace')!r} in "
-                f"{self.dat_path} is damaged", path=self.dat_path)
-        return body
+        """The body of key's live record, or None. One read of .dat."""
+        for place in self.index.find(_hash(key)):
+            record = _read_at(self.dat, place & 0xFFFF, (place >> 16) * _BLOCK)
+            if record[_HEAD.size:_HEAD.size + len(key)] != key or record[5] != len(key):
+                continue  # another key's, with the same hash
+            body = _value_body(record, key)
+            if body is None:
+                raise CorruptStoreError(
+                    f"the record of {key.decode('utf-8', 'replace')!r} in "
+                    f"{self.dat_path} is damaged", path=self.dat_path)
+            exp = _HEAD.unpack_from(record)[5]
+            return None if exp and exp <= _float_bits(now) else body
+        return None
 
     def records(self) -> Iterator[tuple[bytes, Optional[bytes]]]:
         """(key, body) for every indexed record, expired or not, read from
         disk; body None if the record is damaged. O(keys)."""
-        for key in list(self.index):
-            try:
-                yield key, self.get(key, 0.0)  # at time 0 nothing has expired
-            except CorruptStoreError:
-                yield key, None
+        for key, _, place in list(self._heads()):
+            yield key, _value_body(_read_at(self.dat, place & 0xFFFF, (place >> 16) * _BLOCK),
+                                   key)
 
     def stats(self, now: float) -> tuple[int, int, int]:
         """Keys in the index (expired ones not yet reclaimed included), live
         keys, and bytes of free space inside .dat. No I/O."""
-        return len(self.index), self.count(now), self.free.blocks * _BLOCK
+        return self.index.count, self.count(now), self.free.blocks * _BLOCK
 
     def used(self) -> int:
         """Bytes the files hold or may need at close: .dat (in whole blocks, so
-        that the padding before an append is counted already), .dir and the
-        index table."""
-        return (_blocks(self.dat_size) * _BLOCK + self.dir_bytes
-                + _table_room(len(self.index), self.expiries.count))
+        that the padding before an append is counted already), and .idx with
+        what a close appends to it."""
+        return (_blocks(self.dat_size) * _BLOCK + self.index.room()
+                + _snapshot_room(len(self.free.at), self.expiries.count))
 
     # --- Writing ---
 
@@ -2086,13 +2386,12 @@ class _Engine:
         Raises _StoreFull (nothing written) if there is no room.
         """
         self._check_writable()
-        if self.lost and key in self.lost:  # written anew, from a backup say
-            self.lost.remove(key)
-        old = self.index.get(key)
+        old = self.lookup(key)
         if old is not None and _slot_exp(old) and _slot_exp(old) <= _float_bits(now):
             self._drop(key, old)  # expired: its space may serve the new record
             self._try(self._trim)
-        old = self._put_record(key, body, expires_at, now)
+            old = None
+        old = self._put_record(key, body, expires_at, now, old)
         if old is not None:
             self._supersede(key, old)
         self._tidy(now)
@@ -2118,46 +2417,48 @@ class _Engine:
             self.stale.pop()
 
     def _put_record(self, key: bytes, body: bytes, expires_at: float,
-                    now: Optional[float] = None) -> Optional[int]:
-        """Write a new record for key and point the index at it (the commit).
-        Returns the slot of the record it replaces, if any: the caller must
-        invalidate that one."""
+                    now: Optional[float], old: Optional[int]) -> Optional[int]:
+        """Write a new record for key, whose record now is `old` (its slot,
+        or None), and point the index at it (the commit). Returns the slot
+        of the record it replaces, if any: the caller must invalidate that
+        one."""
         size = _HEAD.size + len(key) + len(body)
         blocks = _blocks(size)
+        h = _hash(key)
+        exp = _float_bits(expires_at) if expires_at else 0
 
         def extra(block: int) -> int:
-            """Bytes .dir and the index table grow by, and the room kept for a
-            set(), unless this replaces a record no smaller (in blocks, and
-            in table room): that may use the room. From the state now, after
-            any reclaim."""
-            old = self.index.get(key)
-            keys, expiring = len(self.index), self.expiries.count
-            table = _table_room(keys + (old is None), expiring + bool(expires_at)
-                                - bool(old and _slot_exp(old))) - _table_room(keys, expiring)
-            grow = _line_length(key, block, size) + table
-            if old is not None:
-                grow -= _line_length(key, _slot_block(old), _slot_size(old))
-                if blocks <= _blocks(_slot_size(old)) and table <= 0:
-                    return grow
+            """Bytes .idx grows by (a bucket split, one more expiry and free
+            extent to save at close), and the room kept for a set(), unless
+            this replaces a record no smaller: that may use the room."""
+            grow = _snapshot_room(len(self.free.at) + 1, self.expiries.count + bool(exp)) \
+                - _snapshot_room(len(self.free.at), self.expiries.count)
+            if old is None:
+                grow += self.index.split_cost(h)
+            elif blocks <= _blocks(_slot_size(old)):
+                return grow
             if now is None:  # converting a 1.0 store: no set() to keep room for
                 return grow
-            return grow + max(self.largest, blocks) * _BLOCK + len(str(self.max_bytes))
+            return grow + max(self.largest, blocks) * _BLOCK
 
+        moves = self.moves
         block = self._allocate(size, extra, now)
-        old = self.index.get(key)  # again: making room may have moved that very record
-        exp = _float_bits(expires_at) if expires_at else 0
+        if old is not None and self.moves != moves:  # making room may have moved it
+            old = self.lookup(key)
         record = _pack_value(self._next_seq(), key, exp, body)
         self._write_record(block, blocks, record)
-        self.index[key] = _slot(size, block, exp)
-        self.dir_bytes += _line_length(key, block, size)
+        place = _slot(size, block)
+        if old is None:
+            self.index.add(h, place)
+        else:
+            self.index.replace(h, old & _SLOT_MASK, place)
         self._count(blocks, 1)
         if old is not None:
-            self.dir_bytes -= _line_length(key, _slot_block(old), _slot_size(old))
             self._count(_blocks(_slot_size(old)), -1)
             if _slot_exp(old):
-                self.expiries.remove(_slot_exp(old), key)
+                self.expiries.remove(_slot_exp(old), old & _SLOT_MASK)
         if exp:
-            self.expiries.add(exp, key)
+            self.expiries.add(exp, place)
         return old
 
     def _count(self, blocks: int, change: int) -> None:
@@ -2170,8 +2471,8 @@ class _Engine:
 
     def _allocate(self, size: int, extra: Callable[[int], int], now: Optional[float]) -> int:
         """Where to write a record of `size` bytes (see _place) such that the
-        files stay within max_bytes with extra(block) more bytes (.dir, the
-        index table, room kept).
+        files stay within max_bytes with extra(block) more bytes (.idx,
+        room kept).
 
         Tries reclaiming expired keys and moving records to make room, a
         bounded amount; raises _StoreFull if that is not enough.
@@ -2245,11 +2546,10 @@ class _Engine:
         except OSError:
             self._try(_write_at, self.dat, head, block * _BLOCK)
             raise
-        del self.index[key]
-        self.dir_bytes -= _line_length(key, block, size)
+        self.index.remove(_hash(key), slot & _SLOT_MASK)
         self._count(_blocks(size), -1)
         if _slot_exp(slot):
-            self.expiries.remove(_slot_exp(slot), key)
+            self.expiries.remove(_slot_exp(slot), slot & _SLOT_MASK)
         self.free.add(block, _blocks(size))
 
     def _supersede(self, key: bytes, old: int) -> None:
@@ -2284,11 +2584,9 @@ class _Engine:
         _write_at(self.dat, _pack_marker(_FREE, length), block * _BLOCK)
         self.dat_size = max(self.dat_size, block * _BLOCK + _HEAD.size)
 
-    def _write_header(self, state: int, dir_size: int = 0, dir_crc: int = 0,
-                      table: tuple[int, int] = (0, 0)) -> None:
+    def _write_header(self, state: int) -> None:
         # Within one disk sector, at offset 0: written whole or not at all.
-        data = _pack_header(state, self.seq if state == _CLOSED else self.lease,
-                            dir_size, dir_crc, table)
+        data = _pack_header(state, self.seq if state == _CLOSED else self.lease)
         _write_at(self.dat, data, 0)
         self.dat_size = max(self.dat_size, len(data))
         self._sync()
@@ -2333,8 +2631,10 @@ class _Engine:
 
     def _reclaim(self, now: float, limit: int) -> None:
         """Free up to `limit` expired keys' records, earliest first."""
-        for key in self.expiries.due(_float_bits(now), limit):
-            self._drop(key, self.index[key])
+        for place in self.expiries.due(_float_bits(now), limit):
+            head = _read_at(self.dat, _HEAD.size + _MAX_KEY_BYTES, (place >> 16) * _BLOCK)
+            exp = _HEAD.unpack_from(head)[5]
+            self._drop(head[_HEAD.size:_HEAD.size + head[5]], place | exp << _EXP_SHIFT)
 
     def _trim(self) -> None:
         """Give a free extent at the end of .dat back to the file system."""
@@ -2377,7 +2677,7 @@ class _Engine:
                 target = self.free.fitting(blocks)
                 if target is None or target >= block:  # (none is above: passed ones left)
                     break
-                moved.append((key, self._copy(key, record, target)))
+                moved.append((key, self._copy(key, record, target, block)))
                 durable = durable or seq < self.durable_seq
                 end = block
             if durable:
@@ -2401,15 +2701,20 @@ class _Engine:
             self.dat_size = end * _BLOCK
         return len(moved)
 
-    def _copy(self, key: bytes, record: bytes, target: int) -> int:
-        """Write a copy of key's record, with a new sequence number, at block
-        `target`, and point the index at it. Returns the original's slot: the
-        caller must invalidate it, once the copy is durable if it was."""
+    def _copy(self, key: bytes, record: bytes, target: int, block: int) -> int:
+        """Write a copy of key's record (now at `block`), with a new sequence
+        number, at block `target`, and point the index at it. Returns the
+        original's slot: the caller must invalidate it, once the copy is
+        durable if it was."""
         self._write_record(target, _blocks(len(record)), _with_seq(record, self._next_seq()))
-        old = self.index[key]
-        self.index[key] = _slot(_slot_size(old), target, _slot_exp(old))
-        self.dir_bytes += len(str(target * _BLOCK)) - len(str(_slot_block(old) * _BLOCK))
-        return old
+        exp = _HEAD.unpack_from(record)[5]
+        old, new = _slot(len(record), block), _slot(len(record), target)
+        self.index.replace(_hash(key), old, new)
+        if exp:
+            self.expiries.remove(exp, old)
+            self.expiries.add(exp, new)
+        self.moves += 1
+        return old | exp << _EXP_SHIFT
 
     def _last_record(self, end: int) -> Optional[tuple[bytes, int, int, bytes]]:
         """(key, block, seq, record) of the live record that ends at block
@@ -2418,9 +2723,8 @@ class _Engine:
         if found is None:
             return None
         first, buf, (kind, seq, key, _, _, total) = found
-        slot = self.index.get(key)
-        if (kind == _VALUE and slot is not None and _slot_block(slot) == first
-                and first + _blocks(total) == end):
+        if (kind == _VALUE and first + _blocks(total) == end
+                and _slot(total, first) in self.index.find(_hash(key))):
             return key, first, seq, buf[:total]
         return None
 
@@ -2429,7 +2733,7 @@ class _Engine:
         """All the upkeep at once: reclaim every expired key and move records
         down until little space is left free (see compaction)."""
         self._check_writable()
-        self._reclaim(now, len(self.index))
+        self._reclaim(now, self.index.count)
         _compact(self)
 
     # --- Closing ---
@@ -2442,17 +2746,18 @@ class _Engine:
             if self.failed is None and not self.busy and not self.closing and self.dat >= 0:
                 self.closing = True  # once: a close() cut short does not write again
                 self._check_writable()
-                self._reclaim(now, len(self.index))  # .dir lists live keys only
                 self._trim()
                 _write_snapshot(self)
         finally:
             self.close_files()
 
     def close_files(self) -> None:
-        """Close .dat (which drops its lock) and .dir; again does nothing.
-        They are forgotten before they are closed, so that a close cut short
-        by an interrupt is never repeated on a number the system reused."""
-        files, self.files, self.dat, self.dir = self.files, [], -1, -1
+        """Unmap .idx and close it and .dat (which drops its lock); again
+        does nothing. They are forgotten before they are closed, so that a
+        close cut short by an interrupt is never repeated on a number the
+        system reused."""
+        files, self.files, self.dat, self.index.fd = self.files, [], -1, -1
+        self.index.close()
         for file in files:
             file.close()
 
@@ -2502,12 +2807,12 @@ def _store_path(path: Any) -> Path:
         raise DataStoreValueError(
             f"path {text!r} names a folder, not a store: give the store a name in "
             f"it, such as {os.path.join(text, 'store')!r} (files store.dat, "
-            "store.dir and store.lock)")
+            "store.idx and store.lock)")
     resolved = Path(os.path.realpath(text))
     if resolved.is_dir():
         raise DataStoreValueError(
             f"path {text!r} is a folder; a store there would be the files "
-            f"{resolved}.dat, .dir and .lock beside it. Give the store a name in "
+            f"{resolved}.dat, .idx and .lock beside it. Give the store a name in "
             f"the folder instead, such as {str(resolved / 'store')!r}")
     return resolved
 
@@ -2540,12 +2845,14 @@ def _default_path() -> Path:
             os.chmod(folder, 0o700)
     return folder / "default"
 
+_R = TypeVar("_R")
+
 
 class DataStore:
     """A persistent store of JSON objects under short string keys.
 
     ``DataStore(path)`` opens the store whose files are ``path.dat``,
-    ``path.dir`` and ``path.lock``, creating it (and missing folders) if
+    ``path.idx`` and ``path.lock``, creating it (and missing folders) if
     needed; with no path it opens the default store in the user's data folder.
     The store stays locked against other processes until ``close()``.
 
@@ -2664,17 +2971,18 @@ class DataStore:
         """The number of live keys (expired ones not counted). Reads no value."""
         self._check_process()
         with self._mutex:
-            return self._usable().count(self._clock())
+            return self._run(_Engine.count, self._clock())
 
     def __contains__(self, key: object) -> bool:
-        """Whether ``key`` is live. Reads nothing from disk.
+        """Whether ``key`` is live. Reads no value (only, if the key is
+        there, its record's head).
 
         Raises ``KeyTypeError``/``InvalidKeyError`` for a bad key.
         """
         key, key_bytes = _encode_key(key)
         self._check_process()
         with self._mutex:
-            return self._usable().slot(key_bytes, self._clock()) is not None
+            return self._run(_Engine.slot, key_bytes, self._clock()) is not None
 
     def __iter__(self) -> Iterator[str]:
         """Iterate over ``keys()``: a list taken when iteration starts."""
@@ -2727,7 +3035,7 @@ class DataStore:
         Reads no value from disk."""
         self._check_process()
         with self._mutex:
-            keys = self._usable().keys(self._clock())
+            keys = self._run(_Engine.keys, self._clock())
         return [key.decode("utf-8") for key in keys]
 
     def ttl(self, key: str) -> Optional[float]:
@@ -2740,7 +3048,7 @@ class DataStore:
         self._check_process()
         with self._mutex:
             now = self._clock()
-            expires_at = self._usable().expires_at(key_bytes, now)
+            expires_at = self._run(_Engine.expires_at, key_bytes, now)
         if expires_at is None:
             raise KeyNotFoundError(f"key {key!r} not found", key=key, path=self.path)
         return expires_at - now if expires_at else None
@@ -2755,7 +3063,7 @@ class DataStore:
         key, key_bytes = _encode_key(key)
         self._check_process()
         with self._mutex:
-            body = self._usable().get(key_bytes, self._clock())
+            body = self._run(_Engine.get, key_bytes, self._clock())
         if body is None:
             raise KeyNotFoundError(f"key {key!r} not found", key=key, path=self.path)
         value = _decode_object(body)
@@ -2775,7 +3083,7 @@ class DataStore:
         key, key_bytes = _encode_key(key)
         self._check_process()
         with self._mutex:
-            if not self._usable().remove(key_bytes, self._clock()):
+            if not self._run(_Engine.remove, key_bytes, self._clock()):
                 raise KeyNotFoundError(f"key {key!r} not found", key=key, path=self.path)
 
     def compact(self) -> None:
@@ -2787,7 +3095,7 @@ class DataStore:
         """
         self._check_process()
         with self._mutex:
-            self._usable().compact(self._clock())
+            self._run(_Engine.compact, self._clock())
 
     def check(self) -> dict[str, int]:
         """Read every record and return a report: ``keys`` (records in the
@@ -2809,7 +3117,7 @@ class DataStore:
             keys, live_keys, dead_bytes = engine.stats(self._clock())
             lost = engine.lost
             report = {"keys": keys, "live_keys": live_keys, "damaged_records": len(damaged),
-                      "dead_bytes": dead_bytes, "lost_keys": len(lost)}
+                      "dead_bytes": dead_bytes, "lost_keys": lost}
         if damaged:
             raise CorruptStoreError(
                 f"store {self.path} has {len(damaged)} damaged record(s), such as "
@@ -2819,9 +3127,8 @@ class DataStore:
         if lost:
             raise CorruptStoreError(
                 f"store {self.path} was damaged after it was closed cleanly: opening "
-                f"it lost {len(lost)} key(s), such as "
-                f"{lost[0].decode('utf-8', 'replace')!r} ({report}); restore a backup "
-                "to get them back", path=self.path)
+                f"it lost {lost} key(s) ({report}); restore a backup to get them "
+                "back", path=self.path)
         return report
 
     def sync(self) -> None:
@@ -2874,14 +3181,13 @@ class DataStore:
         body = _encode_value(key, value)
         self._check_process()
         with self._mutex:
-            engine = self._usable()
             now = self._clock()
             expires_at = _expiry(key, ttl, now)
-            if not replace and engine.slot(key_bytes, now) is not None:
+            if not replace and self._run(_Engine.slot, key_bytes, now) is not None:
                 raise KeyExistsError(f"key {key!r} already exists", key=key,
                                      path=self.path)
             try:
-                engine.put(key_bytes, body, expires_at, now)
+                self._run(_Engine.put, key_bytes, body, expires_at, now)
             except _StoreFull as full:
                 kept = ("counting room kept for replacing the largest value, unless "
                         "the new one takes no more room than the old" if replace else
@@ -2906,9 +3212,21 @@ class DataStore:
         """The engine, under the mutex; the process is checked before it."""
         if self._engine is None or self._closed:
             raise StoreClosedError(f"store {self.path} is closed", path=self.path)
-        if self._engine.busy:
+        if self._engine.busy or self._engine.index.damaged:
             self._reload()
         return self._engine
+
+    def _run(self, method: Callable[..., _R], *args: Any) -> _R:
+        """method(engine, *args), under the mutex. If the index file turns
+        out damaged (its pages are checked as they are first used), the
+        store reads its files again, rebuilding it, and calls once more."""
+        engine = self._usable()
+        try:
+            return method(engine, *args)
+        except CorruptStoreError:
+            if not engine.index.damaged:
+                raise
+        return method(self._usable(), *args)
 
     def _reload(self) -> None:
         """Read the files again, as an open after a crash does: a write was
@@ -2917,8 +3235,9 @@ class DataStore:
         is closed, and the error says why."""
         engine = self._engine
         assert engine is not None
-        _log.warning("datastore %s: a write was interrupted part-way; reading the "
-                     "files again", self.path)
+        _log.warning("datastore %s: %s", self.path, "its index file is damaged; "
+                     "rebuilding it from the data file" if engine.index.damaged else
+                     "a write was interrupted part-way; reading the files again")
         try:
             self._finalizer.detach()
             engine.close_files()  # no snapshot: the header still says open

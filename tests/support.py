@@ -189,7 +189,7 @@ def abandon(store):
 
 def counted_size(store):
     """What the store counts against max_bytes: its files, plus the room it
-    keeps for the .dir and expiry table that close() writes."""
+    keeps for what close() appends to .idx."""
     return store._engine.used()
 
 
@@ -211,7 +211,7 @@ def fill(store, prefix, size=400, ttl=None, check_cap=True):
 def live_content(store):
     """Every live key of a store and its value (through the engine's index)."""
     content = {}
-    for key in list(store._engine.index):
+    for key, _ in store._engine.items():
         try:
             content[key.decode()] = store.read(key.decode())
         except KeyNotFoundError:  # expired
@@ -266,7 +266,7 @@ def value_records(data):
 
 
 def record_body(record):
-    """The JSON value of a record as dbm.dumb returns it: head, key, body."""
+    """The JSON value of a whole record: head, key, body."""
     item = value_record(record)
     assert item is not None and HEAD.size + len(item[1]) + len(item[3]) == len(record)
     return json.loads(item[3])
@@ -277,7 +277,7 @@ def record_body(record):
 def assert_files_match_memory(store, trimmed=True):
     """What is on disk is what the engine believes: each indexed key has one
     valid record, the one the index names; no free extent holds a record;
-    the .dir bytes counted are exact; the files fit in what is counted; and
+    the expiries are those of the records; the files fit in what is counted; and
     (unless a truncate just failed) no free extent is left at the end.
 
     White-box (the package form only): it checks with the package's own
@@ -293,13 +293,14 @@ def assert_files_match_memory(store, trimmed=True):
         item = fmt._parse_item(data, block * 512)
         if item is not None and item[0] == fmt._VALUE:
             on_disk[block] = item[2]
+    items = engine.items()
+    assert len(items) == engine.index.count
     assert on_disk == {fmt._slot_block(slot): key  # (stale: known, to go)
-                       for key, slot in list(engine.index.items()) + engine.stale}
+                       for key, slot in items + engine.stale}
+    assert sorted(zip(*engine.expiries.dump())) == sorted(
+        (fmt._slot_exp(slot), slot & fmt._SLOT_MASK) for _, slot in items if fmt._slot_exp(slot))
     for start, length in engine.free.at.items():
         assert not any(start <= block < start + length for block in on_disk)
     assert engine.free.blocks == sum(engine.free.at.values())
     assert not trimmed or fmt._blocks(len(data)) not in engine.free.to
-    assert engine.dir_bytes == sum(fmt._line_length(
-        key, fmt._slot_block(slot), fmt._slot_size(slot))
-        for key, slot in engine.index.items())
     assert files_size(store.path) <= counted_size(store) <= store.max_bytes

@@ -22,8 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "src" / "datastore"
 OUTPUT = ROOT / "datastore.py"
-MODULES = ["errors", "codec", "format", "space", "locks", "recovery", "snapshot", "legacy",
-           "compaction", "opening", "engine", "store", "cli"]
+MODULES = ["errors", "codec", "format", "space", "index", "locks", "snapshot", "recovery",
+           "legacy", "compaction", "opening", "engine", "store", "cli"]
+
 THIRD_PARTY = {"fasteners"}
 WIDTH = 79
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .format import _BLOCK, _blocks, _read_at, _slot_block, _slot_size, _value_body
+from .format import _BLOCK, _VALUE, _blocks, _parse_item, _read_at, _slot_block, _slot_size
+from .index import _hash
 
 if TYPE_CHECKING:
     from .engine import _Engine
@@ -30,30 +31,30 @@ _SWEEP_BATCH = 1024  # records copied to the end between fsyncs
 
 def _compact(engine: _Engine) -> None:
     _settle(engine)
+    engine.index.rebuild()  # in as few pages as its keys need
     if _small_enough(engine) or not engine.free.at:
         return
     lowest = min(engine.free.at)
-    order = sorted((_slot_block(slot), key) for key, slot in engine.index.items()
-                   if _slot_block(slot) > lowest)
+    order = sorted(place for place in engine.index.places() if _slot_block(place) > lowest)
     at = 0
     while at < len(order) and not _small_enough(engine):
         batch: list[tuple[bytes, int]] = []  # (key, the original's slot)
         while at < len(order) and len(batch) < _SWEEP_BATCH:
-            block, key = order[at]
-            slot = engine.index.get(key)
-            if slot is not None and _slot_block(slot) == block:  # not moved since
-                end = _blocks(engine.dat_size)
-                growth = (_blocks(_slot_size(slot)) * _BLOCK + len(str(end * _BLOCK))
-                          - len(str(block * _BLOCK)))
-                if engine.used() + growth > engine.max_bytes:
+            slot = order[at]
+            block = _slot_block(slot)
+            record = _read_at(engine.dat, _slot_size(slot), block * _BLOCK)
+            item = _parse_item(record, 0)
+            # (a damaged record fails _parse_item, and stays put)
+            if (item is not None and item[0] == _VALUE and item[5] == len(record)
+                    and slot in engine.index.find(_hash(item[2]))):  # not moved since
+                if engine.used() + _blocks(_slot_size(slot)) * _BLOCK > engine.max_bytes:
                     break  # no room for another copy now: settle this batch first
-                record = _read_at(engine.dat, _slot_size(slot), block * _BLOCK)
-                if _value_body(record, key) is not None:  # (a damaged one stays put)
-                    try:
-                        batch.append((key, engine._copy(key, record, end)))
-                    except OSError:  # the originals of the copies made stay valid:
-                        engine.stale.extend(batch)  # the next write invalidates them
-                        raise
+                try:
+                    batch.append((item[2], engine._copy(
+                        item[2], record, _blocks(engine.dat_size), block)))
+                except OSError:  # the originals of the copies made stay valid:
+                    engine.stale.extend(batch)  # the next write invalidates them
+                    raise
             at += 1
         if not batch:
             break
@@ -87,4 +88,4 @@ def _settle(engine: _Engine) -> None:
 
 def _small_enough(engine: _Engine) -> bool:
     """Fewer free blocks than one a key and one largest record."""
-    return engine.free.blocks < len(engine.index) + engine.largest
+    return engine.free.blocks < engine.index.count + engine.largest

@@ -1,9 +1,12 @@
-"""The storage engine: records and free space in .dat, the snapshot in .dir.
+"""The storage engine: records and free space in .dat, the index in .idx.
 
-The store keeps in memory an index (key -> offset, size and expiry of its
-record), the free extents (by start, by end and by size, merged with free
-neighbours), the keys that have a ttl in order of expiry, and the sizes of the
-files. It changes memory only after the bytes are written.
+The index (see index) maps a hash of each key to the place of its record;
+the key itself is checked against the record. The store keeps in memory the
+free extents (by start, by end and by size, merged with free neighbours),
+the records that have a ttl in order of expiry, and the sizes of the files.
+It changes them only after the bytes are written. The index file is not
+kept in step on disk while the store is open: after a crash it is rebuilt
+from .dat (see recovery).
 
 * ``create`` takes the best-fitting free extent, or appends to ``.dat``. If
   it splits an extent, it first writes a free marker for the remainder. The
@@ -38,13 +41,14 @@ from typing import Any, Callable, Iterator, Optional
 from .compaction import _compact
 from .errors import CorruptStoreError, _log, _StoreFull, _unit
 from .format import (
-    _BLOCK, _CLOSED, _FREE, _HEAD, _LEASE, _MAX_BLOCKS, _OPEN, _VALUE, _blocks, _bits_float,
-    _float_bits, _fsync, _item_before, _line_length, _pack_header, _pack_marker, _pack_value,
-    _read_at, _slot, _slot_block, _slot_exp, _slot_size, _table_room, _value_body, _with_seq,
-    _write_at,
+    _BLOCK, _CLOSED, _EXP_SHIFT, _FREE, _HEAD, _LEASE, _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES,
+    _OPEN, _SLOT_MASK, _VALUE, _blocks, _bits_float, _float_bits, _fsync, _item_before,
+    _pack_header, _pack_marker, _pack_value, _read_at, _slot, _slot_block, _slot_exp,
+    _slot_size, _value_body, _with_seq, _write_at,
 )
+from .index import _hash, _Index
 from .opening import _open
-from .snapshot import _write_snapshot
+from .snapshot import _snapshot_room, _write_snapshot
 from .space import _Expiries, _FreeSpace
 
 # Work a single call may do besides its own: expired keys reclaimed, and
@@ -56,7 +60,7 @@ _MOVE_FOR_ROOM = 64
 
 
 class _Engine:
-    """The files of one store: records and free space in .dat, the snapshot in .dir.
+    """The files of one store: records and free space in .dat, the index in .idx.
 
     It deals in bytes keys, records, 512-byte blocks and file descriptors,
     held open for the store's life and never reopened by name; it holds the
@@ -67,13 +71,12 @@ class _Engine:
 
     def __init__(self, base: str, max_bytes: int) -> None:
         """The engine of the store `base`, not yet open: see open()."""
-        self.dat_path, self.dir_path = base + ".dat", base + ".dir"
+        self.dat_path, self.idx_path = base + ".dat", base + ".idx"
         self.max_bytes = max_bytes
-        self.index: dict[bytes, int] = {}       # key -> slot (see format)
-        self.expiries = _Expiries()             # keys that have a ttl
+        self.index = _Index(-1, self.idx_path)  # hash of key -> place (see index)
+        self.expiries = _Expiries()             # records that have a ttl
         self.free = _FreeSpace()                # blocks no record holds
         self.dat_size = 0     # bytes of .dat, from what was written
-        self.dir_bytes = 0    # bytes .dir will hold at close: its lines
         self.seq = 1          # the next sequence number
         self.lease = 0        # the header's bound on sequence numbers issued
         self.durable_seq = 0  # records below this number have been fsynced
@@ -83,10 +86,11 @@ class _Engine:
         self.shrinking = False  # moving records down, until a fifth of .dat is free
         self.by_blocks = [0] * (_MAX_BLOCKS + 1)  # indexed records by blocks taken
         self.largest = 0      # blocks of the largest indexed record
-        self.lost: list[bytes] = []  # keys of a damaged snapshot that the scan did not find
+        self.lost = 0         # keys a damaged store had that its scan did not find
+        self.moves = 0        # records moved so far (see _put_record)
         self.busy = False     # a write is running, or was cut short (see _unit)
         self.closing = False  # close() has begun
-        self.dat = self.dir = -1  # the descriptors of .dat and .dir, once open
+        self.dat = -1         # the descriptor of .dat, once open (.idx's: index.fd)
         self.files: list[io.FileIO] = []  # which own them
 
     def open(self, deadline: Optional[float] = None) -> _Engine:
@@ -99,61 +103,85 @@ class _Engine:
 
     # --- Reading ---
 
+    def lookup(self, key: bytes) -> Optional[int]:
+        """key's slot, expired or not, or None: of the index's candidates,
+        the one whose record's head holds key (one read of it, if any)."""
+        for place in self.index.find(_hash(key)):
+            head = _read_at(self.dat, _HEAD.size + len(key), (place >> 16) * _BLOCK)
+            if head[_HEAD.size:] == key and head[4] == _VALUE and head[5] == len(key):
+                return place | _HEAD.unpack_from(head)[5] << _EXP_SHIFT
+        return None
+
     def slot(self, key: bytes, now: float) -> Optional[int]:
-        """key's slot if it has a live record at `now`, else None. No I/O."""
-        slot = self.index.get(key)
+        """key's slot if it has a live record at `now`, else None."""
+        slot = self.lookup(key)
         if slot is None:
             return None
         exp = _slot_exp(slot)
         return None if exp and exp <= _float_bits(now) else slot
 
     def expires_at(self, key: bytes, now: float) -> Optional[float]:
-        """expires_at of key's live record (0.0 for never), or None. No I/O."""
+        """expires_at of key's live record (0.0 for never), or None."""
         slot = self.slot(key, now)
         return None if slot is None else _bits_float(_slot_exp(slot))
 
     def count(self, now: float) -> int:
         """The number of live keys at `now`. No I/O."""
-        return len(self.index) - self.expiries.count_due(_float_bits(now))
+        return self.index.count - self.expiries.count_due(_float_bits(now))
 
     def keys(self, now: float) -> list[bytes]:
-        """The live keys at `now`, in no particular order. No I/O."""
+        """The live keys at `now`, in no particular order. O(keys), reading
+        each record's head."""
         now_bits = _float_bits(now)
-        return [key for key, slot in self.index.items()
-                if not _slot_exp(slot) or _slot_exp(slot) > now_bits]
+        return [key for key, exp, _ in self._heads() if not exp or exp > now_bits]
+
+    def items(self) -> list[tuple[bytes, int]]:
+        """(key, slot) of every indexed record, expired or not. O(keys)."""
+        return [(key, place | exp << _EXP_SHIFT) for key, exp, place in self._heads()]
+
+    def _heads(self) -> Iterator[tuple[bytes, int, int]]:
+        """(key, expiry bits, place) of every indexed record, in .dat's order."""
+        for place in sorted(self.index.places(), key=lambda place: place >> 16):
+            head = _read_at(self.dat, _HEAD.size + _MAX_KEY_BYTES, (place >> 16) * _BLOCK)
+            fields = _HEAD.unpack_from(head)
+            if fields[0] != _MAGIC or fields[1] != _VALUE:
+                raise CorruptStoreError(f"a record of {self.dat_path} that {self.idx_path} "
+                                        "lists is damaged", path=self.dat_path)
+            yield head[_HEAD.size:_HEAD.size + fields[2]], fields[5], place
 
     def get(self, key: bytes, now: float) -> Optional[bytes]:
-        """The body of key's live record, or None."""
-        slot = self.slot(key, now)
-        if slot is None:
-            return None
-        body = _value_body(_read_at(self.dat, _slot_size(slot), _slot_block(slot) * _BLOCK), key)
-        if body is None:
-            raise CorruptStoreError(
-                f"the record of {key.decode('utf-8', 'replace')!r} in "
-                f"{self.dat_path} is damaged", path=self.dat_path)
-        return body
+        """The body of key's live record, or None. One read of .dat."""
+        for place in self.index.find(_hash(key)):
+            record = _read_at(self.dat, place & 0xFFFF, (place >> 16) * _BLOCK)
+            if record[_HEAD.size:_HEAD.size + len(key)] != key or record[5] != len(key):
+                continue  # another key's, with the same hash
+            body = _value_body(record, key)
+            if body is None:
+                raise CorruptStoreError(
+                    f"the record of {key.decode('utf-8', 'replace')!r} in "
+                    f"{self.dat_path} is damaged", path=self.dat_path)
+            exp = _HEAD.unpack_from(record)[5]
+            return None if exp and exp <= _float_bits(now) else body
+        return None
 
     def records(self) -> Iterator[tuple[bytes, Optional[bytes]]]:
         """(key, body) for every indexed record, expired or not, read from
         disk; body None if the record is damaged. O(keys)."""
-        for key in list(self.index):
-            try:
-                yield key, self.get(key, 0.0)  # at time 0 nothing has expired
-            except CorruptStoreError:
-                yield key, None
+        for key, _, place in list(self._heads()):
+            yield key, _value_body(_read_at(self.dat, place & 0xFFFF, (place >> 16) * _BLOCK),
+                                   key)
 
     def stats(self, now: float) -> tuple[int, int, int]:
         """Keys in the index (expired ones not yet reclaimed included), live
         keys, and bytes of free space inside .dat. No I/O."""
-        return len(self.index), self.count(now), self.free.blocks * _BLOCK
+        return self.index.count, self.count(now), self.free.blocks * _BLOCK
 
     def used(self) -> int:
         """Bytes the files hold or may need at close: .dat (in whole blocks, so
-        that the padding before an append is counted already), .dir and the
-        index table."""
-        return (_blocks(self.dat_size) * _BLOCK + self.dir_bytes
-                + _table_room(len(self.index), self.expiries.count))
+        that the padding before an append is counted already), and .idx with
+        what a close appends to it."""
+        return (_blocks(self.dat_size) * _BLOCK + self.index.room()
+                + _snapshot_room(len(self.free.at), self.expiries.count))
 
     # --- Writing ---
 
@@ -168,13 +196,12 @@ class _Engine:
         Raises _StoreFull (nothing written) if there is no room.
         """
         self._check_writable()
-        if self.lost and key in self.lost:  # written anew, from a backup say
-            self.lost.remove(key)
-        old = self.index.get(key)
+        old = self.lookup(key)
         if old is not None and _slot_exp(old) and _slot_exp(old) <= _float_bits(now):
             self._drop(key, old)  # expired: its space may serve the new record
             self._try(self._trim)
-        old = self._put_record(key, body, expires_at, now)
+            old = None
+        old = self._put_record(key, body, expires_at, now, old)
         if old is not None:
             self._supersede(key, old)
         self._tidy(now)
@@ -200,46 +227,48 @@ class _Engine:
             self.stale.pop()
 
     def _put_record(self, key: bytes, body: bytes, expires_at: float,
-                    now: Optional[float] = None) -> Optional[int]:
-        """Write a new record for key and point the index at it (the commit).
-        Returns the slot of the record it replaces, if any: the caller must
-        invalidate that one."""
+                    now: Optional[float], old: Optional[int]) -> Optional[int]:
+        """Write a new record for key, whose record now is `old` (its slot,
+        or None), and point the index at it (the commit). Returns the slot
+        of the record it replaces, if any: the caller must invalidate that
+        one."""
         size = _HEAD.size + len(key) + len(body)
         blocks = _blocks(size)
+        h = _hash(key)
+        exp = _float_bits(expires_at) if expires_at else 0
 
         def extra(block: int) -> int:
-            """Bytes .dir and the index table grow by, and the room kept for a
-            set(), unless this replaces a record no smaller (in blocks, and
-            in table room): that may use the room. From the state now, after
-            any reclaim."""
-            old = self.index.get(key)
-            keys, expiring = len(self.index), self.expiries.count
-            table = _table_room(keys + (old is None), expiring + bool(expires_at)
-                                - bool(old and _slot_exp(old))) - _table_room(keys, expiring)
-            grow = _line_length(key, block, size) + table
-            if old is not None:
-                grow -= _line_length(key, _slot_block(old), _slot_size(old))
-                if blocks <= _blocks(_slot_size(old)) and table <= 0:
-                    return grow
+            """Bytes .idx grows by (a bucket split, one more expiry and free
+            extent to save at close), and the room kept for a set(), unless
+            this replaces a record no smaller: that may use the room."""
+            grow = _snapshot_room(len(self.free.at) + 1, self.expiries.count + bool(exp)) \
+                - _snapshot_room(len(self.free.at), self.expiries.count)
+            if old is None:
+                grow += self.index.split_cost(h)
+            elif blocks <= _blocks(_slot_size(old)):
+                return grow
             if now is None:  # converting a 1.0 store: no set() to keep room for
                 return grow
-            return grow + max(self.largest, blocks) * _BLOCK + len(str(self.max_bytes))
+            return grow + max(self.largest, blocks) * _BLOCK
 
+        moves = self.moves
         block = self._allocate(size, extra, now)
-        old = self.index.get(key)  # again: making room may have moved that very record
-        exp = _float_bits(expires_at) if expires_at else 0
+        if old is not None and self.moves != moves:  # making room may have moved it
+            old = self.lookup(key)
         record = _pack_value(self._next_seq(), key, exp, body)
         self._write_record(block, blocks, record)
-        self.index[key] = _slot(size, block, exp)
-        self.dir_bytes += _line_length(key, block, size)
+        place = _slot(size, block)
+        if old is None:
+            self.index.add(h, place)
+        else:
+            self.index.replace(h, old & _SLOT_MASK, place)
         self._count(blocks, 1)
         if old is not None:
-            self.dir_bytes -= _line_length(key, _slot_block(old), _slot_size(old))
             self._count(_blocks(_slot_size(old)), -1)
             if _slot_exp(old):
-                self.expiries.remove(_slot_exp(old), key)
+                self.expiries.remove(_slot_exp(old), old & _SLOT_MASK)
         if exp:
-            self.expiries.add(exp, key)
+            self.expiries.add(exp, place)
         return old
 
     def _count(self, blocks: int, change: int) -> None:
@@ -252,8 +281,8 @@ class _Engine:
 
     def _allocate(self, size: int, extra: Callable[[int], int], now: Optional[float]) -> int:
         """Where to write a record of `size` bytes (see _place) such that the
-        files stay within max_bytes with extra(block) more bytes (.dir, the
-        index table, room kept).
+        files stay within max_bytes with extra(block) more bytes (.idx,
+        room kept).
 
         Tries reclaiming expired keys and moving records to make room, a
         bounded amount; raises _StoreFull if that is not enough.
@@ -327,11 +356,10 @@ class _Engine:
         except OSError:
             self._try(_write_at, self.dat, head, block * _BLOCK)
             raise
-        del self.index[key]
-        self.dir_bytes -= _line_length(key, block, size)
+        self.index.remove(_hash(key), slot & _SLOT_MASK)
         self._count(_blocks(size), -1)
         if _slot_exp(slot):
-            self.expiries.remove(_slot_exp(slot), key)
+            self.expiries.remove(_slot_exp(slot), slot & _SLOT_MASK)
         self.free.add(block, _blocks(size))
 
     def _supersede(self, key: bytes, old: int) -> None:
@@ -366,11 +394,9 @@ class _Engine:
         _write_at(self.dat, _pack_marker(_FREE, length), block * _BLOCK)
         self.dat_size = max(self.dat_size, block * _BLOCK + _HEAD.size)
 
-    def _write_header(self, state: int, dir_size: int = 0, dir_crc: int = 0,
-                      table: tuple[int, int] = (0, 0)) -> None:
+    def _write_header(self, state: int) -> None:
         # Within one disk sector, at offset 0: written whole or not at all.
-        data = _pack_header(state, self.seq if state == _CLOSED else self.lease,
-                            dir_size, dir_crc, table)
+        data = _pack_header(state, self.seq if state == _CLOSED else self.lease)
         _write_at(self.dat, data, 0)
         self.dat_size = max(self.dat_size, len(data))
         self._sync()
@@ -415,8 +441,10 @@ class _Engine:
 
     def _reclaim(self, now: float, limit: int) -> None:
         """Free up to `limit` expired keys' records, earliest first."""
-        for key in self.expiries.due(_float_bits(now), limit):
-            self._drop(key, self.index[key])
+        for place in self.expiries.due(_float_bits(now), limit):
+            head = _read_at(self.dat, _HEAD.size + _MAX_KEY_BYTES, (place >> 16) * _BLOCK)
+            exp = _HEAD.unpack_from(head)[5]
+            self._drop(head[_HEAD.size:_HEAD.size + head[5]], place | exp << _EXP_SHIFT)
 
     def _trim(self) -> None:
         """Give a free extent at the end of .dat back to the file system."""
@@ -459,7 +487,7 @@ class _Engine:
                 target = self.free.fitting(blocks)
                 if target is None or target >= block:  # (none is above: passed ones left)
                     break
-                moved.append((key, self._copy(key, record, target)))
+                moved.append((key, self._copy(key, record, target, block)))
                 durable = durable or seq < self.durable_seq
                 end = block
             if durable:
@@ -483,15 +511,20 @@ class _Engine:
             self.dat_size = end * _BLOCK
         return len(moved)
 
-    def _copy(self, key: bytes, record: bytes, target: int) -> int:
-        """Write a copy of key's record, with a new sequence number, at block
-        `target`, and point the index at it. Returns the original's slot: the
-        caller must invalidate it, once the copy is durable if it was."""
+    def _copy(self, key: bytes, record: bytes, target: int, block: int) -> int:
+        """Write a copy of key's record (now at `block`), with a new sequence
+        number, at block `target`, and point the index at it. Returns the
+        original's slot: the caller must invalidate it, once the copy is
+        durable if it was."""
         self._write_record(target, _blocks(len(record)), _with_seq(record, self._next_seq()))
-        old = self.index[key]
-        self.index[key] = _slot(_slot_size(old), target, _slot_exp(old))
-        self.dir_bytes += len(str(target * _BLOCK)) - len(str(_slot_block(old) * _BLOCK))
-        return old
+        exp = _HEAD.unpack_from(record)[5]
+        old, new = _slot(len(record), block), _slot(len(record), target)
+        self.index.replace(_hash(key), old, new)
+        if exp:
+            self.expiries.remove(exp, old)
+            self.expiries.add(exp, new)
+        self.moves += 1
+        return old | exp << _EXP_SHIFT
 
     def _last_record(self, end: int) -> Optional[tuple[bytes, int, int, bytes]]:
         """(key, block, seq, record) of the live record that ends at block
@@ -500,9 +533,8 @@ class _Engine:
         if found is None:
             return None
         first, buf, (kind, seq, key, _, _, total) = found
-        slot = self.index.get(key)
-        if (kind == _VALUE and slot is not None and _slot_block(slot) == first
-                and first + _blocks(total) == end):
+        if (kind == _VALUE and first + _blocks(total) == end
+                and _slot(total, first) in self.index.find(_hash(key))):
             return key, first, seq, buf[:total]
         return None
 
@@ -511,7 +543,7 @@ class _Engine:
         """All the upkeep at once: reclaim every expired key and move records
         down until little space is left free (see compaction)."""
         self._check_writable()
-        self._reclaim(now, len(self.index))
+        self._reclaim(now, self.index.count)
         _compact(self)
 
     # --- Closing ---
@@ -524,17 +556,18 @@ class _Engine:
             if self.failed is None and not self.busy and not self.closing and self.dat >= 0:
                 self.closing = True  # once: a close() cut short does not write again
                 self._check_writable()
-                self._reclaim(now, len(self.index))  # .dir lists live keys only
                 self._trim()
                 _write_snapshot(self)
         finally:
             self.close_files()
 
     def close_files(self) -> None:
-        """Close .dat (which drops its lock) and .dir; again does nothing.
-        They are forgotten before they are closed, so that a close cut short
-        by an interrupt is never repeated on a number the system reused."""
-        files, self.files, self.dat, self.dir = self.files, [], -1, -1
+        """Unmap .idx and close it and .dat (which drops its lock); again
+        does nothing. They are forgotten before they are closed, so that a
+        close cut short by an interrupt is never repeated on a number the
+        system reused."""
+        files, self.files, self.dat, self.index.fd = self.files, [], -1, -1
+        self.index.close()
         for file in files:
             file.close()
 

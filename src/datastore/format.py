@@ -1,24 +1,22 @@
 """The on-disk format: each structure described once, field by field, with
 one function that packs it and one that checks and unpacks it.
 
-A store named ``path`` is ``path.dat``, ``path.dir`` and ``path.lock`` (for
-the inter-process lock, which holds no data). ``.dat`` and ``.dir`` have the
-format of a ``dbm.dumb`` database: after a clean ``close()``,
-``dbm.dumb.open(path, "r")`` opens the store and lists exactly its live keys.
-The code that reads and writes them is ours, not ``dbm.dumb``'s, which opens
-the files by name for every write, appends a ``.dir`` line per new key, never
-reuses space, and parses ``.dir`` one ``ast.literal_eval`` at a time.
+A store named ``path`` is ``path.dat`` (the records: the truth),
+``path.idx`` (the index: where each key's record is, see ``index``) and
+``path.lock`` (for the inter-process lock, which holds no data). Version 2
+kept a ``dbm.dumb``-readable ``path.dir`` instead of ``path.idx``; it cost
+30 bytes a key and a write of every key at each close, and is gone:
+``datastore export`` gives a store's content as JSON Lines.
 
 ``.dat`` is a sequence of 512-byte blocks. Block 0 holds the *header*
 (``_HEADER``, little-endian, 48 bytes, within one disk sector)::
 
-    magic "DataStr2"   8 bytes
+    magic "DataStr3"   8 bytes ("DataStr2": version 2, converted at open)
     state              1 byte: 0 closed cleanly, 1 open (or killed while open)
     (zero)             3 bytes
     sequence number    8 bytes: closed, the next one to issue; open, a bound
                        that every number issued while open stays below
-    .dir size, CRC-32  8 + 4 bytes: the snapshot a clean close wrote
-    table offset, size 8 + 4 bytes: where in .dat the index table is
+    (zero)             24 bytes (version 2: where its .dir and index table were)
     CRC-32             4 bytes, of the fields before it
 
 Every other block is the first block of a *record*, a block inside one, or
@@ -26,7 +24,7 @@ free space. A record starts at a block boundary and describes itself with a
 32-byte *head* (``_HEAD``, little-endian)::
 
     magic "DSr2"       4 bytes
-    kind               1 byte: 1 value, 2 free marker, 3 index table
+    kind               1 byte: 1 value, 2 free marker, 3 version 2's index table
     key length         1 byte: UTF-8 bytes of the key (0 for kinds 2 and 3)
     (zero)             2 bytes
     sequence number    8 bytes: which of two copies of a key is newer
@@ -39,45 +37,33 @@ free space. A record starts at a block boundary and describes itself with a
 * kind 1, a *value*: the key (UTF-8) and the body (the value as compact
   JSON) follow the head.
 * kind 2, a *free marker*: nothing follows the head.
-* kind 3, the *index table*, written at close: the body is base64 text of
-  (``_TABLE_COUNTS``) the number of keys and of keys with a ttl, then, in
-  ``.dir``'s line order, each key's block (4 bytes) and record size (2),
-  then the line number (4) and expires_at bits (8) of each key with a ttl,
-  in (expiry, key) order. A clean open takes the keys from ``.dir`` and the
-  numbers from here, faster than parsing them out of text.
+* kind 3, version 2's *index table*, base64 text written at close: free
+  space once a version 2 store is converted.
 
 The kind is a byte below 0x20, which JSON and base64 text never contain, and
 a key starts 32 bytes into its block: so nothing a user stores can look like
 a head at a block boundary.
 
-``.dir`` is a snapshot written at a clean close, one line per live key in
-``dbm.dumb``'s text format, ``'key', (offset, size)``, with the key decoded
-as Latin-1 (the key's UTF-8 bytes, one character each); offset and size are
-the record's, in bytes.
-
-In memory, the index maps each key to a *slot*, one int (see ``_slot``):
-record size in bytes (16 bits) | block (32 bits) << 16 | expires_at bits
-<< 48. The bits of non-negative floats order as the floats do, so expiries
-compare directly as ints.
+The engine describes a record by a *slot*, one int (see ``_slot``): record
+size in bytes (16 bits) | block (32 bits) << 16 | expires_at bits << 48.
+The index stores the low 48 bits, the *place*; the expiry is in the
+record's head. The bits of non-negative floats order as the floats do, so
+expiries compare directly as ints.
 """
 
 from __future__ import annotations
 
-import ast
-import base64
 import errno
 import io
 import os
-import re
 import stat
 import struct
 import sys
 import zlib
-from bisect import bisect_left
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 from .codec import _LATEST_EXPIRY, MAX_KEY_LENGTH, MAX_VALUE_BYTES
-from .errors import CorruptStoreError, _damaged
+from .errors import CorruptStoreError
 
 # Records start at multiples of this many bytes, as in dbm.dumb.
 _BLOCK = 512
@@ -93,11 +79,10 @@ _MAX_SEQ = 1 << 62  # larger sequence numbers in a file are damage (they would o
 # The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
 _LARGEST_STORE = 1 << 40
 
-_HEADER = struct.Struct("<8sB3xQQIQII")
-_HEADER_MAGIC = b"DataStr2"
+_HEADER = struct.Struct("<8sB3xQ24xI")
+_HEADER_MAGIC, _V2_MAGIC = b"DataStr3", b"DataStr2"
 _CLOSED, _OPEN = 0, 1
 _LEASE = 1 << 20  # sequence numbers issued while open per write of the header's bound
-_TABLE_COUNTS = struct.Struct("<II")
 
 # The index's slots (see the module docstring).
 _SIZE_MASK = 0xFFFF
@@ -227,137 +212,26 @@ def _valid_keys(keys: list[bytes]) -> bool:
 
 # --- The header -----------------------------------------------------------
 
-def _pack_header(state: int, seq: int, dir_size: int = 0, dir_crc: int = 0,
-                 table: tuple[int, int] = (0, 0)) -> bytes:
-    fields = _HEADER.pack(_HEADER_MAGIC, state, seq, dir_size, dir_crc, *table, 0)
+def _pack_header(state: int, seq: int) -> bytes:
+    fields = _HEADER.pack(_HEADER_MAGIC, state, seq, 0)
     return fields[:-4] + zlib.crc32(fields[:-4]).to_bytes(4, "little")
 
 
 class _Header:
-    """The fields of a valid header."""
+    """The fields of a valid header (version 3, or 2: see `version`)."""
 
     def __init__(self, data: bytes) -> None:
-        (_, self.state, self.seq, self.dir_size, self.dir_crc, self.table_pos,
-         self.table_size, _) = _HEADER.unpack(data)
+        magic, self.state, self.seq, _ = _HEADER.unpack(data)
+        self.version = 3 if magic == _HEADER_MAGIC else 2
 
     @staticmethod
     def parse(data: bytes) -> Optional[_Header]:
-        if (len(data) < _HEADER.size or not data.startswith(_HEADER_MAGIC)
+        if (len(data) < _HEADER.size or not data.startswith((_HEADER_MAGIC, _V2_MAGIC))
                 or zlib.crc32(data[:_HEADER.size - 4])
                 != int.from_bytes(data[_HEADER.size - 4:_HEADER.size], "little")):
             return None
         header = _Header(data[:_HEADER.size])
         return header if header.state in (_CLOSED, _OPEN) and header.seq < _MAX_SEQ else None
-
-
-# --- The snapshot: .dir and the index table -------------------------------
-
-# What a .dir line holds besides the quoted key and the two numbers.
-_LINE_PUNCTUATION = len(", (, )\n")
-
-
-def _line_length(key: bytes, block: int, size: int) -> int:
-    """Bytes of key's line in .dir (see _pack_dir), newline included."""
-    return (len(repr(key.decode("latin-1"))) + len(str(block * _BLOCK)) + len(str(size))
-            + _LINE_PUNCTUATION)
-
-
-def _pack_dir(index: Iterable[tuple[bytes, int]]) -> bytes:
-    """.dir's text for (key, slot) pairs, a line each."""
-    return b"".join(b"%s, (%d, %d)\n" % (
-        repr(key.decode("latin-1")).encode("latin-1"), _slot_block(slot) * _BLOCK,
-        _slot_size(slot)) for key, slot in index)
-
-
-# The bytes repr() writes as they are, between single quotes.
-_PLAIN_KEY_BYTES = bytes(range(0x20, 0x7F)).translate(None, b"'\\")
-
-# A .dir line, for the common key that repr() writes between single quotes
-# with no escapes (group 1); any other key is read with ast.literal_eval
-# (group 2). Offsets and sizes are groups 3 and 4.
-_DIR_SIMPLE_KEY = re.compile(rb"^'([^'\\\n]*)', \(\d{1,19}, \d{1,5}\)$", re.M)
-_DIR_LINE = re.compile(rb"^(?:'([^'\\\n]*)'|(.+?)), \((\d{1,19}), (\d{1,5})\)$", re.M)
-
-
-def _unpack_dir_keys(text: bytes, path: str) -> list[bytes]:
-    """The keys of .dir's lines, in order, or raise CorruptStoreError. A key
-    repr() wrote between single quotes with no escapes is the common case,
-    read with one regular expression; if any line is not of that kind, every
-    line is read with _DIR_LINE, and the others with ast.literal_eval. (The
-    numbers come from the index table.)"""
-    lines = text.count(b"\n")
-    if text and not text.endswith(b"\n"):
-        raise _damaged(path, "it does not end with a newline")
-    keys: list[bytes] = _DIR_SIMPLE_KEY.findall(text)
-    if len(keys) == lines:
-        return keys
-    entries = _DIR_LINE.findall(text)
-    if len(entries) != lines:
-        raise _damaged(path, "a line is not of dbm.dumb's form")
-    return [simple or _literal_key(quoted, path) for simple, quoted, _, _ in entries]
-
-
-def _literal_key(quoted: bytes, path: str) -> bytes:
-    try:
-        key = ast.literal_eval(quoted.decode("latin-1"))
-    except Exception:  # whatever literal_eval makes of bad text
-        key = None
-    if not isinstance(key, str):
-        raise _damaged(path, f"bad key {quoted[:80]!r}")
-    return key.encode("latin-1")
-
-
-def _digits(numbers: list[int], scale: int) -> int:
-    """The total of len(str(n * scale)) over numbers >= 0 in ascending order:
-    for each length, the numbers that reach it are found by bisection."""
-    total, power = len(numbers), 10
-    while numbers and numbers[-1] * scale >= power:
-        total += len(numbers) - bisect_left(numbers, -(-power // scale))
-        power *= 10
-    return total
-
-
-def _table_room(keys: int, expiring: int) -> int:
-    """Bytes (whole blocks) the index table of so many keys takes in .dat."""
-    if not keys:
-        return 0
-    base64_size = 4 * -(-(_TABLE_COUNTS.size + 6 * keys + 12 * expiring) // 3)
-    return _blocks(_HEAD.size + base64_size) * _BLOCK
-
-
-def _pack_table(keys: list[bytes], slots: list[int]) -> bytes:
-    """The index table's body for the keys and slots in .dir's line order."""
-    exps = [_slot_exp(slot) for slot in slots]
-    # In (expiry, key) order, the expiries' own, so that the next open need not sort them.
-    lines = sorted((line for line, exp in enumerate(exps) if exp),
-                   key=lambda line: (exps[line], keys[line]))
-    count, expiring = len(slots), len(lines)
-    return base64.b64encode(b"".join((
-        _TABLE_COUNTS.pack(count, expiring),
-        struct.pack(f"<{count}I", *map(_slot_block, slots)),
-        struct.pack(f"<{count}H", *map(_slot_size, slots)),
-        struct.pack(f"<{expiring}I", *lines),
-        struct.pack(f"<{expiring}Q", *map(exps.__getitem__, lines)))))
-
-
-def _unpack_table(body: bytes) -> Optional[tuple[Sequence[int], ...]]:
-    """The blocks, sizes, ttl lines and expiries of an index table's body,
-    or None if it is not one."""
-    try:
-        raw = base64.b64decode(body, validate=True)
-    except ValueError:
-        return None
-    if len(raw) < _TABLE_COUNTS.size:
-        return None
-    keys, expiring = _TABLE_COUNTS.unpack_from(raw)
-    if len(raw) != _TABLE_COUNTS.size + 6 * keys + 12 * expiring:
-        return None
-    at = _TABLE_COUNTS.size
-    blocks = struct.unpack_from(f"<{keys}I", raw, at)
-    sizes = struct.unpack_from(f"<{keys}H", raw, at + 4 * keys)
-    lines = struct.unpack_from(f"<{expiring}I", raw, at + 6 * keys)
-    exps = struct.unpack_from(f"<{expiring}Q", raw, at + 6 * keys + 4 * expiring)
-    return blocks, sizes, lines, exps
 
 
 def _item_before(fd: int, end: int) -> Optional[tuple[int, bytes, _Item]]:
@@ -415,17 +289,18 @@ def _new_file(path: str, data: bytes) -> None:
             _fsync(file.fileno())
 
 
-def _create_data_file(path: str, dir_path: str) -> None:
+def _create_data_file(path: str, idx_path: str) -> None:
     """Make `path` a new store's .dat, holding only a valid header, unless
     it exists already. The header is written under a temporary name and
     fsynced before the file takes its name, and the folder is fsynced after:
     so a power cut leaves either no .dat or one with a valid header, never
-    an empty or torn one that the next open would refuse as foreign. A .dir
-    with lines in it says the .dat was lost, not never made: that is refused."""
-    if os.path.exists(dir_path) and (not os.path.isfile(dir_path)
-                                     or os.path.getsize(dir_path)):
-        raise CorruptStoreError(f"{dir_path} exists but {path} is missing; restore "
-                                "the data file or move the index away", path=dir_path)
+    an empty or torn one that the next open would refuse as foreign. An
+    index file that holds anything says the .dat was lost, not never made:
+    that is refused."""
+    if os.path.exists(idx_path) and (not os.path.isfile(idx_path)
+                                     or os.path.getsize(idx_path)):
+        raise CorruptStoreError(f"{idx_path} exists but {path} is missing; restore "
+                                "the data file or move the index away", path=idx_path)
     temp = f"{path}.{os.getpid()}.new"
     _remove(temp)  # of a creator that had this process's number before
     try:

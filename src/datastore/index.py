@@ -27,6 +27,7 @@ whole table's, and the file grows a page at a time.
     keys                 8 bytes: entries in all pages
     stamp                8 bytes: the .dat header's sequence number when a
                          clean close wrote this (see opening)
+    tail size, CRC-32    4 + 4 bytes: of what follows the last page
     CRC-32               4 bytes, of the fields before it
 
 Every other page is a *bucket*::
@@ -42,8 +43,9 @@ Every other page is a *bucket*::
     places               340 x 8 bytes: each entry's record in .dat, as
                          format's slot without the expiry: size | block << 16
 
-After the last page, a clean close writes the directory: ``2 ** depth``
-page numbers of 4 bytes. The file is trusted only after a clean close that
+After the last page, a clean close writes the *tail*: the directory
+(``2 ** depth`` page numbers of 4 bytes), then what the engine keeps besides
+(see snapshot). The file is trusted only after a clean close that
 the .dat header confirms (see opening); otherwise it is rebuilt from a scan
 of ``.dat``, which is the truth. A bucket's CRC is checked the first time it
 is used after an open.
@@ -60,13 +62,13 @@ from bisect import bisect_left, bisect_right
 from typing import Iterable, Optional
 
 from .errors import _damaged
-from .format import _fsync, _read_at, _write_at
+from .format import _CLOSED, _OPEN, _fsync, _read_at, _write_at
 
 _PAGE = 4096
 _ENTRIES = 340
-_IDX_HEADER = struct.Struct("<8sBB2xIQQI")
+_IDX_HEADER = struct.Struct("<8sBB2xIQQIII")
 _IDX_MAGIC = b"DSidx3\0\0"
-_CLOSED, _OPEN = 0, 1
+
 _HASHES = 4      # a bucket's first hash, in 4-byte words from its start
 _PLACES = 172    # its first place, in 8-byte words from its start
 _CRC_WORD = 2    # its CRC, in 4-byte words
@@ -92,49 +94,53 @@ class _Index:
         self.count = 0
         self.directory = array("I")
         self.seen = bytearray()   # 1 for buckets checked or written since open
+        self.damaged = False      # a bucket failed its check: rebuild from .dat
         self.map: Optional[mmap.mmap] = None
         self.u32: memoryview = memoryview(b"")
         self.u64: memoryview = memoryview(b"")
 
     # --- Opening and closing ---
 
-    def load(self, stamp: int) -> bool:
-        """Map a file that a clean close wrote with `stamp`; False (nothing
-        kept) if it is missing, another close's, or damaged."""
+    def load(self, stamp: int) -> Optional[bytes]:
+        """Map a file that a clean close wrote with `stamp`, and return what
+        its tail holds after the directory; None (nothing kept) if it is
+        missing, another close's, or damaged. Reads the header and the tail
+        only."""
         size = os.fstat(self.fd).st_size
         header = _read_at(self.fd, _IDX_HEADER.size, 0)
-        if len(header) < _IDX_HEADER.size:
-            return False
-        magic, state, depth, pages, count, file_stamp, crc = _IDX_HEADER.unpack(header)
+        if len(header) < _IDX_HEADER.size or not _LITTLE:  # (pages are in the machine's order)
+            return None
+        magic, state, depth, pages, count, file_stamp, tail, tail_crc, crc = (
+            _IDX_HEADER.unpack(header))
         if (magic != _IDX_MAGIC or zlib.crc32(header[:-4]) != crc or state != _CLOSED
                 or file_stamp != stamp or depth > _FULL_DEPTH or pages < 2
-                or size != pages * _PAGE + 4 * (1 << depth)):
-            return False
-        directory = array("I", _read_at(self.fd, 4 * (1 << depth), pages * _PAGE))
-        if directory.byteorder_swapped if False else False:  # pragma: no cover
-            pass
-        if not _LITTLE:
-            directory.byteswap()
+                or size != pages * _PAGE + tail or tail < 4 << depth):
+            return None
+        data = _read_at(self.fd, tail, pages * _PAGE)
+        if zlib.crc32(data) != tail_crc:
+            return None
+        directory = array("I", data[:4 << depth])
         if min(directory) < 1 or max(directory) >= pages:
-            return False
+            return None
         self.depth, self.shift, self.pages, self.count = depth, 32 - depth, pages, count
         self.directory = directory
         self.seen = bytearray(pages)
         self.seen[0] = 1
         self._map()
-        return True
+        return data[4 << depth:]
 
     def build(self, entries: Iterable[tuple[int, int]]) -> None:
         """Make the index hold exactly `entries`, (hash, place) pairs, in a
-        file written anew: buckets filled to three quarters, split by hash
-        prefix. O(entries), for an open that scanned .dat."""
+        file written anew. O(entries), for an open that scanned .dat. A
+        bucket splits only if it must, so the file takes no more pages than
+        adding the same entries one by one would."""
         self._unmap()
         packed = sorted(h << 48 | place for h, place in entries)
         buckets: list[tuple[int, int, int, int]] = []  # (prefix, depth, lo, hi)
         stack = [(0, 0, 0, len(packed))]
         while stack:
             prefix, depth, lo, hi = stack.pop()
-            if hi - lo <= _ENTRIES * 3 // 4 or depth == _FULL_DEPTH:
+            if hi - lo <= _ENTRIES or depth == _FULL_DEPTH:
                 if hi - lo > _ENTRIES:
                     raise _damaged(self.path, "more than 340 keys share one hash")
                 buckets.append((prefix, depth, lo, hi))
@@ -149,8 +155,8 @@ class _Index:
         self.pages, self.count = len(buckets) + 1, len(packed)
         self.directory = array("I", bytes(4 << self.depth))
         os.ftruncate(self.fd, 0)
-        os.ftruncate(self.fd, self.pages * _PAGE)
-        _write_at(self.fd, bytes(_PAGE * self.pages), 0)  # blocks for the map's writes
+        for page in range(0, self.pages, 256):  # blocks for the map's writes
+            _write_at(self.fd, bytes(_PAGE * min(256, self.pages - page)), page * _PAGE)
         self._map()
         for page, (prefix, depth, lo, hi) in enumerate(buckets, 1):
             base = page << 10
@@ -165,35 +171,45 @@ class _Index:
             self.directory[first:first + (1 << (self.depth - depth))] = array(
                 "I", [page]) * (1 << (self.depth - depth))
         self.seen = bytearray(b"\1") * self.pages
-        self.write_header(_OPEN, 0)
+        self.write_header(_OPEN)
 
-    def write_header(self, state: int, stamp: int) -> None:
+    def write_header(self, state: int, stamp: int = 0, tail: bytes = b"") -> None:
         fields = _IDX_HEADER.pack(_IDX_MAGIC, state, self.depth, self.pages, self.count,
-                                  stamp, 0)[:-4]
+                                  stamp, len(tail), zlib.crc32(tail), 0)[:-4]
         _write_at(self.fd, fields + zlib.crc32(fields).to_bytes(4, "little"), 0)
 
-    def save(self, stamp: int) -> None:
-        """For a clean close: CRCs of the buckets written since open, the
-        directory after the last page, everything fsynced, then the header
-        marked closed with `stamp` (fsynced: the caller then marks .dat)."""
+    def save(self, stamp: int, extra: bytes) -> None:
+        """For a clean close: the CRCs of the buckets used since open, the
+        tail (the directory, then `extra`), everything fsynced, then the
+        header marked closed with `stamp`, fsynced (then the caller marks
+        .dat closed)."""
         assert self.map is not None
         for page in _ones(self.seen):
             if page:
-                base = page << 10
-                self.u32[base + _CRC_WORD] = 0
-                self.u32[base + _CRC_WORD] = zlib.crc32(self.u32[base:base + 1024])
-        directory = array("I", self.directory)
-        if not _LITTLE:
-            directory.byteswap()
-        _write_at(self.fd, directory.tobytes(), self.pages * _PAGE)
-        os.ftruncate(self.fd, self.pages * _PAGE + 4 * len(self.directory))
+                self.u32[(page << 10) + _CRC_WORD] = self._crc(page)
+        tail = self.directory.tobytes() + extra
+        _write_at(self.fd, tail, self.pages * _PAGE)
+        os.ftruncate(self.fd, self.pages * _PAGE + len(tail))
         self.map.flush()
         _fsync(self.fd)
-        self.write_header(_CLOSED, stamp)
+        self.write_header(_CLOSED, stamp, tail)
         _fsync(self.fd)
 
+    def rebuild(self) -> None:
+        """Build the file anew from its own entries, in as few pages as
+        they need (the file never shrinks otherwise). O(entries)."""
+        entries: list[tuple[int, int]] = []
+        for page in range(1, self.pages):
+            if not self.seen[page]:
+                self._check(page)
+            base, first = page << 10, (page << 9) + _PLACES
+            count = self.u32[base + 1] >> 16
+            entries.extend(zip(self.u32[base + _HASHES:base + _HASHES + count],
+                               self.u64[first:first + count]))
+        self.build(entries)
+
     def room(self) -> int:
-        """Bytes the file takes at a clean close: pages and directory."""
+        """Bytes of the file, with the directory a close writes."""
         return self.pages * _PAGE + 4 * len(self.directory)
 
     def close(self) -> None:
@@ -239,16 +255,20 @@ class _Index:
             found.extend(self.u64[first:first + (self.u32[(page << 10) + 1] >> 16)])
         return found
 
+    def _crc(self, page: int) -> int:
+        """A bucket's CRC-32, its own field taken as zero."""
+        base = page << 10
+        return zlib.crc32(self.u32[base + _CRC_WORD + 1:base + 1024], zlib.crc32(
+            bytes(4), zlib.crc32(self.u32[base:base + _CRC_WORD])))
+
     def _check(self, page: int) -> None:
         base = page << 10
-        crc = self.u32[base + _CRC_WORD]
-        self.u32[base + _CRC_WORD] = 0
-        whole = zlib.crc32(self.u32[base:base + 1024]) == crc
-        self.u32[base + _CRC_WORD] = crc
         word = self.u32[base + 1]
-        if not whole or word >> 16 > _ENTRIES or word & 0xFF > self.depth:
-            raise _damaged(self.path, f"page {page} is damaged; remove the file to "
-                           "have the next open rebuild it from .dat")
+        if (self._crc(page) != self.u32[base + _CRC_WORD] or word >> 16 > _ENTRIES
+                or word & 0xFF > self.depth):
+            self.damaged = True
+            raise _damaged(self.path, f"page {page} is damaged; the next call rebuilds "
+                           "it from the data file")
         self.seen[page] = 1
 
     # --- Changes ---
@@ -283,6 +303,8 @@ class _Index:
         """Add an entry; the caller has checked split_cost's room."""
         while True:
             page = self.directory[h >> self.shift]
+            if not self.seen[page]:
+                self._check(page)
             base = page << 10
             word = self.u32[base + 1]
             if word >> 16 < _ENTRIES:
@@ -373,6 +395,19 @@ class _Index:
 
 
 _LITTLE = struct.pack("=I", 1) == struct.pack("<I", 1)
+
+
+def _keys_saved(fd: int, stamp: Optional[int] = None) -> Optional[int]:
+    """The number of keys the index file `fd` says it holds (if saved with
+    `stamp`, when given), or None if it has no valid header."""
+    header = _read_at(fd, _IDX_HEADER.size, 0)
+    if len(header) < _IDX_HEADER.size:
+        return None
+    magic, state, _, _, count, file_stamp, _, _, crc = _IDX_HEADER.unpack(header)
+    if magic != _IDX_MAGIC or zlib.crc32(header[:-4]) != crc or (
+            stamp is not None and (state != _CLOSED or file_stamp != stamp)):
+        return None
+    return int(count)
 
 
 def _ones(flags: bytearray) -> Iterable[int]:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Optional
 from .codec import _LATEST_EXPIRY, MAX_VALUE_BYTES
 from .errors import _damaged, _StoreFull
 from .format import _BLOCK, _MAX_SEQ, _blocks, _fsync, _remove, _slot, _valid_key
-from .recovery import _chunks, _count_index, _derive_free, _scan
+from .index import _hash
+from .recovery import _chunks, _index_found, _scan
 
 if TYPE_CHECKING:
     from .engine import _Engine
@@ -37,7 +38,7 @@ def _is_v1_header(data: bytes) -> bool:
             == int.from_bytes(data[_V1_HEADER.size - 4:_V1_HEADER.size], "little"))
 
 
-def _convert_v1(engine: _Engine) -> None:
+def _convert_v1(engine: _Engine, old_dir: str) -> None:
     """Convert a store written by version 1.0, in place.
 
     The 1.0 header stays until the end, so a crash here converts again: a
@@ -49,9 +50,11 @@ def _convert_v1(engine: _Engine) -> None:
     """
     for leftover in (".bak", ".compact.dat", ".compact.dir", ".compact.bak"):
         _remove(engine.dat_path[:-4] + leftover)  # 1.0's own temporary files
-    # 1.0's .dir, its snapshot of .dat, is not read: .dat says it all. Gone
-    # first, since the room the conversion may use counts only the new one.
-    os.ftruncate(engine.dir, 0)
+    # 1.0's .dir, its snapshot of .dat, is not read: .dat says it all. Emptied
+    # first, since the room the conversion may use counts .dat and .idx only
+    # (and removed once the store is converted, see opening).
+    if os.path.isfile(old_dir):
+        os.truncate(old_dir, 0)
     engine.dat_size = os.fstat(engine.dat).st_size
     newest: dict[bytes, tuple[int, int, float, Optional[bytes]]] = {}
     older: list[tuple[int, int]] = []
@@ -71,13 +74,13 @@ def _convert_v1(engine: _Engine) -> None:
                 older.append(newest[key][:2])
             newest[key] = (block, _blocks(end - off), expires_at,
                            buf[key_at + key_len:end] if kind == 1 else None)
-    losers, marked, _, seq = _scan(engine)  # from a conversion cut short
+    found: dict[bytes, int] = {}
+    losers, marked, _, seq = _scan(engine, found)  # from a conversion cut short
     engine.seq = seq + 1
     engine.lease = _MAX_SEQ  # no header write: the 1.0 header stays until the end
-    _count_index(engine)
     tombstones, convert = [], {}
     for key, (block, length, expires_at, body) in newest.items():
-        if key in engine.index:
+        if key in found:
             older.append((block, length))
         elif body is None:
             tombstones.append((block, length))
@@ -95,8 +98,8 @@ def _convert_v1(engine: _Engine) -> None:
             engine._write_marker(block, length)
     holders = {b"\0" + key: _slot(length * _BLOCK, block)  # hold their blocks
                for key, (block, length, _, _) in convert.items()}
-    engine.index.update(holders)
-    _derive_free(engine, marked)
+    found.update(holders)
+    _index_found(engine, found, [], marked)
     copied: list[tuple[int, int]] = []  # originals whose copies are not yet durable
 
     def release() -> None:
@@ -107,15 +110,15 @@ def _convert_v1(engine: _Engine) -> None:
         copied.clear()
 
     for key, (block, length, expires_at, body) in convert.items():
-        del engine.index[b"\0" + key]
+        engine.index.remove(_hash(b"\0" + key), holders[b"\0" + key])
         engine._count(length, -1)
         try:
-            engine._put_record(key, body, expires_at)
+            engine._put_record(key, body, expires_at, None, None)
         except _StoreFull:
             if not copied:
                 raise
             release()  # the originals' room
-            engine._put_record(key, body, expires_at)
+            engine._put_record(key, body, expires_at, None, None)
         copied.append((block, length))
         if len(copied) == _CONVERT_BATCH:
             release()

@@ -2,10 +2,10 @@
 
 A new store's .dat is made whole first (see format's _create_data_file);
 then .dat is opened and locked (locks), a creator's leftover temporary file
-removed, and the index loaded: from the snapshot after a clean close
-(snapshot), by a scan after a crash (recovery), or by converting a store
-written by version 1.0 (legacy). Only then is the header marked open,
-before anything else is written.
+removed, and the index loaded: from .idx after a clean close (snapshot), by
+a scan after a crash (recovery), or by converting a store written by
+version 1.0 (legacy) or 2.0 (a scan, as after a crash). Only then is the
+header marked open, before anything else is written.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Optional
 
 from .errors import CorruptStoreError
 from .format import (
-    _BLOCK, _CLOSED, _HEADER, _LEASE, _OPEN, _Header, _create_data_file, _fsync_folder,
+    _BLOCK, _HEADER, _LEASE, _OPEN, _Header, _create_data_file, _fsync_folder,
     _open_regular, _read_at, _remove,
 )
+from .index import _keys_saved
 from .legacy import _convert_v1, _is_v1_header
 from .locks import _engines, _lock_data_file
 from .recovery import _holds_records, _recover
-from .snapshot import _listed_keys, _load_snapshot
+from .snapshot import _load_snapshot
 
 if TYPE_CHECKING:
     from .engine import _Engine
@@ -36,7 +37,7 @@ def _open(engine: _Engine, deadline: Optional[float]) -> None:
     try:
         new = not os.path.exists(engine.dat_path)
         if new:
-            _create_data_file(engine.dat_path, engine.dir_path)
+            _create_data_file(engine.dat_path, engine.idx_path)
         engine.files.append(_open_regular(engine.dat_path))
         engine.dat = engine.files[-1].fileno()
         _lock_data_file(engine.dat, engine.dat_path, deadline)
@@ -45,7 +46,7 @@ def _open(engine: _Engine, deadline: Optional[float]) -> None:
             if re.fullmatch(re.escape(name) + r"\.\d+\.new", os.path.basename(leftover)):
                 _remove(leftover)  # of a creator killed before it could (see format)
         _load(engine)
-        if new:  # .dir and .lock too: so that sync() covers their names
+        if new:  # .idx and .lock too: so that sync() covers their names
             _fsync_folder(os.path.dirname(engine.dat_path))
     except BaseException:
         engine.close_files()
@@ -53,45 +54,45 @@ def _open(engine: _Engine, deadline: Optional[float]) -> None:
 
 
 def _load(engine: _Engine) -> None:
-    """Read the index: from the snapshot after a clean close, else by
-    scanning .dat (see recovery); convert a 1.0 store. Then mark the
-    header open, before anything else is written."""
+    """Read the index: from .idx after a clean close, else by scanning .dat
+    (see recovery); convert a 1.0 or 2.0 store. Then mark the header open,
+    before anything else is written."""
     size = os.fstat(engine.dat).st_size
     first = _read_at(engine.dat, min(size, _HEADER.size), 0)
     header = _Header.parse(first)
     v1 = header is None and _is_v1_header(first)
+    old_dir = engine.dat_path[:-4] + ".dir"  # of a 1.0 or 2.0 store: removed once converted
+    engine.files.append(_open_regular(engine.idx_path))
+    engine.index.fd = engine.files[-1].fileno()
     # A store that holds no record leaves .dat one header, or one block,
-    # long, zero after the header, beside an empty .dir: with the header
-    # torn by a power cut, it is that, not a foreign file.
-    torn = (size in (_HEADER.size, _BLOCK) and os.path.isfile(engine.dir_path)
-            and not os.path.getsize(engine.dir_path)
+    # long, zero after the header, beside an index of no key: with the
+    # header torn by a power cut, it is that, not a foreign file.
+    torn = (size in (_HEADER.size, _BLOCK) and _keys_saved(engine.index.fd) in (0, None)
+            and not os.path.exists(old_dir)
             and not _read_at(engine.dat, size, 0)[_HEADER.size:].strip(b"\0"))
     if size and header is None and not v1 and not torn and not _holds_records(engine):
         raise CorruptStoreError(
             f"{engine.dat_path} is not a datastore data file (no valid header "
             "or record); move it away or open a different path",
             path=engine.dat_path)
-    engine.files.append(_open_regular(engine.dir_path))
-    engine.dir = engine.files[-1].fileno()
-    if not size and os.fstat(engine.dir).st_size:
+    if not size and _keys_saved(engine.index.fd):
         raise CorruptStoreError(
-            f"{engine.dat_path} is empty but {engine.dir_path} is not; "
+            f"{engine.dat_path} is empty but {engine.idx_path} is not; "
             "restore the data file or move the index away", path=engine.dat_path)
     gc_was_on = gc.isenabled()
     gc.disable()  # loading makes millions of objects, none of them cyclic
     try:
         if v1:
-            _convert_v1(engine)
-        elif header is not None and header.state == _CLOSED:
-            if not _load_snapshot(engine, header):  # damaged since the clean close
-                _recover(engine, header, _listed_keys(engine, header))
-        elif size:
-            _recover(engine, header)
+            _convert_v1(engine, old_dir)
+        elif header is None or not _load_snapshot(engine, header):
+            _recover(engine, header, _keys_saved(engine.index.fd, header.seq) if header else None)
     finally:
         if gc_was_on:
             gc.enable()
     engine.lease = engine.seq + _LEASE
     engine._write_header(_OPEN)  # before anything else is written
     engine.durable_seq = engine.seq
-    os.ftruncate(engine.dir, 0)  # a stale snapshot: rewritten at close
+    if os.path.exists(old_dir):
+        _remove(old_dir)
+        _fsync_folder(os.path.dirname(engine.dat_path))
     engine._try(engine._trim)

@@ -1,7 +1,7 @@
 """Recovery: rebuilding the index by scanning .dat, after a crash.
 
-``.dat`` is the truth; ``.dir`` is only a snapshot of the index (see
-``snapshot`` for when it is trusted). Opening a store marks its header
+``.dat`` is the truth; ``.idx`` is trusted only after a clean close (see
+``snapshot``), and is rebuilt from the scan otherwise. Opening a store marks its header
 *open* (fsynced) before anything else is written, so a store that was not
 closed cleanly is always scanned:
 
@@ -34,17 +34,18 @@ from array import array
 from collections import Counter
 from itertools import compress, repeat
 from operator import add, and_, lt, rshift
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
 from .codec import MAX_VALUE_BYTES
 from .errors import _damaged, _log, _StoreFull
 from .format import (
     _BLOCK, _BLOCK_SHIFT, _CLOSED, _EXP_SHIFT, _FIELDS, _FREE, _HEAD, _LATEST_EXPIRY_BITS,
-    _LINE_PUNCTUATION, _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES, _MAX_RECORD, _MAX_SEQ,
-    _PLAIN_KEY_BYTES, _SIZE_MASK, _SLOT_MASK, _TABLE, _VALUE,
-    _Header, _blocks, _digits, _fsync, _parse_item, _read_at, _slot_block, _slot_size,
-    _table_room, _valid_key, _valid_keys,
+    _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES, _MAX_RECORD, _MAX_SEQ, _SIZE_MASK, _SLOT_MASK,
+    _TABLE, _VALUE, _Header, _blocks, _fsync, _parse_item, _read_at, _slot_block, _slot_size,
+    _valid_key, _valid_keys,
 )
+from .index import _hash
+from .snapshot import _snapshot_room
 
 if TYPE_CHECKING:
     from .engine import _Engine
@@ -52,12 +53,13 @@ if TYPE_CHECKING:
 _SCAN_CHUNK = 1 << 22  # bytes of .dat read at a time by a scan
 
 
-def _derive_free(engine: _Engine, marked: Optional[dict[int, int]]) -> None:
-    """Make every block no record holds a free extent. With `marked` (the
-    free markers a scan found: block -> length), also write a marker at
-    the start of each extent that has no exact one yet. (In bulk: per
-    record, map() and friends run in C, and only the gaps in Python.)"""
-    slots = sorted(map(and_, engine.index.values(), repeat(_SLOT_MASK)))  # by block
+def _derive_free(engine: _Engine, held: Iterable[int], marked: Optional[dict[int, int]]) -> None:
+    """Make every block no record holds (`held`: their slots) a free
+    extent. With `marked` (the free markers a scan found: block -> length),
+    also write a marker at the start of each extent that has no exact one
+    yet. (In bulk: per record, map() and friends run in C, and only the
+    gaps in Python.)"""
+    slots = sorted(map(and_, held, repeat(_SLOT_MASK)))  # by block
     starts = list(map(rshift, slots, repeat(_BLOCK_SHIFT)))
     lengths = list(map(rshift, map(add, map(and_, slots, repeat(_SIZE_MASK)),
                                    repeat(_BLOCK - 1)), repeat(9)))
@@ -87,66 +89,67 @@ def _holds_records(engine: _Engine) -> bool:
                for off in starts if buf.startswith(_MAGIC, off))
 
 
-def _recover(engine: _Engine, header: Optional[_Header],
-             listed: Optional[list[bytes]] = None) -> None:
+def _recover(engine: _Engine, header: Optional[_Header], listed: Optional[int] = None) -> None:
     """Rebuild the index by scanning .dat. If the header says the store was
     closed cleanly, its snapshot did not match .dat: that is damage, not a
-    crash, and `listed` holds the keys the snapshot lists, if its .dir is
-    whole (see _report_damage)."""
+    crash, and `listed` is the number of keys the snapshot held, if known
+    (see _report_damage)."""
     engine.dat_size = os.fstat(engine.dat).st_size
-    losers, marked, tables, newest = _scan(engine)
+    found: dict[bytes, int] = {}
+    losers, marked, tables, newest = _scan(engine, found)
     engine.seq = max(header.seq if header else 1, newest + 1)
-    _count_index(engine)
-    last = max(map(and_, engine.index.values(), repeat(_SLOT_MASK)), default=0)
-    _check_room(engine, _slot_block(last) * _BLOCK + _slot_size(last))
-    if losers:  # older copies of keys: never again valid, once the newer are durable
-        _fsync(engine.dat)
-    for block, length in losers:
-        engine._write_marker(block, length)
-    _derive_free(engine, marked)
-    closed = header is not None and header.state == _CLOSED
+    _index_found(engine, found, losers, marked)
+    closed = header is not None and header.state == _CLOSED and header.version == 3
+    if closed and engine.dat_size <= _BLOCK and not listed:
+        return  # a new store, which has no .idx yet
+    if header is not None and header.version == 2:
+        _log.info("datastore %s: converted from version 2 (%d keys)",
+                  engine.dat_path[:-4], engine.index.count)
     _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}),
                    closed, listed)
 
 
-def _check_room(engine: _Engine, end: int) -> None:
+def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[int, int]],
+                 marked: dict[int, int]) -> None:
+    """From a scan's newest copy of each key (`found`, key -> slot): refuse a
+    store too large for max_bytes, invalidate the older copies (`losers`),
+    derive the free space, list the expiries and build .idx."""
+    slots = list(found.values())
+    last = max(map(and_, slots, repeat(_SLOT_MASK)), default=0)
+    end = _slot_block(last) * _BLOCK + _slot_size(last)
+    exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))
+    _check_room(engine, end, sum(map(bool, exps)))
+    if losers:  # older copies of keys: never again valid, once the newer are durable
+        _fsync(engine.dat)
+    for block, length in losers:
+        engine._write_marker(block, length)
+    _derive_free(engine, slots, marked)
+    engine.expiries.load(list(compress(exps, exps)),
+                         list(map(and_, compress(slots, exps), repeat(_SLOT_MASK))))
+    engine.index.build(zip(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK))))
+    _check_room(engine, end, engine.expiries.count)
+
+
+def _check_room(engine: _Engine, end: int, expiring: int) -> None:
     """Refuse, before anything is written, a store that needs more than
     max_bytes (it was filled under a larger one): .dat up to `end`, the
-    end of its last record, then .dir and the index table."""
-    needed = max(_blocks(end), 1) * _BLOCK + engine.dir_bytes + _table_room(
-        len(engine.index), engine.expiries.count)
+    end of its last record, then .idx (once built: a bulk build takes no
+    more pages than the same keys added one by one) and the snapshot."""
+    needed = (max(_blocks(end), 1) * _BLOCK + engine.index.room()
+              + _snapshot_room(len(engine.free.at), expiring))
     if needed > engine.max_bytes:
         raise _StoreFull(0, needed)
 
 
-def _count_index(engine: _Engine) -> None:
-    """Count .dir's lines and list the expiries, for an index from a scan.
-    (The sum of _line_length over the index, in bulk: map() runs in C.)"""
-    keys, slots = list(engine.index), list(engine.index.values())
-    joined = b"".join(keys)
-    if joined.translate(None, _PLAIN_KEY_BYTES):  # some key repr() escapes
-        quoted = sum(map(len, map(repr, map(bytes.decode, keys, repeat("latin-1")))))
-    else:  # each key between two quotes
-        quoted = len(joined) + 2 * len(keys)
-    # After a scan the index is in .dat's order, so the sort is quick;
-    # sizes repeat, so each one's digits are counted once.
-    blocks = sorted(map(rshift, map(and_, slots, repeat(_SLOT_MASK)), repeat(_BLOCK_SHIFT)))
-    sizes = Counter(map(and_, slots, repeat(_SIZE_MASK)))
-    engine.dir_bytes = (quoted + _digits(blocks, _BLOCK) + _LINE_PUNCTUATION * len(keys)
-                        + sum(len(str(size)) * count for size, count in sizes.items()))
-    exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))
-    engine.expiries.load(list(compress(exps, exps)), list(compress(keys, exps)))
-
-
-def _scan(engine: _Engine) -> tuple[list[tuple[int, int]], dict[int, int], dict[int, int], int]:
-    """Read every valid item of .dat into the index (newest copy of each key).
+def _scan(engine: _Engine, index: dict[bytes, int]
+          ) -> tuple[list[tuple[int, int]], dict[int, int], dict[int, int], int]:
+    """Read every valid item of .dat into `index` (newest copy of each key).
 
     Returns the older copies (block, blocks), the free markers and the
     index tables (each as block -> blocks), and the highest sequence
     number seen. Value records are checked a chunk at a time, in bulk
     (see _values); free markers and tables one by one.
     """
-    index = engine.index
     newest = 0
     losers: list[tuple[int, int]] = []
     marked: dict[int, int] = {}
@@ -164,7 +167,7 @@ def _scan(engine: _Engine) -> tuple[list[tuple[int, int]], dict[int, int], dict[
         if indexed != slots:  # some key has another copy
             for key, slot, seq, other in zip(keys, slots, seqs, indexed):
                 if other != slot:
-                    _choose(engine, key, slot, seq, losers)
+                    _choose(engine, index, key, slot, seq, losers)
         newest = max(newest, max(seqs, default=0))
         for off in compress(starts, map(_MARKER_WORDS.__contains__, columns[0])):
             block = first + off // _BLOCK
@@ -181,14 +184,14 @@ def _scan(engine: _Engine) -> tuple[list[tuple[int, int]], dict[int, int], dict[
     return losers, marked, tables, newest
 
 
-def _choose(engine: _Engine, key: bytes, slot: int, seq: int,
+def _choose(engine: _Engine, index: dict[bytes, int], key: bytes, slot: int, seq: int,
             losers: list[tuple[int, int]]) -> None:
     """Of a copy of key (its slot and seq) and the one indexed now, index
     the one with the higher sequence number; add the other to losers."""
-    old = engine.index[key]
+    old = index[key]
     old_seq = _HEAD.unpack(_read_at(engine.dat, _HEAD.size, _slot_block(old) * _BLOCK))[4]
     if seq > old_seq:
-        engine.index[key] = slot
+        index[key] = slot
     loser = old if seq > old_seq else slot
     losers.append((_slot_block(loser), _blocks(_slot_size(loser))))
 
@@ -212,32 +215,30 @@ def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]
 
 
 def _report_damage(engine: _Engine, damage: list[tuple[int, int]], closed: bool,
-                   listed: Optional[list[bytes]]) -> None:
+                   listed: Optional[int]) -> None:
     """Say what recovery skipped. A crash tears at most the one record
     (or free marker) being written: more than that is damage, a warning.
-    So is any scan of a store closed cleanly: the keys its snapshot lists
-    (`listed`, if known) that the scan did not find are lost, and
-    engine.lost keeps them for check() to say."""
+    So is any scan of a store closed cleanly: if the number of keys it held
+    is known (`listed`), the ones the scan did not find are lost, and
+    engine.lost keeps their number for check() to say."""
     skipped = sum(length for _, length in damage) * _BLOCK
     if closed:
-        engine.lost = [key for key in listed or () if key not in engine.index]
-        lost = ("which keys were lost cannot be told, as its .dir is damaged too"
-                if listed is None else f"lost {len(engine.lost)} key(s) the snapshot lists"
-                + (f", such as {engine.lost[0].decode('utf-8', 'replace')!r}"
-                   if engine.lost else ""))
+        engine.lost = max(0, (listed or 0) - engine.index.count)
+        lost = ("how many keys were lost cannot be told, as its .idx is missing or "
+                "damaged too" if listed is None else f"lost {engine.lost} key(s)")
         _log.warning(
             "datastore %s was closed cleanly, but its files do not match the "
             "snapshot close wrote: they were damaged since. Recovered %d keys by "
             "scanning; %s; skipped %d damaged region(s) of %d bytes in all",
-            engine.dat_path[:-4], len(engine.index), lost, len(damage), skipped)
+            engine.dat_path[:-4], engine.index.count, lost, len(damage), skipped)
     elif len(damage) > 1 or any(length > _MAX_BLOCKS for _, length in damage):
         _log.warning(
             "datastore %s: recovered %d keys; skipped %d damaged region(s) "
             "of %d bytes in all, which a crash alone does not explain",
-            engine.dat_path[:-4], len(engine.index), len(damage), skipped)
+            engine.dat_path[:-4], engine.index.count, len(damage), skipped)
     else:
         _log.info("datastore %s: recovered %d keys after a crash%s",
-                  engine.dat_path[:-4], len(engine.index),
+                  engine.dat_path[:-4], engine.index.count,
                   f"; skipped {skipped} bytes of a torn write" if damage else "")
 
 

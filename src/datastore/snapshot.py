@@ -1,123 +1,93 @@
-"""The snapshot: the index as a clean close leaves it, for a fast next open.
+"""The snapshot: what a clean close leaves in ``.idx`` for a fast next open.
 
-A clean ``close()`` writes the index table into ``.dat`` and the ``.dir``
-lines (both described in ``format``), fsyncs them and the records they point
-at, and only then marks the header *closed* with the size and CRC-32 of
-``.dir`` and where the table is. The next open trusts the snapshot only if
-the header says closed and ``.dir`` and the table match it; otherwise it
-scans ``.dat`` (see ``recovery``). What matches but makes no sense (keys
-twice, records out of bounds) is damage, not a crash, and is refused.
+A clean ``close()`` fsyncs ``.dat``, then saves the index (see index) with,
+in its tail after the directory, what the engine keeps in memory besides
+(``_SNAPSHOT``, little-endian)::
+
+    .dat size          8 bytes: where .dat ended at the close
+    free extents       4 bytes: how many, n
+    expiring records   4 bytes: how many, m
+    records by blocks  (_MAX_BLOCKS + 1) x 4 bytes: indexed records taking
+                       0, 1, 2, ... blocks
+    free extents       n x (4 + 4) bytes: start block and length in blocks
+    expiries           m x 8 bytes: expires_at bits, ascending, then
+                       m x 8 bytes: each one's place (see format)
+
+and only then marks the header of ``.dat`` *closed*. The next open trusts
+``.idx`` only if the header says closed and ``.idx`` says it was saved at
+that very close (see index), and ``.dat`` is the size it was: then it reads
+the header and the tail, and nothing per key but the expiries. Otherwise
+it scans ``.dat`` (see recovery). What matches but makes no sense is
+damage, and is refused.
 """
 
 from __future__ import annotations
 
 import os
-import zlib
-from collections import deque
-from itertools import repeat
-from operator import lshift, or_
-from typing import TYPE_CHECKING, Optional, Sequence
+import struct
+from array import array
+from typing import TYPE_CHECKING
 
-from .errors import CorruptStoreError, _damaged
-from .format import (
-    _BLOCK, _BLOCK_SHIFT, _CLOSED, _EXP_SHIFT, _HEAD, _LATEST_EXPIRY_BITS, _MAX_RECORD,
-    _TABLE, _Header, _blocks, _fsync, _pack_dir, _pack_marker, _pack_table, _parse_item,
-    _read_at, _unpack_dir_keys, _unpack_table, _valid_keys, _write_at,
-)
-from .recovery import _check_room, _derive_free
+from .errors import _damaged, _StoreFull
+from .format import _BLOCK, _CLOSED, _LATEST_EXPIRY_BITS, _MAX_BLOCKS, _Header, _blocks
 
 if TYPE_CHECKING:
     from .engine import _Engine
 
+_SNAPSHOT = struct.Struct(f"<QII{_MAX_BLOCKS + 1}I")
+
+
+def _snapshot_room(extents: int, expiring: int) -> int:
+    """Bytes of the snapshot with so many free extents and expiring records."""
+    return _SNAPSHOT.size + 8 * extents + 16 * expiring
+
 
 def _write_snapshot(engine: _Engine) -> None:
-    """Write the index table and .dir, fsync, then mark the header closed."""
-    table = (0, 0)
-    if engine.index:
-        body = _pack_table(list(engine.index), list(engine.index.values()))
-        record = _pack_marker(_TABLE, len(body), body, engine.seq)
-        block, _ = engine._place(len(record))  # used() has counted its room all along
-        engine._write_record(block, _blocks(len(record)), record)
-        table = (block * _BLOCK, len(record))
-    lines = _pack_dir(engine.index.items())
-    _write_at(engine.dir, lines, 0)
-    os.ftruncate(engine.dir, len(lines))
-    _fsync(engine.dir)
-    engine._sync()  # the records .dir points at, before the header trusts it
-    engine._write_header(_CLOSED, len(lines), zlib.crc32(lines), table)
+    """Fsync .dat, save .idx with the snapshot, then mark the header closed."""
+    engine._sync()  # the records .idx points at, before .idx is trusted
+    extents = sorted(engine.free.at.items())
+    exps, places = engine.expiries.dump()
+    starts = array("I", [start for start, _ in extents])
+    lengths = array("I", [length for _, length in extents])
+    pairs = array("I", bytes(8 * len(extents)))
+    pairs[0::2], pairs[1::2] = starts, lengths
+    data = b"".join((
+        _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), *engine.by_blocks),
+        pairs.tobytes(), exps.tobytes(), places.tobytes()))
+    engine.index.save(engine.seq, data)
+    engine._write_header(_CLOSED)
 
 
 def _load_snapshot(engine: _Engine, header: _Header) -> bool:
-    """Load the index from the .dir and index table a clean close wrote.
-
-    The keys come from .dir, in its order; their blocks, sizes and
-    expiries from the table, as binary, which is faster than parsing the
-    same numbers out of .dir's text. Returns False if either does not
-    match the header (then scan .dat). What matches but does not make
-    sense raises CorruptStoreError.
-    """
+    """Load .idx and the snapshot a clean close wrote. Returns False if they
+    do not match the header or .dat (then scan .dat). What matches but does
+    not make sense raises CorruptStoreError."""
     engine.dat_size = os.fstat(engine.dat).st_size
-    if (os.fstat(engine.dir).st_size != header.dir_size
-            or header.dir_size > engine.max_bytes):
+    if header.version != 3 or header.state != _CLOSED:
         return False
-    text = _read_at(engine.dir, header.dir_size, 0)
-    table = _read_table(engine, header.table_pos, header.table_size)
-    if zlib.crc32(text) != header.dir_crc or table is None:
+    data = engine.index.load(header.seq)
+    if data is None:
         return False
-    keys = _unpack_dir_keys(text, engine.dir_path)
-    blocks, sizes, lines, exps = table
-    if len(blocks) != len(keys):
-        raise _damaged(engine.dat_path, "the index table does not match .dir")
-    # Records do not overlap (_derive_free checks, below), so the one
-    # that starts last ends last: where it ends is all .dat they need.
-    last = blocks.index(max(blocks)) if keys else None
-    end = 0 if last is None else blocks[last] * _BLOCK + sizes[last]
-    if keys and (min(blocks) < 1 or min(sizes) <= _HEAD.size or max(sizes) > _MAX_RECORD
-                 or end > engine.dat_size):
-        raise _damaged(engine.dat_path, "a record in the index table is out of bounds")
-    if not _valid_keys(keys):
-        raise _damaged(engine.dir_path, "a key is not 1 to 32 characters of UTF-8")
-    if lines and (max(lines) >= len(keys) or len(frozenset(lines)) != len(lines)
-                  or min(exps) <= 0 or max(exps) > _LATEST_EXPIRY_BITS):
-        raise _damaged(engine.dat_path, "bad expiry in the index table")
-    slots = list(map(or_, sizes, map(lshift, blocks, repeat(_BLOCK_SHIFT))))
-    deque(map(slots.__setitem__, lines, map(or_, map(slots.__getitem__, lines),  # in C:
-                                             map(lshift, exps, repeat(_EXP_SHIFT)))), maxlen=0)
-    engine.index.update(zip(keys, slots))
-    if len(engine.index) != len(keys):
-        raise _damaged(engine.dir_path, "a key is listed twice")
-    engine.expiries.load(exps, list(map(keys.__getitem__, lines)))
-    engine.dir_bytes = len(text)
+    dat_size, extents, expiring, *by_blocks = _SNAPSHOT.unpack_from(data)
+    if dat_size != engine.dat_size:
+        engine.index.close()
+        return False
+    at = _SNAPSHOT.size
+    if len(data) != at + 8 * extents + 16 * expiring or sum(by_blocks) != engine.index.count:
+        raise _damaged(engine.idx_path, "its snapshot does not match its index")
+    pairs = array("I", data[at:at + 8 * extents])
+    exps = array("Q", data[at + 8 * extents:at + 8 * extents + 8 * expiring])
+    places = array("Q", data[at + 8 * extents + 8 * expiring:])
+    if (pairs and min(pairs[0::2]) < 1) or (exps and max(exps) > _LATEST_EXPIRY_BITS):
+        raise _damaged(engine.idx_path, "its snapshot is out of bounds")
+    for start, length in zip(pairs[0::2], pairs[1::2]):
+        if (start + length) * _BLOCK > _blocks(dat_size) * _BLOCK or not length:
+            raise _damaged(engine.idx_path, "a free extent in it is out of bounds")
+        engine.free.add(start, length)
+    engine.by_blocks = list(by_blocks)
+    engine.largest = max((n for n in range(_MAX_BLOCKS + 1) if by_blocks[n]), default=0)
+    engine.expiries.load(exps, places)
     engine.seq = header.seq
-    _derive_free(engine, None)  # writes nothing
-    _check_room(engine, end)
+    if engine.used() > engine.max_bytes:  # filled under a larger max_bytes
+        raise _StoreFull(0, engine.used())
     return True
-
-
-def _read_table(engine: _Engine, pos: int, size: int) -> Optional[tuple[Sequence[int], ...]]:
-    """The index table's blocks, sizes, ttl lines and expiries (float
-    bits), or None if it is damaged. An empty store has no table."""
-    if not size:
-        return ((), (), (), ()) if not pos else None
-    if (pos % _BLOCK or pos < _BLOCK or pos + size > engine.dat_size
-            or size > engine.max_bytes // 16):  # 6 to 18 bytes a key, 512 or more a key
-        return None
-    item = _parse_item(_read_at(engine.dat, size, pos), 0)
-    if item is None or item[0] != _TABLE or item[5] != size:
-        return None
-    return _unpack_table(_read_at(engine.dat, item[4], pos + _HEAD.size))
-
-
-def _listed_keys(engine: _Engine, header: _Header) -> Optional[list[bytes]]:
-    """The keys .dir lists, if it is the one the header says close wrote (it
-    is the index table or .dat that does not match): for recovery to tell
-    which keys the scan lost. None if .dir is damaged too."""
-    if os.fstat(engine.dir).st_size != header.dir_size or header.dir_size > engine.max_bytes:
-        return None
-    text = _read_at(engine.dir, header.dir_size, 0)
-    if zlib.crc32(text) != header.dir_crc:
-        return None
-    try:
-        return _unpack_dir_keys(text, engine.dir_path)
-    except CorruptStoreError:
-        return None

@@ -2,7 +2,8 @@
 
 ``_FreeSpace`` holds the free extents of ``.dat`` (runs of blocks no record
 holds), merged with their free neighbours, findable by start, by end and by
-length. ``_Expiries`` holds the keys that have a ttl, in order of expiry.
+length. ``_Expiries`` holds the records that have a ttl (by their place, see
+format), in order of expiry.
 Neither does I/O: the engine writes the free markers and records first, then
 tells these.
 """
@@ -65,47 +66,54 @@ class _FreeSpace:
 
 
 class _Expiries:
-    """(expiry, key) pairs in ascending order, kept as sorted runs.
+    """(expiry, place) pairs in ascending order, kept as sorted runs.
 
-    Expiries are float bits (see the index). Each run holds at most
-    2 * _RUN pairs in two parallel sequences, so adding or removing a pair is
-    a bisection over the runs' first pairs, one within the run, and a short
-    memmove, however many keys share one expiry; the earliest pairs are at
-    the front. 16 bytes a pair.
+    Expiries are float bits, places a record's (see format). Each run holds
+    at most 2 * _RUN pairs in two parallel arrays, so adding or removing a
+    pair is a bisection over the runs' first pairs, one within the run, and
+    a short memmove, however many records share one expiry; the earliest
+    pairs are at the front. 16 bytes a pair.
     """
 
     _RUN = 512
 
     def __init__(self) -> None:
-        self.firsts: list[tuple[int, bytes]] = []  # the first pair of each run
+        self.firsts: list[tuple[int, int]] = []  # the first pair of each run
         self.exps: list[array[int]] = []    # each run's expiries, ascending
-        self.keys: list[list[bytes]] = []   # each run's keys, ascending within an expiry
+        self.keys: list[array[int]] = []    # each run's places, ascending within an expiry
         self.count = 0
 
-    def load(self, exps: Sequence[int], keys: list[bytes]) -> None:
+    def load(self, exps: Sequence[int], keys: Sequence[int]) -> None:
         """Fill an empty instance with keys[i] expiring at exps[i]."""
-        pairs = list(zip(exps, keys))
-        if any(map(gt, pairs, islice(pairs, 1, None))):  # a clean close wrote them in order
-            pairs.sort()
+        if any(map(gt, zip(exps, keys), islice(zip(exps, keys), 1, None))):
+            pairs = sorted(zip(exps, keys))  # (a clean close wrote them in order)
             exps, keys = [exp for exp, _ in pairs], [key for _, key in pairs]
         for at in range(0, len(exps), self._RUN):
-            self.firsts.append(pairs[at])
+            self.firsts.append((exps[at], keys[at]))
             self.exps.append(array("Q", exps[at:at + self._RUN]))
-            self.keys.append(keys[at:at + self._RUN])
+            self.keys.append(array("Q", keys[at:at + self._RUN]))
         self.count = len(exps)
 
-    def _find(self, exp: int, key: bytes) -> tuple[int, int]:
+    def dump(self) -> tuple[array[int], array[int]]:
+        """All expiries and places, in order (for load)."""
+        exps, keys = array("Q"), array("Q")
+        for run, places in zip(self.exps, self.keys):
+            exps.extend(run)
+            keys.extend(places)
+        return exps, keys
+
+    def _find(self, exp: int, key: int) -> tuple[int, int]:
         """(run, position) where the pair is, or would go."""
         i = max(bisect_right(self.firsts, (exp, key)) - 1, 0)
         run = self.exps[i]
         lo = bisect_left(run, exp)
         return i, bisect_left(self.keys[i], key, lo, bisect_right(run, exp, lo))
 
-    def add(self, exp: int, key: bytes) -> None:
+    def add(self, exp: int, key: int) -> None:
         if not self.exps:
             self.firsts.append((exp, key))
             self.exps.append(array("Q", [exp]))
-            self.keys.append([key])
+            self.keys.append(array("Q", [key]))
         else:
             i, j = self._find(exp, key)
             run, keys = self.exps[i], self.keys[i]
@@ -120,9 +128,9 @@ class _Expiries:
                 del run[self._RUN:], keys[self._RUN:]
         self.count += 1
 
-    def remove(self, exp: int, key: bytes) -> None:
+    def remove(self, exp: int, key: int) -> None:
         i, j = self._find(exp, key) if self.exps else (0, 0)
-        run, keys = (self.exps[i], self.keys[i]) if self.exps else (array("Q"), [])
+        run, keys = (self.exps[i], self.keys[i]) if self.exps else (array("Q"), array("Q"))
         if j == len(keys) or keys[j] != key or run[j] != exp:
             raise KeyError(key)  # the index and the expiries disagree: a bug
         del run[j], keys[j]
@@ -132,9 +140,9 @@ class _Expiries:
             self.firsts[i] = (run[0], keys[0])
         self.count -= 1
 
-    def due(self, now: int, limit: int) -> list[bytes]:
-        """Up to `limit` keys whose expiry is at or before `now`, earliest first."""
-        due: list[bytes] = []
+    def due(self, now: int, limit: int) -> list[int]:
+        """Up to `limit` places whose expiry is at or before `now`, earliest first."""
+        due: list[int] = []
         for run, keys in zip(self.exps, self.keys):
             end = bisect_right(run, now, 0, min(len(run), limit - len(due)))
             due.extend(keys[:end])

@@ -61,12 +61,12 @@ def _store_path(path: Any) -> Path:
         raise DataStoreValueError(
             f"path {text!r} names a folder, not a store: give the store a name in "
             f"it, such as {os.path.join(text, 'store')!r} (files store.dat, "
-            "store.dir and store.lock)")
+            "store.idx and store.lock)")
     resolved = Path(os.path.realpath(text))
     if resolved.is_dir():
         raise DataStoreValueError(
             f"path {text!r} is a folder; a store there would be the files "
-            f"{resolved}.dat, .dir and .lock beside it. Give the store a name in "
+            f"{resolved}.dat, .idx and .lock beside it. Give the store a name in "
             f"the folder instead, such as {str(resolved / 'store')!r}")
     return resolved
 
@@ -99,12 +99,14 @@ def _default_path() -> Path:
             os.chmod(folder, 0o700)
     return folder / "default"
 
+_R = TypeVar("_R")
+
 
 class DataStore:
     """A persistent store of JSON objects under short string keys.
 
     ``DataStore(path)`` opens the store whose files are ``path.dat``,
-    ``path.dir`` and ``path.lock``, creating it (and missing folders) if
+    ``path.idx`` and ``path.lock``, creating it (and missing folders) if
     needed; with no path it opens the default store in the user's data folder.
     The store stays locked against other processes until ``close()``.
 
@@ -223,17 +225,18 @@ class DataStore:
         """The number of live keys (expired ones not counted). Reads no value."""
         self._check_process()
         with self._mutex:
-            return self._usable().count(self._clock())
+            return self._run(_Engine.count, self._clock())
 
     def __contains__(self, key: object) -> bool:
-        """Whether ``key`` is live. Reads nothing from disk.
+        """Whether ``key`` is live. Reads no value (only, if the key is
+        there, its record's head).
 
         Raises ``KeyTypeError``/``InvalidKeyError`` for a bad key.
         """
         key, key_bytes = _encode_key(key)
         self._check_process()
         with self._mutex:
-            return self._usable().slot(key_bytes, self._clock()) is not None
+            return self._run(_Engine.slot, key_bytes, self._clock()) is not None
 
     def __iter__(self) -> Iterator[str]:
         """Iterate over ``keys()``: a list taken when iteration starts."""
@@ -286,7 +289,7 @@ class DataStore:
         Reads no value from disk."""
         self._check_process()
         with self._mutex:
-            keys = self._usable().keys(self._clock())
+            keys = self._run(_Engine.keys, self._clock())
         return [key.decode("utf-8") for key in keys]
 
     def ttl(self, key: str) -> Optional[float]:
@@ -299,7 +302,7 @@ class DataStore:
         self._check_process()
         with self._mutex:
             now = self._clock()
-            expires_at = self._usable().expires_at(key_bytes, now)
+            expires_at = self._run(_Engine.expires_at, key_bytes, now)
         if expires_at is None:
             raise KeyNotFoundError(f"key {key!r} not found", key=key, path=self.path)
         return expires_at - now if expires_at else None
@@ -314,7 +317,7 @@ class DataStore:
         key, key_bytes = _encode_key(key)
         self._check_process()
         with self._mutex:
-            body = self._usable().get(key_bytes, self._clock())
+            body = self._run(_Engine.get, key_bytes, self._clock())
         if body is None:
             raise KeyNotFoundError(f"key {key!r} not found", key=key, path=self.path)
         value = _decode_object(body)
@@ -334,7 +337,7 @@ class DataStore:
         key, key_bytes = _encode_key(key)
         self._check_process()
         with self._mutex:
-            if not self._usable().remove(key_bytes, self._clock()):
+            if not self._run(_Engine.remove, key_bytes, self._clock()):
                 raise KeyNotFoundError(f"key {key!r} not found", key=key, path=self.path)
 
     def compact(self) -> None:
@@ -346,7 +349,7 @@ class DataStore:
         """
         self._check_process()
         with self._mutex:
-            self._usable().compact(self._clock())
+            self._run(_Engine.compact, self._clock())
 
     def check(self) -> dict[str, int]:
         """Read every record and return a report: ``keys`` (records in the
@@ -368,7 +371,7 @@ class DataStore:
             keys, live_keys, dead_bytes = engine.stats(self._clock())
             lost = engine.lost
             report = {"keys": keys, "live_keys": live_keys, "damaged_records": len(damaged),
-                      "dead_bytes": dead_bytes, "lost_keys": len(lost)}
+                      "dead_bytes": dead_bytes, "lost_keys": lost}
         if damaged:
             raise CorruptStoreError(
                 f"store {self.path} has {len(damaged)} damaged record(s), such as "
@@ -378,9 +381,8 @@ class DataStore:
         if lost:
             raise CorruptStoreError(
                 f"store {self.path} was damaged after it was closed cleanly: opening "
-                f"it lost {len(lost)} key(s), such as "
-                f"{lost[0].decode('utf-8', 'replace')!r} ({report}); restore a backup "
-                "to get them back", path=self.path)
+                f"it lost {lost} key(s) ({report}); restore a backup to get them "
+                "back", path=self.path)
         return report
 
     def sync(self) -> None:
@@ -433,14 +435,13 @@ class DataStore:
         body = _encode_value(key, value)
         self._check_process()
         with self._mutex:
-            engine = self._usable()
             now = self._clock()
             expires_at = _expiry(key, ttl, now)
-            if not replace and engine.slot(key_bytes, now) is not None:
+            if not replace and self._run(_Engine.slot, key_bytes, now) is not None:
                 raise KeyExistsError(f"key {key!r} already exists", key=key,
                                      path=self.path)
             try:
-                engine.put(key_bytes, body, expires_at, now)
+                self._run(_Engine.put, key_bytes, body, expires_at, now)
             except _StoreFull as full:
                 kept = ("counting room kept for replacing the largest value, unless "
                         "the new one takes no more room than the old" if replace else
@@ -465,9 +466,21 @@ class DataStore:
         """The engine, under the mutex; the process is checked before it."""
         if self._engine is None or self._closed:
             raise StoreClosedError(f"store {self.path} is closed", path=self.path)
-        if self._engine.busy:
+        if self._engine.busy or self._engine.index.damaged:
             self._reload()
         return self._engine
+
+    def _run(self, method: Callable[..., _R], *args: Any) -> _R:
+        """method(engine, *args), under the mutex. If the index file turns
+        out damaged (its pages are checked as they are first used), the
+        store reads its files again, rebuilding it, and calls once more."""
+        engine = self._usable()
+        try:
+            return method(engine, *args)
+        except CorruptStoreError:
+            if not engine.index.damaged:
+                raise
+        return method(self._usable(), *args)
 
     def _reload(self) -> None:
         """Read the files again, as an open after a crash does: a write was
@@ -476,8 +489,9 @@ class DataStore:
         is closed, and the error says why."""
         engine = self._engine
         assert engine is not None
-        _log.warning("datastore %s: a write was interrupted part-way; reading the "
-                     "files again", self.path)
+        _log.warning("datastore %s: %s", self.path, "its index file is damaged; "
+                     "rebuilding it from the data file" if engine.index.damaged else
+                     "a write was interrupted part-way; reading the files again")
         try:
             self._finalizer.detach()
             engine.close_files()  # no snapshot: the header still says open
