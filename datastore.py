@@ -1088,7 +1088,15 @@ class _Index:
         """Make the index hold exactly `entries`, (hash, place) pairs, in a
         file written anew. O(entries), for an open that scanned .dat. A
         bucket splits only if it must, so the file takes no more pages than
-        adding the same entries one by one would."""
+        adding the same entries one by one would. If it fails, the index is
+        `damaged`: the store reads .dat again before its next call."""
+        try:
+            self._build(entries)
+        except BaseException:
+            self.damaged = True
+            raise
+
+    def _build(self, entries: Iterable[tuple[int, int]]) -> None:
         self._unmap()
         packed = sorted(h << 48 | place for h, place in entries)
         buckets: list[tuple[int, int, int, int]] = []  # (prefix, depth, lo, hi)
@@ -1254,17 +1262,25 @@ class _Index:
             count = hi - lo
         return cost
 
-    def add(self, h: int, place: int) -> None:
-        """Add an entry; the caller has checked split_cost's room."""
+    def make_room(self, h: int) -> None:
+        """Split h's bucket until it has room for one more entry (the caller
+        has checked split_cost's room): the one step of adding an entry
+        that writes to the file, so that the caller can take it before it
+        commits to anything."""
         while True:
             page = self.directory[h >> self.shift]
             if not self.seen[page]:
                 self._check(page)
-            base = page << 10
-            word = self.u32[base + 1]
-            if word >> 16 < _ENTRIES:
-                break
+            if self.u32[(page << 10) + 1] >> 16 < _ENTRIES:
+                return
             self._split(page)
+
+    def add(self, h: int, place: int) -> None:
+        """Add an entry, once make_room(h) has made room. No I/O."""
+        page = self.directory[h >> self.shift]
+        base = page << 10
+        word = self.u32[base + 1]
+        assert word >> 16 < _ENTRIES and self.seen[page]
         self.seen[page] = 1
         u32, u64 = self.u32, self.u64
         lo = base + _HASHES
@@ -1322,10 +1338,14 @@ class _Index:
             raise _damaged(self.path, "more than 340 keys share one hash")
         new = self.pages
         _write_at(self.fd, bytes(_PAGE), new * _PAGE)  # blocks, before the map uses them
-        self._unmap()
-        self.pages += 1
-        self.seen.append(1)
-        self._map()
+        try:
+            self._unmap()
+            self.pages += 1
+            self.seen.append(1)
+            self._map()
+        except BaseException:  # (mmap failing: no memory for its tables, say)
+            self.damaged = True
+            raise
         u32, u64 = self.u32, self.u64
         upper = u32[base] | 1 << (31 - local)
         lo = base + _HASHES
@@ -2036,7 +2056,7 @@ def _convert_v1(engine: _Engine, old_dir: str) -> None:
         engine._count(length, -1)
         try:
             engine._put_record(key, body, expires_at, None, None)
-        except _StoreFull:
+        except _StoreFull:  # (making room in .idx at most: nothing written)
             if not copied:
                 raise
             release()  # the originals' room
@@ -2201,6 +2221,7 @@ def _load(engine: _Engine) -> None:
     engine.lease = engine.seq + _LEASE
     engine._write_header(_OPEN)  # before anything else is written
     engine.durable_seq = engine.seq
+    os.ftruncate(engine.index.fd, engine.index.pages * _PAGE)  # the snapshot, now stale
     if os.path.exists(old_dir):
         _remove(old_dir)
         _fsync_folder(os.path.dirname(engine.dat_path))
@@ -2445,6 +2466,8 @@ class _Engine:
         block = self._allocate(size, extra, now)
         if old is not None and self.moves != moves:  # making room may have moved it
             old = self.lookup(key)
+        if old is None:
+            self.index.make_room(h)
         record = _pack_value(self._next_seq(), key, exp, body)
         self._write_record(block, blocks, record)
         place = _slot(size, block)

@@ -45,7 +45,7 @@ from datastore import (
 from tests.support import (
     CHILD_CWD, OPEN_IN_CHILD, POSIX_ONLY, ROOT, SLOW, abandon, child_env,
     cli_command, counted_size, expect_line, files_size, fill, live_content, make_store,
-    record_body, run_python, run_threads, snapshot, spawn_python, value_records,
+    run_python, run_threads, snapshot, spawn_python, value_records,
 )
 
 

@@ -209,11 +209,11 @@ def fill(store, prefix, size=400, ttl=None, check_cap=True):
 
 
 def live_content(store):
-    """Every live key of a store and its value (through the engine's index)."""
+    """Every live key of a store and its value."""
     content = {}
-    for key, _ in store._engine.items():
+    for key in store.keys():
         try:
-            content[key.decode()] = store.read(key.decode())
+            content[key] = store.read(key)
         except KeyNotFoundError:  # expired
             pass
     return content

@@ -1,6 +1,6 @@
 """White-box tests of datastore.format: records as the format describes them
 (and as tests/support.py reads them for the user-level tests), the numbers
-in .dir, and the limit on expiries. The snapshot's checks are in
+and the limit on expiries. The snapshot's checks are in
 test_snapshot.py; the scan that reads records in bulk is in test_recovery.py.
 """
 
@@ -16,14 +16,6 @@ import pytest
 from datastore import DataStore, codec
 from datastore import format as fmt
 from tests.support import abandon, value_record
-
-
-def test_digits_counts_the_characters_of_numbers_written_in_decimal():
-    rng = random.Random(3)
-    for _ in range(300):
-        numbers = sorted(rng.randrange(10 ** rng.randrange(1, 15)) for _ in range(rng.randrange(30)))
-        assert fmt._digits(numbers, 512) == sum(len(str(n * 512)) for n in numbers)
-        assert fmt._digits(numbers, 1) == sum(len(str(n)) for n in numbers)
 
 
 def test_the_latest_expiry_is_the_last_second_of_the_year_9999():
@@ -85,8 +77,8 @@ def test_a_new_store_gets_its_data_file_whole_and_its_folder_fsynced(tmp_path, m
         s.create("k", {})
     assert links and fmt._Header.parse(links[0]) is not None
     folders = [names for is_dir, names in synced if is_dir]
-    assert any({"store.dat", "store.dir", "store.lock"} <= set(names) for names in folders)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.dat", "store.dir", "store.lock"]
+    assert any({"store.dat", "store.idx", "store.lock"} <= set(names) for names in folders)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store.dat", "store.idx", "store.lock"]
 
 
 @pytest.mark.parametrize("failing", ["pwrite", "fsync", "link"])

@@ -1,11 +1,12 @@
-"""White-box tests of datastore.snapshot: the .dir and index table a clean
-close writes, which the next open trusts only if the header does. A snapshot
-the header trusts but that makes no sense (edited, then made to match) is
+"""White-box tests of datastore.snapshot: what a clean close appends to .idx,
+which the next open trusts only if the header of .dat does. A snapshot the
+header trusts but that makes no sense (edited, then made to match) is
 refused as damage, never loaded; one damaged since (no longer matching) is
-left for a scan, as test_datastore.py shows.
+left for a scan, as test_datastore.py shows. And a clean open reads the
+headers and the snapshot, nothing per key.
 """
 
-import base64
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -14,89 +15,130 @@ import pytest
 
 from datastore import CorruptStoreError, DataStore
 from datastore import format as fmt
+from datastore import index as idx
+from datastore import snapshot as snap
 from tests.support import make_store
 
 
-def rewrite_trusted_dir(path, edit):
-    """Change .dir, then make the header trust it (size and CRC recomputed)."""
-    text = edit(Path(f"{path}.dir").read_bytes())
-    Path(f"{path}.dir").write_bytes(text)
-    dat = bytearray(Path(f"{path}.dat").read_bytes())
-    fields = list(fmt._HEADER.unpack_from(dat))
-    fields[3:5] = [len(text), zlib.crc32(text)]
-    header = fmt._HEADER.pack(*fields[:-1], 0)
-    dat[:fmt._HEADER.size] = header[:-4] + zlib.crc32(header[:-4]).to_bytes(4, "little")
-    Path(f"{path}.dat").write_bytes(bytes(dat))
+def rewrite_trusted_snapshot(path, edit):
+    """Change the snapshot's fields (a list, see snapshot._SNAPSHOT, then the
+    extents, expiries and places as lists), then make .idx's header match."""
+    data = bytearray(Path(f"{path}.idx").read_bytes())
+    header = list(idx._IDX_HEADER.unpack_from(data))
+    depth, pages = header[2], header[3]
+    at = pages * idx._PAGE + (4 << depth)
+    fields = list(snap._SNAPSHOT.unpack_from(data, at))
+    n, m = fields[1], fields[2]
+    rest = at + snap._SNAPSHOT.size
+    pairs = list(struct.unpack_from(f"<{2 * n}I", data, rest))
+    exps = list(struct.unpack_from(f"<{m}Q", data, rest + 8 * n))
+    places = list(struct.unpack_from(f"<{m}Q", data, rest + 8 * n + 8 * m))
+    fields, pairs, exps, places = edit(fields, pairs, exps, places)
+    extra = (snap._SNAPSHOT.pack(*fields) + struct.pack(f"<{len(pairs)}I", *pairs)
+             + struct.pack(f"<{len(exps)}Q", *exps) + struct.pack(f"<{len(places)}Q", *places))
+    tail = bytes(data[pages * idx._PAGE:at]) + extra
+    data[pages * idx._PAGE:] = tail
+    header[6:8] = [len(tail), zlib.crc32(tail)]
+    packed = idx._IDX_HEADER.pack(*header[:-1], 0)[:-4]
+    data[:idx._IDX_HEADER.size] = packed + zlib.crc32(packed).to_bytes(4, "little")
+    Path(f"{path}.idx").write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("edit", [
-    pytest.param(lambda t: t.replace(b"(512,", b"(" + b"9" * 5000 + b",", 1), id="huge-offset"),
-    pytest.param(lambda t: t.replace(b"'k1'", b"'k0'", 1), id="duplicate-key"),
-    pytest.param(lambda t: t.replace(b"'k1'", b"'" + b"x" * 33 + b"'", 1), id="key-too-long"),
-    pytest.param(lambda t: t.replace(b"'k1'", b"'\\xff'", 1), id="key-not-utf8"),
-    pytest.param(lambda t: t.replace(b"'k1'", b"''", 1), id="empty-key"),
-    pytest.param(lambda t: t.replace(b"'k1'", b"b'k1'", 1), id="bytes-literal"),
-    pytest.param(lambda t: t.replace(b"'k1'", b"1e999", 1), id="number-key"),
-    pytest.param(lambda t: t.replace(b"'k1'", b"'" + b"(" * 5000 + b"'", 1), id="parens"),
-    pytest.param(lambda t: t + b"garbage\n", id="a-line-of-garbage"),
-    pytest.param(lambda t: t[:-1], id="no-last-newline"),
-])
-def test_a_trusted_index_that_makes_no_sense_is_corrupt_store_error(path, edit):
-    make_store(path, 3)
-    rewrite_trusted_dir(path, edit)
-    with pytest.raises(CorruptStoreError, match="store.d.. is damaged"):
-        DataStore(path)
-
-
-def rewrite_trusted_table(path, edit):
-    """Change the index table's numbers, then make it and the header match."""
-    dat = bytearray(Path(f"{path}.dat").read_bytes())
-    fields = list(fmt._HEADER.unpack_from(dat))
-    pos, size = fields[5], fields[6]
-    body = base64.b64decode(dat[pos + 32:pos + size])
-    counts = fmt._TABLE_COUNTS.unpack_from(body)
-    n, t = counts
-    arrays = [list(struct.unpack_from(f"<{n}I", body, 8)),
-              list(struct.unpack_from(f"<{n}H", body, 8 + 4 * n)),
-              list(struct.unpack_from(f"<{t}I", body, 8 + 6 * n)),
-              list(struct.unpack_from(f"<{t}Q", body, 8 + 6 * n + 4 * t))]
-    n, t = edit(arrays, n, t)
-    raw = (fmt._TABLE_COUNTS.pack(n, t) + struct.pack(f"<{len(arrays[0])}I", *arrays[0])
-           + struct.pack(f"<{len(arrays[1])}H", *arrays[1])
-           + struct.pack(f"<{len(arrays[2])}I", *arrays[2])
-           + struct.pack(f"<{len(arrays[3])}Q", *arrays[3]))
-    body = base64.b64encode(raw)
-    record = fmt._pack_marker(fmt._TABLE, len(body), body, 1)
-    dat[pos:pos + len(record)] = record
-    fields[6] = len(record)
-    header = fmt._HEADER.pack(*fields[:-1], 0)
-    dat[:fmt._HEADER.size] = header[:-4] + zlib.crc32(header[:-4]).to_bytes(4, "little")
-    Path(f"{path}.dat").write_bytes(bytes(dat))
-
-
-def table_edit(change):
-    def edit(arrays, n, t):
-        change(arrays)
-        return n, t
+def setting(column, at, value):
+    def edit(fields, pairs, exps, places):
+        columns = [fields, pairs, exps, places]
+        columns[column][at] = value(columns[column][at])
+        return columns
     return edit
 
 
-@pytest.mark.parametrize("edit", [
-    pytest.param(table_edit(lambda a: a[0].__setitem__(0, 0)), id="block-0"),
-    pytest.param(table_edit(lambda a: a[0].__setitem__(0, 10 ** 6)), id="block-past-the-end"),
-    pytest.param(table_edit(lambda a: a[1].__setitem__(0, 5)), id="size-too-small"),
-    pytest.param(table_edit(lambda a: a[1].__setitem__(0, 60000)), id="size-too-large"),
-    pytest.param(table_edit(lambda a: a[0].__setitem__(1, a[0][0])), id="records-overlap"),
-    pytest.param(table_edit(lambda a: a[2].__setitem__(0, 99)), id="ttl-line-past-the-end"),
-    pytest.param(table_edit(lambda a: a[2].__setitem__(1, a[2][0])), id="ttl-line-twice"),
-    pytest.param(table_edit(lambda a: a[3].__setitem__(0, 0)), id="expiry-zero"),
-    pytest.param(table_edit(lambda a: a[3].__setitem__(0, 2 ** 63)), id="expiry-past-9999"),
-    pytest.param(lambda a, n, t: (a[0].pop(), a[1].pop(), (n - 1, t))[2], id="fewer-than-dir"),
-])
-def test_a_trusted_index_table_that_makes_no_sense_is_corrupt_store_error(path, edit):
+def store_with_a_hole_and_ttls(path):
     with DataStore(path) as s:
-        for i in range(3):
-            s.create(f"k{i}", {"i": i}, ttl=3600)
-    rewrite_trusted_table(path, edit)
-    with pytest.raises(CorruptStoreError, match="store.d.. is damaged"):
+        s._engine._move = lambda limit: 0  # keep the hole
+        for i in range(6):
+            s.create(f"k{i}", {"i": i}, ttl=1000 if i % 2 else None)
+        s.delete("k2")
+
+
+@pytest.mark.parametrize("edit", [
+    pytest.param(setting(0, 3, lambda n: n + 1), id="records-by-blocks-too-many"),
+    pytest.param(setting(1, 0, lambda start: 0), id="free-extent-over-the-header"),
+    pytest.param(setting(1, 1, lambda length: 0), id="free-extent-of-no-block"),
+    pytest.param(setting(1, 1, lambda length: 10 ** 6), id="free-extent-past-the-end"),
+    pytest.param(setting(2, 0, lambda exp: 2 ** 63), id="expiry-past-9999"),
+    pytest.param(lambda f, p, e, pl: (f, p, e, pl[:-1]), id="places-cut-short"),
+])
+def test_a_trusted_snapshot_that_makes_no_sense_is_corrupt_store_error(path, edit):
+    store_with_a_hole_and_ttls(path)
+    rewrite_trusted_snapshot(path, edit)
+    before = Path(f"{path}.dat").read_bytes()
+    with pytest.raises(CorruptStoreError, match="store.idx is damaged"):
         DataStore(path)
+    assert Path(f"{path}.dat").read_bytes() == before
+
+
+def test_an_untouched_snapshot_passes_the_same_checks(path):
+    store_with_a_hole_and_ttls(path)
+    rewrite_trusted_snapshot(path, lambda *columns: columns)  # (the helper is faithful)
+    with DataStore(path) as s:
+        assert sorted(s.keys()) == ["k0", "k1", "k3", "k4", "k5"]
+        assert s._engine.free.blocks == 1 and s._engine.expiries.count == 3
+
+
+def test_a_clean_open_reads_the_headers_and_the_snapshot_and_nothing_a_key(path, monkeypatch):
+    with DataStore(path) as s:
+        for i in range(3000):
+            s.create(f"k{i}", {"i": i})
+    reads, real_pread = [], os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: reads.append(n) or real_pread(fd, n, at))
+    with DataStore(path) as s:
+        monkeypatch.undo()
+        assert len(s) == 3000 and s.read("k2999") == {"i": 2999}
+    assert len(reads) <= 4 and sum(reads) < 1000, reads  # two headers, the tail
+
+
+def test_the_snapshot_room_counted_is_what_close_appends(path):
+    store_with_a_hole_and_ttls(path)
+    with DataStore(path) as s:
+        engine = s._engine
+        pages = engine.index.pages
+        room = engine.used() - fmt._blocks(engine.dat_size) * fmt._BLOCK
+    assert os.path.getsize(f"{path}.idx") == room
+    assert room == pages * idx._PAGE + 4 * 1 + snap._snapshot_room(1, 3)  # k1, k3, k5
+
+
+def test_a_snapshot_of_another_close_is_not_trusted(path, caplog):
+    make_store(path, 5)
+    old = Path(f"{path}.idx").read_bytes()
+    with DataStore(path) as s:
+        s.create("later", {})
+    Path(f"{path}.idx").write_bytes(old)  # a backup of .idx, restored on its own
+    with DataStore(path) as s:
+        assert len(s) == 6 and s.read("later") == {}
+    assert "closed cleanly" in caplog.text  # found, and said, as damage
+
+
+def test_the_header_of_dat_marks_closed_only_after_idx_is_durable(path, monkeypatch):
+    events = []
+    real_pwrite, real_fsync = os.pwrite, os.fsync
+
+    def pwrite(fd, data, pos):
+        if pos == 0 and bytes(data[:8]) == fmt._HEADER_MAGIC and data[8] == fmt._CLOSED:
+            events.append("dat closed")
+        elif pos == 0 and bytes(data[:8]) == idx._IDX_MAGIC and data[8] == fmt._CLOSED:
+            events.append("idx closed")
+        return real_pwrite(fd, data, pos)
+
+    def fsync(fd):
+        events.append(f"fsync {Path(os.readlink(f'/proc/self/fd/{fd}')).suffix}")
+        return real_fsync(fd)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc")
+    s = DataStore(path)
+    s.create("k", {})
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "fsync", fsync)
+    s.close()
+    assert events == ["fsync .dat", "fsync .idx", "idx closed", "fsync .idx",
+                      "dat closed", "fsync .dat"]

@@ -255,6 +255,8 @@ class _Engine:
         block = self._allocate(size, extra, now)
         if old is not None and self.moves != moves:  # making room may have moved it
             old = self.lookup(key)
+        if old is None:
+            self.index.make_room(h)
         record = _pack_value(self._next_seq(), key, exp, body)
         self._write_record(block, blocks, record)
         place = _slot(size, block)

@@ -133,7 +133,15 @@ class _Index:
         """Make the index hold exactly `entries`, (hash, place) pairs, in a
         file written anew. O(entries), for an open that scanned .dat. A
         bucket splits only if it must, so the file takes no more pages than
-        adding the same entries one by one would."""
+        adding the same entries one by one would. If it fails, the index is
+        `damaged`: the store reads .dat again before its next call."""
+        try:
+            self._build(entries)
+        except BaseException:
+            self.damaged = True
+            raise
+
+    def _build(self, entries: Iterable[tuple[int, int]]) -> None:
         self._unmap()
         packed = sorted(h << 48 | place for h, place in entries)
         buckets: list[tuple[int, int, int, int]] = []  # (prefix, depth, lo, hi)
@@ -299,17 +307,25 @@ class _Index:
             count = hi - lo
         return cost
 
-    def add(self, h: int, place: int) -> None:
-        """Add an entry; the caller has checked split_cost's room."""
+    def make_room(self, h: int) -> None:
+        """Split h's bucket until it has room for one more entry (the caller
+        has checked split_cost's room): the one step of adding an entry
+        that writes to the file, so that the caller can take it before it
+        commits to anything."""
         while True:
             page = self.directory[h >> self.shift]
             if not self.seen[page]:
                 self._check(page)
-            base = page << 10
-            word = self.u32[base + 1]
-            if word >> 16 < _ENTRIES:
-                break
+            if self.u32[(page << 10) + 1] >> 16 < _ENTRIES:
+                return
             self._split(page)
+
+    def add(self, h: int, place: int) -> None:
+        """Add an entry, once make_room(h) has made room. No I/O."""
+        page = self.directory[h >> self.shift]
+        base = page << 10
+        word = self.u32[base + 1]
+        assert word >> 16 < _ENTRIES and self.seen[page]
         self.seen[page] = 1
         u32, u64 = self.u32, self.u64
         lo = base + _HASHES
@@ -367,10 +383,14 @@ class _Index:
             raise _damaged(self.path, "more than 340 keys share one hash")
         new = self.pages
         _write_at(self.fd, bytes(_PAGE), new * _PAGE)  # blocks, before the map uses them
-        self._unmap()
-        self.pages += 1
-        self.seen.append(1)
-        self._map()
+        try:
+            self._unmap()
+            self.pages += 1
+            self.seen.append(1)
+            self._map()
+        except BaseException:  # (mmap failing: no memory for its tables, say)
+            self.damaged = True
+            raise
         u32, u64 = self.u32, self.u64
         upper = u32[base] | 1 << (31 - local)
         lo = base + _HASHES

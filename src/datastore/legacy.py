@@ -114,7 +114,7 @@ def _convert_v1(engine: _Engine, old_dir: str) -> None:
         engine._count(length, -1)
         try:
             engine._put_record(key, body, expires_at, None, None)
-        except _StoreFull:
+        except _StoreFull:  # (making room in .idx at most: nothing written)
             if not copied:
                 raise
             release()  # the originals' room
