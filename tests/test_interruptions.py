@@ -181,7 +181,7 @@ def templates(tmp_path_factory):
 
 def fresh(templates, make, path):
     """The template's files at path, and no lock file: every run alike."""
-    for suffix in (".dat", ".dir"):
+    for suffix in (".dat", ".idx"):
         shutil.copy(f"{templates[make]}{suffix}", f"{path}{suffix}")
     Path(f"{path}.lock").unlink(missing_ok=True)
 
@@ -251,8 +251,8 @@ def test_a_write_cut_short_anywhere_leaves_it_done_or_not_done(tmp_path, monkeyp
 
 
 def held_descriptors(path):
-    """This process's open descriptors of the store's .dat or .dir (Linux)."""
-    names = {f"{path}.dat", f"{path}.dir"}
+    """This process's open descriptors of the store's .dat or .idx (Linux)."""
+    names = {f"{path}.dat", f"{path}.idx"}
     held = []
     for fd in os.listdir("/proc/self/fd"):
         try:

@@ -130,9 +130,9 @@ class _StoreFull(Exception):
     """A write would take the files over max_bytes. (The engine's own signal:
     DataStore turns it into StoreFullError.)"""
 
-    def __init__(self, needed: int, used: int) -> None:
+    def __init__(self, needed: int, used: int, reason: str = "") -> None:
         super().__init__(needed, used)
-        self.needed, self.used = needed, used
+        self.needed, self.used, self.reason = needed, used, reason
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])

@@ -61,7 +61,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from typing import Iterable, Optional
 
-from .errors import _damaged
+from .errors import _damaged, _StoreFull
 from .format import _CLOSED, _OPEN, _fsync, _read_at, _write_at
 
 _PAGE = 4096
@@ -72,7 +72,10 @@ _IDX_MAGIC = b"DSidx3\0\0"
 _HASHES = 4      # a bucket's first hash, in 4-byte words from its start
 _PLACES = 172    # its first place, in 8-byte words from its start
 _CRC_WORD = 2    # its CRC, in 4-byte words
-_FULL_DEPTH = 32
+# The deepest a bucket splits: 2 ** 24 directory entries (64 MiB), which no
+# store of random keys nears (a million keys need about 2 ** 13). Only keys
+# chosen to share their hash's first bits could reach it: see _crowded.
+_FULL_DEPTH = 24
 
 
 def _hash(key: bytes) -> int:
@@ -150,7 +153,7 @@ class _Index:
             prefix, depth, lo, hi = stack.pop()
             if hi - lo <= _ENTRIES or depth == _FULL_DEPTH:
                 if hi - lo > _ENTRIES:
-                    raise _damaged(self.path, "more than 340 keys share one hash")
+                    raise _damaged(self.path, _crowded())
                 buckets.append((prefix, depth, lo, hi))
                 continue
             upper = prefix | 1 << (31 - depth)
@@ -292,7 +295,7 @@ class _Index:
         lo, hi, cost = base + _HASHES, base + _HASHES + (word >> 16), 0
         while count >= _ENTRIES:  # as the splits would go, on h's side
             if local == _FULL_DEPTH:
-                raise _damaged(self.path, "more than 340 keys share one hash")
+                raise _StoreFull(_PAGE, 0, _crowded())
             upper = prefix | 1 << (31 - local)
             mid = bisect_left(self.u32, upper, lo, hi)
             if local == depth:
@@ -311,7 +314,8 @@ class _Index:
         """Split h's bucket until it has room for one more entry (the caller
         has checked split_cost's room): the one step of adding an entry
         that writes to the file, so that the caller can take it before it
-        commits to anything."""
+        commits to anything. Splits nothing in vain: see split_cost."""
+        self.split_cost(h)
         while True:
             page = self.directory[h >> self.shift]
             if not self.seen[page]:
@@ -380,7 +384,7 @@ class _Index:
         word = self.u32[base + 1]
         local, count = word & 0xFF, word >> 16
         if local == _FULL_DEPTH:
-            raise _damaged(self.path, "more than 340 keys share one hash")
+            raise _StoreFull(_PAGE, 0, _crowded())
         new = self.pages
         _write_at(self.fd, bytes(_PAGE), new * _PAGE)  # blocks, before the map uses them
         try:
@@ -415,6 +419,11 @@ class _Index:
 
 
 _LITTLE = struct.pack("=I", 1) == struct.pack("<I", 1)
+
+
+def _crowded() -> str:
+    return (f"more than {_ENTRIES} of its keys share the first {_FULL_DEPTH} bits of "
+            "their index hash (CRC-32), which keys chosen at random never do")
 
 
 def _keys_saved(fd: int, stamp: Optional[int] = None) -> Optional[int]:

@@ -443,6 +443,9 @@ class DataStore:
             try:
                 self._run(_Engine.put, key_bytes, body, expires_at, now)
             except _StoreFull as full:
+                if full.reason:
+                    raise StoreFullError(f"store {self.path} cannot take {key!r}: "
+                                         f"{full.reason}", key=key, path=self.path) from None
                 kept = ("counting room kept for replacing the largest value, unless "
                         "the new one takes no more room than the old" if replace else
                         "with room kept for replacing the largest value")
