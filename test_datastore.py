@@ -2210,6 +2210,7 @@ def test_cli_errors_are_one_line_on_stderr_with_status_1(path, args, message):
     pytest.param([], id="no-command"), pytest.param(["frobnicate"], id="unknown-command"),
     pytest.param(["read"], id="no-key"), pytest.param(["create", "k"], id="no-json"),
     pytest.param(["create", "k", "{}", "--ttl", "soon"], id="ttl-not-a-number"),
+    pytest.param(["export", "a", "b"], id="export-two-files"),
 ])
 def test_cli_usage_errors_exit_with_status_2(path, args):
     status, out, err = cli("--path", path, *args)
@@ -2313,6 +2314,100 @@ def test_cli_errors_for_deep_json_and_unprintable_output_are_one_line(path):
         status, out, err = cli("--path", path, *args, env={"PYTHONIOENCODING": "ascii"})
         assert status == 1 and "PYTHONIOENCODING=utf-8" in err and err.count("\n") == 1
 
+
+# The command line's export: JSON Lines, one live key a line.
+
+def cli_bytes(*args, stdin=b"", env=None):
+    """cli() with bytes in and out: export writes UTF-8 whatever the locale
+    says. Returns (status, stdout bytes, stderr)."""
+    result = subprocess.run([*cli_command(), *map(str, args)], input=stdin,
+                            capture_output=True, timeout=60, cwd=CHILD_CWD,
+                            env=child_env(**(env or {})))
+    return result.returncode, result.stdout, result.stderr.decode()
+
+
+def contents(path):
+    """Key -> (value, the Unix time it expires at or None), read through the
+    public interface in this process."""
+    with DataStore(path) as s:
+        found = {}
+        for key in s.keys():
+            left = s.ttl(key)
+            found[key] = (s.read(key), None if left is None else time.time() + left)
+        return found
+
+
+def test_cli_export_writes_sorted_compact_utf_8_lines_to_standard_output(path):
+    with DataStore(path) as s:
+        s.create("b", {"n": [1, 2], "s": "a b"})
+        s.create("é", {"ü": "\u2028"}, ttl=3600)
+        s.create("a", {})
+        expires_at = time.time() + s.ttl("é")
+    for dash in ([], ["-"]):  # UTF-8 even where the locale says ASCII
+        status, out, err = cli_bytes("--path", path, "export", *dash,
+                                     env={"PYTHONIOENCODING": "ascii"})
+        assert (status, err) == (0, "")
+        first, second, third, end = out.split(b"\n")
+        assert first == b'{"key":"a","value":{},"expires_at":null}'
+        assert second == b'{"key":"b","value":{"n":[1,2],"s":"a b"},"expires_at":null}'
+        assert third.startswith('{"key":"é","value":{"ü":"\u2028"},"expires_at":'.encode())
+        assert abs(json.loads(third)["expires_at"] - expires_at) < 0.01 and end == b""
+
+
+def test_cli_export_to_a_file_replaces_it_whole_private_to_you(path, tmp_path):
+    make_store(path, 3)
+    file, link = tmp_path / "export.jsonl", tmp_path / "link.jsonl"
+    file.write_text("old content\n")
+    os.symlink(file.name, link)
+    assert cli("--path", path, "export", link) == (0, "", "")
+    assert link.is_symlink()  # the file it names was replaced, not the link
+    assert file.read_bytes() == cli_bytes("--path", path, "export")[1]
+    assert [json.loads(line)["value"] for line in file.read_text().splitlines()] == [
+        {"i": 0}, {"i": 1}, {"i": 2}]
+    assert file.stat().st_mode & 0o777 == 0o600  # as the store's own files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "export.jsonl", "link.jsonl", "store.dat", "store.dir", "store.lock"]
+
+
+def test_cli_export_that_fails_leaves_the_old_file_and_no_temporary_one(path, tmp_path):
+    make_store(path, 3)
+    dat = Path(f"{path}.dat")
+    data = bytearray(dat.read_bytes())
+    data[data.index(b'{"i":1}') + 5] ^= 0x01  # damage k1: reading it fails, after k0
+    dat.write_bytes(bytes(data))
+    old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    old.write_text("old content\n")
+    for file in (old, new):
+        status, out, err = cli("--path", path, "export", file)
+        assert (status, out) == (1, "") and "'k1'" in err and err.count("\n") == 1, err
+    assert old.read_text() == "old content\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "old.jsonl", "store.dat", "store.dir", "store.lock"]
+
+
+def test_cli_export_of_an_empty_store_prints_nothing(path, tmp_path):
+    assert cli("--path", path, "export") == (0, "", "")
+    assert cli("--path", path, "export", tmp_path / "empty.jsonl") == (0, "", "")
+    assert (tmp_path / "empty.jsonl").read_bytes() == b""
+
+
+@POSIX_ONLY
+def test_cli_export_writes_into_a_pipe_and_never_over_the_stores_files(path, tmp_path):
+    make_store(path, 2)
+    fifo = tmp_path / "fifo"  # as /dev/stdout or bash's >(gzip > file) would be
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so the writer need not wait
+    try:
+        assert cli("--path", path, "export", fifo) == (0, "", "")
+        assert fifo.is_fifo()  # written into, not renamed over
+        assert os.read(reader, 65536) == cli_bytes("--path", path, "export")[1]
+    finally:
+        os.close(reader)
+    os.symlink(f"{path}.dat", tmp_path / "sneaky.jsonl")
+    for target in (f"{path}.dat", f"{path}.dir", f"{path}.lock", tmp_path / "sneaky.jsonl"):
+        status, out, err = cli("--path", path, "export", target)
+        assert (status, out) == (1, "") and "one of the store's own files" in err, target
+    assert contents(path) == {"k0": ({"i": 0}, None), "k1": ({"i": 1}, None)}
 
 # --- README, docstring and sample -----------------------------------------
 

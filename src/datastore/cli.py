@@ -1,16 +1,30 @@
-"""The command line: ``datastore [--path PATH] [--timeout SECONDS] COMMAND ...``."""
+"""The command line: ``datastore [--path PATH] [--timeout SECONDS] COMMAND ...``.
+
+``export`` writes a store's content as JSON Lines, one key a line:
+``{"key": ..., "value": {...}, "expires_at": ...}``, where ``expires_at``
+is the Unix time (``time.time()``) the key expires at, or null. An
+absolute time, not a ttl, so that a file read days later still says when
+each key expires.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import stat
 import sys
-from typing import Optional
+import tempfile
+import time
+from typing import BinaryIO, Iterator, Optional
 
-from .errors import DataStoreError, DataStoreValueError, InvalidValueError
+from .errors import (
+    DataStoreError, DataStoreValueError, InvalidValueError, KeyNotFoundError,
+)
 from .store import DataStore
 from . import __version__
+
+_EXPORT_FIELDS = ("key", "value", "expires_at")  # each line of an export, in this order
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -44,6 +58,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     keys_parser = commands.add_parser("keys", help="print the live keys, sorted, one a line")
     keys_parser.add_argument("--json", action="store_true",
                              help="print a JSON array instead (keys may hold newlines)")
+    export_parser = commands.add_parser(
+        "export", help="write every live key as JSON Lines, sorted by key")
+    export_parser.add_argument("file", nargs="?", default="-", metavar="FILE",
+                               help="the file to write, replaced whole at the end "
+                               "(default: -, standard output)")
     args = parser.parse_args(argv)
     try:
         if args.command in ("create", "set"):
@@ -66,6 +85,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 output = json.dumps(store.ttl(args.key))
             elif args.command == "check":
                 output = json.dumps(store.check())
+            elif args.command == "export":
+                _export(store, args.file)
             elif args.json:
                 output = json.dumps(sorted(store.keys()), ensure_ascii=False)
             else:
@@ -93,3 +114,64 @@ def _read_stdin() -> bytes:
         return sys.stdin.buffer.read()
     except (AttributeError, ValueError):  # None (started with <&-), or closed
         raise DataStoreValueError("no standard input to read the JSON from") from None
+
+
+# --- Export ---------------------------------------------------------------
+
+def _export(store: DataStore, file: str) -> None:
+    """Write every live key to `file` (- for standard output) as JSON Lines,
+    sorted by key. A file is written whole beside its name, then renamed over
+    it, so that a failed export leaves the old file (or none), never half a
+    one; a pipe or a device (/dev/stdout) has no half to leave, and is
+    written directly."""
+    if file == "-":
+        stdout: Optional[BinaryIO] = getattr(sys.stdout, "buffer", None)
+        if stdout is None:  # sys.stdout is None (started with >&-)
+            raise DataStoreValueError("no standard output to write the export to")
+        stdout.writelines(_export_lines(store))  # UTF-8 whatever the locale
+        stdout.flush()
+        return
+    target = os.path.realpath(file)  # through a symbolic link: keep the link
+    if target in (f"{store.path}.dat", f"{store.path}.dir", f"{store.path}.lock"):
+        raise DataStoreValueError(
+            f"{file} is one of the store's own files; export to another file", path=store.path)
+    try:
+        is_regular = stat.S_ISREG(os.stat(target).st_mode)
+    except FileNotFoundError:
+        is_regular = True  # it will be
+    if not is_regular:
+        with open(target, "wb") as output:
+            output.writelines(_export_lines(store))
+        return
+    folder, name = os.path.split(target)
+    try:  # mode 0o600, as the store's own files
+        descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+    except OSError as exc:  # name the file asked for, not the temporary one
+        raise OSError(exc.errno, exc.strerror, file) from None
+    try:
+        with open(descriptor, "wb") as output:
+            output.writelines(_export_lines(store))
+            output.flush()
+            os.fsync(output.fileno())  # the data is on disk before the name points to it
+        os.replace(temporary, target)
+    except BaseException:  # even KeyboardInterrupt: leave no temporary file behind
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def _export_lines(store: DataStore) -> Iterator[bytes]:
+    """One line of UTF-8 JSON for each live key, sorted by key (by code point)."""
+    for key in sorted(store.keys()):
+        try:
+            value = store.read(key)
+            remaining = store.ttl(key)
+        except KeyNotFoundError:  # expired or deleted since keys(): no longer live
+            continue
+        # ttl() gives the seconds left; the expiry itself is now plus those.
+        expires_at = None if remaining is None else time.time() + remaining
+        line = json.dumps(dict(zip(_EXPORT_FIELDS, (key, value, expires_at))),
+                          ensure_ascii=False, separators=(",", ":"))
+        yield (line + "\n").encode("utf-8")
