@@ -2210,6 +2210,8 @@ def test_cli_errors_are_one_line_on_stderr_with_status_1(path, args, message):
     pytest.param([], id="no-command"), pytest.param(["frobnicate"], id="unknown-command"),
     pytest.param(["read"], id="no-key"), pytest.param(["create", "k"], id="no-json"),
     pytest.param(["create", "k", "{}", "--ttl", "soon"], id="ttl-not-a-number"),
+    pytest.param(["export", "a", "b"], id="export-two-files"),
+    pytest.param(["import", "--merge"], id="import-unknown-option"),
 ])
 def test_cli_usage_errors_exit_with_status_2(path, args):
     status, out, err = cli("--path", path, *args)
@@ -2312,6 +2314,225 @@ def test_cli_errors_for_deep_json_and_unprintable_output_are_one_line(path):
     for args in (["read", "é"], ["keys"]):
         status, out, err = cli("--path", path, *args, env={"PYTHONIOENCODING": "ascii"})
         assert status == 1 and "PYTHONIOENCODING=utf-8" in err and err.count("\n") == 1
+
+
+# The command line's export and import: JSON Lines, one live key a line.
+
+def cli_bytes(*args, stdin=b"", env=None):
+    """cli() with bytes in and out: export writes, and import reads, UTF-8
+    whatever the locale says. Returns (status, stdout bytes, stderr)."""
+    result = subprocess.run([*cli_command(), *map(str, args)], input=stdin,
+                            capture_output=True, timeout=60, cwd=CHILD_CWD,
+                            env=child_env(**(env or {})))
+    return result.returncode, result.stdout, result.stderr.decode()
+
+
+def export_line(key, value, expires_at=None):
+    """One line as export writes it."""
+    return json.dumps({"key": key, "value": value, "expires_at": expires_at},
+                      ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def contents(path):
+    """Key -> (value, the Unix time it expires at or None), read through the
+    public interface in this process."""
+    with DataStore(path) as s:
+        found = {}
+        for key in s.keys():
+            left = s.ttl(key)
+            found[key] = (s.read(key), None if left is None else time.time() + left)
+        return found
+
+
+UNUSUAL_KEYS = ['say "hi"', "two\nlines", "back\\slash\ttab", "日本語 🙂", "é",
+                "sep\u2028arator", '{"key":"x"}', "x" * 32, " ", "\0"]
+
+
+def test_cli_export_then_import_round_trips_keys_values_and_expiries(tmp_path):
+    source, copy, file = tmp_path / "source", tmp_path / "copy", tmp_path / "export.jsonl"
+    with DataStore(source) as s:
+        for i, key in enumerate(UNUSUAL_KEYS):
+            s.create(key, {"i": i, "key": key, "deep": {"list": [1, "二", None, 2.5]}},
+                     ttl=(None, 3600, 86400 * 365)[i % 3])
+    before = contents(source)
+    assert cli("--path", source, "export", file) == (0, "", "")
+    lines = file.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) == len(UNUSUAL_KEYS) + 1
+    assert [json.loads(line)["key"] for line in lines[:-1]] == sorted(UNUSUAL_KEYS)
+    assert cli("--path", copy, "import", file) == (0, f"imported {len(UNUSUAL_KEYS)} keys\n", "")
+    after = contents(copy)
+    assert {key: value for key, (value, _) in after.items()} == {
+        key: value for key, (value, _) in before.items()}
+    assert sum(expires_at is None for _, expires_at in before.values()) == 4
+    for key, (_, expires_at) in before.items():
+        if expires_at is None:
+            assert after[key][1] is None, key
+        else:  # whole seconds, rounded up: never earlier, under a second later
+            assert expires_at - 0.01 <= after[key][1] <= expires_at + 1.01, key
+
+
+def test_cli_export_writes_sorted_compact_utf_8_lines_to_standard_output(path):
+    with DataStore(path) as s:
+        s.create("b", {"n": [1, 2], "s": "a b"})
+        s.create("é", {"ü": "\u2028"}, ttl=3600)
+        s.create("a", {})
+        expires_at = time.time() + s.ttl("é")
+    for dash in ([], ["-"]):  # UTF-8 even where the locale says ASCII
+        status, out, err = cli_bytes("--path", path, "export", *dash,
+                                     env={"PYTHONIOENCODING": "ascii"})
+        assert (status, err) == (0, "")
+        first, second, third, end = out.split(b"\n")
+        assert first == b'{"key":"a","value":{},"expires_at":null}'
+        assert second == b'{"key":"b","value":{"n":[1,2],"s":"a b"},"expires_at":null}'
+        assert third.startswith('{"key":"é","value":{"ü":"\u2028"},"expires_at":'.encode())
+        assert abs(json.loads(third)["expires_at"] - expires_at) < 0.01 and end == b""
+
+
+def test_cli_export_to_a_file_replaces_it_whole_private_to_you(path, tmp_path):
+    make_store(path, 3)
+    file, link = tmp_path / "export.jsonl", tmp_path / "link.jsonl"
+    file.write_text("old content\n")
+    os.symlink(file.name, link)
+    assert cli("--path", path, "export", link) == (0, "", "")
+    assert link.is_symlink()  # the file it names was replaced, not the link
+    assert file.read_bytes() == cli_bytes("--path", path, "export")[1]
+    assert [json.loads(line)["value"] for line in file.read_text().splitlines()] == [
+        {"i": 0}, {"i": 1}, {"i": 2}]
+    assert file.stat().st_mode & 0o777 == 0o600  # as the store's own files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "export.jsonl", "link.jsonl", "store.dat", "store.dir", "store.lock"]
+
+
+def test_cli_export_that_fails_leaves_the_old_file_and_no_temporary_one(path, tmp_path):
+    make_store(path, 3)
+    dat = Path(f"{path}.dat")
+    data = bytearray(dat.read_bytes())
+    data[data.index(b'{"i":1}') + 5] ^= 0x01  # damage k1: reading it fails, after k0
+    dat.write_bytes(bytes(data))
+    old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    old.write_text("old content\n")
+    for file in (old, new):
+        status, out, err = cli("--path", path, "export", file)
+        assert (status, out) == (1, "") and "'k1'" in err and err.count("\n") == 1, err
+    assert old.read_text() == "old content\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "old.jsonl", "store.dat", "store.dir", "store.lock"]
+
+
+def test_cli_export_of_an_empty_store_prints_nothing(path, tmp_path):
+    assert cli("--path", path, "export") == (0, "", "")
+    assert cli("--path", path, "export", tmp_path / "empty.jsonl") == (0, "", "")
+    assert (tmp_path / "empty.jsonl").read_bytes() == b""
+    assert cli("--path", tmp_path / "copy", "import", tmp_path / "empty.jsonl") == (
+        0, "imported 0 keys\n", "")
+
+
+@POSIX_ONLY
+def test_cli_export_writes_into_a_pipe_and_never_over_the_stores_files(path, tmp_path):
+    make_store(path, 2)
+    fifo = tmp_path / "fifo"  # as /dev/stdout or bash's >(gzip > file) would be
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so the writer need not wait
+    try:
+        assert cli("--path", path, "export", fifo) == (0, "", "")
+        assert fifo.is_fifo()  # written into, not renamed over
+        assert os.read(reader, 65536) == cli_bytes("--path", path, "export")[1]
+    finally:
+        os.close(reader)
+    os.symlink(f"{path}.dat", tmp_path / "sneaky.jsonl")
+    for target in (f"{path}.dat", f"{path}.dir", f"{path}.lock", tmp_path / "sneaky.jsonl"):
+        status, out, err = cli("--path", path, "export", target)
+        assert (status, out) == (1, "") and "one of the store's own files" in err, target
+    assert contents(path) == {"k0": ({"i": 0}, None), "k1": ({"i": 1}, None)}
+
+
+def test_cli_import_of_a_live_key_fails_and_changes_nothing_unless_replace(path, tmp_path):
+    with DataStore(path) as s:
+        s.create("b", {"old": True}, ttl=3600)
+    file = tmp_path / "in.jsonl"
+    file.write_text(export_line("a", {"new": 1}) + export_line("b", {"new": 2})
+                    + export_line("c", {"new": 3}), encoding="utf-8")
+    before = contents(path)
+    assert cli("--path", path, "import", file) == (
+        1, "", "datastore: error: line 2: key 'b' already exists; use --replace to "
+        "overwrite live keys; nothing imported\n")
+    after = contents(path)
+    assert after.keys() == before.keys() and after["b"][0] == before["b"][0]
+    assert abs(after["b"][1] - before["b"][1]) < 0.01  # the same ttl
+    assert cli("--path", path, "import", file, "--replace") == (0, "imported 3 keys\n", "")
+    assert contents(path) == {"a": ({"new": 1}, None), "b": ({"new": 2}, None),
+                              "c": ({"new": 3}, None)}  # b's ttl went with its old value
+
+
+@pytest.mark.parametrize("line, message", [
+    pytest.param(b"not json", "not valid JSON", id="not-json"),
+    pytest.param(b'["k", {}, null]', "not a JSON object", id="an-array"),
+    pytest.param(b'{"key": "k", "value": {}}', "(no 'expires_at')", id="no-expires-at"),
+    pytest.param(b'{"key": "k", "value": {}, "expires_at": null, "ttl": 5}',
+                 "(unexpected 'ttl')", id="an-extra-field"),
+    pytest.param(b'{"key": 7, "value": {}, "expires_at": null}', "must be a str, not int",
+                 id="key-not-a-str"),
+    pytest.param(b'{"key": "%s", "value": {}, "expires_at": null}' % (b"x" * 33),
+                 "1 to 32 characters", id="key-too-long"),
+    pytest.param(b'{"key": "k", "value": [1], "expires_at": null}', "must be a dict, not list",
+                 id="value-not-a-dict"),
+    pytest.param(b'{"key": "k", "value": {"n": NaN}, "expires_at": null}', "not plain JSON",
+                 id="nan-in-value"),
+    pytest.param(b'{"key": "k", "value": {"s": "%s"}, "expires_at": null}' % (b"x" * 16400),
+                 "the limit is 16384", id="value-too-large"),
+    pytest.param(b'{"key": "k", "value": {}, "expires_at": "soon"}',
+                 "must be null or a number of seconds", id="expires-at-a-str"),
+    pytest.param(b'{"key": "k", "value": {}, "expires_at": true}',
+                 "must be null or a number of seconds", id="expires-at-a-bool"),
+    pytest.param(b'{"key": "k", "value": {}, "expires_at": Infinity}', "must be finite",
+                 id="expires-at-infinite"),
+    pytest.param(b'{"key": "k", "value": {}, "expires_at": 1e300}', "past the year 9999",
+                 id="expires-after-9999"),
+    pytest.param(b'{"key": "one", "value": {}, "expires_at": null}', "already on line 1",
+                 id="a-key-twice"),
+    pytest.param(b'{"key": "\xe9", "value": {}, "expires_at": null}', "not UTF-8",
+                 id="latin-1"),
+])
+def test_cli_import_with_a_bad_line_3_of_5_writes_nothing_and_names_it(path, line, message):
+    make_store(path, 1)
+    lines = [export_line("one", {}).encode(), export_line("two", {}, time.time() + 60).encode(),
+             line + b"\n", export_line("four", {}).encode(), export_line("five", {}).encode()]
+    for replace in ([], ["--replace"]):
+        status, out, err = cli_bytes("--path", path, "import", *replace, stdin=b"".join(lines))
+        assert (status, out) == (1, b"") and err.count("\n") == 1, err
+        assert err.startswith("datastore: error: line 3: ") and message in err, err
+        assert err.endswith("; nothing imported\n"), err
+    assert contents(path) == {"k0": ({"i": 0}, None)}
+
+
+def test_cli_import_skips_expired_and_blank_lines_and_counts_them(path):
+    with DataStore(path) as s:
+        s.create("stale", {"kept": True})
+    now = time.time()
+    data = (export_line("gone", {}, now - 10) + "\n   \n"
+            + export_line("later", {"v": 1}, now + 100.5).replace("\n", "\r\n")
+            + export_line("stale", {"new": True}, now - 1) + export_line("forever", {"v": 2}))
+    assert cli_bytes("--path", path, "import", "-", "--replace", stdin=data.encode()) == (
+        0, b"imported 2 keys (2 expired, skipped)\n", "")
+    found = contents(path)
+    assert sorted(found) == ["forever", "later", "stale"]  # no "gone"
+    assert found["stale"] == ({"kept": True}, None)  # an expired line leaves the key alone
+    assert found["forever"] == ({"v": 2}, None)
+    assert found["later"][0] == {"v": 1}
+    assert now + 100.5 - 0.01 <= found["later"][1] <= now + 101.5 + 0.01
+
+
+def test_cli_import_that_fills_the_disk_stops_at_that_line_and_says_how_far(small_disk):
+    path = small_disk / "store"  # max_bytes is the default: the 320 KiB disk fills first
+    data = "".join(export_line(f"k{i:02}", {"pad": "x" * 10000}) for i in range(60))
+    status, out, err = cli_bytes("--path", path, "import", stdin=data.encode())
+    assert (status, out) == (1, b"") and err.count("\n") == 1, err
+    match = re.fullmatch(r"datastore: error: line (\d+): .*No space left on device.*; "
+                         r"the lines before it stay imported \((\d+) keys?\)\n", err)
+    assert match, err
+    failed, imported = int(match[1]), int(match[2])
+    assert failed == imported + 1 and 5 < imported < 60
+    assert sorted(contents(path)) == [f"k{i:02}" for i in range(imported)]
 
 
 # --- README, docstring and sample -----------------------------------------
