@@ -254,9 +254,9 @@ class _StoreFull(Exception):
     """A write would take the files over max_bytes. (The engine's own signal:
     DataStore turns it into StoreFullError.)"""
 
-    def __init__(self, needed: int, used: int) -> None:
+    def __init__(self, needed: int, used: int, reason: str = "") -> None:
         super().__init__(needed, used)
-        self.needed, self.used = needed, used
+        self.needed, self.used, self.reason = needed, used, reason
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -1028,7 +1028,10 @@ _IDX_MAGIC = b"DSidx3\0\0"
 _HASHES = 4      # a bucket's first hash, in 4-byte words from its start
 _PLACES = 172    # its first place, in 8-byte words from its start
 _CRC_WORD = 2    # its CRC, in 4-byte words
-_FULL_DEPTH = 32
+# The deepest a bucket splits: 2 ** 24 directory entries (64 MiB), which no
+# store of random keys nears (a million keys need about 2 ** 13). Only keys
+# chosen to share their hash's first bits could reach it: see _crowded.
+_FULL_DEPTH = 24
 
 
 def _hash(key: bytes) -> int:
@@ -1106,7 +1109,7 @@ class _Index:
             prefix, depth, lo, hi = stack.pop()
             if hi - lo <= _ENTRIES or depth == _FULL_DEPTH:
                 if hi - lo > _ENTRIES:
-                    raise _damaged(self.path, "more than 340 keys share one hash")
+                    raise _damaged(self.path, _crowded())
                 buckets.append((prefix, depth, lo, hi))
                 continue
             upper = prefix | 1 << (31 - depth)
@@ -1248,7 +1251,7 @@ class _Index:
         lo, hi, cost = base + _HASHES, base + _HASHES + (word >> 16), 0
         while count >= _ENTRIES:  # as the splits would go, on h's side
             if local == _FULL_DEPTH:
-                raise _damaged(self.path, "more than 340 keys share one hash")
+                raise _StoreFull(_PAGE, 0, _crowded())
             upper = prefix | 1 << (31 - local)
             mid = bisect_left(self.u32, upper, lo, hi)
             if local == depth:
@@ -1267,7 +1270,8 @@ class _Index:
         """Split h's bucket until it has room for one more entry (the caller
         has checked split_cost's room): the one step of adding an entry
         that writes to the file, so that the caller can take it before it
-        commits to anything."""
+        commits to anything. Splits nothing in vain: see split_cost."""
+        self.split_cost(h)
         while True:
             page = self.directory[h >> self.shift]
             if not self.seen[page]:
@@ -1336,7 +1340,7 @@ class _Index:
         word = self.u32[base + 1]
         local, count = word & 0xFF, word >> 16
         if local == _FULL_DEPTH:
-            raise _damaged(self.path, "more than 340 keys share one hash")
+            raise _StoreFull(_PAGE, 0, _crowded())
         new = self.pages
         _write_at(self.fd, bytes(_PAGE), new * _PAGE)  # blocks, before the map uses them
         try:
@@ -1371,6 +1375,11 @@ class _Index:
 
 
 _LITTLE = struct.pack("=I", 1) == struct.pack("<I", 1)
+
+
+def _crowded() -> str:
+    return (f"more than {_ENTRIES} of its keys share the first {_FULL_DEPTH} bits of "
+            "their index hash (CRC-32), which keys chosen at random never do")
 
 
 def _keys_saved(fd: int, stamp: Optional[int] = None) -> Optional[int]:
@@ -3213,6 +3222,9 @@ class DataStore:
             try:
                 self._run(_Engine.put, key_bytes, body, expires_at, now)
             except _StoreFull as full:
+                if full.reason:
+                    raise StoreFullError(f"store {self.path} cannot take {key!r}: "
+                                         f"{full.reason}", key=key, path=self.path) from None
                 kept = ("counting room kept for replacing the largest value, unless "
                         "the new one takes no more room than the old" if replace else
                         "with room kept for replacing the largest value")
@@ -3490,7 +3502,7 @@ def _export(store: DataStore, file: str) -> None:
         stdout.flush()
         return
     target = os.path.realpath(file)  # through a symbolic link: keep the link
-    if target in (f"{store.path}.dat", f"{store.path}.dir", f"{store.path}.lock"):
+    if target in (f"{store.path}.dat", f"{store.path}.idx", f"{store.path}.lock"):
         raise DataStoreValueError(
             f"{file} is one of the store's own files; export to another file", path=store.path)
     try:

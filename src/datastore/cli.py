@@ -155,7 +155,7 @@ def _export(store: DataStore, file: str) -> None:
         stdout.flush()
         return
     target = os.path.realpath(file)  # through a symbolic link: keep the link
-    if target in (f"{store.path}.dat", f"{store.path}.dir", f"{store.path}.lock"):
+    if target in (f"{store.path}.dat", f"{store.path}.idx", f"{store.path}.lock"):
         raise DataStoreValueError(
             f"{file} is one of the store's own files; export to another file", path=store.path)
     try:
