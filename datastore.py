@@ -83,6 +83,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 import builtins
 from collections import Counter
+import contextlib
 import errno
 import functools
 import gc
@@ -269,10 +270,11 @@ def _unit(method: _Method) -> _Method:
     two in step. Anything else that cuts it short (KeyboardInterrupt, or
     SystemExit from a signal handler, between any two statements) leaves
     `busy` set, and the store reads its files again, as after a crash,
-    before it does anything more (DataStore._usable)."""
+    before it does anything more (DataStore._usable). It also sets
+    `changed`: close() then has a snapshot to write."""
     @functools.wraps(method)
     def run(self: Any, *args: Any) -> Any:
-        self.busy = True
+        self.busy = self.changed = True
         try:
             result = method(self, *args)
         except (OSError, _StoreFull):
@@ -1054,6 +1056,7 @@ class _Index:
         self.directory = array("I")
         self.seen = bytearray()   # 1 for buckets checked or written since open
         self.damaged = False      # a bucket failed its check: rebuild from .dat
+        self.saved = 0            # bytes of the file as the last clean close left it
         self.map: Optional[mmap.mmap] = None
         self.u32: memoryview = memoryview(b"")
         self.u64: memoryview = memoryview(b"")
@@ -1085,6 +1088,7 @@ class _Index:
         self.directory = directory
         self.seen = bytearray(pages)
         self.seen[0] = 1
+        self.saved = size
         self._map()
         return data[4 << depth:]
 
@@ -1102,6 +1106,7 @@ class _Index:
 
     def _build(self, entries: Iterable[tuple[int, int]]) -> None:
         self._unmap()
+        self.saved = os.fstat(self.fd).st_size  # until it is cut to the new pages
         packed = sorted(h << 48 | place for h, place in entries)
         buckets: list[tuple[int, int, int, int]] = []  # (prefix, depth, lo, hi)
         stack = [(0, 0, 0, len(packed))]
@@ -1138,6 +1143,7 @@ class _Index:
             self.directory[first:first + (1 << (self.depth - depth))] = array(
                 "I", [page]) * (1 << (self.depth - depth))
         self.seen = bytearray(b"\1") * self.pages
+        self.saved = 0
         self.write_header(_OPEN)
 
     def write_header(self, state: int, stamp: int = 0, tail: bytes = b"") -> None:
@@ -1157,6 +1163,7 @@ class _Index:
         tail = self.directory.tobytes() + extra
         _write_at(self.fd, tail, self.pages * _PAGE)
         os.ftruncate(self.fd, self.pages * _PAGE + len(tail))
+        self.saved = self.pages * _PAGE + len(tail)
         self.map.flush()
         _fsync(self.fd)
         self.write_header(_CLOSED, stamp, tail)
@@ -1176,8 +1183,12 @@ class _Index:
         self.build(entries)
 
     def room(self) -> int:
-        """Bytes of the file, with the directory a close writes."""
+        """Bytes of the pages, with the directory a close writes."""
         return self.pages * _PAGE + 4 * len(self.directory)
+
+    def size(self) -> int:
+        """Bytes of the file now (a clean close's tail may still be there)."""
+        return max(self.pages * _PAGE, self.saved)
 
     def close(self) -> None:
         self._unmap()
@@ -1665,6 +1676,7 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
     engine.largest = max((n for n in range(_MAX_BLOCKS + 1) if by_blocks[n]), default=0)
     engine.expiries.load(exps, places)
     engine.seq = header.seq
+    engine.changed = False  # (unless the trim at open writes: see opening)
     if engine.used() > engine.max_bytes:  # filled under a larger max_bytes
         raise _StoreFull(0, engine.used())
     return True
@@ -2231,7 +2243,6 @@ def _load(engine: _Engine) -> None:
     engine.lease = engine.seq + _LEASE
     engine._write_header(_OPEN)  # before anything else is written
     engine.durable_seq = engine.seq
-    os.ftruncate(engine.index.fd, engine.index.pages * _PAGE)  # the snapshot, now stale
     if os.path.exists(old_dir):
         _remove(old_dir)
         _fsync_folder(os.path.dirname(engine.dat_path))
@@ -2310,6 +2321,7 @@ class _Engine:
         self.lost = 0         # keys a damaged store had that its scan did not find
         self.moves = 0        # records moved so far (see _put_record)
         self.busy = False     # a write is running, or was cut short (see _unit)
+        self.changed = True   # written to since open: close() saves .idx (see snapshot)
         self.closing = False  # close() has begun
         self.dat = -1         # the descriptor of .dat, once open (.idx's: index.fd)
         self.files: list[io.FileIO] = []  # which own them
@@ -2330,7 +2342,7 @@ class _Engine:
         for place in self.index.find(_hash(key)):
             head = _read_at(self.dat, _HEAD.size + len(key), (place >> 16) * _BLOCK)
             if head[_HEAD.size:] == key and head[4] == _VALUE and head[5] == len(key):
-                return place | _HEAD.unpack_from(head)[5] << _EXP_SHIFT
+                return place | int(_HEAD.unpack_from(head)[5]) << _EXP_SHIFT
         return None
 
     def slot(self, key: bytes, now: float) -> Optional[int]:
@@ -2381,7 +2393,7 @@ class _Engine:
                 raise CorruptStoreError(
                     f"the record of {key.decode('utf-8', 'replace')!r} in "
                     f"{self.dat_path} is damaged", path=self.dat_path)
-            exp = _HEAD.unpack_from(record)[5]
+            exp = int(_HEAD.unpack_from(record)[5])
             return None if exp and exp <= _float_bits(now) else body
         return None
 
@@ -2401,8 +2413,9 @@ class _Engine:
         """Bytes the files hold or may need at close: .dat (in whole blocks, so
         that the padding before an append is counted already), and .idx with
         what a close appends to it."""
-        return (_blocks(self.dat_size) * _BLOCK + self.index.room()
-                + _snapshot_room(len(self.free.at), self.expiries.count))
+        return _blocks(self.dat_size) * _BLOCK + max(self.index.size(), self.index.room()
+                                                     + _snapshot_room(len(self.free.at),
+                                                                      self.expiries.count))
 
     # --- Writing ---
 
@@ -2673,6 +2686,7 @@ class _Engine:
         """Give a free extent at the end of .dat back to the file system."""
         start = self.free.to.get(_blocks(self.dat_size))
         if start is not None:
+            self.changed = True
             os.ftruncate(self.dat, start * _BLOCK)
             self.free.remove(start)
             self.dat_size = start * _BLOCK
@@ -2740,7 +2754,7 @@ class _Engine:
         original's slot: the caller must invalidate it, once the copy is
         durable if it was."""
         self._write_record(target, _blocks(len(record)), _with_seq(record, self._next_seq()))
-        exp = _HEAD.unpack_from(record)[5]
+        exp = int(_HEAD.unpack_from(record)[5])
         old, new = _slot(len(record), block), _slot(len(record), target)
         self.index.replace(_hash(key), old, new)
         if exp:
@@ -2779,8 +2793,11 @@ class _Engine:
             if self.failed is None and not self.busy and not self.closing and self.dat >= 0:
                 self.closing = True  # once: a close() cut short does not write again
                 self._check_writable()
-                self._trim()
-                _write_snapshot(self)
+                if self.changed:
+                    self._trim()
+                    _write_snapshot(self)
+                else:  # .idx as the last close left it, trusted at open
+                    self._write_header(_CLOSED)
         finally:
             self.close_files()
 
@@ -3431,7 +3448,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                         key=args.key) from None
         elif args.command == "import":  # read and check it all before locking the store
             entries = _parse_export(_read_input(args.file), time.time())
-        with DataStore(args.path, timeout=args.timeout) as store:
+        with _opened(args.path, args.timeout) as store:
             if args.command == "create":
                 store.create(args.key, value, ttl=args.ttl)
             elif args.command == "set":
@@ -3663,6 +3680,22 @@ def _import(store: DataStore, entries: list[tuple[int, str, dict[str, Any], Opti
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+@contextlib.contextmanager
+def _opened(path: Optional[str], timeout: float) -> Iterator[DataStore]:
+    """The store, closed at the end. If the command failed, that failure is
+    the one reported, not one of close() after it (a full disk, say)."""
+    store = DataStore(path, timeout=timeout)
+    try:
+        yield store
+    except BaseException:
+        try:
+            store.close()
+        except (DataStoreError, OSError):
+            pass
+        raise
+    store.close()
 
 
 if __name__ == "__main__":

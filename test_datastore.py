@@ -2033,7 +2033,7 @@ def test_a_full_disk_raises_oserror_and_leaves_a_working_store(small_disk):
             assert live_content(s) == live
     assert full == 30 and live_content(s) == live
     try:
-        s.close()  # writing .dir may not fit: then the next open scans .dat
+        s.close()  # writing .idx may not fit: then the next open scans .dat
     except OSError as exc:
         assert exc.errno == errno.ENOSPC
     with DataStore(path, max_bytes=MIN_STORE_BYTES * 64) as s:
@@ -2400,7 +2400,7 @@ def test_cli_export_to_a_file_replaces_it_whole_private_to_you(path, tmp_path):
         {"i": 0}, {"i": 1}, {"i": 2}]
     assert file.stat().st_mode & 0o777 == 0o600  # as the store's own files
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "export.jsonl", "link.jsonl", "store.dat", "store.dir", "store.lock"]
+        "export.jsonl", "link.jsonl", "store.dat", "store.idx", "store.lock"]
 
 
 def test_cli_export_that_fails_leaves_the_old_file_and_no_temporary_one(path, tmp_path):
@@ -2416,7 +2416,7 @@ def test_cli_export_that_fails_leaves_the_old_file_and_no_temporary_one(path, tm
         assert (status, out) == (1, "") and "'k1'" in err and err.count("\n") == 1, err
     assert old.read_text() == "old content\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "old.jsonl", "store.dat", "store.dir", "store.lock"]
+        "old.jsonl", "store.dat", "store.idx", "store.lock"]
 
 
 def test_cli_export_of_an_empty_store_prints_nothing(path, tmp_path):
@@ -2440,7 +2440,7 @@ def test_cli_export_writes_into_a_pipe_and_never_over_the_stores_files(path, tmp
     finally:
         os.close(reader)
     os.symlink(f"{path}.dat", tmp_path / "sneaky.jsonl")
-    for target in (f"{path}.dat", f"{path}.dir", f"{path}.lock", tmp_path / "sneaky.jsonl"):
+    for target in (f"{path}.dat", f"{path}.idx", f"{path}.lock", tmp_path / "sneaky.jsonl"):
         status, out, err = cli("--path", path, "export", target)
         assert (status, out) == (1, "") and "one of the store's own files" in err, target
     assert contents(path) == {"k0": ({"i": 0}, None), "k1": ({"i": 1}, None)}
@@ -2524,9 +2524,13 @@ def test_cli_import_skips_expired_and_blank_lines_and_counts_them(path):
 
 def test_cli_import_that_fills_the_disk_stops_at_that_line_and_says_how_far(small_disk):
     path = small_disk / "store"  # max_bytes is the default: the 320 KiB disk fills first
+    (small_disk / "spare").write_bytes(bytes(16384))
     data = "".join(export_line(f"k{i:02}", {"pad": "x" * 10000}) for i in range(60))
     status, out, err = cli_bytes("--path", path, "import", stdin=data.encode())
     assert (status, out) == (1, b"") and err.count("\n") == 1, err
+    # (the close after the failed line found the disk full too: the next open
+    # scans .dat; room for the index that close writes)
+    (small_disk / "spare").unlink()
     match = re.fullmatch(r"datastore: error: line (\d+): .*No space left on device.*; "
                          r"the lines before it stay imported \((\d+) keys?\)\n", err)
     assert match, err

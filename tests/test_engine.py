@@ -289,7 +289,8 @@ IO_OPERATIONS = {  # the call, and how it changes what the store holds
                             lambda c: dict(c, t9={"v": "again"})),
     "delete": (lambda s: s.delete("k29"), lambda c: {k: v for k, v in c.items() if k != "k29"}),
     "compact": (lambda s: s.compact(), lambda c: c),
-    "close": (lambda s: s.close(), lambda c: c),
+    # (a store written to since open: close() saves .idx)
+    "close": (lambda s: setattr(s._engine, "changed", True) or s.close(), lambda c: c),
 }
 
 

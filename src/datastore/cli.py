@@ -10,6 +10,7 @@ the keys that are still live, with the expiries they had.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -84,7 +85,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                         key=args.key) from None
         elif args.command == "import":  # read and check it all before locking the store
             entries = _parse_export(_read_input(args.file), time.time())
-        with DataStore(args.path, timeout=args.timeout) as store:
+        with _opened(args.path, args.timeout) as store:
             if args.command == "create":
                 store.create(args.key, value, ttl=args.ttl)
             elif args.command == "set":
@@ -316,3 +317,19 @@ def _import(store: DataStore, entries: list[tuple[int, str, dict[str, Any], Opti
 
 def _count(number: int, noun: str) -> str:
     return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+@contextlib.contextmanager
+def _opened(path: Optional[str], timeout: float) -> Iterator[DataStore]:
+    """The store, closed at the end. If the command failed, that failure is
+    the one reported, not one of close() after it (a full disk, say)."""
+    store = DataStore(path, timeout=timeout)
+    try:
+        yield store
+    except BaseException:
+        try:
+            store.close()
+        except (DataStoreError, OSError):
+            pass
+        raise
+    store.close()

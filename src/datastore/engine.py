@@ -89,6 +89,7 @@ class _Engine:
         self.lost = 0         # keys a damaged store had that its scan did not find
         self.moves = 0        # records moved so far (see _put_record)
         self.busy = False     # a write is running, or was cut short (see _unit)
+        self.changed = True   # written to since open: close() saves .idx (see snapshot)
         self.closing = False  # close() has begun
         self.dat = -1         # the descriptor of .dat, once open (.idx's: index.fd)
         self.files: list[io.FileIO] = []  # which own them
@@ -109,7 +110,7 @@ class _Engine:
         for place in self.index.find(_hash(key)):
             head = _read_at(self.dat, _HEAD.size + len(key), (place >> 16) * _BLOCK)
             if head[_HEAD.size:] == key and head[4] == _VALUE and head[5] == len(key):
-                return place | _HEAD.unpack_from(head)[5] << _EXP_SHIFT
+                return place | int(_HEAD.unpack_from(head)[5]) << _EXP_SHIFT
         return None
 
     def slot(self, key: bytes, now: float) -> Optional[int]:
@@ -160,7 +161,7 @@ class _Engine:
                 raise CorruptStoreError(
                     f"the record of {key.decode('utf-8', 'replace')!r} in "
                     f"{self.dat_path} is damaged", path=self.dat_path)
-            exp = _HEAD.unpack_from(record)[5]
+            exp = int(_HEAD.unpack_from(record)[5])
             return None if exp and exp <= _float_bits(now) else body
         return None
 
@@ -180,8 +181,9 @@ class _Engine:
         """Bytes the files hold or may need at close: .dat (in whole blocks, so
         that the padding before an append is counted already), and .idx with
         what a close appends to it."""
-        return (_blocks(self.dat_size) * _BLOCK + self.index.room()
-                + _snapshot_room(len(self.free.at), self.expiries.count))
+        return _blocks(self.dat_size) * _BLOCK + max(self.index.size(), self.index.room()
+                                                     + _snapshot_room(len(self.free.at),
+                                                                      self.expiries.count))
 
     # --- Writing ---
 
@@ -452,6 +454,7 @@ class _Engine:
         """Give a free extent at the end of .dat back to the file system."""
         start = self.free.to.get(_blocks(self.dat_size))
         if start is not None:
+            self.changed = True
             os.ftruncate(self.dat, start * _BLOCK)
             self.free.remove(start)
             self.dat_size = start * _BLOCK
@@ -519,7 +522,7 @@ class _Engine:
         original's slot: the caller must invalidate it, once the copy is
         durable if it was."""
         self._write_record(target, _blocks(len(record)), _with_seq(record, self._next_seq()))
-        exp = _HEAD.unpack_from(record)[5]
+        exp = int(_HEAD.unpack_from(record)[5])
         old, new = _slot(len(record), block), _slot(len(record), target)
         self.index.replace(_hash(key), old, new)
         if exp:
@@ -558,8 +561,11 @@ class _Engine:
             if self.failed is None and not self.busy and not self.closing and self.dat >= 0:
                 self.closing = True  # once: a close() cut short does not write again
                 self._check_writable()
-                self._trim()
-                _write_snapshot(self)
+                if self.changed:
+                    self._trim()
+                    _write_snapshot(self)
+                else:  # .idx as the last close left it, trusted at open
+                    self._write_header(_CLOSED)
         finally:
             self.close_files()
 

@@ -98,6 +98,7 @@ class _Index:
         self.directory = array("I")
         self.seen = bytearray()   # 1 for buckets checked or written since open
         self.damaged = False      # a bucket failed its check: rebuild from .dat
+        self.saved = 0            # bytes of the file as the last clean close left it
         self.map: Optional[mmap.mmap] = None
         self.u32: memoryview = memoryview(b"")
         self.u64: memoryview = memoryview(b"")
@@ -129,6 +130,7 @@ class _Index:
         self.directory = directory
         self.seen = bytearray(pages)
         self.seen[0] = 1
+        self.saved = size
         self._map()
         return data[4 << depth:]
 
@@ -146,6 +148,7 @@ class _Index:
 
     def _build(self, entries: Iterable[tuple[int, int]]) -> None:
         self._unmap()
+        self.saved = os.fstat(self.fd).st_size  # until it is cut to the new pages
         packed = sorted(h << 48 | place for h, place in entries)
         buckets: list[tuple[int, int, int, int]] = []  # (prefix, depth, lo, hi)
         stack = [(0, 0, 0, len(packed))]
@@ -182,6 +185,7 @@ class _Index:
             self.directory[first:first + (1 << (self.depth - depth))] = array(
                 "I", [page]) * (1 << (self.depth - depth))
         self.seen = bytearray(b"\1") * self.pages
+        self.saved = 0
         self.write_header(_OPEN)
 
     def write_header(self, state: int, stamp: int = 0, tail: bytes = b"") -> None:
@@ -201,6 +205,7 @@ class _Index:
         tail = self.directory.tobytes() + extra
         _write_at(self.fd, tail, self.pages * _PAGE)
         os.ftruncate(self.fd, self.pages * _PAGE + len(tail))
+        self.saved = self.pages * _PAGE + len(tail)
         self.map.flush()
         _fsync(self.fd)
         self.write_header(_CLOSED, stamp, tail)
@@ -220,8 +225,12 @@ class _Index:
         self.build(entries)
 
     def room(self) -> int:
-        """Bytes of the file, with the directory a close writes."""
+        """Bytes of the pages, with the directory a close writes."""
         return self.pages * _PAGE + 4 * len(self.directory)
+
+    def size(self) -> int:
+        """Bytes of the file now (a clean close's tail may still be there)."""
+        return max(self.pages * _PAGE, self.saved)
 
     def close(self) -> None:
         self._unmap()

@@ -21,7 +21,7 @@ from .format import (
     _BLOCK, _HEADER, _LEASE, _OPEN, _Header, _create_data_file, _fsync_folder,
     _open_regular, _read_at, _remove,
 )
-from .index import _PAGE, _keys_saved
+from .index import _keys_saved
 from .legacy import _convert_v1, _is_v1_header
 from .locks import _engines, _lock_data_file
 from .recovery import _holds_records, _recover
@@ -92,7 +92,6 @@ def _load(engine: _Engine) -> None:
     engine.lease = engine.seq + _LEASE
     engine._write_header(_OPEN)  # before anything else is written
     engine.durable_seq = engine.seq
-    os.ftruncate(engine.index.fd, engine.index.pages * _PAGE)  # the snapshot, now stale
     if os.path.exists(old_dir):
         _remove(old_dir)
         _fsync_folder(os.path.dirname(engine.dat_path))

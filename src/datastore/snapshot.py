@@ -88,6 +88,7 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
     engine.largest = max((n for n in range(_MAX_BLOCKS + 1) if by_blocks[n]), default=0)
     engine.expiries.load(exps, places)
     engine.seq = header.seq
+    engine.changed = False  # (unless the trim at open writes: see opening)
     if engine.used() > engine.max_bytes:  # filled under a larger max_bytes
         raise _StoreFull(0, engine.used())
     return True
