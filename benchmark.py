@@ -467,10 +467,10 @@ def cap_key(serial):
 def footprint(key, size, max_bytes):
     """Bytes a live key needs in DataStore's files, from the format described
     in datastore.py: its record (a 32-byte head, the key, the JSON) rounded up
-    to 512-byte blocks, and its .dir line `'key', (offset, size)` (with the
-    offset given as many digits as max_bytes has)."""
+    to 512-byte blocks, and its entry in .idx (12 bytes, in buckets at least
+    half full: 24)."""
     record = 32 + len(key.encode()) + size
-    return -(-record // 512) * 512 + len(repr(key)) + len(str(max_bytes)) + len(str(record)) + 7
+    return -(-record // 512) * 512 + 24
 
 
 class LiveKeys:
@@ -1236,7 +1236,7 @@ def report_cap_intro(args, spreads):
           f"value fit in {TTL_PACE:.0%} of max_bytes.\n")
     print("sqlite3 (no cap) starts from the same live keys and runs the same churn. "
           "Every call is timed with time.perf_counter. Live data: what the live keys "
-          "need in DataStore's files (records in 512-byte blocks and .dir lines, by "
+          "need in DataStore's files (records in 512-byte blocks and index entries, by "
           "the format in datastore.py). A separate process adds up the sizes of all "
           f"the store's files (os.stat) every {POLL_INTERVAL * 1000:.0f} ms, from "
           "before the store is opened until after it is closed.\n", flush=True)
@@ -1286,8 +1286,8 @@ def report_cap_config(keys, value_bytes, runs):
                          files["largest"] <= config.max_bytes,
                          f"{run_label(config, run)}: {files['largest']:,} of "
                          f"{config.max_bytes:,} ({files['files']})"))
-    print("\n(Shares are of max_bytes. Live data is an estimate, a little high: .dir "
-          "offsets are counted with as many digits as max_bytes has. Misses: "
+    print("\n(Shares are of max_bytes. Live data is an estimate, a little high: each "
+          "index entry is counted as 24 bytes, as in buckets half full. Misses: "
           "StoreFullErrors with values of one size, or with live data + new value "
           f"≤ {MIXED_FULL_OK_ABOVE:.0%}.)\n", flush=True)
     return verdicts
