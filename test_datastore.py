@@ -1525,7 +1525,8 @@ CRASH_AT_STEP = """
     elif action == "set":        # over a value an earlier sync() made durable
         store.sync()
         store.set("k5", {"v": "new", "pad": "s" * 1500})
-    elif action == "close":
+    elif action == "close":      # of a store written to since it opened: it saves .idx
+        store._engine.changed = True
         store.close()
     print("finished", count, flush=True)
     os._exit(0)                  # no close: each action is tested alone
