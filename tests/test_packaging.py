@@ -61,8 +61,9 @@ def test_the_check_fails_when_a_module_changed_after_generating(tmp_path):
                  "codec uses set, which is store's set() in the one file", id="set"),
     pytest.param(("compaction.py", "_SWEEP_BATCH = 1024", "_FIELDS, _unused = 0, 1\n_SWEEP_BATCH = 1024"),
                  "_FIELDS is defined in both format and compaction", id="a-tuple-target"),
-    pytest.param(("compaction.py", "from typing import TYPE_CHECKING\n",
-                  "from typing import TYPE_CHECKING\nfrom struct import pack as _blocks\n"),
+    pytest.param(("compaction.py", "from typing import TYPE_CHECKING, Optional\n",
+                  "from typing import TYPE_CHECKING, Optional\n"
+                  "from struct import pack as _blocks\n"),
                  "compaction imports _blocks from struct.pack, which the one file binds "
                  "otherwise (format)", id="an-import-as"),
     pytest.param(("errors.py", "import logging\n",

@@ -1,8 +1,8 @@
-"""compact(): the smallest layout the records allow, now.
+"""Moving records down, and compact(): the smallest layout the records allow.
 
-Each write already moves a few records from the end of ``.dat`` into free
-extents lower down (``_Engine._move``), which is all it takes while the
-free extents are no smaller than the records at the end. When a record at
+Each write moves a few records from the end of ``.dat`` into free extents
+lower down while much of ``.dat`` is free (``_move_down``), which is all it
+takes while the free extents are no smaller than the records at the end. When a record at
 the end fits no free extent (say one 16 KiB value, with free extents of a
 block or two between small records), moving stops, however much is free.
 
@@ -18,9 +18,12 @@ costs one pass over the index, and a record is copied at most twice.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Optional
 
-from .format import _BLOCK, _VALUE, _blocks, _parse_item, _read_at, _slot_block, _slot_size
+from .format import (
+    _BLOCK, _VALUE, _blocks, _item_before, _parse_item, _read_at, _slot, _slot_block, _slot_size,
+)
 from .index import _hash
 
 if TYPE_CHECKING:
@@ -89,3 +92,74 @@ def _settle(engine: _Engine) -> None:
 def _small_enough(engine: _Engine) -> bool:
     """Fewer free blocks than one a key and one largest record."""
     return engine.free.blocks < engine.index.count + engine.largest
+
+
+def _move_down(engine: _Engine, limit: int) -> int:
+    """Move up to `limit` records from the end of .dat into free extents
+    nearer the start, then truncate them away. Returns how many moved.
+
+    The copies are fsynced before the originals go if any original was
+    durable. If truncating fails, free markers invalidate the originals;
+    if anything fails before, the originals wait on the stale list.
+    """
+    engine._trim()
+    moved: list[tuple[bytes, int]] = []
+    passed: list[tuple[int, int]] = []  # free extents above the records moved
+    durable = False
+    end = _blocks(engine.dat_size)
+    found = None
+
+    def unpass() -> None:  # .dat still holds them: back into the free map
+        for start, length in passed:
+            engine.free.add(start, length)
+
+    try:
+        while len(moved) < limit:
+            if end in engine.free.to:  # out of the free map: no copy may land there
+                start = engine.free.to[end]
+                passed.append((start, engine.free.remove(start)))
+                end = start
+            found = _last_record(engine, end)
+            if found is None:
+                break
+            key, block, seq, record = found
+            blocks = _blocks(len(record))
+            target = engine.free.fitting(blocks)
+            if target is None or target >= block:  # (none is above: passed ones left)
+                break
+            moved.append((key, engine._copy(key, record, target, block)))
+            durable = durable or seq < engine.durable_seq
+            end = block
+        if durable:
+            engine._sync()
+    except OSError:
+        engine.stale.extend(moved)
+        unpass()
+        raise
+    if not moved:
+        unpass()
+        if found is not None:  # the last record fits no free extent
+            engine.stuck = (_blocks(engine.dat_size), _blocks(len(found[3])))
+        return 0
+    try:
+        os.ftruncate(engine.dat, end * _BLOCK)
+    except OSError:
+        unpass()
+        for key, old in moved:  # the originals stay: invalidate each
+            engine._supersede(key, old)
+    else:
+        engine.dat_size = end * _BLOCK
+    return len(moved)
+
+
+def _last_record(engine: _Engine, end: int) -> Optional[tuple[bytes, int, int, bytes]]:
+    """(key, block, seq, record) of the live record that ends at block
+    `end`, read from disk, or None if none does."""
+    found = _item_before(engine.dat, end)
+    if found is None:
+        return None
+    first, buf, (kind, seq, key, _, _, total) = found
+    if (kind == _VALUE and first + _blocks(total) == end
+            and _slot(total, first) in engine.index.find(_hash(key))):
+        return key, first, seq, buf[:total]
+    return None

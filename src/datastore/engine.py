@@ -36,15 +36,16 @@ from __future__ import annotations
 
 import io
 import os
+import zlib
 from typing import Any, Callable, Iterator, Optional
 
-from .compaction import _compact
+from .compaction import _compact, _move_down
 from .errors import CorruptStoreError, _log, _StoreFull, _unit
 from .format import (
-    _BLOCK, _CLOSED, _EXP_SHIFT, _FREE, _HEAD, _LEASE, _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES,
-    _OPEN, _SLOT_MASK, _VALUE, _blocks, _bits_float, _float_bits, _fsync, _item_before,
-    _pack_header, _pack_marker, _pack_value, _read_at, _slot, _slot_block, _slot_exp,
-    _slot_size, _value_body, _with_seq, _write_at,
+    _BLOCK, _CLOSED, _EXP_SHIFT, _FIELDS, _HEAD, _LATEST_EXPIRY_BITS, _LEASE, _MAGIC,
+    _MAX_BLOCKS, _MAX_KEY_BYTES, _MAX_SEQ, _OPEN, _SLOT_MASK, _VALUE, _blocks, _bits_float,
+    _float_bits, _free_marker, _fsync, _pack_header, _pack_value, _read_at,
+    _slot, _slot_block, _slot_exp, _slot_size, _value_body, _with_seq, _write_at,
 )
 from .index import _hash, _Index
 from .opening import _open
@@ -90,6 +91,7 @@ class _Engine:
         self.moves = 0        # records moved so far (see _put_record)
         self.busy = False     # a write is running, or was cut short (see _unit)
         self.changed = True   # written to since open: close() saves .idx (see snapshot)
+        self.forked = False   # this is a child's copy, made by fork() (see locks)
         self.closing = False  # close() has begun
         self.dat = -1         # the descriptor of .dat, once open (.idx's: index.fd)
         self.files: list[io.FileIO] = []  # which own them
@@ -105,12 +107,19 @@ class _Engine:
     # --- Reading ---
 
     def lookup(self, key: bytes) -> Optional[int]:
-        """key's slot, expired or not, or None: of the index's candidates,
-        the one whose record's head holds key (one read of it, if any)."""
+        """key's slot, expired or not, or None."""
+        found = self._find(key)
+        return None if found is None else found[0]
+
+    def _find(self, key: bytes) -> Optional[tuple[int, bytes]]:
+        """(slot, head) of key's record, expired or not, or None: of the
+        index's candidates, the one whose record's head holds key (one read
+        of it, if any; the head is the record's first bytes, up to the key's
+        end)."""
         for place in self.index.find(_hash(key)):
             head = _read_at(self.dat, _HEAD.size + len(key), (place >> 16) * _BLOCK)
             if head[_HEAD.size:] == key and head[4] == _VALUE and head[5] == len(key):
-                return place | int(_HEAD.unpack_from(head)[5]) << _EXP_SHIFT
+                return place | int(_HEAD.unpack_from(head)[5]) << _EXP_SHIFT, head
         return None
 
     def slot(self, key: bytes, now: float) -> Optional[int]:
@@ -151,18 +160,22 @@ class _Engine:
             yield head[_HEAD.size:_HEAD.size + fields[2]], fields[5], place
 
     def get(self, key: bytes, now: float) -> Optional[bytes]:
-        """The body of key's live record, or None. One read of .dat."""
+        """The body of key's live record, or None. One read of .dat. (The
+        checks are _parse_item's, made here at once.)"""
         for place in self.index.find(_hash(key)):
             record = _read_at(self.dat, place & 0xFFFF, (place >> 16) * _BLOCK)
-            if record[_HEAD.size:_HEAD.size + len(key)] != key or record[5] != len(key):
+            start = _HEAD.size + len(key)
+            if record[_HEAD.size:start] != key or record[5] != len(key):
                 continue  # another key's, with the same hash
-            body = _value_body(record, key)
-            if body is None:
+            magic, kind, _, zero, seq, exp, length, crc = _HEAD.unpack_from(record)
+            if (magic != _MAGIC or kind != _VALUE or zero or seq >= _MAX_SEQ
+                    or exp > _LATEST_EXPIRY_BITS or start + length != len(record)
+                    or zlib.crc32(record[_HEAD.size:], zlib.crc32(record[:_FIELDS.size]))
+                    != crc):
                 raise CorruptStoreError(
                     f"the record of {key.decode('utf-8', 'replace')!r} in "
                     f"{self.dat_path} is damaged", path=self.dat_path)
-            exp = int(_HEAD.unpack_from(record)[5])
-            return None if exp and exp <= _float_bits(now) else body
+            return None if exp and exp <= _float_bits(now) else record[start:]
         return None
 
     def records(self) -> Iterator[tuple[bytes, Optional[bytes]]]:
@@ -188,8 +201,11 @@ class _Engine:
     # --- Writing ---
 
     @_unit
-    def put(self, key: bytes, body: bytes, expires_at: float, now: float) -> None:
-        """Make key's record one holding `body`, whether or not it has one.
+    def put(self, key: bytes, body: bytes, expires_at: float, now: float,
+            replace: bool = True) -> bool:
+        """Make key's record one holding `body`, whether or not it has one
+        (unless not `replace`: then, if key is live, return False and write
+        nothing). Returns True.
 
         The new record is written before the old one is invalidated, so a
         crash leaves one or the other. A write must leave room in the cap for
@@ -197,25 +213,33 @@ class _Engine:
         takes as much room: that may use it.
         Raises _StoreFull (nothing written) if there is no room.
         """
-        self._check_writable()
-        old = self.lookup(key)
-        if old is not None and _slot_exp(old) and _slot_exp(old) <= _float_bits(now):
-            self._drop(key, old)  # expired: its space may serve the new record
+        found = self._find(key)
+        old = None if found is None else found[0]
+        if found and _slot_exp(found[0]) and _slot_exp(found[0]) <= _float_bits(now):
+            self._check_writable()
+            self._drop(key, found[0], found[1])  # expired: its space may serve the new record
             self._try(self._trim)
             old = None
+        elif old is not None and not replace:
+            return False
+        self._check_writable()
         old = self._put_record(key, body, expires_at, now, old)
         if old is not None:
             self._supersede(key, old)
         self._tidy(now)
+        return True
 
     @_unit
     def remove(self, key: bytes, now: float) -> bool:
         """Delete key's live record; False if it has none."""
-        slot = self.slot(key, now)
-        if slot is None:
+        found = self._find(key)
+        if found is None:
+            return False
+        slot, head = found
+        if _slot_exp(slot) and _slot_exp(slot) <= _float_bits(now):
             return False
         self._check_writable()
-        self._drop(key, slot)
+        self._drop(key, slot, head)
         self._tidy(now)
         return True
 
@@ -347,14 +371,17 @@ class _Engine:
                 if _blocks(size) > start:
                     self.free.add(start, _blocks(size) - start)
 
-    def _drop(self, key: bytes, slot: int) -> None:
+    def _drop(self, key: bytes, slot: int, head: Optional[bytes] = None) -> None:
         """Delete key: a free marker over its record's head is the commit.
 
-        If that write fails part-way, the head it was writing over is put
-        back, so that a failed delete leaves the record readable.
+        If that write fails part-way, the head it was writing over (`head`,
+        if the caller has read it) is put back, so that a failed delete
+        leaves the record readable.
         """
         block, size = _slot_block(slot), _slot_size(slot)
-        head = _read_at(self.dat, _HEAD.size, block * _BLOCK)
+        if head is None:
+            head = _read_at(self.dat, _HEAD.size, block * _BLOCK)
+        head = head[:_HEAD.size]
         try:
             self._write_marker(block, _blocks(size))
         except OSError:
@@ -395,7 +422,7 @@ class _Engine:
         return self.seq - 1
 
     def _write_marker(self, block: int, length: int) -> None:
-        _write_at(self.dat, _pack_marker(_FREE, length), block * _BLOCK)
+        _write_at(self.dat, _free_marker(length), block * _BLOCK)
         self.dat_size = max(self.dat_size, block * _BLOCK + _HEAD.size)
 
     def _write_header(self, state: int) -> None:
@@ -461,60 +488,8 @@ class _Engine:
 
     def _move(self, limit: int) -> int:
         """Move up to `limit` records from the end of .dat into free extents
-        nearer the start, then truncate them away. Returns how many moved.
-
-        The copies are fsynced before the originals go if any original was
-        durable. If truncating fails, free markers invalidate the originals;
-        if anything fails before, the originals wait on the stale list.
-        """
-        self._trim()
-        moved: list[tuple[bytes, int]] = []
-        passed: list[tuple[int, int]] = []  # free extents above the records moved
-        durable = False
-        end = _blocks(self.dat_size)
-        found = None
-
-        def unpass() -> None:  # .dat still holds them: back into the free map
-            for start, length in passed:
-                self.free.add(start, length)
-
-        try:
-            while len(moved) < limit:
-                if end in self.free.to:  # out of the free map: no copy may land there
-                    start = self.free.to[end]
-                    passed.append((start, self.free.remove(start)))
-                    end = start
-                found = self._last_record(end)
-                if found is None:
-                    break
-                key, block, seq, record = found
-                blocks = _blocks(len(record))
-                target = self.free.fitting(blocks)
-                if target is None or target >= block:  # (none is above: passed ones left)
-                    break
-                moved.append((key, self._copy(key, record, target, block)))
-                durable = durable or seq < self.durable_seq
-                end = block
-            if durable:
-                self._sync()
-        except OSError:
-            self.stale.extend(moved)
-            unpass()
-            raise
-        if not moved:
-            unpass()
-            if found is not None:  # the last record fits no free extent
-                self.stuck = (_blocks(self.dat_size), _blocks(len(found[3])))
-            return 0
-        try:
-            os.ftruncate(self.dat, end * _BLOCK)
-        except OSError:
-            unpass()
-            for key, old in moved:  # the originals stay: invalidate each
-                self._supersede(key, old)
-        else:
-            self.dat_size = end * _BLOCK
-        return len(moved)
+        nearer the start (see compaction); returns how many moved."""
+        return _move_down(self, limit)
 
     def _copy(self, key: bytes, record: bytes, target: int, block: int) -> int:
         """Write a copy of key's record (now at `block`), with a new sequence
@@ -530,18 +505,6 @@ class _Engine:
             self.expiries.add(exp, new)
         self.moves += 1
         return old | exp << _EXP_SHIFT
-
-    def _last_record(self, end: int) -> Optional[tuple[bytes, int, int, bytes]]:
-        """(key, block, seq, record) of the live record that ends at block
-        `end`, read from disk, or None if none does."""
-        found = _item_before(self.dat, end)
-        if found is None:
-            return None
-        first, buf, (kind, seq, key, _, _, total) = found
-        if (kind == _VALUE and first + _blocks(total) == end
-                and _slot(total, first) in self.index.find(_hash(key))):
-            return key, first, seq, buf[:total]
-        return None
 
     @_unit
     def compact(self, now: float) -> None:

@@ -54,6 +54,7 @@ expiries compare directly as ints.
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import stat
@@ -75,6 +76,7 @@ _VALUE, _FREE, _TABLE = 1, 2, 3
 _MAX_KEY_BYTES = 4 * MAX_KEY_LENGTH
 _MAX_RECORD = _HEAD.size + _MAX_KEY_BYTES + MAX_VALUE_BYTES
 _MAX_BLOCKS = -(-_MAX_RECORD // _BLOCK)  # 33
+_LONG_MARKERS = 1024  # free markers kept packed, by length
 _MAX_SEQ = 1 << 62  # larger sequence numbers in a file are damage (they would overflow)
 # The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
 _LARGEST_STORE = 1 << 40
@@ -132,6 +134,12 @@ def _pack_value(seq: int, key: bytes, exp: int, body: bytes) -> bytes:
     fields = _FIELDS.pack(_MAGIC, _VALUE, len(key), 0, seq, exp, len(body))
     crc = zlib.crc32(body, zlib.crc32(key, zlib.crc32(fields)))
     return b"".join((fields, crc.to_bytes(4, "little"), key, body))
+
+
+@functools.lru_cache(maxsize=_LONG_MARKERS)
+def _free_marker(length: int) -> bytes:
+    """A free marker of `length` blocks (most often of a few blocks: kept)."""
+    return _pack_marker(_FREE, length)
 
 
 def _pack_marker(kind: int, length: int, body: bytes = b"", seq: int = 0) -> bytes:
@@ -347,7 +355,13 @@ def _remove(*paths: str) -> None:
 
 def _write_at(fd: int, data: bytes, pos: int) -> None:
     """Write all of data at pos (seek and write where there is no pwrite)."""
-    view = memoryview(data)
+    written = 0
+    if hasattr(os, "pwrite"):
+        written = os.pwrite(fd, data, pos)  # whole, nearly always
+        if written == len(data):
+            return
+    view = memoryview(data)[written:]
+    pos += written
     while view:
         if hasattr(os, "pwrite"):
             written = os.pwrite(fd, view, pos)

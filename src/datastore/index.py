@@ -300,6 +300,8 @@ class _Index:
             self._check(page)
         base = page << 10
         word = self.u32[base + 1]
+        if word >> 16 < _ENTRIES:
+            return 0
         count, local, prefix, depth = word >> 16, word & 0xFF, self.u32[base], self.depth
         lo, hi, cost = base + _HASHES, base + _HASHES + (word >> 16), 0
         while count >= _ENTRIES:  # as the splits would go, on h's side
@@ -324,6 +326,9 @@ class _Index:
         has checked split_cost's room): the one step of adding an entry
         that writes to the file, so that the caller can take it before it
         commits to anything. Splits nothing in vain: see split_cost."""
+        page = self.directory[h >> self.shift]
+        if self.seen[page] and self.u32[(page << 10) + 1] >> 16 < _ENTRIES:
+            return  # (most of the time)
         self.split_cost(h)
         while True:
             page = self.directory[h >> self.shift]

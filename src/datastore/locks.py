@@ -167,6 +167,7 @@ def _after_fork_in_child() -> None:
     global _open_stores_lock
     _open_stores_lock = threading.Lock()
     for engine in list(_engines):  # stores being opened too
+        engine.forked = True
         engine.close_files()
     _open_stores.clear()
 

@@ -437,11 +437,10 @@ class DataStore:
         with self._mutex:
             now = self._clock()
             expires_at = _expiry(key, ttl, now)
-            if not replace and self._run(_Engine.slot, key_bytes, now) is not None:
-                raise KeyExistsError(f"key {key!r} already exists", key=key,
-                                     path=self.path)
             try:
-                self._run(_Engine.put, key_bytes, body, expires_at, now)
+                if not self._run(_Engine.put, key_bytes, body, expires_at, now, replace):
+                    raise KeyExistsError(f"key {key!r} already exists", key=key,
+                                         path=self.path)
             except _StoreFull as full:
                 if full.reason:
                     raise StoreFullError(f"store {self.path} cannot take {key!r}: "
@@ -458,7 +457,12 @@ class DataStore:
 
     def _check_process(self) -> None:
         """Refuse a forked child, before any lock: a thread of the parent may
-        have held one at the fork, and the child's copy would never open."""
+        have held one at the fork, and the child's copy would never open.
+        (A child's engines are marked `forked` at the fork, see locks: so
+        only a closed store asks the system which process this is.)"""
+        engine = self._engine
+        if engine is not None and not engine.forked:
+            return
         if os.getpid() != self._pid:
             raise StoreForkedError(
                 f"store {self.path} was opened by process {self._pid}, not this "
