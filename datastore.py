@@ -509,7 +509,6 @@ _VALUE, _FREE, _TABLE = 1, 2, 3
 _MAX_KEY_BYTES = 4 * MAX_KEY_LENGTH
 _MAX_RECORD = _HEAD.size + _MAX_KEY_BYTES + MAX_VALUE_BYTES
 _MAX_BLOCKS = -(-_MAX_RECORD // _BLOCK)  # 33
-_LONG_MARKERS = 1024  # free markers kept packed, by length
 _MAX_SEQ = 1 << 62  # larger sequence numbers in a file are damage (they would overflow)
 # The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
 _LARGEST_STORE = 1 << 40
@@ -569,16 +568,18 @@ def _pack_value(seq: int, key: bytes, exp: int, body: bytes) -> bytes:
     return b"".join((fields, crc.to_bytes(4, "little"), key, body))
 
 
-@functools.lru_cache(maxsize=_LONG_MARKERS)
 def _free_marker(length: int) -> bytes:
-    """A free marker of `length` blocks (most often of a few blocks: kept)."""
-    return _pack_marker(_FREE, length)
+    """A free marker of `length` blocks (packed once, for the lengths of a record)."""
+    return _FREE_MARKERS[length] if length <= _MAX_BLOCKS else _pack_marker(_FREE, length)
 
 
 def _pack_marker(kind: int, length: int, body: bytes = b"", seq: int = 0) -> bytes:
     """A free marker (length in blocks) or an index table (its body)."""
     fields = _FIELDS.pack(_MAGIC, kind, 0, 0, seq, 0, length)
     return fields + zlib.crc32(body, zlib.crc32(fields)).to_bytes(4, "little") + body
+
+
+_FREE_MARKERS = tuple(_pack_marker(_FREE, length) for length in range(_MAX_BLOCKS + 1))
 
 
 # (kind, seq, key, expiry bits, length, total bytes): see _parse_item
@@ -2379,6 +2380,7 @@ def _load(engine: _Engine) -> None:
 _RECLAIM_BATCH = 16
 _MOVE_BATCH = 32
 _MOVE_FOR_ROOM = 64
+_HEADS_CHUNK = 1 << 22  # bytes of .dat read at a time to list the keys
 
 
 class _Engine:
@@ -2471,14 +2473,20 @@ class _Engine:
         return [(key, place | exp << _EXP_SHIFT) for key, exp, place in self._heads()]
 
     def _heads(self) -> Iterator[tuple[bytes, int, int]]:
-        """(key, expiry bits, place) of every indexed record, in .dat's order."""
-        for place in sorted(self.index.places(), key=lambda place: place >> 16):
-            head = _read_at(self.dat, _HEAD.size + _MAX_KEY_BYTES, (place >> 16) * _BLOCK)
-            fields = _HEAD.unpack_from(head)
+        """(key, expiry bits, place) of every indexed record, in .dat's order,
+        which is read a few MiB at a time."""
+        buf, at = b"", 0  # .dat from byte `at` on
+        for place in sorted(self.index.places()):  # (by block: see format)
+            pos = (place >> 16) * _BLOCK
+            if pos + _HEAD.size + _MAX_KEY_BYTES > at + len(buf):
+                buf, at = _read_at(self.dat, _HEADS_CHUNK, pos), pos
+            fields = _HEAD.unpack_from(buf, pos - at) if len(buf) - (pos - at) >= _HEAD.size \
+                else (b"", 0)
             if fields[0] != _MAGIC or fields[1] != _VALUE:
                 raise CorruptStoreError(f"a record of {self.dat_path} that {self.idx_path} "
                                         "lists is damaged", path=self.dat_path)
-            yield head[_HEAD.size:_HEAD.size + fields[2]], fields[5], place
+            key = pos - at + _HEAD.size
+            yield buf[key:key + fields[2]], fields[5], place
 
     def get(self, key: bytes, now: float) -> Optional[bytes]:
         """The body of key's live record, or None. One read of .dat. (The

@@ -58,6 +58,7 @@ from .space import _Expiries, _FreeSpace
 _RECLAIM_BATCH = 16
 _MOVE_BATCH = 32
 _MOVE_FOR_ROOM = 64
+_HEADS_CHUNK = 1 << 22  # bytes of .dat read at a time to list the keys
 
 
 class _Engine:
@@ -150,14 +151,20 @@ class _Engine:
         return [(key, place | exp << _EXP_SHIFT) for key, exp, place in self._heads()]
 
     def _heads(self) -> Iterator[tuple[bytes, int, int]]:
-        """(key, expiry bits, place) of every indexed record, in .dat's order."""
-        for place in sorted(self.index.places(), key=lambda place: place >> 16):
-            head = _read_at(self.dat, _HEAD.size + _MAX_KEY_BYTES, (place >> 16) * _BLOCK)
-            fields = _HEAD.unpack_from(head)
+        """(key, expiry bits, place) of every indexed record, in .dat's order,
+        which is read a few MiB at a time."""
+        buf, at = b"", 0  # .dat from byte `at` on
+        for place in sorted(self.index.places()):  # (by block: see format)
+            pos = (place >> 16) * _BLOCK
+            if pos + _HEAD.size + _MAX_KEY_BYTES > at + len(buf):
+                buf, at = _read_at(self.dat, _HEADS_CHUNK, pos), pos
+            fields = _HEAD.unpack_from(buf, pos - at) if len(buf) - (pos - at) >= _HEAD.size \
+                else (b"", 0)
             if fields[0] != _MAGIC or fields[1] != _VALUE:
                 raise CorruptStoreError(f"a record of {self.dat_path} that {self.idx_path} "
                                         "lists is damaged", path=self.dat_path)
-            yield head[_HEAD.size:_HEAD.size + fields[2]], fields[5], place
+            key = pos - at + _HEAD.size
+            yield buf[key:key + fields[2]], fields[5], place
 
     def get(self, key: bytes, now: float) -> Optional[bytes]:
         """The body of key's live record, or None. One read of .dat. (The

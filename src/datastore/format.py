@@ -54,7 +54,6 @@ expiries compare directly as ints.
 from __future__ import annotations
 
 import errno
-import functools
 import io
 import os
 import stat
@@ -76,7 +75,6 @@ _VALUE, _FREE, _TABLE = 1, 2, 3
 _MAX_KEY_BYTES = 4 * MAX_KEY_LENGTH
 _MAX_RECORD = _HEAD.size + _MAX_KEY_BYTES + MAX_VALUE_BYTES
 _MAX_BLOCKS = -(-_MAX_RECORD // _BLOCK)  # 33
-_LONG_MARKERS = 1024  # free markers kept packed, by length
 _MAX_SEQ = 1 << 62  # larger sequence numbers in a file are damage (they would overflow)
 # The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
 _LARGEST_STORE = 1 << 40
@@ -136,16 +134,18 @@ def _pack_value(seq: int, key: bytes, exp: int, body: bytes) -> bytes:
     return b"".join((fields, crc.to_bytes(4, "little"), key, body))
 
 
-@functools.lru_cache(maxsize=_LONG_MARKERS)
 def _free_marker(length: int) -> bytes:
-    """A free marker of `length` blocks (most often of a few blocks: kept)."""
-    return _pack_marker(_FREE, length)
+    """A free marker of `length` blocks (packed once, for the lengths of a record)."""
+    return _FREE_MARKERS[length] if length <= _MAX_BLOCKS else _pack_marker(_FREE, length)
 
 
 def _pack_marker(kind: int, length: int, body: bytes = b"", seq: int = 0) -> bytes:
     """A free marker (length in blocks) or an index table (its body)."""
     fields = _FIELDS.pack(_MAGIC, kind, 0, 0, seq, 0, length)
     return fields + zlib.crc32(body, zlib.crc32(fields)).to_bytes(4, "little") + body
+
+
+_FREE_MARKERS = tuple(_pack_marker(_FREE, length) for length in range(_MAX_BLOCKS + 1))
 
 
 # (kind, seq, key, expiry bits, length, total bytes): see _parse_item
