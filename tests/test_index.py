@@ -19,7 +19,7 @@ from datastore.errors import _StoreFull
 def index(tmp_path):
     fd = os.open(tmp_path / "store.idx", os.O_RDWR | os.O_CREAT, 0o600)
     made = idx._Index(fd, str(tmp_path / "store.idx"))
-    made.build([])
+    made.build([], [])
     yield made
     made.close()
     os.close(fd)
@@ -84,7 +84,7 @@ def test_a_bulk_build_takes_no_more_pages_than_adding_one_by_one(index, tmp_path
         index.add(h, place)
     one_by_one = index.pages
     for _ in range(2):  # (the second time, from a file that is already built)
-        index.build(entries)
+        index.build([h for h, _ in entries], [p for _, p in entries])
         model = defaultdict(list)
         for h, place in entries:
             model[h].append(place)

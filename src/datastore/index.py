@@ -59,6 +59,8 @@ import struct
 import zlib
 from array import array
 from bisect import bisect_left, bisect_right
+from itertools import repeat
+from operator import and_, lshift, or_, rshift
 from typing import Iterable, Optional
 
 from .errors import _damaged, _StoreFull
@@ -76,12 +78,13 @@ _CRC_WORD = 2    # its CRC, in 4-byte words
 # store of random keys nears (a million keys need about 2 ** 13). Only keys
 # chosen to share their hash's first bits could reach it: see _crowded.
 _FULL_DEPTH = 24
+_PLACE_MASK = (1 << 48) - 1
 
 
-def _hash(key: bytes) -> int:
-    """The index's hash of a key: CRC-32, which spreads keys evenly (and
-    costs 40 ns). Keys chosen to share one would slow their own lookups."""
-    return zlib.crc32(key)
+# The index's hash of a key: CRC-32, which spreads keys evenly and costs
+# 40 ns. (Keys chosen to share one would slow their own lookups, and at
+# worst be refused: see _FULL_DEPTH.)
+_hash = zlib.crc32
 
 
 class _Index:
@@ -134,22 +137,22 @@ class _Index:
         self._map()
         return data[4 << depth:]
 
-    def build(self, entries: Iterable[tuple[int, int]]) -> None:
-        """Make the index hold exactly `entries`, (hash, place) pairs, in a
+    def build(self, hashes: Iterable[int], places: Iterable[int]) -> None:
+        """Make the index hold exactly the entries (hashes[i], places[i]), in a
         file written anew. O(entries), for an open that scanned .dat. A
         bucket splits only if it must, so the file takes no more pages than
         adding the same entries one by one would. If it fails, the index is
         `damaged`: the store reads .dat again before its next call."""
         try:
-            self._build(entries)
+            self._build(sorted(map(or_, map(lshift, hashes, repeat(48)), places)))
         except BaseException:
             self.damaged = True
             raise
 
-    def _build(self, entries: Iterable[tuple[int, int]]) -> None:
+    def _build(self, packed: list[int]) -> None:
+        """(packed: each entry as hash << 48 | place, in order.)"""
         self._unmap()
         self.saved = os.fstat(self.fd).st_size  # until it is cut to the new pages
-        packed = sorted(h << 48 | place for h, place in entries)
         buckets: list[tuple[int, int, int, int]] = []  # (prefix, depth, lo, hi)
         stack = [(0, 0, 0, len(packed))]
         while stack:
@@ -178,9 +181,9 @@ class _Index:
             self.u32[base + 1] = depth | (hi - lo) << 16
             chunk = packed[lo:hi]
             self.u32[base + _HASHES:base + _HASHES + hi - lo] = array(
-                "I", [x >> 48 for x in chunk])
+                "I", map(rshift, chunk, repeat(48)))
             places = (page << 9) + _PLACES
-            self.u64[places:places + hi - lo] = array("Q", [x & 0xFFFFFFFFFFFF for x in chunk])
+            self.u64[places:places + hi - lo] = array("Q", map(and_, chunk, repeat(_PLACE_MASK)))
             first = prefix >> self.shift
             self.directory[first:first + (1 << (self.depth - depth))] = array(
                 "I", [page]) * (1 << (self.depth - depth))
@@ -214,15 +217,15 @@ class _Index:
     def rebuild(self) -> None:
         """Build the file anew from its own entries, in as few pages as
         they need (the file never shrinks otherwise). O(entries)."""
-        entries: list[tuple[int, int]] = []
+        hashes, places = array("I"), array("Q")
         for page in range(1, self.pages):
             if not self.seen[page]:
                 self._check(page)
             base, first = page << 10, (page << 9) + _PLACES
             count = self.u32[base + 1] >> 16
-            entries.extend(zip(self.u32[base + _HASHES:base + _HASHES + count],
-                               self.u64[first:first + count]))
-        self.build(entries)
+            hashes.extend(self.u32[base + _HASHES:base + _HASHES + count])
+            places.extend(self.u64[first:first + count])
+        self.build(hashes, places)
 
     def room(self) -> int:
         """Bytes of the pages, with the directory a close writes."""

@@ -126,7 +126,7 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     _derive_free(engine, slots, marked)
     engine.expiries.load(list(compress(exps, exps)),
                          list(map(and_, compress(slots, exps), repeat(_SLOT_MASK))))
-    engine.index.build(zip(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK))))
+    engine.index.build(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK)))
     _check_room(engine, end, engine.expiries.count)
 
 
