@@ -465,7 +465,9 @@ def _decode_object(body: bytes) -> Optional[dict[str, Any]]:
 #     (zero)             3 bytes
 #     sequence number    8 bytes: closed, the next one to issue; open, a bound
 #                        that every number issued while open stays below
-#     (zero)             24 bytes (version 2: where its .dir and index table were)
+#     stamp              8 bytes: closed, a random number the clean close wrote
+#                        into .idx too (see snapshot); open, 0
+#     (zero)             16 bytes (version 2: where its .dir and index table were)
 #     CRC-32             4 bytes, of the fields before it
 #
 # Every other block is the first block of a *record*, a block inside one, or
@@ -513,7 +515,7 @@ _MAX_SEQ = 1 << 62  # larger sequence numbers in a file are damage (they would o
 # The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
 _LARGEST_STORE = 1 << 40
 
-_HEADER = struct.Struct("<8sB3xQ24xI")
+_HEADER = struct.Struct("<8sB3xQQ16xI")
 _HEADER_MAGIC, _V2_MAGIC = b"DataStr3", b"DataStr2"
 _CLOSED, _OPEN = 0, 1
 _LEASE = 1 << 20  # sequence numbers issued while open per write of the header's bound
@@ -654,8 +656,8 @@ def _valid_keys(keys: list[bytes]) -> bool:
 
 # --- The header -----------------------------------------------------------
 
-def _pack_header(state: int, seq: int) -> bytes:
-    fields = _HEADER.pack(_HEADER_MAGIC, state, seq, 0)
+def _pack_header(state: int, seq: int, stamp: int = 0) -> bytes:
+    fields = _HEADER.pack(_HEADER_MAGIC, state, seq, stamp, 0)
     return fields[:-4] + zlib.crc32(fields[:-4]).to_bytes(4, "little")
 
 
@@ -663,7 +665,7 @@ class _Header:
     """The fields of a valid header (version 3, or 2: see `version`)."""
 
     def __init__(self, data: bytes) -> None:
-        magic, self.state, self.seq, _ = _HEADER.unpack(data)
+        magic, self.state, self.seq, self.stamp, _ = _HEADER.unpack(data)
         self.version = 3 if magic == _HEADER_MAGIC else 2
 
     @staticmethod
@@ -1070,6 +1072,7 @@ class _Index:
         self.count = 0
         self.directory = array("I")
         self.seen = bytearray()   # 1 for buckets checked or written since open
+        self.dirty = bytearray()  # 1 for buckets written since open: save() seals them
         self.damaged = False      # a bucket failed its check: rebuild from .dat
         self.saved = 0            # bytes of the file as the last clean close left it
         self.map: Optional[mmap.mmap] = None
@@ -1078,12 +1081,14 @@ class _Index:
 
     # --- Opening and closing ---
 
-    def load(self, stamp: int) -> Optional[bytes]:
+    def load(self, stamp: int, max_bytes: int) -> Optional[bytes]:
         """Map a file that a clean close wrote with `stamp`, and return what
         its tail holds after the directory; None (nothing kept) if it is
-        missing, another close's, or damaged. Reads the header and the tail
-        only."""
+        missing, another close's, larger than `max_bytes`, or damaged.
+        Reads the header and the tail, and a word of each bucket."""
         size = os.fstat(self.fd).st_size
+        if size > max_bytes:  # (a sparse file claiming more: not read)
+            return None
         header = _read_at(self.fd, _IDX_HEADER.size, 0)
         if len(header) < _IDX_HEADER.size or not _LITTLE:  # (pages are in the machine's order)
             return None
@@ -1101,11 +1106,25 @@ class _Index:
             return None
         self.depth, self.shift, self.pages, self.count = depth, 32 - depth, pages, count
         self.directory = directory
-        self.seen = bytearray(pages)
+        self.seen, self.dirty = bytearray(pages), bytearray(pages)
         self.seen[0] = 1
         self.saved = size
         self._map()
+        assert self.map is not None
+        counts = memoryview(self.map).cast("H")[(_PAGE + 6) // 2::_PAGE // 2]  # each bucket's
+        whole = sum(counts) == count and max(counts, default=0) <= _ENTRIES
+        counts.release()
+        if not whole:  # its buckets do not hold what its header says
+            self.forget()
+            return None
         return data[4 << depth:]
+
+    def forget(self) -> None:
+        """Unmap a file load() mapped, and hold nothing (before a scan)."""
+        self._unmap()
+        self.pages = self.depth = self.count = self.saved = 0
+        self.shift = 32
+        self.directory = array("I")
 
     def build(self, hashes: Iterable[int], places: Iterable[int]) -> None:
         """Make the index hold exactly the entries (hashes[i], places[i]), in a
@@ -1158,6 +1177,7 @@ class _Index:
             self.directory[first:first + (1 << (self.depth - depth))] = array(
                 "I", [page]) * (1 << (self.depth - depth))
         self.seen = bytearray(b"\1") * self.pages
+        self.dirty = bytearray(b"\0") + bytearray(b"\1") * (self.pages - 1)
         self.saved = 0
         self.write_header(_OPEN)
 
@@ -1172,9 +1192,9 @@ class _Index:
         header marked closed with `stamp`, fsynced (then the caller marks
         .dat closed)."""
         assert self.map is not None
-        for page in _ones(self.seen):
-            if page:
-                self.u32[(page << 10) + _CRC_WORD] = self._crc(page)
+        for page in _ones(self.dirty):
+            self.u32[(page << 10) + _CRC_WORD] = self._crc(page)
+            self.dirty[page] = 0
         tail = self.directory.tobytes() + extra
         _write_at(self.fd, tail, self.pages * _PAGE)
         os.ftruncate(self.fd, self.pages * _PAGE + len(tail))
@@ -1217,9 +1237,12 @@ class _Index:
     def _unmap(self) -> None:
         self.u32.release()
         self.u64.release()
-        if self.map is not None:
-            self.map.close()
-            self.map = None
+        mapped, self.map = self.map, None
+        if mapped is not None:
+            try:
+                mapped.close()
+            except BufferError:  # a view of it lives on (a fork cut a call short):
+                pass             # it is unmapped when that view goes
 
     # --- Lookups ---
 
@@ -1249,10 +1272,12 @@ class _Index:
         return found
 
     def _crc(self, page: int) -> int:
-        """A bucket's CRC-32, its own field taken as zero."""
-        base = page << 10
-        return zlib.crc32(self.u32[base + _CRC_WORD + 1:base + 1024], zlib.crc32(
-            bytes(4), zlib.crc32(self.u32[base:base + _CRC_WORD])))
+        """A bucket's CRC-32, its own field taken as zero. (Read as a copy:
+        a view of the map would pin it, should a fork come meanwhile.)"""
+        assert self.map is not None
+        data = self.map[page * _PAGE:(page + 1) * _PAGE]
+        return zlib.crc32(data[4 * _CRC_WORD + 4:], zlib.crc32(
+            bytes(4), zlib.crc32(data[:4 * _CRC_WORD])))
 
     def _check(self, page: int) -> None:
         base = page << 10
@@ -1317,7 +1342,7 @@ class _Index:
         base = page << 10
         word = self.u32[base + 1]
         assert word >> 16 < _ENTRIES and self.seen[page]
-        self.seen[page] = 1
+        self.dirty[page] = 1
         u32, u64 = self.u32, self.u64
         lo = base + _HASHES
         hi = lo + (word >> 16)
@@ -1352,7 +1377,7 @@ class _Index:
         page = self.directory[h >> self.shift]
         if not self.seen[page]:
             self._check(page)
-        self.seen[page] = 1
+        self.dirty[page] = 1  # (the caller changes it)
         base = page << 10
         lo = base + _HASHES
         hi = lo + (self.u32[base + 1] >> 16)
@@ -1362,7 +1387,8 @@ class _Index:
             if self.u64[first + i] == place:
                 return page, i, lo, hi
             i += 1
-        raise KeyError((h, place))  # the engine and the index disagree: a bug
+        self.damaged = True  # the index does not hold what .dat says it must
+        raise _damaged(self.path, f"it has no entry for the record at block {place >> 16}")
 
     def _split(self, page: int) -> None:
         """Split a full bucket by the next bit of its hashes: a new page
@@ -1378,6 +1404,8 @@ class _Index:
             self._unmap()
             self.pages += 1
             self.seen.append(1)
+            self.dirty.append(1)
+            self.dirty[page] = 1
             self._map()
         except BaseException:  # (mmap failing: no memory for its tables, say)
             self.damaged = True
@@ -1587,9 +1615,14 @@ def _after_fork_in_child() -> None:
     """
     global _open_stores_lock
     _open_stores_lock = threading.Lock()
-    for engine in list(_engines):  # stores being opened too
+    engines = list(_engines)  # stores being opened too
+    for engine in engines:  # all of them first: closing one might fail
         engine.forked = True
-        engine.close_files()
+    for engine in engines:
+        try:
+            engine.close_files()
+        except Exception:  # (the child has no use for the parent's files anyway)
+            pass
     _open_stores.clear()
 
 
@@ -1652,8 +1685,12 @@ def _snapshot_room(extents: int, expiring: int) -> int:
 
 
 def _write_snapshot(engine: _Engine) -> None:
-    """Fsync .dat, save .idx with the snapshot, then mark the header closed."""
+    """Fsync .dat, save .idx with the snapshot, then mark the header closed,
+    both with a new random stamp: a snapshot is trusted with the very .dat
+    it was saved with, never with an older or newer copy, or another
+    store's."""
     engine._sync()  # the records .idx points at, before .idx is trusted
+    engine.stamp = int.from_bytes(os.urandom(8), "little") or 1
     extents = sorted(engine.free.at.items())
     exps, places = engine.expiries.dump()
     starts = array("I", [start for start, _ in extents])
@@ -1663,7 +1700,7 @@ def _write_snapshot(engine: _Engine) -> None:
     data = b"".join((
         _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), *engine.by_blocks),
         pairs.tobytes(), exps.tobytes(), places.tobytes()))
-    engine.index.save(engine.seq, data)
+    engine.index.save(engine.stamp, data)
     engine._write_header(_CLOSED)
 
 
@@ -1672,31 +1709,37 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
     do not match the header or .dat (then scan .dat). What matches but does
     not make sense raises CorruptStoreError."""
     engine.dat_size = os.fstat(engine.dat).st_size
-    if header.version != 3 or header.state != _CLOSED:
+    if header.version != 3 or header.state != _CLOSED or not header.stamp:
         return False
-    data = engine.index.load(header.seq)
+    data = engine.index.load(header.stamp, engine.max_bytes)
     if data is None:
         return False
+    if len(data) < _SNAPSHOT.size:
+        raise _damaged(engine.idx_path, "its snapshot is cut short")
     dat_size, extents, expiring, *by_blocks = _SNAPSHOT.unpack_from(data)
     if dat_size != engine.dat_size:
-        engine.index.close()
+        engine.index.forget()
         return False
     at = _SNAPSHOT.size
-    if len(data) != at + 8 * extents + 16 * expiring or sum(by_blocks) != engine.index.count:
+    if (len(data) != at + 8 * extents + 16 * expiring or sum(by_blocks) != engine.index.count
+            or expiring > engine.index.count):
         raise _damaged(engine.idx_path, "its snapshot does not match its index")
     pairs = array("I", data[at:at + 8 * extents])
     exps = array("Q", data[at + 8 * extents:at + 8 * extents + 8 * expiring])
     places = array("Q", data[at + 8 * extents + 8 * expiring:])
     if (pairs and min(pairs[0::2]) < 1) or (exps and max(exps) > _LATEST_EXPIRY_BITS):
         raise _damaged(engine.idx_path, "its snapshot is out of bounds")
+    last = 0  # the end of the extent before: in order, none touching the next
     for start, length in zip(pairs[0::2], pairs[1::2]):
-        if (start + length) * _BLOCK > _blocks(dat_size) * _BLOCK or not length:
+        if (start < 1 or start <= last or not length
+                or (start + length) * _BLOCK > _blocks(dat_size) * _BLOCK):
             raise _damaged(engine.idx_path, "a free extent in it is out of bounds")
         engine.free.add(start, length)
+        last = start + length
     engine.by_blocks = list(by_blocks)
     engine.largest = max((n for n in range(_MAX_BLOCKS + 1) if by_blocks[n]), default=0)
     engine.expiries.load(exps, places)
-    engine.seq = header.seq
+    engine.seq, engine.stamp = header.seq, header.stamp
     engine.changed = False  # (unless the trim at open writes: see opening)
     if engine.used() > engine.max_bytes:  # filled under a larger max_bytes
         raise _StoreFull(0, engine.used())
@@ -2328,7 +2371,8 @@ def _load(engine: _Engine) -> None:
         if v1:
             _convert_v1(engine, old_dir)
         elif header is None or not _load_snapshot(engine, header):
-            _recover(engine, header, _keys_saved(engine.index.fd, header.seq) if header else None)
+            listed = _keys_saved(engine.index.fd, header.stamp) if header else None
+            _recover(engine, header, listed)
     finally:
         if gc_was_on:
             gc.enable()
@@ -2416,6 +2460,7 @@ class _Engine:
         self.busy = False     # a write is running, or was cut short (see _unit)
         self.changed = True   # written to since open: close() saves .idx (see snapshot)
         self.forked = False   # this is a child's copy, made by fork() (see locks)
+        self.stamp = 0        # what the last clean close wrote in both headers (snapshot)
         self.closing = False  # close() has begun
         self.dat = -1         # the descriptor of .dat, once open (.idx's: index.fd)
         self.files: list[io.FileIO] = []  # which own them
@@ -2525,8 +2570,15 @@ class _Engine:
         that the padding before an append is counted already), and .idx with
         what a close appends to it."""
         return _blocks(self.dat_size) * _BLOCK + max(self.index.size(), self.index.room()
-                                                     + _snapshot_room(len(self.free.at),
-                                                                      self.expiries.count))
+                                                     + self._snapshot_room())
+
+    def _snapshot_room(self, keys: int = 0, expiring: int = 0) -> int:
+        """Room for the snapshot, with so many more keys and expiring keys.
+        Free extents lie between records, so there are at most one more
+        than records (indexed, and stale copies): room for that many is kept,
+        and a delete never needs more."""
+        return _snapshot_room(self.index.count + len(self.stale) + 1 + keys,
+                              self.expiries.count + expiring)
 
     # --- Writing ---
 
@@ -2597,11 +2649,10 @@ class _Engine:
             """Bytes .idx grows by (a bucket split, one more expiry and free
             extent to save at close), and the room kept for a set(), unless
             this replaces a record no smaller: that may use the room."""
-            grow = _snapshot_room(len(self.free.at) + 1, self.expiries.count + bool(exp)) \
-                - _snapshot_room(len(self.free.at), self.expiries.count)
+            grow = self._snapshot_room(old is None, bool(exp)) - self._snapshot_room()
             if old is None:
                 grow += self.index.split_cost(h)
-            elif blocks <= _blocks(_slot_size(old)):
+            elif blocks <= _blocks(_slot_size(old)) and (not exp or _slot_exp(old)):
                 return grow
             if now is None:  # converting a 1.0 store: no set() to keep room for
                 return grow
@@ -2624,7 +2675,7 @@ class _Engine:
         if old is not None:
             self._count(_blocks(_slot_size(old)), -1)
             if _slot_exp(old):
-                self.expiries.remove(_slot_exp(old), old & _SLOT_MASK)
+                self._unexpire(_slot_exp(old), old & _SLOT_MASK)
         if exp:
             self.expiries.add(exp, place)
         return old
@@ -2720,7 +2771,7 @@ class _Engine:
         self.index.remove(_hash(key), slot & _SLOT_MASK)
         self._count(_blocks(size), -1)
         if _slot_exp(slot):
-            self.expiries.remove(_slot_exp(slot), slot & _SLOT_MASK)
+            self._unexpire(_slot_exp(slot), slot & _SLOT_MASK)
         self.free.add(block, _blocks(size))
 
     def _supersede(self, key: bytes, old: int) -> None:
@@ -2757,7 +2808,8 @@ class _Engine:
 
     def _write_header(self, state: int) -> None:
         # Within one disk sector, at offset 0: written whole or not at all.
-        data = _pack_header(state, self.seq if state == _CLOSED else self.lease)
+        data = _pack_header(state, self.seq if state == _CLOSED else self.lease,
+                            self.stamp if state == _CLOSED else 0)
         _write_at(self.dat, data, 0)
         self.dat_size = max(self.dat_size, len(data))
         self._sync()
@@ -2797,15 +2849,30 @@ class _Engine:
             if self.shrinking and not (self.stuck[0] == _blocks(self.dat_size)
                                        and self.free.fitting(self.stuck[1]) is None):
                 self._move(_MOVE_BATCH)
+        except CorruptStoreError:  # a damaged bucket of .idx, found after the commit
+            if not self.index.damaged:
+                raise
         except OSError as exc:
             _log.debug("datastore %s: upkeep failed, will retry: %s", self.dat_path, exc)
 
     def _reclaim(self, now: float, limit: int) -> None:
         """Free up to `limit` expired keys' records, earliest first."""
-        for place in self.expiries.due(_float_bits(now), limit):
+        now_bits = _float_bits(now)
+        for place in self.expiries.due(now_bits, limit):
             head = _read_at(self.dat, _HEAD.size + _MAX_KEY_BYTES, (place >> 16) * _BLOCK)
-            exp = _HEAD.unpack_from(head)[5]
-            self._drop(head[_HEAD.size:_HEAD.size + head[5]], place | exp << _EXP_SHIFT)
+            magic, kind, key_len, _, _, exp, _, _ = _HEAD.unpack_from(head.ljust(_HEAD.size))
+            if magic != _MAGIC or kind != _VALUE or not 0 < exp <= now_bits:
+                self.index.damaged = True  # (a snapshot that lies: read .dat again)
+                raise CorruptStoreError(f"{self.idx_path} lists an expiry that "
+                                        f"{self.dat_path} does not hold", path=self.idx_path)
+            self._drop(head[_HEAD.size:_HEAD.size + key_len], place | exp << _EXP_SHIFT)
+
+    def _unexpire(self, exp: int, place: int) -> None:
+        """Take a record's expiry out of the order (after its record went)."""
+        try:
+            self.expiries.remove(exp, place)
+        except KeyError:  # the snapshot did not list it: it lied; read .dat again
+            self.index.damaged = True
 
     def _trim(self) -> None:
         """Give a free extent at the end of .dat back to the file system."""
@@ -2831,7 +2898,7 @@ class _Engine:
         old, new = _slot(len(record), block), _slot(len(record), target)
         self.index.replace(_hash(key), old, new)
         if exp:
-            self.expiries.remove(exp, old)
+            self._unexpire(exp, old)
             self.expiries.add(exp, new)
         self.moves += 1
         return old | exp << _EXP_SHIFT

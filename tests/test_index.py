@@ -62,8 +62,9 @@ def test_the_index_holds_what_a_dict_does_through_random_operations(index):
     assert_holds(index, model)
     assert index.depth >= 4 and index.pages > 10  # it split, and doubled its directory
     assert index.find(8) == [] and index.find(2 ** 32 - 1) == [] or 2 ** 32 - 1 in hashes
-    with pytest.raises(KeyError):
-        index.remove(7, 10 ** 9)  # an entry it never had: a bug in the caller
+    with pytest.raises(CorruptStoreError, match="no entry"):
+        index.remove(7, 10 ** 9)  # an entry it never had: .dat and it disagree
+    assert index.damaged
 
 
 def test_split_cost_is_what_making_room_takes(index):
@@ -100,8 +101,9 @@ def test_a_saved_index_loads_with_its_stamp_only(index):
         add(index, model, rng.getrandbits(32), place)
     index.save(41, b"what the engine keeps")
     index.close()
-    assert index.load(40) is None  # another close's
-    assert index.load(41) == b"what the engine keeps"
+    assert index.load(40, 2 ** 30) is None  # another close's
+    assert index.load(41, 4 * idx._PAGE) is None  # larger than the cap: not even read
+    assert index.load(41, 2 ** 30) == b"what the engine keeps"
     assert_holds(index, model)
     assert idx._keys_saved(index.fd, 41) == 3000 and idx._keys_saved(index.fd, 40) is None
 
@@ -126,7 +128,7 @@ def test_a_saved_index_damaged_outside_its_buckets_is_not_loaded(index, tmp_path
     index.close()
     path = tmp_path / "store.idx"
     path.write_bytes(damage(path.read_bytes()))
-    assert index.load(5) is None
+    assert index.load(5, 2 ** 30) is None
 
 
 def test_a_damaged_bucket_is_found_when_it_is_first_used(index, tmp_path):
@@ -138,7 +140,7 @@ def test_a_damaged_bucket_is_found_when_it_is_first_used(index, tmp_path):
     data = bytearray((tmp_path / "store.idx").read_bytes())
     data[2 * idx._PAGE + 500] ^= 4  # inside bucket 2
     (tmp_path / "store.idx").write_bytes(bytes(data))
-    assert index.load(3) == b""  # the header and the tail are whole
+    assert index.load(3, 2 ** 30) == b""  # the header and the tail are whole
     assert not index.damaged
     with pytest.raises(CorruptStoreError, match="page 2 is damaged"):
         index.places()

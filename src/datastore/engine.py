@@ -93,6 +93,7 @@ class _Engine:
         self.busy = False     # a write is running, or was cut short (see _unit)
         self.changed = True   # written to since open: close() saves .idx (see snapshot)
         self.forked = False   # this is a child's copy, made by fork() (see locks)
+        self.stamp = 0        # what the last clean close wrote in both headers (snapshot)
         self.closing = False  # close() has begun
         self.dat = -1         # the descriptor of .dat, once open (.idx's: index.fd)
         self.files: list[io.FileIO] = []  # which own them
@@ -202,8 +203,15 @@ class _Engine:
         that the padding before an append is counted already), and .idx with
         what a close appends to it."""
         return _blocks(self.dat_size) * _BLOCK + max(self.index.size(), self.index.room()
-                                                     + _snapshot_room(len(self.free.at),
-                                                                      self.expiries.count))
+                                                     + self._snapshot_room())
+
+    def _snapshot_room(self, keys: int = 0, expiring: int = 0) -> int:
+        """Room for the snapshot, with so many more keys and expiring keys.
+        Free extents lie between records, so there are at most one more
+        than records (indexed, and stale copies): room for that many is kept,
+        and a delete never needs more."""
+        return _snapshot_room(self.index.count + len(self.stale) + 1 + keys,
+                              self.expiries.count + expiring)
 
     # --- Writing ---
 
@@ -274,11 +282,10 @@ class _Engine:
             """Bytes .idx grows by (a bucket split, one more expiry and free
             extent to save at close), and the room kept for a set(), unless
             this replaces a record no smaller: that may use the room."""
-            grow = _snapshot_room(len(self.free.at) + 1, self.expiries.count + bool(exp)) \
-                - _snapshot_room(len(self.free.at), self.expiries.count)
+            grow = self._snapshot_room(old is None, bool(exp)) - self._snapshot_room()
             if old is None:
                 grow += self.index.split_cost(h)
-            elif blocks <= _blocks(_slot_size(old)):
+            elif blocks <= _blocks(_slot_size(old)) and (not exp or _slot_exp(old)):
                 return grow
             if now is None:  # converting a 1.0 store: no set() to keep room for
                 return grow
@@ -301,7 +308,7 @@ class _Engine:
         if old is not None:
             self._count(_blocks(_slot_size(old)), -1)
             if _slot_exp(old):
-                self.expiries.remove(_slot_exp(old), old & _SLOT_MASK)
+                self._unexpire(_slot_exp(old), old & _SLOT_MASK)
         if exp:
             self.expiries.add(exp, place)
         return old
@@ -397,7 +404,7 @@ class _Engine:
         self.index.remove(_hash(key), slot & _SLOT_MASK)
         self._count(_blocks(size), -1)
         if _slot_exp(slot):
-            self.expiries.remove(_slot_exp(slot), slot & _SLOT_MASK)
+            self._unexpire(_slot_exp(slot), slot & _SLOT_MASK)
         self.free.add(block, _blocks(size))
 
     def _supersede(self, key: bytes, old: int) -> None:
@@ -434,7 +441,8 @@ class _Engine:
 
     def _write_header(self, state: int) -> None:
         # Within one disk sector, at offset 0: written whole or not at all.
-        data = _pack_header(state, self.seq if state == _CLOSED else self.lease)
+        data = _pack_header(state, self.seq if state == _CLOSED else self.lease,
+                            self.stamp if state == _CLOSED else 0)
         _write_at(self.dat, data, 0)
         self.dat_size = max(self.dat_size, len(data))
         self._sync()
@@ -474,15 +482,30 @@ class _Engine:
             if self.shrinking and not (self.stuck[0] == _blocks(self.dat_size)
                                        and self.free.fitting(self.stuck[1]) is None):
                 self._move(_MOVE_BATCH)
+        except CorruptStoreError:  # a damaged bucket of .idx, found after the commit
+            if not self.index.damaged:
+                raise
         except OSError as exc:
             _log.debug("datastore %s: upkeep failed, will retry: %s", self.dat_path, exc)
 
     def _reclaim(self, now: float, limit: int) -> None:
         """Free up to `limit` expired keys' records, earliest first."""
-        for place in self.expiries.due(_float_bits(now), limit):
+        now_bits = _float_bits(now)
+        for place in self.expiries.due(now_bits, limit):
             head = _read_at(self.dat, _HEAD.size + _MAX_KEY_BYTES, (place >> 16) * _BLOCK)
-            exp = _HEAD.unpack_from(head)[5]
-            self._drop(head[_HEAD.size:_HEAD.size + head[5]], place | exp << _EXP_SHIFT)
+            magic, kind, key_len, _, _, exp, _, _ = _HEAD.unpack_from(head.ljust(_HEAD.size))
+            if magic != _MAGIC or kind != _VALUE or not 0 < exp <= now_bits:
+                self.index.damaged = True  # (a snapshot that lies: read .dat again)
+                raise CorruptStoreError(f"{self.idx_path} lists an expiry that "
+                                        f"{self.dat_path} does not hold", path=self.idx_path)
+            self._drop(head[_HEAD.size:_HEAD.size + key_len], place | exp << _EXP_SHIFT)
+
+    def _unexpire(self, exp: int, place: int) -> None:
+        """Take a record's expiry out of the order (after its record went)."""
+        try:
+            self.expiries.remove(exp, place)
+        except KeyError:  # the snapshot did not list it: it lied; read .dat again
+            self.index.damaged = True
 
     def _trim(self) -> None:
         """Give a free extent at the end of .dat back to the file system."""
@@ -508,7 +531,7 @@ class _Engine:
         old, new = _slot(len(record), block), _slot(len(record), target)
         self.index.replace(_hash(key), old, new)
         if exp:
-            self.expiries.remove(exp, old)
+            self._unexpire(exp, old)
             self.expiries.add(exp, new)
         self.moves += 1
         return old | exp << _EXP_SHIFT

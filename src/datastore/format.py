@@ -16,7 +16,9 @@ kept a ``dbm.dumb``-readable ``path.dir`` instead of ``path.idx``; it cost
     (zero)             3 bytes
     sequence number    8 bytes: closed, the next one to issue; open, a bound
                        that every number issued while open stays below
-    (zero)             24 bytes (version 2: where its .dir and index table were)
+    stamp              8 bytes: closed, a random number the clean close wrote
+                       into .idx too (see snapshot); open, 0
+    (zero)             16 bytes (version 2: where its .dir and index table were)
     CRC-32             4 bytes, of the fields before it
 
 Every other block is the first block of a *record*, a block inside one, or
@@ -79,7 +81,7 @@ _MAX_SEQ = 1 << 62  # larger sequence numbers in a file are damage (they would o
 # The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
 _LARGEST_STORE = 1 << 40
 
-_HEADER = struct.Struct("<8sB3xQ24xI")
+_HEADER = struct.Struct("<8sB3xQQ16xI")
 _HEADER_MAGIC, _V2_MAGIC = b"DataStr3", b"DataStr2"
 _CLOSED, _OPEN = 0, 1
 _LEASE = 1 << 20  # sequence numbers issued while open per write of the header's bound
@@ -220,8 +222,8 @@ def _valid_keys(keys: list[bytes]) -> bool:
 
 # --- The header -----------------------------------------------------------
 
-def _pack_header(state: int, seq: int) -> bytes:
-    fields = _HEADER.pack(_HEADER_MAGIC, state, seq, 0)
+def _pack_header(state: int, seq: int, stamp: int = 0) -> bytes:
+    fields = _HEADER.pack(_HEADER_MAGIC, state, seq, stamp, 0)
     return fields[:-4] + zlib.crc32(fields[:-4]).to_bytes(4, "little")
 
 
@@ -229,7 +231,7 @@ class _Header:
     """The fields of a valid header (version 3, or 2: see `version`)."""
 
     def __init__(self, data: bytes) -> None:
-        magic, self.state, self.seq, _ = _HEADER.unpack(data)
+        magic, self.state, self.seq, self.stamp, _ = _HEADER.unpack(data)
         self.version = 3 if magic == _HEADER_MAGIC else 2
 
     @staticmethod

@@ -100,6 +100,7 @@ class _Index:
         self.count = 0
         self.directory = array("I")
         self.seen = bytearray()   # 1 for buckets checked or written since open
+        self.dirty = bytearray()  # 1 for buckets written since open: save() seals them
         self.damaged = False      # a bucket failed its check: rebuild from .dat
         self.saved = 0            # bytes of the file as the last clean close left it
         self.map: Optional[mmap.mmap] = None
@@ -108,12 +109,14 @@ class _Index:
 
     # --- Opening and closing ---
 
-    def load(self, stamp: int) -> Optional[bytes]:
+    def load(self, stamp: int, max_bytes: int) -> Optional[bytes]:
         """Map a file that a clean close wrote with `stamp`, and return what
         its tail holds after the directory; None (nothing kept) if it is
-        missing, another close's, or damaged. Reads the header and the tail
-        only."""
+        missing, another close's, larger than `max_bytes`, or damaged.
+        Reads the header and the tail, and a word of each bucket."""
         size = os.fstat(self.fd).st_size
+        if size > max_bytes:  # (a sparse file claiming more: not read)
+            return None
         header = _read_at(self.fd, _IDX_HEADER.size, 0)
         if len(header) < _IDX_HEADER.size or not _LITTLE:  # (pages are in the machine's order)
             return None
@@ -131,11 +134,25 @@ class _Index:
             return None
         self.depth, self.shift, self.pages, self.count = depth, 32 - depth, pages, count
         self.directory = directory
-        self.seen = bytearray(pages)
+        self.seen, self.dirty = bytearray(pages), bytearray(pages)
         self.seen[0] = 1
         self.saved = size
         self._map()
+        assert self.map is not None
+        counts = memoryview(self.map).cast("H")[(_PAGE + 6) // 2::_PAGE // 2]  # each bucket's
+        whole = sum(counts) == count and max(counts, default=0) <= _ENTRIES
+        counts.release()
+        if not whole:  # its buckets do not hold what its header says
+            self.forget()
+            return None
         return data[4 << depth:]
+
+    def forget(self) -> None:
+        """Unmap a file load() mapped, and hold nothing (before a scan)."""
+        self._unmap()
+        self.pages = self.depth = self.count = self.saved = 0
+        self.shift = 32
+        self.directory = array("I")
 
     def build(self, hashes: Iterable[int], places: Iterable[int]) -> None:
         """Make the index hold exactly the entries (hashes[i], places[i]), in a
@@ -188,6 +205,7 @@ class _Index:
             self.directory[first:first + (1 << (self.depth - depth))] = array(
                 "I", [page]) * (1 << (self.depth - depth))
         self.seen = bytearray(b"\1") * self.pages
+        self.dirty = bytearray(b"\0") + bytearray(b"\1") * (self.pages - 1)
         self.saved = 0
         self.write_header(_OPEN)
 
@@ -202,9 +220,9 @@ class _Index:
         header marked closed with `stamp`, fsynced (then the caller marks
         .dat closed)."""
         assert self.map is not None
-        for page in _ones(self.seen):
-            if page:
-                self.u32[(page << 10) + _CRC_WORD] = self._crc(page)
+        for page in _ones(self.dirty):
+            self.u32[(page << 10) + _CRC_WORD] = self._crc(page)
+            self.dirty[page] = 0
         tail = self.directory.tobytes() + extra
         _write_at(self.fd, tail, self.pages * _PAGE)
         os.ftruncate(self.fd, self.pages * _PAGE + len(tail))
@@ -247,9 +265,12 @@ class _Index:
     def _unmap(self) -> None:
         self.u32.release()
         self.u64.release()
-        if self.map is not None:
-            self.map.close()
-            self.map = None
+        mapped, self.map = self.map, None
+        if mapped is not None:
+            try:
+                mapped.close()
+            except BufferError:  # a view of it lives on (a fork cut a call short):
+                pass             # it is unmapped when that view goes
 
     # --- Lookups ---
 
@@ -279,10 +300,12 @@ class _Index:
         return found
 
     def _crc(self, page: int) -> int:
-        """A bucket's CRC-32, its own field taken as zero."""
-        base = page << 10
-        return zlib.crc32(self.u32[base + _CRC_WORD + 1:base + 1024], zlib.crc32(
-            bytes(4), zlib.crc32(self.u32[base:base + _CRC_WORD])))
+        """A bucket's CRC-32, its own field taken as zero. (Read as a copy:
+        a view of the map would pin it, should a fork come meanwhile.)"""
+        assert self.map is not None
+        data = self.map[page * _PAGE:(page + 1) * _PAGE]
+        return zlib.crc32(data[4 * _CRC_WORD + 4:], zlib.crc32(
+            bytes(4), zlib.crc32(data[:4 * _CRC_WORD])))
 
     def _check(self, page: int) -> None:
         base = page << 10
@@ -347,7 +370,7 @@ class _Index:
         base = page << 10
         word = self.u32[base + 1]
         assert word >> 16 < _ENTRIES and self.seen[page]
-        self.seen[page] = 1
+        self.dirty[page] = 1
         u32, u64 = self.u32, self.u64
         lo = base + _HASHES
         hi = lo + (word >> 16)
@@ -382,7 +405,7 @@ class _Index:
         page = self.directory[h >> self.shift]
         if not self.seen[page]:
             self._check(page)
-        self.seen[page] = 1
+        self.dirty[page] = 1  # (the caller changes it)
         base = page << 10
         lo = base + _HASHES
         hi = lo + (self.u32[base + 1] >> 16)
@@ -392,7 +415,8 @@ class _Index:
             if self.u64[first + i] == place:
                 return page, i, lo, hi
             i += 1
-        raise KeyError((h, place))  # the engine and the index disagree: a bug
+        self.damaged = True  # the index does not hold what .dat says it must
+        raise _damaged(self.path, f"it has no entry for the record at block {place >> 16}")
 
     def _split(self, page: int) -> None:
         """Split a full bucket by the next bit of its hashes: a new page
@@ -408,6 +432,8 @@ class _Index:
             self._unmap()
             self.pages += 1
             self.seen.append(1)
+            self.dirty.append(1)
+            self.dirty[page] = 1
             self._map()
         except BaseException:  # (mmap failing: no memory for its tables, say)
             self.damaged = True

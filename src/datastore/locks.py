@@ -166,9 +166,14 @@ def _after_fork_in_child() -> None:
     """
     global _open_stores_lock
     _open_stores_lock = threading.Lock()
-    for engine in list(_engines):  # stores being opened too
+    engines = list(_engines)  # stores being opened too
+    for engine in engines:  # all of them first: closing one might fail
         engine.forked = True
-        engine.close_files()
+    for engine in engines:
+        try:
+            engine.close_files()
+        except Exception:  # (the child has no use for the parent's files anyway)
+            pass
     _open_stores.clear()
 
 

@@ -85,7 +85,8 @@ def _load(engine: _Engine) -> None:
         if v1:
             _convert_v1(engine, old_dir)
         elif header is None or not _load_snapshot(engine, header):
-            _recover(engine, header, _keys_saved(engine.index.fd, header.seq) if header else None)
+            listed = _keys_saved(engine.index.fd, header.stamp) if header else None
+            _recover(engine, header, listed)
     finally:
         if gc_was_on:
             gc.enable()

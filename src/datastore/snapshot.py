@@ -43,8 +43,12 @@ def _snapshot_room(extents: int, expiring: int) -> int:
 
 
 def _write_snapshot(engine: _Engine) -> None:
-    """Fsync .dat, save .idx with the snapshot, then mark the header closed."""
+    """Fsync .dat, save .idx with the snapshot, then mark the header closed,
+    both with a new random stamp: a snapshot is trusted with the very .dat
+    it was saved with, never with an older or newer copy, or another
+    store's."""
     engine._sync()  # the records .idx points at, before .idx is trusted
+    engine.stamp = int.from_bytes(os.urandom(8), "little") or 1
     extents = sorted(engine.free.at.items())
     exps, places = engine.expiries.dump()
     starts = array("I", [start for start, _ in extents])
@@ -54,7 +58,7 @@ def _write_snapshot(engine: _Engine) -> None:
     data = b"".join((
         _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), *engine.by_blocks),
         pairs.tobytes(), exps.tobytes(), places.tobytes()))
-    engine.index.save(engine.seq, data)
+    engine.index.save(engine.stamp, data)
     engine._write_header(_CLOSED)
 
 
@@ -63,31 +67,37 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
     do not match the header or .dat (then scan .dat). What matches but does
     not make sense raises CorruptStoreError."""
     engine.dat_size = os.fstat(engine.dat).st_size
-    if header.version != 3 or header.state != _CLOSED:
+    if header.version != 3 or header.state != _CLOSED or not header.stamp:
         return False
-    data = engine.index.load(header.seq)
+    data = engine.index.load(header.stamp, engine.max_bytes)
     if data is None:
         return False
+    if len(data) < _SNAPSHOT.size:
+        raise _damaged(engine.idx_path, "its snapshot is cut short")
     dat_size, extents, expiring, *by_blocks = _SNAPSHOT.unpack_from(data)
     if dat_size != engine.dat_size:
-        engine.index.close()
+        engine.index.forget()
         return False
     at = _SNAPSHOT.size
-    if len(data) != at + 8 * extents + 16 * expiring or sum(by_blocks) != engine.index.count:
+    if (len(data) != at + 8 * extents + 16 * expiring or sum(by_blocks) != engine.index.count
+            or expiring > engine.index.count):
         raise _damaged(engine.idx_path, "its snapshot does not match its index")
     pairs = array("I", data[at:at + 8 * extents])
     exps = array("Q", data[at + 8 * extents:at + 8 * extents + 8 * expiring])
     places = array("Q", data[at + 8 * extents + 8 * expiring:])
     if (pairs and min(pairs[0::2]) < 1) or (exps and max(exps) > _LATEST_EXPIRY_BITS):
         raise _damaged(engine.idx_path, "its snapshot is out of bounds")
+    last = 0  # the end of the extent before: in order, none touching the next
     for start, length in zip(pairs[0::2], pairs[1::2]):
-        if (start + length) * _BLOCK > _blocks(dat_size) * _BLOCK or not length:
+        if (start < 1 or start <= last or not length
+                or (start + length) * _BLOCK > _blocks(dat_size) * _BLOCK):
             raise _damaged(engine.idx_path, "a free extent in it is out of bounds")
         engine.free.add(start, length)
+        last = start + length
     engine.by_blocks = list(by_blocks)
     engine.largest = max((n for n in range(_MAX_BLOCKS + 1) if by_blocks[n]), default=0)
     engine.expiries.load(exps, places)
-    engine.seq = header.seq
+    engine.seq, engine.stamp = header.seq, header.stamp
     engine.changed = False  # (unless the trim at open writes: see opening)
     if engine.used() > engine.max_bytes:  # filled under a larger max_bytes
         raise _StoreFull(0, engine.used())
