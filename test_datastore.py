@@ -1169,6 +1169,20 @@ def test_the_write_exactly_at_the_cap_fits_and_the_next_does_not(path):
     assert MIN_STORE_BYTES - page - 512 - kept < files_size(path) <= MIN_STORE_BYTES
 
 
+def test_deletes_on_a_full_store_never_take_its_files_over_the_cap(path):
+    # Each scattered delete leaves a free extent, which close() records:
+    # room for them is kept, so neither the deletes nor the close pass it.
+    cap = MIN_STORE_BYTES * 16
+    with DataStore(path, max_bytes=cap) as s:
+        count = fill(s, "k", size=100)
+        for i in range(0, count - 10, 5):  # a fifth, scattered: too few to move records
+            s.delete(f"k{i:05d}")
+            assert files_size(path) <= counted_size(s) <= s.max_bytes
+    assert files_size(path) <= cap
+    with DataStore(path, max_bytes=cap) as s:  # its own cap still opens it
+        assert len(s) == count - len(range(0, count - 10, 5))
+
+
 def test_space_comes_back_after_deleting_everything(path):
     with DataStore(path, max_bytes=MIN_STORE_BYTES * 2) as s:
         first = fill(s, "a")
@@ -1794,6 +1808,30 @@ def test_damaged_index_is_rebuilt_from_the_data_file(path, damage):
         s.create("new", {})
     with DataStore(path) as s:  # and what the next open trusts is whole
         assert len(s) == 21 and s.read("k3") == {"i": 3}
+
+
+@pytest.mark.parametrize("swap", ["older .dat", "older .idx", "another store's .idx"])
+def test_an_index_file_is_trusted_only_with_the_data_file_it_was_closed_with(tmp_path, swap):
+    # The sessions in between only delete: no sequence number moves, and
+    # .dat keeps its size; the stamp a clean close writes in both still differs.
+    path, other = tmp_path / "store", tmp_path / "other"
+    make_store(path)
+    make_store(other)
+    saved = {suffix: Path(f"{path}{suffix}").read_bytes() for suffix in (".dat", ".idx")}
+    with DataStore(path) as s:
+        s.delete("k5")
+    expected = {f"k{i}": {"i": i} for i in range(20) if i != 5}
+    if swap == "older .dat":
+        Path(f"{path}.dat").write_bytes(saved[".dat"])
+        expected["k5"] = {"i": 5}  # .dat is the truth
+    elif swap == "older .idx":
+        Path(f"{path}.idx").write_bytes(saved[".idx"])
+    else:
+        Path(f"{path}.idx").write_bytes(Path(f"{other}.idx").read_bytes())
+    for _ in range(2):  # and what the next open trusts is whole
+        with DataStore(path) as s:
+            assert live_content(s) == expected and len(s) == len(expected)
+            assert s.check()["damaged_records"] == 0
 
 
 def test_missing_index_is_rebuilt_from_the_data_file(path):

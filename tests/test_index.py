@@ -6,11 +6,14 @@ memory a key costs) is in test_datastore.py."""
 
 import os
 import random
+import struct
+import time
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
-from datastore import CorruptStoreError
+from datastore import CorruptStoreError, DataStore
 from datastore import index as idx
 from datastore.errors import _StoreFull
 
@@ -181,3 +184,64 @@ def test_a_split_whose_write_fails_leaves_the_index_as_it_was(index, monkeypatch
     assert_holds(index, model)
     add(index, model, h, h + 1)
     assert_holds(index, model)
+
+
+def test_a_file_larger_than_the_cap_is_not_read(index, monkeypatch):
+    for place in range(1, 100):
+        index.make_room(place << 20)
+        index.add(place << 20, place)
+    index.save(9, b"")
+    index.close()
+    os.truncate(index.path, 2 ** 40)  # sparse, claiming a terabyte
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: reads.append(n) or real_pread(fd, n, at))
+    assert index.load(9, 2 ** 30) is None
+    assert sum(reads) < 2 ** 20
+
+
+def test_buckets_that_do_not_hold_what_the_header_says_are_not_loaded(index, tmp_path):
+    for place in range(1, 1000):
+        h = place * 2654435761 % 2 ** 32
+        index.make_room(h)
+        index.add(h, place)
+    index.save(4, b"")
+    index.close()
+    data = bytearray((tmp_path / "store.idx").read_bytes())
+    data[idx._PAGE + 6] += 1  # bucket 1's count, with its CRC left stale
+    (tmp_path / "store.idx").write_bytes(bytes(data))
+    assert index.load(4, 2 ** 30) is None
+    assert index.pages == 0 and index.count == 0  # nothing kept for the scan to trip on
+
+
+def bucket_of(path, key):
+    data = Path(f"{path}.idx").read_bytes()
+    _, _, depth, pages, *_ = idx._IDX_HEADER.unpack_from(data)
+    directory = struct.unpack_from(f"<{1 << depth}I", data, pages * idx._PAGE)
+    return directory[idx._hash(key.encode()) >> (32 - depth)]
+
+
+@pytest.mark.parametrize("call", ["create", "delete"])
+def test_a_damaged_bucket_found_after_a_write_commits_does_not_fail_it(tmp_path, call):
+    # The write's upkeep reclaims the expired "x", whose bucket is damaged:
+    # found after the write's commit point, it must not fail (nor repeat) it.
+    path = tmp_path / "store"
+    with DataStore(path) as s:
+        for i in range(1500):
+            s.create(f"k{i}", {"i": i})
+        s.create("x", {}, ttl=1)
+    damaged = bucket_of(path, "x")
+    new = next(f"y{i}" for i in range(10000) if bucket_of(path, f"y{i}") != damaged)
+    victim = next(f"k{i}" for i in range(1500) if bucket_of(path, f"k{i}") != damaged)
+    with open(f"{path}.idx", "r+b") as f:
+        f.seek(damaged * idx._PAGE + idx._PAGE - 1)  # a byte past its entries
+        f.write(b"\x01")
+    with DataStore(path) as s:
+        s._clock = lambda: time.time() + 10  # "x" has expired
+        if call == "create":
+            s.create(new, {"new": 1})
+            assert s.read(new) == {"new": 1}
+        else:
+            s.delete(victim)
+            assert victim not in s
+        assert "x" not in s and len(s) == 1500 - (call == "delete") + (call == "create")

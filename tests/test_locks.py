@@ -130,3 +130,24 @@ def test_a_fork_while_another_thread_opens_a_store_leaves_no_lock_in_the_child(
     finally:
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
+
+
+def test_the_fork_hook_marks_every_store_even_if_closing_one_fails(tmp_path, monkeypatch):
+    """A fork can come while a view of a store's index map is alive (another
+    thread inside a call): closing that store's copy then fails in the child.
+    Every store must still be marked forked, and the others closed."""
+    from datastore.engine import _Engine
+    engines = [_Engine(str(tmp_path / f"s{i}"), 1 << 20) for i in range(3)]
+    closed = []
+
+    def failing():
+        raise BufferError("cannot close exported pointers exist")
+    engines[0].close_files = failing
+    for engine in engines[1:]:
+        engine.close_files = lambda engine=engine: closed.append(engine)
+    monkeypatch.setattr(locks, "_engines", set(engines))
+    monkeypatch.setattr(locks, "_open_stores", {})
+    monkeypatch.setattr(locks, "_open_stores_lock", locks._open_stores_lock)
+    locks._after_fork_in_child()
+    assert all(engine.forked for engine in engines)
+    assert sorted(map(id, closed)) == sorted(map(id, engines[1:]))

@@ -143,3 +143,46 @@ def test_the_header_of_dat_marks_closed_only_after_idx_is_durable(path, monkeypa
     s.close()
     assert events == ["fsync .dat", "fsync .idx", "idx closed", "fsync .idx",
                       "dat closed", "fsync .dat"]
+
+
+@pytest.mark.parametrize("edit", [
+    pytest.param(lambda f, p, e, pl: (f[:1] + [0, 0] + [0] * (len(f) - 3), [], [], []),
+                 id="no-record-counted"),
+    pytest.param(lambda f, p, e, pl: (f[:2] + [99] + f[3:], p, e * 33, pl * 33)[:4],
+                 id="more-expiring-than-keys"),
+])
+def test_a_snapshot_that_does_not_add_up_is_corrupt_store_error(path, edit):
+    store_with_a_hole_and_ttls(path)
+    rewrite_trusted_snapshot(path, edit)
+    with pytest.raises(CorruptStoreError, match="store.idx is damaged"):
+        DataStore(path)
+
+
+def test_a_snapshot_cut_shorter_than_its_fields_is_corrupt_store_error(path):
+    store_with_a_hole_and_ttls(path)
+    data = bytearray(Path(f"{path}.idx").read_bytes())
+    header = list(idx._IDX_HEADER.unpack_from(data))
+    depth, pages = header[2], header[3]
+    tail = bytes(data[pages * idx._PAGE:pages * idx._PAGE + (4 << depth)]) + b"\0" * 10
+    data[pages * idx._PAGE:] = tail
+    header[6:8] = [len(tail), zlib.crc32(tail)]
+    packed = idx._IDX_HEADER.pack(*header[:-1], 0)[:-4]
+    data[:idx._IDX_HEADER.size] = packed + zlib.crc32(packed).to_bytes(4, "little")
+    Path(f"{path}.idx").write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError, match="cut short"):
+        DataStore(path)
+
+
+def test_an_expiry_that_the_record_does_not_hold_never_deletes_it(path):
+    # A snapshot that lies (CRCs made to match) lists k0, which has no ttl,
+    # as expired: the write that would reclaim it finds out, and the store
+    # reads .dat again instead; k0 stays.
+    store_with_a_hole_and_ttls(path)
+    with DataStore(path) as s:
+        k0 = s._engine.lookup(b"k0")
+    rewrite_trusted_snapshot(path, lambda f, p, e, pl: (
+        f[:2] + [f[2] + 1] + f[3:], p, [1] + e, [k0 & fmt._SLOT_MASK] + pl))
+    with DataStore(path) as s:
+        s.create("new", {})
+        assert s.read("k0") == {"i": 0} and s.read("new") == {}
+        assert sorted(s.keys()) == ["k0", "k1", "k3", "k4", "k5", "new"]
