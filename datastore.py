@@ -909,10 +909,12 @@ class _Expiries:
         self.keys: list[array[int]] = []    # each run's places, ascending within an expiry
         self.count = 0
 
-    def load(self, exps: Sequence[int], keys: Sequence[int]) -> None:
-        """Fill an empty instance with keys[i] expiring at exps[i]."""
-        if any(map(gt, zip(exps, keys), islice(zip(exps, keys), 1, None))):
-            pairs = sorted(zip(exps, keys))  # (a clean close wrote them in order)
+    def load(self, exps: Sequence[int], keys: Sequence[int], ordered: bool = False) -> None:
+        """Fill an empty instance with keys[i] expiring at exps[i]; `ordered`:
+        they are in order already (as a clean close saved them; were they not,
+        a pair would not be found, and the store reads .dat again: see engine)."""
+        if not ordered and any(map(gt, zip(exps, keys), islice(zip(exps, keys), 1, None))):
+            pairs = sorted(zip(exps, keys))
             exps, keys = [exp for exp, _ in pairs], [key for _, key in pairs]
         for at in range(0, len(exps), self._RUN):
             self.firsts.append((exps[at], keys[at]))
@@ -1002,7 +1004,10 @@ class _Expiries:
 # depth*), in ascending order. A full page splits in two by the hash's next
 # bit: one new page, half the entries moved, and the directory doubled if
 # ``d`` was ``depth``. So an insert costs at most one page's work, never the
-# whole table's, and the file grows a page at a time.
+# whole table's, and the file grows a page at a time. When ``max_bytes`` has
+# no room for that page, the entry is *spilled* instead: kept beside the
+# buckets, in memory and in the snapshot a clean close writes (12 bytes,
+# which the record a delete frees always pays for), until the next rebuild.
 #
 # ``path.idx`` is a sequence of 4096-byte pages. Page 0 is the header
 # (``_IDX_HEADER``, little-endian)::
@@ -1074,6 +1079,8 @@ class _Index:
         self.seen = bytearray()   # 1 for buckets checked or written since open
         self.dirty = bytearray()  # 1 for buckets written since open: save() seals them
         self.damaged = False      # a bucket failed its check: rebuild from .dat
+        self.spilled: dict[int, list[int]] = {}  # hash -> places no bucket took
+        self.in_buckets = 0       # entries in the buckets, as loaded
         self.saved = 0            # bytes of the file as the last clean close left it
         self.map: Optional[mmap.mmap] = None
         self.u32: memoryview = memoryview(b"")
@@ -1112,7 +1119,8 @@ class _Index:
         self._map()
         assert self.map is not None
         counts = memoryview(self.map).cast("H")[(_PAGE + 6) // 2::_PAGE // 2]  # each bucket's
-        whole = sum(counts) == count and max(counts, default=0) <= _ENTRIES
+        self.in_buckets = sum(counts)  # (the rest were spilled: see snapshot)
+        whole = self.in_buckets <= count and max(counts, default=0) <= _ENTRIES
         counts.release()
         if not whole:  # its buckets do not hold what its header says
             self.forget()
@@ -1141,6 +1149,7 @@ class _Index:
     def _build(self, packed: list[int]) -> None:
         """(packed: each entry as hash << 48 | place, in order.)"""
         self._unmap()
+        self.spilled = {}
         self.saved = os.fstat(self.fd).st_size  # until it is cut to the new pages
         buckets: list[tuple[int, int, int, int]] = []  # (prefix, depth, lo, hi)
         stack = [(0, 0, 0, len(packed))]
@@ -1215,6 +1224,9 @@ class _Index:
             count = self.u32[base + 1] >> 16
             hashes.extend(self.u32[base + _HASHES:base + _HASHES + count])
             places.extend(self.u64[first:first + count])
+        for h, spilled in self.spilled.items():
+            hashes.extend([h] * len(spilled))
+            places.extend(spilled)
         self.build(hashes, places)
 
     def room(self) -> int:
@@ -1259,6 +1271,8 @@ class _Index:
         while i < hi and u32[i] == h:
             places.append(self.u64[(page << 9) + _PLACES + i - lo])
             i += 1
+        if self.spilled:
+            places.extend(self.spilled.get(h, ()))
         return places
 
     def places(self) -> list[int]:
@@ -1269,6 +1283,8 @@ class _Index:
                 self._check(page)
             first = (page << 9) + _PLACES
             found.extend(self.u64[first:first + (self.u32[(page << 10) + 1] >> 16)])
+        for spilled in self.spilled.values():
+            found.extend(spilled)
         return found
 
     def _crc(self, page: int) -> int:
@@ -1356,7 +1372,28 @@ class _Index:
         u32[base + 1] = word + (1 << 16)
         self.count += 1
 
+    def spill(self, h: int, place: int) -> None:
+        """Add an entry beside the buckets (see the module docstring). No I/O."""
+        self.spilled.setdefault(h, []).append(place)
+        self.count += 1
+
+    def _unspill(self, h: int, place: int, new: Optional[int] = None) -> bool:
+        """Take a spilled entry out (or give it place `new`); False if none."""
+        spilled = self.spilled.get(h)
+        if not spilled or place not in spilled:
+            return False
+        if new is None:
+            spilled.remove(place)
+            self.count -= 1
+            if not spilled:
+                del self.spilled[h]
+        else:
+            spilled[spilled.index(place)] = new
+        return True
+
     def remove(self, h: int, place: int) -> None:
+        if self.spilled and self._unspill(h, place):
+            return
         page, i, lo, hi = self._entry(h, place)
         base, u32, u64 = page << 10, self.u32, self.u64
         u32[i:hi - 1] = u32[i + 1:hi]
@@ -1369,6 +1406,8 @@ class _Index:
         self.count -= 1
 
     def replace(self, h: int, place: int, new: int) -> None:
+        if self.spilled and self._unspill(h, place, new):
+            return
         page, i, lo, _ = self._entry(h, place)
         self.u64[(page << 9) + _PLACES + i - lo] = new
 
@@ -1663,11 +1702,13 @@ def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> No
 #     .dat size          8 bytes: where .dat ended at the close
 #     free extents       4 bytes: how many, n
 #     expiring records   4 bytes: how many, m
+#     spilled entries    4 bytes: how many, s (index entries no bucket took)
 #     records by blocks  (_MAX_BLOCKS + 1) x 4 bytes: indexed records taking
 #                        0, 1, 2, ... blocks
 #     free extents       n x (4 + 4) bytes: start block and length in blocks
 #     expiries           m x 8 bytes: expires_at bits, ascending, then
 #                        m x 8 bytes: each one's place (see format)
+#     spilled entries    s x 4 bytes: hashes, then s x 8 bytes: places
 #
 # and only then marks the header of ``.dat`` *closed*. The next open trusts
 # ``.idx`` only if the header says closed and ``.idx`` says it was saved at
@@ -1676,12 +1717,13 @@ def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> No
 # it scans ``.dat`` (see recovery). What matches but makes no sense is
 # damage, and is refused.
 
-_SNAPSHOT = struct.Struct(f"<QII{_MAX_BLOCKS + 1}I")
+_SNAPSHOT = struct.Struct(f"<QIII{_MAX_BLOCKS + 1}I")
 
 
-def _snapshot_room(extents: int, expiring: int) -> int:
-    """Bytes of the snapshot with so many free extents and expiring records."""
-    return _SNAPSHOT.size + 8 * extents + 16 * expiring
+def _snapshot_room(extents: int, expiring: int, spilled: int = 0) -> int:
+    """Bytes of the snapshot with so many free extents, expiring records and
+    spilled index entries."""
+    return _SNAPSHOT.size + 8 * extents + 16 * expiring + 12 * spilled
 
 
 def _write_snapshot(engine: _Engine) -> None:
@@ -1697,9 +1739,13 @@ def _write_snapshot(engine: _Engine) -> None:
     lengths = array("I", [length for _, length in extents])
     pairs = array("I", bytes(8 * len(extents)))
     pairs[0::2], pairs[1::2] = starts, lengths
+    spilled = [(h, place) for h, held in engine.index.spilled.items() for place in held]
     data = b"".join((
-        _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), *engine.by_blocks),
-        pairs.tobytes(), exps.tobytes(), places.tobytes()))
+        _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), len(spilled),
+                       *engine.by_blocks),
+        pairs.tobytes(), exps.tobytes(), places.tobytes(),
+        array("I", [h for h, _ in spilled]).tobytes(),
+        array("Q", [place for _, place in spilled]).tobytes()))
     engine.index.save(engine.stamp, data)
     engine._write_header(_CLOSED)
 
@@ -1716,17 +1762,24 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
         return False
     if len(data) < _SNAPSHOT.size:
         raise _damaged(engine.idx_path, "its snapshot is cut short")
-    dat_size, extents, expiring, *by_blocks = _SNAPSHOT.unpack_from(data)
+    dat_size, extents, expiring, spills, *by_blocks = _SNAPSHOT.unpack_from(data)
     if dat_size != engine.dat_size:
         engine.index.forget()
         return False
     at = _SNAPSHOT.size
-    if (len(data) != at + 8 * extents + 16 * expiring or sum(by_blocks) != engine.index.count
-            or expiring > engine.index.count):
+    index = engine.index
+    if (len(data) != _snapshot_room(extents, expiring, spills)
+            or sum(by_blocks) != index.count or expiring > index.count
+            or index.in_buckets + spills != index.count):
         raise _damaged(engine.idx_path, "its snapshot does not match its index")
     pairs = array("I", data[at:at + 8 * extents])
-    exps = array("Q", data[at + 8 * extents:at + 8 * extents + 8 * expiring])
-    places = array("Q", data[at + 8 * extents + 8 * expiring:])
+    at += 8 * extents
+    exps = array("Q", data[at:at + 8 * expiring])
+    places = array("Q", data[at + 8 * expiring:at + 16 * expiring])
+    at += 16 * expiring
+    for h, place in zip(array("I", data[at:at + 4 * spills]),
+                        array("Q", data[at + 4 * spills:])):
+        index.spilled.setdefault(h, []).append(place)
     if (pairs and min(pairs[0::2]) < 1) or (exps and max(exps) > _LATEST_EXPIRY_BITS):
         raise _damaged(engine.idx_path, "its snapshot is out of bounds")
     last = 0  # the end of the extent before: in order, none touching the next
@@ -1738,7 +1791,7 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
         last = start + length
     engine.by_blocks = list(by_blocks)
     engine.largest = max((n for n in range(_MAX_BLOCKS + 1) if by_blocks[n]), default=0)
-    engine.expiries.load(exps, places)
+    engine.expiries.load(exps, places, ordered=True)
     engine.seq, engine.stamp = header.seq, header.stamp
     engine.changed = False  # (unless the trim at open writes: see opening)
     if engine.used() > engine.max_bytes:  # filled under a larger max_bytes
@@ -2572,13 +2625,14 @@ class _Engine:
         return _blocks(self.dat_size) * _BLOCK + max(self.index.size(), self.index.room()
                                                      + self._snapshot_room())
 
-    def _snapshot_room(self, keys: int = 0, expiring: int = 0) -> int:
+    def _snapshot_room(self, keys: int = 0, expiring: int = 0, spill: int = 0) -> int:
         """Room for the snapshot, with so many more keys and expiring keys.
         Free extents lie between records, so there are at most one more
         than records (indexed, and stale copies): room for that many is kept,
         and a delete never needs more."""
         return _snapshot_room(self.index.count + len(self.stale) + 1 + keys,
-                              self.expiries.count + expiring)
+                              self.expiries.count + expiring,
+                              sum(map(len, self.index.spilled.values())) + spill)
 
     # --- Writing ---
 
@@ -2646,28 +2700,37 @@ class _Engine:
         exp = _float_bits(expires_at) if expires_at else 0
 
         def extra(block: int) -> int:
-            """Bytes .idx grows by (a bucket split, one more expiry and free
-            extent to save at close), and the room kept for a set(), unless
-            this replaces a record no smaller: that may use the room."""
-            grow = self._snapshot_room(old is None, bool(exp)) - self._snapshot_room()
+            """Bytes .idx grows by (a bucket split, or a spilled entry; one
+            more expiry and free extent to save at close), and the room kept
+            for a set(), unless this replaces a record no smaller: that may
+            use the room."""
+            grow = self._snapshot_room(old is None, bool(exp), spill) - self._snapshot_room()
             if old is None:
-                grow += self.index.split_cost(h)
+                grow += 0 if spill else self.index.split_cost(h)
             elif blocks <= _blocks(_slot_size(old)) and (not exp or _slot_exp(old)):
                 return grow
             if now is None:  # converting a 1.0 store: no set() to keep room for
                 return grow
             return grow + max(self.largest, blocks) * _BLOCK
 
-        moves = self.moves
-        block = self._allocate(size, extra, now)
+        moves, spill = self.moves, False
+        try:
+            block = self._allocate(size, extra, now)
+        except _StoreFull:
+            if old is not None or not self.index.split_cost(h):
+                raise
+            spill = True  # no room for the page a split takes: the entry waits beside
+            block = self._allocate(size, extra, now)
         if old is not None and self.moves != moves:  # making room may have moved it
             old = self.lookup(key)
-        if old is None:
+        if old is None and not spill:
             self.index.make_room(h)
         record = _pack_value(self._next_seq(), key, exp, body)
         self._write_record(block, blocks, record)
         place = _slot(size, block)
-        if old is None:
+        if old is None and spill:
+            self.index.spill(h, place)
+        elif old is None:
             self.index.add(h, place)
         else:
             self.index.replace(h, old & _SLOT_MASK, place)

@@ -1169,6 +1169,28 @@ def test_the_write_exactly_at_the_cap_fits_and_the_next_does_not(path):
     assert MIN_STORE_BYTES - page - 512 - kept < files_size(path) <= MIN_STORE_BYTES
 
 
+def test_on_a_full_store_each_delete_makes_room_for_one_more_value_of_its_size(path):
+    # Whatever the index needs for the new key: a bucket it would split when
+    # there is no room for another page takes the entry beside it instead.
+    rng = random.Random(3)
+    cap = MIN_STORE_BYTES * 8
+    with DataStore(path, max_bytes=cap) as s:
+        count = fill(s, "k", size=100)
+        live = [f"k{i:05d}" for i in range(count)]
+        for step in range(4 * count):
+            s.delete(live.pop(rng.randrange(len(live))))
+            live.append(f"n{step:06d}")
+            s.create(live[-1], {"pad": "x" * 100})  # never StoreFullError
+            assert files_size(path) <= counted_size(s) <= cap
+    for _ in range(2):  # what close saved (entries beside the buckets too) opens whole
+        with DataStore(path, max_bytes=cap) as s:
+            assert sorted(s.keys()) == sorted(live)
+            assert all(s.read(key) == {"pad": "x" * 100} for key in live[-50:])
+    with DataStore(path, max_bytes=cap) as s:
+        s.compact()  # rebuilds the index: the entries go into buckets
+        assert not s._engine.index.spilled and sorted(s.keys()) == sorted(live)
+
+
 def test_deletes_on_a_full_store_never_take_its_files_over_the_cap(path):
     # Each scattered delete leaves a free extent, which close() records:
     # room for them is kept, so neither the deletes nor the close pass it.

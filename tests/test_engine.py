@@ -10,6 +10,7 @@ through DataStore.
 """
 
 import errno
+import itertools
 import logging
 import os
 import random
@@ -440,3 +441,42 @@ def test_compact_fsyncs_its_copies_before_it_frees_their_originals(tmp_path, mon
         s.compact()
         monkeypatch.undo()
         assert checked  # the sweep did free originals
+
+
+def test_at_the_cap_a_key_whose_bucket_is_full_waits_beside_it(tmp_path):
+    """A full bucket splits into a new 4 KiB page; on a store at its cap
+    there may be no room for one, yet the record a delete freed must make
+    room for one more value of its size: the entry is spilled beside the
+    buckets (12 bytes in the snapshot) until the index is rebuilt."""
+    from datastore import index as idx
+    path, cap = tmp_path / "store", MIN_STORE_BYTES * 8
+    s = DataStore(path, max_bytes=cap)
+    count = fill(s, "k", size=100)
+    ix = s._engine.index
+
+    def bucket(key):
+        return ix.directory[idx._hash(key.encode()) >> ix.shift]
+
+    target = bucket("k00000")
+    others = [f"k{i:05d}" for i in range(count) if bucket(f"k{i:05d}") != target]
+    candidates = (f"p{i}" for i in itertools.count() if bucket(f"p{i}") == target)
+    added = []
+    while ix.u32[(target << 10) + 1] >> 16 < idx._ENTRIES:  # fill that bucket, at the cap
+        s.delete(others.pop())
+        added.append(next(candidates))
+        s.create(added[-1], {"pad": "x" * 100})
+    assert not ix.spilled and cap - counted_size(s) < idx._PAGE  # no room for a page
+    s.delete(others.pop())
+    added.append(next(candidates))
+    s.create(added[-1], {"pad": "x" * 100})  # its bucket is full: spilled
+    assert sum(map(len, ix.spilled.values())) == 1
+    assert files_size(path) <= counted_size(s) <= cap
+    s.close()
+    with DataStore(path, max_bytes=cap) as s:  # saved with the snapshot
+        assert s._engine.index.spilled and s.read(added[-1]) == {"pad": "x" * 100}
+        s.delete(added[0])  # and taken out again
+        assert s._engine.index.count == len(s)
+        s.compact()  # a rebuild puts it in a bucket
+        assert not s._engine.index.spilled and s.read(added[-1]) == {"pad": "x" * 100}
+    with DataStore(path, max_bytes=cap) as s:
+        assert sorted(added[1:]) == sorted(k for k in s.keys() if k.startswith("p"))

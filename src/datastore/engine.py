@@ -205,13 +205,14 @@ class _Engine:
         return _blocks(self.dat_size) * _BLOCK + max(self.index.size(), self.index.room()
                                                      + self._snapshot_room())
 
-    def _snapshot_room(self, keys: int = 0, expiring: int = 0) -> int:
+    def _snapshot_room(self, keys: int = 0, expiring: int = 0, spill: int = 0) -> int:
         """Room for the snapshot, with so many more keys and expiring keys.
         Free extents lie between records, so there are at most one more
         than records (indexed, and stale copies): room for that many is kept,
         and a delete never needs more."""
         return _snapshot_room(self.index.count + len(self.stale) + 1 + keys,
-                              self.expiries.count + expiring)
+                              self.expiries.count + expiring,
+                              sum(map(len, self.index.spilled.values())) + spill)
 
     # --- Writing ---
 
@@ -279,28 +280,37 @@ class _Engine:
         exp = _float_bits(expires_at) if expires_at else 0
 
         def extra(block: int) -> int:
-            """Bytes .idx grows by (a bucket split, one more expiry and free
-            extent to save at close), and the room kept for a set(), unless
-            this replaces a record no smaller: that may use the room."""
-            grow = self._snapshot_room(old is None, bool(exp)) - self._snapshot_room()
+            """Bytes .idx grows by (a bucket split, or a spilled entry; one
+            more expiry and free extent to save at close), and the room kept
+            for a set(), unless this replaces a record no smaller: that may
+            use the room."""
+            grow = self._snapshot_room(old is None, bool(exp), spill) - self._snapshot_room()
             if old is None:
-                grow += self.index.split_cost(h)
+                grow += 0 if spill else self.index.split_cost(h)
             elif blocks <= _blocks(_slot_size(old)) and (not exp or _slot_exp(old)):
                 return grow
             if now is None:  # converting a 1.0 store: no set() to keep room for
                 return grow
             return grow + max(self.largest, blocks) * _BLOCK
 
-        moves = self.moves
-        block = self._allocate(size, extra, now)
+        moves, spill = self.moves, False
+        try:
+            block = self._allocate(size, extra, now)
+        except _StoreFull:
+            if old is not None or not self.index.split_cost(h):
+                raise
+            spill = True  # no room for the page a split takes: the entry waits beside
+            block = self._allocate(size, extra, now)
         if old is not None and self.moves != moves:  # making room may have moved it
             old = self.lookup(key)
-        if old is None:
+        if old is None and not spill:
             self.index.make_room(h)
         record = _pack_value(self._next_seq(), key, exp, body)
         self._write_record(block, blocks, record)
         place = _slot(size, block)
-        if old is None:
+        if old is None and spill:
+            self.index.spill(h, place)
+        elif old is None:
             self.index.add(h, place)
         else:
             self.index.replace(h, old & _SLOT_MASK, place)

@@ -14,7 +14,10 @@ A page holds the hashes of one prefix of ``d <= depth`` bits (its *local
 depth*), in ascending order. A full page splits in two by the hash's next
 bit: one new page, half the entries moved, and the directory doubled if
 ``d`` was ``depth``. So an insert costs at most one page's work, never the
-whole table's, and the file grows a page at a time.
+whole table's, and the file grows a page at a time. When ``max_bytes`` has
+no room for that page, the entry is *spilled* instead: kept beside the
+buckets, in memory and in the snapshot a clean close writes (12 bytes,
+which the record a delete frees always pays for), until the next rebuild.
 
 ``path.idx`` is a sequence of 4096-byte pages. Page 0 is the header
 (``_IDX_HEADER``, little-endian)::
@@ -102,6 +105,8 @@ class _Index:
         self.seen = bytearray()   # 1 for buckets checked or written since open
         self.dirty = bytearray()  # 1 for buckets written since open: save() seals them
         self.damaged = False      # a bucket failed its check: rebuild from .dat
+        self.spilled: dict[int, list[int]] = {}  # hash -> places no bucket took
+        self.in_buckets = 0       # entries in the buckets, as loaded
         self.saved = 0            # bytes of the file as the last clean close left it
         self.map: Optional[mmap.mmap] = None
         self.u32: memoryview = memoryview(b"")
@@ -140,7 +145,8 @@ class _Index:
         self._map()
         assert self.map is not None
         counts = memoryview(self.map).cast("H")[(_PAGE + 6) // 2::_PAGE // 2]  # each bucket's
-        whole = sum(counts) == count and max(counts, default=0) <= _ENTRIES
+        self.in_buckets = sum(counts)  # (the rest were spilled: see snapshot)
+        whole = self.in_buckets <= count and max(counts, default=0) <= _ENTRIES
         counts.release()
         if not whole:  # its buckets do not hold what its header says
             self.forget()
@@ -169,6 +175,7 @@ class _Index:
     def _build(self, packed: list[int]) -> None:
         """(packed: each entry as hash << 48 | place, in order.)"""
         self._unmap()
+        self.spilled = {}
         self.saved = os.fstat(self.fd).st_size  # until it is cut to the new pages
         buckets: list[tuple[int, int, int, int]] = []  # (prefix, depth, lo, hi)
         stack = [(0, 0, 0, len(packed))]
@@ -243,6 +250,9 @@ class _Index:
             count = self.u32[base + 1] >> 16
             hashes.extend(self.u32[base + _HASHES:base + _HASHES + count])
             places.extend(self.u64[first:first + count])
+        for h, spilled in self.spilled.items():
+            hashes.extend([h] * len(spilled))
+            places.extend(spilled)
         self.build(hashes, places)
 
     def room(self) -> int:
@@ -287,6 +297,8 @@ class _Index:
         while i < hi and u32[i] == h:
             places.append(self.u64[(page << 9) + _PLACES + i - lo])
             i += 1
+        if self.spilled:
+            places.extend(self.spilled.get(h, ()))
         return places
 
     def places(self) -> list[int]:
@@ -297,6 +309,8 @@ class _Index:
                 self._check(page)
             first = (page << 9) + _PLACES
             found.extend(self.u64[first:first + (self.u32[(page << 10) + 1] >> 16)])
+        for spilled in self.spilled.values():
+            found.extend(spilled)
         return found
 
     def _crc(self, page: int) -> int:
@@ -384,7 +398,28 @@ class _Index:
         u32[base + 1] = word + (1 << 16)
         self.count += 1
 
+    def spill(self, h: int, place: int) -> None:
+        """Add an entry beside the buckets (see the module docstring). No I/O."""
+        self.spilled.setdefault(h, []).append(place)
+        self.count += 1
+
+    def _unspill(self, h: int, place: int, new: Optional[int] = None) -> bool:
+        """Take a spilled entry out (or give it place `new`); False if none."""
+        spilled = self.spilled.get(h)
+        if not spilled or place not in spilled:
+            return False
+        if new is None:
+            spilled.remove(place)
+            self.count -= 1
+            if not spilled:
+                del self.spilled[h]
+        else:
+            spilled[spilled.index(place)] = new
+        return True
+
     def remove(self, h: int, place: int) -> None:
+        if self.spilled and self._unspill(h, place):
+            return
         page, i, lo, hi = self._entry(h, place)
         base, u32, u64 = page << 10, self.u32, self.u64
         u32[i:hi - 1] = u32[i + 1:hi]
@@ -397,6 +432,8 @@ class _Index:
         self.count -= 1
 
     def replace(self, h: int, place: int, new: int) -> None:
+        if self.spilled and self._unspill(h, place, new):
+            return
         page, i, lo, _ = self._entry(h, place)
         self.u64[(page << 9) + _PLACES + i - lo] = new
 

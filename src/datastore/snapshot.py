@@ -7,11 +7,13 @@ in its tail after the directory, what the engine keeps in memory besides
     .dat size          8 bytes: where .dat ended at the close
     free extents       4 bytes: how many, n
     expiring records   4 bytes: how many, m
+    spilled entries    4 bytes: how many, s (index entries no bucket took)
     records by blocks  (_MAX_BLOCKS + 1) x 4 bytes: indexed records taking
                        0, 1, 2, ... blocks
     free extents       n x (4 + 4) bytes: start block and length in blocks
     expiries           m x 8 bytes: expires_at bits, ascending, then
                        m x 8 bytes: each one's place (see format)
+    spilled entries    s x 4 bytes: hashes, then s x 8 bytes: places
 
 and only then marks the header of ``.dat`` *closed*. The next open trusts
 ``.idx`` only if the header says closed and ``.idx`` says it was saved at
@@ -34,12 +36,13 @@ from .format import _BLOCK, _CLOSED, _LATEST_EXPIRY_BITS, _MAX_BLOCKS, _Header, 
 if TYPE_CHECKING:
     from .engine import _Engine
 
-_SNAPSHOT = struct.Struct(f"<QII{_MAX_BLOCKS + 1}I")
+_SNAPSHOT = struct.Struct(f"<QIII{_MAX_BLOCKS + 1}I")
 
 
-def _snapshot_room(extents: int, expiring: int) -> int:
-    """Bytes of the snapshot with so many free extents and expiring records."""
-    return _SNAPSHOT.size + 8 * extents + 16 * expiring
+def _snapshot_room(extents: int, expiring: int, spilled: int = 0) -> int:
+    """Bytes of the snapshot with so many free extents, expiring records and
+    spilled index entries."""
+    return _SNAPSHOT.size + 8 * extents + 16 * expiring + 12 * spilled
 
 
 def _write_snapshot(engine: _Engine) -> None:
@@ -55,9 +58,13 @@ def _write_snapshot(engine: _Engine) -> None:
     lengths = array("I", [length for _, length in extents])
     pairs = array("I", bytes(8 * len(extents)))
     pairs[0::2], pairs[1::2] = starts, lengths
+    spilled = [(h, place) for h, held in engine.index.spilled.items() for place in held]
     data = b"".join((
-        _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), *engine.by_blocks),
-        pairs.tobytes(), exps.tobytes(), places.tobytes()))
+        _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), len(spilled),
+                       *engine.by_blocks),
+        pairs.tobytes(), exps.tobytes(), places.tobytes(),
+        array("I", [h for h, _ in spilled]).tobytes(),
+        array("Q", [place for _, place in spilled]).tobytes()))
     engine.index.save(engine.stamp, data)
     engine._write_header(_CLOSED)
 
@@ -74,17 +81,24 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
         return False
     if len(data) < _SNAPSHOT.size:
         raise _damaged(engine.idx_path, "its snapshot is cut short")
-    dat_size, extents, expiring, *by_blocks = _SNAPSHOT.unpack_from(data)
+    dat_size, extents, expiring, spills, *by_blocks = _SNAPSHOT.unpack_from(data)
     if dat_size != engine.dat_size:
         engine.index.forget()
         return False
     at = _SNAPSHOT.size
-    if (len(data) != at + 8 * extents + 16 * expiring or sum(by_blocks) != engine.index.count
-            or expiring > engine.index.count):
+    index = engine.index
+    if (len(data) != _snapshot_room(extents, expiring, spills)
+            or sum(by_blocks) != index.count or expiring > index.count
+            or index.in_buckets + spills != index.count):
         raise _damaged(engine.idx_path, "its snapshot does not match its index")
     pairs = array("I", data[at:at + 8 * extents])
-    exps = array("Q", data[at + 8 * extents:at + 8 * extents + 8 * expiring])
-    places = array("Q", data[at + 8 * extents + 8 * expiring:])
+    at += 8 * extents
+    exps = array("Q", data[at:at + 8 * expiring])
+    places = array("Q", data[at + 8 * expiring:at + 16 * expiring])
+    at += 16 * expiring
+    for h, place in zip(array("I", data[at:at + 4 * spills]),
+                        array("Q", data[at + 4 * spills:])):
+        index.spilled.setdefault(h, []).append(place)
     if (pairs and min(pairs[0::2]) < 1) or (exps and max(exps) > _LATEST_EXPIRY_BITS):
         raise _damaged(engine.idx_path, "its snapshot is out of bounds")
     last = 0  # the end of the extent before: in order, none touching the next
@@ -96,7 +110,7 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
         last = start + length
     engine.by_blocks = list(by_blocks)
     engine.largest = max((n for n in range(_MAX_BLOCKS + 1) if by_blocks[n]), default=0)
-    engine.expiries.load(exps, places)
+    engine.expiries.load(exps, places, ordered=True)
     engine.seq, engine.stamp = header.seq, header.stamp
     engine.changed = False  # (unless the trim at open writes: see opening)
     if engine.used() > engine.max_bytes:  # filled under a larger max_bytes

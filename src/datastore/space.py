@@ -83,10 +83,12 @@ class _Expiries:
         self.keys: list[array[int]] = []    # each run's places, ascending within an expiry
         self.count = 0
 
-    def load(self, exps: Sequence[int], keys: Sequence[int]) -> None:
-        """Fill an empty instance with keys[i] expiring at exps[i]."""
-        if any(map(gt, zip(exps, keys), islice(zip(exps, keys), 1, None))):
-            pairs = sorted(zip(exps, keys))  # (a clean close wrote them in order)
+    def load(self, exps: Sequence[int], keys: Sequence[int], ordered: bool = False) -> None:
+        """Fill an empty instance with keys[i] expiring at exps[i]; `ordered`:
+        they are in order already (as a clean close saved them; were they not,
+        a pair would not be found, and the store reads .dat again: see engine)."""
+        if not ordered and any(map(gt, zip(exps, keys), islice(zip(exps, keys), 1, None))):
+            pairs = sorted(zip(exps, keys))
             exps, keys = [exp for exp, _ in pairs], [key for _, key in pairs]
         for at in range(0, len(exps), self._RUN):
             self.firsts.append((exps[at], keys[at]))
