@@ -34,8 +34,10 @@ Any work after a commit point (freeing, moving, truncating) that fails is
 
 from __future__ import annotations
 
+import gc
 import io
 import os
+import struct
 import zlib
 from typing import Any, Callable, Iterator, Optional
 
@@ -59,6 +61,8 @@ _RECLAIM_BATCH = 16
 _MOVE_BATCH = 32
 _MOVE_FOR_ROOM = 64
 _HEADS_CHUNK = 1 << 22  # bytes of .dat read at a time to list the keys
+_KEY_HEAD = struct.Struct("<4sBB10xQ")  # the fields of a head that list a key
+_KEY_END = _HEAD.size + _MAX_KEY_BYTES  # where the longest key ends in its record
 
 
 class _Engine:
@@ -145,27 +149,46 @@ class _Engine:
         """The live keys at `now`, in no particular order. O(keys), reading
         each record's head."""
         now_bits = _float_bits(now)
-        return [key for key, exp, _ in self._heads() if not exp or exp > now_bits]
+        keys, exps, _ = self._heads()
+        return [key for key, exp in zip(keys, exps) if not exp or exp > now_bits]
 
     def items(self) -> list[tuple[bytes, int]]:
         """(key, slot) of every indexed record, expired or not. O(keys)."""
-        return [(key, place | exp << _EXP_SHIFT) for key, exp, place in self._heads()]
+        keys, exps, places = self._heads()
+        return [(key, place | exp << _EXP_SHIFT) for key, exp, place in zip(keys, exps, places)]
 
-    def _heads(self) -> Iterator[tuple[bytes, int, int]]:
-        """(key, expiry bits, place) of every indexed record, in .dat's order,
-        which is read a few MiB at a time."""
-        buf, at = b"", 0  # .dat from byte `at` on
-        for place in sorted(self.index.places()):  # (by block: see format)
-            pos = (place >> 16) * _BLOCK
-            if pos + _HEAD.size + _MAX_KEY_BYTES > at + len(buf):
-                buf, at = _read_at(self.dat, _HEADS_CHUNK, pos), pos
-            fields = _HEAD.unpack_from(buf, pos - at) if len(buf) - (pos - at) >= _HEAD.size \
-                else (b"", 0)
-            if fields[0] != _MAGIC or fields[1] != _VALUE:
-                raise CorruptStoreError(f"a record of {self.dat_path} that {self.idx_path} "
-                                        "lists is damaged", path=self.dat_path)
-            key = pos - at + _HEAD.size
-            yield buf[key:key + fields[2]], fields[5], place
+    def _heads(self) -> tuple[list[bytes], list[int], list[int]]:
+        """The key, expiry bits and place of every indexed record, in .dat's
+        order, which is read a few MiB at a time. (The loop that lists a
+        million keys: its names are local, and the cycle collector, which
+        would walk the growing lists again and again, waits.)"""
+        keys: list[bytes] = []
+        exps: list[int] = []
+        places = sorted(self.index.places())  # (by block: see format)
+        add_key, add_exp, unpack, read, fd = keys.append, exps.append, \
+            _KEY_HEAD.unpack_from, _read_at, self.dat
+        buf, at, end = b"", 0, 0  # .dat from byte `at` to `end`
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            for place in places:
+                pos = (place >> 16) * _BLOCK
+                if pos + _KEY_END > end:
+                    buf, at = read(fd, _HEADS_CHUNK, pos), pos
+                    end = pos + len(buf)
+                off = pos - at
+                magic, kind, key_len, exp = unpack(buf, off) if end - pos >= _HEAD.size \
+                    else (b"", 0, 0, 0)
+                if magic != _MAGIC or kind != _VALUE:
+                    raise CorruptStoreError(f"a record of {self.dat_path} that "
+                                            f"{self.idx_path} lists is damaged",
+                                            path=self.dat_path)
+                add_key(buf[off + _HEAD.size:off + _HEAD.size + key_len])
+                add_exp(exp)
+        finally:
+            if collecting:
+                gc.enable()
+        return keys, exps, places
 
     def get(self, key: bytes, now: float) -> Optional[bytes]:
         """The body of key's live record, or None. One read of .dat. (The
@@ -189,7 +212,8 @@ class _Engine:
     def records(self) -> Iterator[tuple[bytes, Optional[bytes]]]:
         """(key, body) for every indexed record, expired or not, read from
         disk; body None if the record is damaged. O(keys)."""
-        for key, _, place in list(self._heads()):
+        keys, _, places = self._heads()
+        for key, place in zip(keys, places):
             yield key, _value_body(_read_at(self.dat, place & 0xFFFF, (place >> 16) * _BLOCK),
                                    key)
 

@@ -290,7 +290,9 @@ class DataStore:
         self._check_process()
         with self._mutex:
             keys = self._run(_Engine.keys, self._clock())
-        return [key.decode("utf-8") for key in keys]
+        # Decoded at once: b"\xff", which UTF-8 never holds, between them
+        return b"\xff".join(keys).decode("utf-8", "surrogateescape").split("\udcff") \
+            if keys else []
 
     def ttl(self, key: str) -> Optional[float]:
         """Seconds until ``key`` expires, or ``None`` if it has no ttl.
