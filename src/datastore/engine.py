@@ -30,14 +30,13 @@ from .dat (see recovery).
   records for it before it gives up. ``compact()`` does all of it at once.
 
 Any work after a commit point (freeing, moving, truncating) that fails is
+left for a later call: the call itself has succeeded.
 """
 
 from __future__ import annotations
 
-import gc
 import io
 import os
-import struct
 import zlib
 from typing import Any, Callable, Iterator, Optional
 
@@ -51,6 +50,7 @@ from .format import (
 )
 from .index import _hash, _Index
 from .opening import _open
+from .recovery import _indexed_heads
 from .snapshot import _snapshot_room, _write_snapshot
 from .space import _Expiries, _FreeSpace
 
@@ -60,9 +60,6 @@ from .space import _Expiries, _FreeSpace
 _RECLAIM_BATCH = 16
 _MOVE_BATCH = 32
 _MOVE_FOR_ROOM = 64
-_HEADS_CHUNK = 1 << 22  # bytes of .dat read at a time to list the keys
-_KEY_HEAD = struct.Struct("<4sBB10xQ")  # the fields of a head that list a key
-_KEY_END = _HEAD.size + _MAX_KEY_BYTES  # where the longest key ends in its record
 
 
 class _Engine:
@@ -149,46 +146,13 @@ class _Engine:
         """The live keys at `now`, in no particular order. O(keys), reading
         each record's head."""
         now_bits = _float_bits(now)
-        keys, exps, _ = self._heads()
+        keys, exps, _ = _indexed_heads(self)
         return [key for key, exp in zip(keys, exps) if not exp or exp > now_bits]
 
     def items(self) -> list[tuple[bytes, int]]:
         """(key, slot) of every indexed record, expired or not. O(keys)."""
-        keys, exps, places = self._heads()
+        keys, exps, places = _indexed_heads(self)
         return [(key, place | exp << _EXP_SHIFT) for key, exp, place in zip(keys, exps, places)]
-
-    def _heads(self) -> tuple[list[bytes], list[int], list[int]]:
-        """The key, expiry bits and place of every indexed record, in .dat's
-        order, which is read a few MiB at a time. (The loop that lists a
-        million keys: its names are local, and the cycle collector, which
-        would walk the growing lists again and again, waits.)"""
-        keys: list[bytes] = []
-        exps: list[int] = []
-        places = sorted(self.index.places())  # (by block: see format)
-        add_key, add_exp, unpack, read, fd = keys.append, exps.append, \
-            _KEY_HEAD.unpack_from, _read_at, self.dat
-        buf, at, end = b"", 0, 0  # .dat from byte `at` to `end`
-        collecting = gc.isenabled()
-        gc.disable()
-        try:
-            for place in places:
-                pos = (place >> 16) * _BLOCK
-                if pos + _KEY_END > end:
-                    buf, at = read(fd, _HEADS_CHUNK, pos), pos
-                    end = pos + len(buf)
-                off = pos - at
-                magic, kind, key_len, exp = unpack(buf, off) if end - pos >= _HEAD.size \
-                    else (b"", 0, 0, 0)
-                if magic != _MAGIC or kind != _VALUE:
-                    raise CorruptStoreError(f"a record of {self.dat_path} that "
-                                            f"{self.idx_path} lists is damaged",
-                                            path=self.dat_path)
-                add_key(buf[off + _HEAD.size:off + _HEAD.size + key_len])
-                add_exp(exp)
-        finally:
-            if collecting:
-                gc.enable()
-        return keys, exps, places
 
     def get(self, key: bytes, now: float) -> Optional[bytes]:
         """The body of key's live record, or None. One read of .dat. (The
@@ -212,7 +176,7 @@ class _Engine:
     def records(self) -> Iterator[tuple[bytes, Optional[bytes]]]:
         """(key, body) for every indexed record, expired or not, read from
         disk; body None if the record is damaged. O(keys)."""
-        keys, _, places = self._heads()
+        keys, _, places = _indexed_heads(self)
         for key, place in zip(keys, places):
             yield key, _value_body(_read_at(self.dat, place & 0xFFFF, (place >> 16) * _BLOCK),
                                    key)

@@ -27,7 +27,9 @@ and tables, which are few, go through ``_parse_item``.
 
 from __future__ import annotations
 
+import gc
 import os
+import struct
 import sys
 import zlib
 from array import array
@@ -37,7 +39,7 @@ from operator import add, and_, lt, rshift
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
 from .codec import MAX_VALUE_BYTES
-from .errors import _damaged, _log, _StoreFull
+from .errors import CorruptStoreError, _damaged, _log, _StoreFull
 from .format import (
     _BLOCK, _BLOCK_SHIFT, _CLOSED, _EXP_SHIFT, _FIELDS, _FREE, _HEAD, _LATEST_EXPIRY_BITS,
     _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES, _MAX_RECORD, _MAX_SEQ, _SIZE_MASK, _SLOT_MASK,
@@ -242,7 +244,7 @@ def _report_damage(engine: _Engine, damage: list[tuple[int, int]], closed: bool,
                   f"; skipped {skipped} bytes of a torn write" if damage else "")
 
 
-# --- Reading .dat in bulk ------------------------------------------------
+# --- Reading .dat in bulk: a scan, and the heads the index points at -------
 
 def _chunks(fd: int, size: int, head: int) -> Iterator[tuple[int, bytes, range]]:
     """.dat after the header, a chunk at a time: (block, buffer, starts),
@@ -317,3 +319,42 @@ def _values(first: int, buf: bytes, starts: range, columns: list[Sequence[int]],
 def _is_value(buf: bytes, off: int) -> bool:
     item = _parse_item(buf, off)
     return item is not None and item[0] == _VALUE and _valid_key(item[2])
+
+
+_HEADS_CHUNK = 1 << 22  # bytes of .dat read at a time to list the keys
+_KEY_HEAD = struct.Struct("<4sBB10xQ")  # the fields of a head that list a key
+_KEY_END = _HEAD.size + _MAX_KEY_BYTES  # where the longest key ends in its record
+
+
+def _indexed_heads(engine: _Engine) -> tuple[list[bytes], list[int], list[int]]:
+    """The key, expiry bits and place of every indexed record, in .dat's
+    order, which is read a few MiB at a time. (The loop that lists a
+    million keys: its names are local, and the cycle collector, which
+    would walk the growing lists again and again, waits.)"""
+    keys: list[bytes] = []
+    exps: list[int] = []
+    places = sorted(engine.index.places())  # (by block: see format)
+    add_key, add_exp, unpack, read, fd = keys.append, exps.append, \
+        _KEY_HEAD.unpack_from, _read_at, engine.dat
+    buf, at, end = b"", 0, 0  # .dat from byte `at` to `end`
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for place in places:
+            pos = (place >> 16) * _BLOCK
+            if pos + _KEY_END > end:
+                buf, at = read(fd, _HEADS_CHUNK, pos), pos
+                end = pos + len(buf)
+            off = pos - at
+            magic, kind, key_len, exp = unpack(buf, off) if end - pos >= _HEAD.size \
+                else (b"", 0, 0, 0)
+            if magic != _MAGIC or kind != _VALUE:
+                raise CorruptStoreError(f"a record of {engine.dat_path} that "
+                                        f"{engine.idx_path} lists is damaged",
+                                        path=engine.dat_path)
+            add_key(buf[off + _HEAD.size:off + _HEAD.size + key_len])
+            add_exp(exp)
+    finally:
+        if collecting:
+            gc.enable()
+    return keys, exps, places
