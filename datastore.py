@@ -50,9 +50,11 @@ Guarantees
 
 Limits
 ------
-* The index lives in memory: about 130 bytes per key (less than ``dbm.dumb``'s
-  dict of tuples). Values are read from disk on every call and never cached.
-* Opening reads the whole ``.dir``, and after a crash scans the whole ``.dat``.
+* Keys and values are read from disk on every call and never cached. The
+  index is a file, ``path.idx``, mapped into memory: the process holds a few
+  bytes a key of its own (16 for a key with a ttl).
+* A clean open reads the headers and what the last close appended to
+  ``path.idx``; after a crash it scans the whole ``.dat`` and rebuilds it.
 * A store holds two locks while open: ``fasteners``' record lock on
   ``path.lock`` and an ``flock`` on ``path.dat`` (POSIX), so that deleting
   ``path.lock`` does not let a second process in. Neither works on network
@@ -62,13 +64,14 @@ How it is built
 ---------------
 One module per concern, each readable alone, in the order the copy-in file
 ``datastore.py`` holds them: ``errors`` (the exceptions), ``codec`` (checking
-keys, values and ttls), ``format`` (the files, field by field), ``space``
-(free extents and expiries), ``locks`` (one process per store),
-``recovery`` (the scan after a crash), ``snapshot`` (what a clean close
-leaves for a fast open), ``legacy`` (converting 1.0 stores), ``compaction``
-(``compact()``), ``opening`` (from the files to a loaded store), ``engine``
+keys, values and ttls), ``format`` (the data file, field by field), ``space``
+(free extents and expiries), ``index`` (the hash table in ``path.idx``),
+``locks`` (one process per store), ``snapshot`` (what a clean close leaves
+for a fast open), ``recovery`` (the scan after a crash), ``legacy``
+(converting 1.0 stores), ``compaction`` (moving records down, and
+``compact()``), ``opening`` (from the files to a loaded store), ``engine``
 (how each call changes the files), ``store`` (``DataStore`` and the default
-store) and ``cli`` (the command line).
+store) and ``cli`` (the command line, with ``export`` and ``import``).
 
 Generated from the package src/datastore by tools/single_file.py: edit those
 modules, not this file, then run the script.
@@ -114,7 +117,7 @@ import zlib
 import fasteners  # type: ignore[import-untyped]  # it ships no type hints
 
 
-__version__ = "2.0.0"
+__version__ = "3.0.0"
 __all__ = [
     "DataStore", "create", "read", "delete", "get", "keys", "ttl", "close",
     "MAX_KEY_LENGTH", "MAX_VALUE_BYTES", "MAX_VALUE_DEPTH", "MAX_STORE_BYTES",
@@ -501,7 +504,8 @@ def _decode_object(body: bytes) -> Optional[dict[str, Any]]:
 # record's head. The bits of non-negative floats order as the floats do, so
 # expiries compare directly as ints.
 
-# Records start at multiples of this many bytes, as in dbm.dumb.
+# Records start at multiples of this many bytes (a key, 32 bytes into its
+# block, never starts on one: so no byte a user stores can look like a head).
 _BLOCK = 512
 # A record's head, and the same without the CRC that covers it.
 _HEAD = struct.Struct("<4sBBHQQII")

@@ -67,7 +67,8 @@ from typing import Optional, Tuple
 from .codec import _LATEST_EXPIRY, MAX_KEY_LENGTH, MAX_VALUE_BYTES
 from .errors import CorruptStoreError
 
-# Records start at multiples of this many bytes, as in dbm.dumb.
+# Records start at multiples of this many bytes (a key, 32 bytes into its
+# block, never starts on one: so no byte a user stores can look like a head).
 _BLOCK = 512
 # A record's head, and the same without the CRC that covers it.
 _HEAD = struct.Struct("<4sBBHQQII")
