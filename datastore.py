@@ -1138,36 +1138,59 @@ class _Index:
         self.shift = 32
         self.directory = array("I")
 
-    def build(self, hashes: Iterable[int], places: Iterable[int]) -> None:
+    def build(self, hashes: Iterable[int], places: Iterable[int],
+              room: Optional[int] = None) -> None:
         """Make the index hold exactly the entries (hashes[i], places[i]), in a
         file written anew. O(entries), for an open that scanned .dat. A
         bucket splits only if it must, so the file takes no more pages than
-        adding the same entries one by one would. If it fails, the index is
-        `damaged`: the store reads .dat again before its next call."""
+        adding the same entries one by one would; and only while the file,
+        and 12 bytes a spilled entry, stay within `room` bytes: past that,
+        entries are spilled, as adding them one by one at the cap would. If
+        it fails, the index is `damaged`: the store reads .dat again before
+        its next call."""
+        packed = sorted(map(or_, map(lshift, hashes, repeat(48)), places))
+        buckets, spill = self._layout(packed, room)  # (it raises before any change)
         try:
-            self._build(sorted(map(or_, map(lshift, hashes, repeat(48)), places)))
+            self._build(packed, buckets, spill)
         except BaseException:
             self.damaged = True
             raise
 
-    def _build(self, packed: list[int]) -> None:
-        """(packed: each entry as hash << 48 | place, in order.)"""
+    def _layout(self, packed: list[int], room: Optional[int]
+                ) -> tuple[list[tuple[int, int, int, int]], list[int]]:
+        """The buckets, (prefix, depth, lo, hi) of packed, and the entries
+        spilled, of a build (packed: each entry as hash << 48 | place, in
+        order). Raises _StoreFull if they cannot fit in `room`."""
+        buckets: list[tuple[int, int, int, int]] = []
+        spill: list[int] = []
+        stack, deepest = [(0, 0, 0, len(packed))], 0
+        while stack:
+            prefix, depth, lo, hi = stack.pop()
+            if hi - lo > _ENTRIES and depth < _FULL_DEPTH and (room is None or (
+                    len(buckets) + len(stack) + 3) * _PAGE + (4 << max(deepest, depth + 1))
+                    + 12 * len(spill) <= room):  # (header, buckets, the new one)
+                upper = prefix | 1 << (31 - depth)
+                mid = bisect_left(packed, upper << 48, lo, hi)
+                stack.append((upper, depth + 1, mid, hi))
+                stack.append((prefix, depth + 1, lo, mid))
+                deepest = max(deepest, depth + 1)
+                continue
+            if hi - lo > _ENTRIES:  # no room to split it, or it cannot split
+                if room is None:
+                    raise _damaged(self.path, _crowded())
+                spill.extend(packed[lo + _ENTRIES:hi])
+                hi = lo + _ENTRIES
+            buckets.append((prefix, depth, lo, hi))
+        needed = (len(buckets) + 1) * _PAGE + (4 << deepest) + 12 * len(spill)
+        if room is not None and needed > room:
+            raise _StoreFull(0, needed)
+        return buckets, spill
+
+    def _build(self, packed: list[int], buckets: list[tuple[int, int, int, int]],
+               spill: list[int]) -> None:
         self._unmap()
         self.spilled = {}
         self.saved = os.fstat(self.fd).st_size  # until it is cut to the new pages
-        buckets: list[tuple[int, int, int, int]] = []  # (prefix, depth, lo, hi)
-        stack = [(0, 0, 0, len(packed))]
-        while stack:
-            prefix, depth, lo, hi = stack.pop()
-            if hi - lo <= _ENTRIES or depth == _FULL_DEPTH:
-                if hi - lo > _ENTRIES:
-                    raise _damaged(self.path, _crowded())
-                buckets.append((prefix, depth, lo, hi))
-                continue
-            upper = prefix | 1 << (31 - depth)
-            mid = bisect_left(packed, upper << 48, lo, hi)
-            stack.append((upper, depth + 1, mid, hi))
-            stack.append((prefix, depth + 1, lo, mid))
         buckets.sort()
         self.depth = max(depth for _, depth, _, _ in buckets)
         self.shift = 32 - self.depth
@@ -1189,6 +1212,8 @@ class _Index:
             first = prefix >> self.shift
             self.directory[first:first + (1 << (self.depth - depth))] = array(
                 "I", [page]) * (1 << (self.depth - depth))
+        for entry in spill:
+            self.spilled.setdefault(entry >> 48, []).append(entry & _PLACE_MASK)
         self.seen = bytearray(b"\1") * self.pages
         self.dirty = bytearray(b"\0") + bytearray(b"\1") * (self.pages - 1)
         self.saved = 0
@@ -1217,9 +1242,10 @@ class _Index:
         self.write_header(_CLOSED, stamp, tail)
         _fsync(self.fd)
 
-    def rebuild(self) -> None:
+    def rebuild(self, room: Optional[int] = None) -> None:
         """Build the file anew from its own entries, in as few pages as
-        they need (the file never shrinks otherwise). O(entries)."""
+        they need (the file never shrinks otherwise), within `room` (see
+        build). O(entries)."""
         hashes, places = array("I"), array("Q")
         for page in range(1, self.pages):
             if not self.seen[page]:
@@ -1231,7 +1257,7 @@ class _Index:
         for h, spilled in self.spilled.items():
             hashes.extend([h] * len(spilled))
             places.extend(spilled)
-        self.build(hashes, places)
+        self.build(hashes, places, room)
 
     def room(self) -> int:
         """Bytes of the pages, with the directory a close writes."""
@@ -1906,7 +1932,11 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     _derive_free(engine, slots, marked)
     engine.expiries.load(list(compress(exps, exps)),
                          list(map(and_, compress(slots, exps), repeat(_SLOT_MASK))))
-    engine.index.build(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK)))
+    room = engine.index_room(end) - (engine._snapshot_room(len(found)) - engine._snapshot_room())
+    try:  # within max_bytes, spilling what no page has room for (see index)
+        engine.index.build(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK)), room)
+    except _StoreFull as full:  # (the index alone: with the rest, what it needs)
+        raise _StoreFull(0, engine.max_bytes - room + full.used) from None
     _check_room(engine, end)
 
 
@@ -2274,7 +2304,10 @@ _SWEEP_BATCH = 1024  # records copied to the end between fsyncs
 
 def _compact(engine: _Engine) -> None:
     _settle(engine)
-    engine.index.rebuild()  # in as few pages as its keys need
+    try:  # in as few pages as it needs, spilling none it need not
+        engine.index.rebuild(engine.index_room(engine.dat_size))
+    except _StoreFull:
+        pass  # even so, no room for the pages: it stays as it is
     if _small_enough(engine) or not engine.free.at:
         return
     lowest = min(engine.free.at)
@@ -2656,6 +2689,13 @@ class _Engine:
         what a close appends to it."""
         return _blocks(self.dat_size) * _BLOCK + max(self.index.size(), self.index.room()
                                                      + self._snapshot_room())
+
+    def index_room(self, end: int) -> int:
+        """Bytes .idx may take, with 12 a spilled entry (see index.build), if
+        .dat ends at `end`."""
+        spilled = sum(map(len, self.index.spilled.values()))
+        return self.max_bytes - max(_blocks(end), 1) * _BLOCK - self._snapshot_room() \
+            + 12 * spilled
 
     def _snapshot_room(self, keys: int = 0, expiring: int = 0, spill: int = 0) -> int:
         """Room for the snapshot, with so many more keys and expiring keys.

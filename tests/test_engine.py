@@ -471,6 +471,12 @@ def test_at_the_cap_a_key_whose_bucket_is_full_waits_beside_it(tmp_path):
     s.create(added[-1], {"pad": "x" * 100})  # its bucket is full: spilled
     assert sum(map(len, ix.spilled.values())) == 1
     assert files_size(path) <= counted_size(s) <= cap
+    abandon(s)  # a crash: the scan's rebuild has no more room for a page, and spills too
+    s = DataStore(path, max_bytes=cap)
+    assert s._engine.index.spilled and s.read(added[-1]) == {"pad": "x" * 100}
+    assert files_size(path) <= counted_size(s) <= cap
+    s.compact()  # and so does compact()'s, within the cap
+    assert files_size(path) <= counted_size(s) <= cap
     s.close()
     with DataStore(path, max_bytes=cap) as s:  # saved with the snapshot
         assert s._engine.index.spilled and s.read(added[-1]) == {"pad": "x" * 100}

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Optional
 from .format import (
     _BLOCK, _VALUE, _blocks, _item_before, _parse_item, _read_at, _slot, _slot_block, _slot_size,
 )
+from .errors import _StoreFull
 from .index import _hash
 
 if TYPE_CHECKING:
@@ -34,7 +35,10 @@ _SWEEP_BATCH = 1024  # records copied to the end between fsyncs
 
 def _compact(engine: _Engine) -> None:
     _settle(engine)
-    engine.index.rebuild()  # in as few pages as its keys need
+    try:  # in as few pages as it needs, spilling none it need not
+        engine.index.rebuild(engine.index_room(engine.dat_size))
+    except _StoreFull:
+        pass  # even so, no room for the pages: it stays as it is
     if _small_enough(engine) or not engine.free.at:
         return
     lowest = min(engine.free.at)

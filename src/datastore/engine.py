@@ -193,6 +193,13 @@ class _Engine:
         return _blocks(self.dat_size) * _BLOCK + max(self.index.size(), self.index.room()
                                                      + self._snapshot_room())
 
+    def index_room(self, end: int) -> int:
+        """Bytes .idx may take, with 12 a spilled entry (see index.build), if
+        .dat ends at `end`."""
+        spilled = sum(map(len, self.index.spilled.values()))
+        return self.max_bytes - max(_blocks(end), 1) * _BLOCK - self._snapshot_room() \
+            + 12 * spilled
+
     def _snapshot_room(self, keys: int = 0, expiring: int = 0, spill: int = 0) -> int:
         """Room for the snapshot, with so many more keys and expiring keys.
         Free extents lie between records, so there are at most one more

@@ -160,36 +160,59 @@ class _Index:
         self.shift = 32
         self.directory = array("I")
 
-    def build(self, hashes: Iterable[int], places: Iterable[int]) -> None:
+    def build(self, hashes: Iterable[int], places: Iterable[int],
+              room: Optional[int] = None) -> None:
         """Make the index hold exactly the entries (hashes[i], places[i]), in a
         file written anew. O(entries), for an open that scanned .dat. A
         bucket splits only if it must, so the file takes no more pages than
-        adding the same entries one by one would. If it fails, the index is
-        `damaged`: the store reads .dat again before its next call."""
+        adding the same entries one by one would; and only while the file,
+        and 12 bytes a spilled entry, stay within `room` bytes: past that,
+        entries are spilled, as adding them one by one at the cap would. If
+        it fails, the index is `damaged`: the store reads .dat again before
+        its next call."""
+        packed = sorted(map(or_, map(lshift, hashes, repeat(48)), places))
+        buckets, spill = self._layout(packed, room)  # (it raises before any change)
         try:
-            self._build(sorted(map(or_, map(lshift, hashes, repeat(48)), places)))
+            self._build(packed, buckets, spill)
         except BaseException:
             self.damaged = True
             raise
 
-    def _build(self, packed: list[int]) -> None:
-        """(packed: each entry as hash << 48 | place, in order.)"""
+    def _layout(self, packed: list[int], room: Optional[int]
+                ) -> tuple[list[tuple[int, int, int, int]], list[int]]:
+        """The buckets, (prefix, depth, lo, hi) of packed, and the entries
+        spilled, of a build (packed: each entry as hash << 48 | place, in
+        order). Raises _StoreFull if they cannot fit in `room`."""
+        buckets: list[tuple[int, int, int, int]] = []
+        spill: list[int] = []
+        stack, deepest = [(0, 0, 0, len(packed))], 0
+        while stack:
+            prefix, depth, lo, hi = stack.pop()
+            if hi - lo > _ENTRIES and depth < _FULL_DEPTH and (room is None or (
+                    len(buckets) + len(stack) + 3) * _PAGE + (4 << max(deepest, depth + 1))
+                    + 12 * len(spill) <= room):  # (header, buckets, the new one)
+                upper = prefix | 1 << (31 - depth)
+                mid = bisect_left(packed, upper << 48, lo, hi)
+                stack.append((upper, depth + 1, mid, hi))
+                stack.append((prefix, depth + 1, lo, mid))
+                deepest = max(deepest, depth + 1)
+                continue
+            if hi - lo > _ENTRIES:  # no room to split it, or it cannot split
+                if room is None:
+                    raise _damaged(self.path, _crowded())
+                spill.extend(packed[lo + _ENTRIES:hi])
+                hi = lo + _ENTRIES
+            buckets.append((prefix, depth, lo, hi))
+        needed = (len(buckets) + 1) * _PAGE + (4 << deepest) + 12 * len(spill)
+        if room is not None and needed > room:
+            raise _StoreFull(0, needed)
+        return buckets, spill
+
+    def _build(self, packed: list[int], buckets: list[tuple[int, int, int, int]],
+               spill: list[int]) -> None:
         self._unmap()
         self.spilled = {}
         self.saved = os.fstat(self.fd).st_size  # until it is cut to the new pages
-        buckets: list[tuple[int, int, int, int]] = []  # (prefix, depth, lo, hi)
-        stack = [(0, 0, 0, len(packed))]
-        while stack:
-            prefix, depth, lo, hi = stack.pop()
-            if hi - lo <= _ENTRIES or depth == _FULL_DEPTH:
-                if hi - lo > _ENTRIES:
-                    raise _damaged(self.path, _crowded())
-                buckets.append((prefix, depth, lo, hi))
-                continue
-            upper = prefix | 1 << (31 - depth)
-            mid = bisect_left(packed, upper << 48, lo, hi)
-            stack.append((upper, depth + 1, mid, hi))
-            stack.append((prefix, depth + 1, lo, mid))
         buckets.sort()
         self.depth = max(depth for _, depth, _, _ in buckets)
         self.shift = 32 - self.depth
@@ -211,6 +234,8 @@ class _Index:
             first = prefix >> self.shift
             self.directory[first:first + (1 << (self.depth - depth))] = array(
                 "I", [page]) * (1 << (self.depth - depth))
+        for entry in spill:
+            self.spilled.setdefault(entry >> 48, []).append(entry & _PLACE_MASK)
         self.seen = bytearray(b"\1") * self.pages
         self.dirty = bytearray(b"\0") + bytearray(b"\1") * (self.pages - 1)
         self.saved = 0
@@ -239,9 +264,10 @@ class _Index:
         self.write_header(_CLOSED, stamp, tail)
         _fsync(self.fd)
 
-    def rebuild(self) -> None:
+    def rebuild(self, room: Optional[int] = None) -> None:
         """Build the file anew from its own entries, in as few pages as
-        they need (the file never shrinks otherwise). O(entries)."""
+        they need (the file never shrinks otherwise), within `room` (see
+        build). O(entries)."""
         hashes, places = array("I"), array("Q")
         for page in range(1, self.pages):
             if not self.seen[page]:
@@ -253,7 +279,7 @@ class _Index:
         for h, spilled in self.spilled.items():
             hashes.extend([h] * len(spilled))
             places.extend(spilled)
-        self.build(hashes, places)
+        self.build(hashes, places, room)
 
     def room(self) -> int:
         """Bytes of the pages, with the directory a close writes."""

@@ -127,7 +127,11 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     _derive_free(engine, slots, marked)
     engine.expiries.load(list(compress(exps, exps)),
                          list(map(and_, compress(slots, exps), repeat(_SLOT_MASK))))
-    engine.index.build(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK)))
+    room = engine.index_room(end) - (engine._snapshot_room(len(found)) - engine._snapshot_room())
+    try:  # within max_bytes, spilling what no page has room for (see index)
+        engine.index.build(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK)), room)
+    except _StoreFull as full:  # (the index alone: with the rest, what it needs)
+        raise _StoreFull(0, engine.max_bytes - room + full.used) from None
     _check_room(engine, end)
 
 
