@@ -1100,14 +1100,12 @@ class _Index:
         size = os.fstat(self.fd).st_size
         if size > max_bytes:  # (a sparse file claiming more: not read)
             return None
-        header = _read_at(self.fd, _IDX_HEADER.size, 0)
-        if len(header) < _IDX_HEADER.size or not _LITTLE:  # (pages are in the machine's order)
+        fields = _saved_header(self.fd, stamp)
+        if fields is None or not _LITTLE:  # (pages are in the machine's order)
             return None
-        magic, state, depth, pages, count, file_stamp, tail, tail_crc, crc = (
-            _IDX_HEADER.unpack(header))
-        if (magic != _IDX_MAGIC or zlib.crc32(header[:-4]) != crc or state != _CLOSED
-                or file_stamp != stamp or depth > _FULL_DEPTH or pages < 2
-                or size != pages * _PAGE + tail or tail < 4 << depth):
+        _, _, depth, pages, count, _, tail, tail_crc, _ = fields
+        if (depth > _FULL_DEPTH or pages < 2 or size != pages * _PAGE + tail
+                or tail < 4 << depth):
             return None
         data = _read_at(self.fd, tail, pages * _PAGE)
         if zlib.crc32(data) != tail_crc:
@@ -1510,17 +1508,25 @@ def _crowded() -> str:
             "their index hash (CRC-32), which keys chosen at random never do")
 
 
-def _keys_saved(fd: int, stamp: Optional[int] = None) -> Optional[int]:
-    """The number of keys the index file `fd` says it holds (if saved with
-    `stamp`, when given), or None if it has no valid header."""
+def _saved_header(fd: int, stamp: Optional[int] = None) -> Optional[tuple[Any, ...]]:
+    """The fields of the index file's header, if it is valid (and, when
+    `stamp` is given, says a clean close saved it with that stamp)."""
     header = _read_at(fd, _IDX_HEADER.size, 0)
     if len(header) < _IDX_HEADER.size:
         return None
-    magic, state, _, _, count, file_stamp, _, _, crc = _IDX_HEADER.unpack(header)
+    fields = _IDX_HEADER.unpack(header)
+    magic, state, _, _, _, file_stamp, _, _, crc = fields
     if magic != _IDX_MAGIC or zlib.crc32(header[:-4]) != crc or (
             stamp is not None and (state != _CLOSED or file_stamp != stamp)):
         return None
-    return int(count)
+    return fields
+
+
+def _keys_saved(fd: int, stamp: Optional[int] = None) -> Optional[int]:
+    """The number of keys the index file `fd` says it holds (if saved with
+    `stamp`, when given), or None if it has no valid header."""
+    fields = _saved_header(fd, stamp)
+    return None if fields is None else int(fields[4])
 
 
 def _ones(flags: bytearray) -> Iterable[int]:
