@@ -94,6 +94,7 @@ import glob
 import io
 from itertools import compress, islice, repeat
 import json
+from json.scanner import make_scanner
 import logging
 import math
 import mmap
@@ -439,14 +440,22 @@ def _expiry(key: str, ttl: object, now: float) -> float:
             key=key)
     return now + ttl
 
+# json.loads(text) is this scanner's call behind three layers of Python (a
+# type check, a whitespace match, raw_decode), a third of a read's decoding.
+_SCAN: Callable[[str, int], tuple[Any, int]] = make_scanner(
+    json.JSONDecoder())  # type: ignore[arg-type]  # (typeshed: the class, not its call)
+
+
 def _decode_object(body: bytes) -> Optional[dict[str, Any]]:
     """A record's body as the dict read() returns, or None if it is not a
-    JSON object (a CRC-valid record that is not ours)."""
+    JSON object (a CRC-valid record that is not ours): the one JSON value,
+    from the first byte to the last (as written: compact)."""
     try:
-        value = json.loads(body.decode("utf-8"))
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        text = body.decode("utf-8")
+        value, end = _SCAN(text, 0)
+    except (ValueError, RecursionError, StopIteration):  # (UnicodeDecodeError too)
         return None
-    return value if isinstance(value, dict) else None
+    return value if end == len(text) and type(value) is dict else None
 
 
 # --- format.py ---------------------------------------------------------------
@@ -2290,10 +2299,10 @@ def _convert_v1(engine: _Engine, old_dir: str) -> None:
 # --- compaction.py -----------------------------------------------------------
 # Moving records down, and compact(): the smallest layout the records allow.
 #
-# Each write moves a few records from the end of ``.dat`` into free extents
-# lower down while much of ``.dat`` is free (``_move_down``), which is all it
-# takes while the free extents are no smaller than the records at the end. When a record at
-# the end fits no free extent (say one 16 KiB value, with free extents of a
+# A create that finds no room in the cap moves a few records from the end of
+# ``.dat`` into free extents lower down (``_move_down``), which is all it
+# takes while the free extents are no smaller than the records at the end.
+# When a record at the end fits no free extent (say one 16 KiB value, with free extents of a
 # block or two between small records), moving stops, however much is free.
 #
 # So after moving what it can that way, ``compact()`` sweeps the records
@@ -2386,7 +2395,6 @@ def _move_down(engine: _Engine, limit: int) -> int:
     passed: list[tuple[int, int]] = []  # free extents above the records moved
     durable = False
     end = _blocks(engine.dat_size)
-    found = None
 
     def unpass() -> None:  # .dat still holds them: back into the free map
         for start, length in passed:
@@ -2417,8 +2425,6 @@ def _move_down(engine: _Engine, limit: int) -> int:
         raise
     if not moved:
         unpass()
-        if found is not None:  # the last record fits no free extent
-            engine.stuck = (_blocks(engine.dat_size), _blocks(len(found[3])))
         return 0
     try:
         os.ftruncate(engine.dat, end * _BLOCK)
@@ -2547,21 +2553,21 @@ def _load(engine: _Engine) -> None:
 # * An expired key costs nothing when it expires. Each write then reclaims a
 #   few expired keys, earliest first, by writing a free marker over each (so a
 #   reclaimed key can never come back, even if the clock is set back).
-# * Free space at the end of ``.dat`` is given back by truncating the file. When
-#   more than a quarter of ``.dat`` is free, each write also moves a batch of
-#   records from the end of ``.dat`` into free extents nearer the start, until
-#   less than a fifth is: it writes the copies (with new sequence numbers), then
-#   truncates the originals away. A create that finds no room moves up to 64
-#   records for it before it gives up. ``compact()`` does all of it at once.
+# * Free space at the end of ``.dat`` is given back by truncating the file.
+#   Free space lower down waits for the creates that fit in it: a delete
+#   moves no records (that cost a delete three times its own work, for a file
+#   that the next creates fill again). A create that finds no room in the cap
+#   moves up to 64 records from the end of ``.dat`` into free extents nearer
+#   the start: it writes the copies (with new sequence numbers), then
+#   truncates the originals away. ``compact()`` moves all it can, at once.
 #
 # Any work after a commit point (freeing, moving, truncating) that fails is
 # left for a later call: the call itself has succeeded.
 
-# Work a single call may do besides its own: expired keys reclaimed, and
-# records moved toward the start of .dat (one fsync covers a batch), after a
-# write or, at the most, when a create needs the room.
+# Work a single call may do besides its own: expired keys reclaimed after a
+# write, and, when a create needs the room, more of them and records moved
+# toward the start of .dat (one fsync covers a batch).
 _RECLAIM_BATCH = 16
-_MOVE_BATCH = 32
 _MOVE_FOR_ROOM = 64
 
 
@@ -2588,8 +2594,6 @@ class _Engine:
         self.durable_seq = 0  # records below this number have been fsynced
         self.stale: list[tuple[bytes, int]] = []  # superseded copies to invalidate
         self.failed: Optional[OSError] = None     # a failed fsync: no more writes
-        self.stuck = (0, 0)   # (end of .dat, blocks) when the last record fit nowhere
-        self.shrinking = False  # moving records down, until a fifth of .dat is free
         self.by_blocks = [0] * (_MAX_BLOCKS + 1)  # indexed records by blocks taken
         self.largest = 0      # blocks of the largest indexed record
         self.lost = 0         # keys a damaged store had that its scan did not find
@@ -2971,25 +2975,13 @@ class _Engine:
     # --- Upkeep: bounded work after each write ---
 
     def _tidy(self, now: float) -> None:
-        """Reclaim a few expired keys, give back a free tail, and while .dat
-        is shrinking, move a batch of records down. It starts shrinking when
-        more than a quarter of .dat is free and stops below a fifth, so that
-        batches come in runs and each one's fsync (for durable records) is
-        shared by a batch. Runs after a call's commit point: a failure is
-        left for later."""
+        """Reclaim a few expired keys and give back a free tail. Runs after a
+        call's commit point: a failure is left for later."""
         if self.failed is not None:
             return  # no more writes until reopened
         try:
             self._reclaim(now, _RECLAIM_BATCH)
             self._trim()
-            free = self.free.blocks * _BLOCK
-            if free * 4 > self.dat_size:
-                self.shrinking = True
-            elif free * 5 < self.dat_size:
-                self.shrinking = False
-            if self.shrinking and not (self.stuck[0] == _blocks(self.dat_size)
-                                       and self.free.fitting(self.stuck[1]) is None):
-                self._move(_MOVE_BATCH)
         except CorruptStoreError:  # a damaged bucket of .idx, found after the commit
             if not self.index.damaged:
                 raise

@@ -1,9 +1,9 @@
 """Moving records down, and compact(): the smallest layout the records allow.
 
-Each write moves a few records from the end of ``.dat`` into free extents
-lower down while much of ``.dat`` is free (``_move_down``), which is all it
-takes while the free extents are no smaller than the records at the end. When a record at
-the end fits no free extent (say one 16 KiB value, with free extents of a
+A create that finds no room in the cap moves a few records from the end of
+``.dat`` into free extents lower down (``_move_down``), which is all it
+takes while the free extents are no smaller than the records at the end.
+When a record at the end fits no free extent (say one 16 KiB value, with free extents of a
 block or two between small records), moving stops, however much is free.
 
 So after moving what it can that way, ``compact()`` sweeps the records
@@ -111,7 +111,6 @@ def _move_down(engine: _Engine, limit: int) -> int:
     passed: list[tuple[int, int]] = []  # free extents above the records moved
     durable = False
     end = _blocks(engine.dat_size)
-    found = None
 
     def unpass() -> None:  # .dat still holds them: back into the free map
         for start, length in passed:
@@ -142,8 +141,6 @@ def _move_down(engine: _Engine, limit: int) -> int:
         raise
     if not moved:
         unpass()
-        if found is not None:  # the last record fits no free extent
-            engine.stuck = (_blocks(engine.dat_size), _blocks(len(found[3])))
         return 0
     try:
         os.ftruncate(engine.dat, end * _BLOCK)

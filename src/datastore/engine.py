@@ -22,12 +22,13 @@ from .dat (see recovery).
 * An expired key costs nothing when it expires. Each write then reclaims a
   few expired keys, earliest first, by writing a free marker over each (so a
   reclaimed key can never come back, even if the clock is set back).
-* Free space at the end of ``.dat`` is given back by truncating the file. When
-  more than a quarter of ``.dat`` is free, each write also moves a batch of
-  records from the end of ``.dat`` into free extents nearer the start, until
-  less than a fifth is: it writes the copies (with new sequence numbers), then
-  truncates the originals away. A create that finds no room moves up to 64
-  records for it before it gives up. ``compact()`` does all of it at once.
+* Free space at the end of ``.dat`` is given back by truncating the file.
+  Free space lower down waits for the creates that fit in it: a delete
+  moves no records (that cost a delete three times its own work, for a file
+  that the next creates fill again). A create that finds no room in the cap
+  moves up to 64 records from the end of ``.dat`` into free extents nearer
+  the start: it writes the copies (with new sequence numbers), then
+  truncates the originals away. ``compact()`` moves all it can, at once.
 
 Any work after a commit point (freeing, moving, truncating) that fails is
 left for a later call: the call itself has succeeded.
@@ -54,11 +55,10 @@ from .recovery import _indexed_heads
 from .snapshot import _snapshot_room, _write_snapshot
 from .space import _Expiries, _FreeSpace
 
-# Work a single call may do besides its own: expired keys reclaimed, and
-# records moved toward the start of .dat (one fsync covers a batch), after a
-# write or, at the most, when a create needs the room.
+# Work a single call may do besides its own: expired keys reclaimed after a
+# write, and, when a create needs the room, more of them and records moved
+# toward the start of .dat (one fsync covers a batch).
 _RECLAIM_BATCH = 16
-_MOVE_BATCH = 32
 _MOVE_FOR_ROOM = 64
 
 
@@ -85,8 +85,6 @@ class _Engine:
         self.durable_seq = 0  # records below this number have been fsynced
         self.stale: list[tuple[bytes, int]] = []  # superseded copies to invalidate
         self.failed: Optional[OSError] = None     # a failed fsync: no more writes
-        self.stuck = (0, 0)   # (end of .dat, blocks) when the last record fit nowhere
-        self.shrinking = False  # moving records down, until a fifth of .dat is free
         self.by_blocks = [0] * (_MAX_BLOCKS + 1)  # indexed records by blocks taken
         self.largest = 0      # blocks of the largest indexed record
         self.lost = 0         # keys a damaged store had that its scan did not find
@@ -468,25 +466,13 @@ class _Engine:
     # --- Upkeep: bounded work after each write ---
 
     def _tidy(self, now: float) -> None:
-        """Reclaim a few expired keys, give back a free tail, and while .dat
-        is shrinking, move a batch of records down. It starts shrinking when
-        more than a quarter of .dat is free and stops below a fifth, so that
-        batches come in runs and each one's fsync (for durable records) is
-        shared by a batch. Runs after a call's commit point: a failure is
-        left for later."""
+        """Reclaim a few expired keys and give back a free tail. Runs after a
+        call's commit point: a failure is left for later."""
         if self.failed is not None:
             return  # no more writes until reopened
         try:
             self._reclaim(now, _RECLAIM_BATCH)
             self._trim()
-            free = self.free.blocks * _BLOCK
-            if free * 4 > self.dat_size:
-                self.shrinking = True
-            elif free * 5 < self.dat_size:
-                self.shrinking = False
-            if self.shrinking and not (self.stuck[0] == _blocks(self.dat_size)
-                                       and self.free.fitting(self.stuck[1]) is None):
-                self._move(_MOVE_BATCH)
         except CorruptStoreError:  # a damaged bucket of .idx, found after the commit
             if not self.index.damaged:
                 raise
