@@ -84,7 +84,6 @@ from __future__ import annotations
 import argparse
 from array import array
 from bisect import bisect_left, bisect_right
-import builtins
 from collections import Counter
 import contextlib
 import errno
@@ -92,7 +91,7 @@ import functools
 import gc
 import glob
 import io
-from itertools import compress, islice, repeat
+from itertools import chain, compress, islice, repeat
 import json
 from json.scanner import make_scanner
 import logging
@@ -853,55 +852,165 @@ def _fsync(fd: int) -> None:
 #
 # ``_FreeSpace`` holds the free extents of ``.dat`` (runs of blocks no record
 # holds), merged with their free neighbours, findable by start, by end and by
-# length. ``_Expiries`` holds the records that have a ttl (by their place, see
+# length, in about a byte a block of ``.dat`` and 8 bytes an extent. ``_Expiries`` holds the records that have a ttl (by their place, see
 # format), in order of expiry.
 # Neither does I/O: the engine writes the free markers and records first, then
 # tells these.
 
-# Free extents are binned by length: 1 to _MAX_BLOCKS blocks, then longer.
+# A free extent's key in _FreeSpace.by_size: its length (up to _MAX_BLOCKS;
+# _LONG for any longer, all of which fit any record) above its start block.
 _LONG = _MAX_BLOCKS + 1
+_START_BITS = 32
+_START_MASK = (1 << _START_BITS) - 1
+
+
+class _Sorted:
+    """A sorted set of ints below 2**64, in runs of at most 2 * _RUN: adding
+    or removing one is a bisection over the runs' first values, one within
+    its run, and a short memmove. 8 bytes a value."""
+
+    _RUN = 512
+
+    def __init__(self) -> None:
+        self.firsts = array("Q")          # each run's first value
+        self.runs: list[array[int]] = []  # ascending, each run above the one before
+        self.count = 0
+
+    def _run(self, value: int) -> int:
+        return max(bisect_right(self.firsts, value) - 1, 0)
+
+    def add(self, value: int) -> None:
+        if not self.runs:
+            self.firsts.append(value)
+            self.runs.append(array("Q", [value]))
+        else:
+            i = self._run(value)
+            run = self.runs[i]
+            j = bisect_left(run, value)
+            run.insert(j, value)
+            if j == 0:
+                self.firsts[i] = value
+            if len(run) > 2 * self._RUN:
+                self.runs.insert(i + 1, run[self._RUN:])
+                self.firsts.insert(i + 1, run[self._RUN])
+                del run[self._RUN:]
+        self.count += 1
+
+    def remove(self, value: int) -> None:
+        i = self._run(value)
+        run = self.runs[i] if self.runs else array("Q")
+        j = bisect_left(run, value)
+        if j == len(run) or run[j] != value:
+            raise KeyError(value)  # not held: a bug
+        del run[j]
+        if not run:
+            del self.runs[i], self.firsts[i]
+        elif j == 0:
+            self.firsts[i] = run[0]
+        self.count -= 1
+
+    def first_from(self, value: int) -> Optional[int]:
+        """The least value held that is at least `value`, or None."""
+        if not self.runs:
+            return None
+        i = self._run(value)
+        run = self.runs[i]
+        j = bisect_left(run, value)
+        if j < len(run):
+            return int(run[j])
+        return int(self.runs[i + 1][0]) if i + 1 < len(self.runs) else None
+
+    def __iter__(self) -> Iterator[int]:
+        return chain.from_iterable(self.runs)
 
 
 class _FreeSpace:
-    """The free extents of .dat, as (start block, length in blocks)."""
+    """The free extents of .dat: maximal runs of blocks no record holds,
+    as (start block, length in blocks).
+
+    ``map`` has a byte a block of .dat, 1 if it is free: the extent that
+    starts or ends at a block is found by a scan of it (find and rfind, in
+    C), and neighbours merge by it. ``by_size`` holds each extent's key (its
+    length, or _LONG, above its start), so the first key at or above
+    ``blocks << 32`` is a smallest extent that fits, the lowest of them.
+    About a byte a block and 8 bytes a free extent, however fragmented.
+    """
 
     def __init__(self) -> None:
-        self.at: dict[int, int] = {}   # start -> length
-        self.to: dict[int, int] = {}   # end -> start
-        # Starts by length (builtins.set: the copy-in file's set() stores a value)
-        self.bins: list[builtins.set[int]] = [builtins.set() for _ in range(_LONG + 1)]
-        self.blocks = 0                # free blocks in all
+        self.map = bytearray()   # a byte a block: 1 free, 0 held (or past the end)
+        self.by_size = _Sorted()
+        self.blocks = 0          # free blocks in all
+
+    def _end(self, block: int) -> int:
+        """The first block at or after `block` that is not free."""
+        end = self.map.find(0, block)
+        return len(self.map) if end < 0 else end
+
+    def length_at(self, start: int) -> Optional[int]:
+        """The length of the extent that starts at `start`, or None."""
+        free = self.map
+        if start < len(free) and free[start] and not (start and free[start - 1]):
+            return self._end(start) - start
+        return None
+
+    def start_before(self, end: int) -> Optional[int]:
+        """The start of the extent that ends at block `end`, or None."""
+        free = self.map
+        if 0 < end <= len(free) and free[end - 1] and (end == len(free) or not free[end]):
+            return free.rfind(0, 0, end) + 1
+        return None
 
     def add(self, start: int, length: int) -> None:
-        """Count blocks [start, start + length) free, merged with free neighbours."""
-        before = self.to.get(start)
-        if before is not None:
-            length += self.remove(before)
-            start = before
-        if start + length in self.at:
-            length += self.remove(start + length)
-        self.at[start] = length
-        self.to[start + length] = start
-        self.bins[min(length, _LONG)].add(start)
+        """Count blocks [start, start + length) free (none of them is yet),
+        merged with free neighbours."""
+        free, end = self.map, start + length
+        if end > len(free):
+            free.extend(bytes(end - len(free)))
+        first, last = start, end
+        if start and free[start - 1]:
+            first = free.rfind(0, 0, start) + 1
+            self.by_size.remove(min(start - first, _LONG) << _START_BITS | first)
+        if end < len(free) and free[end]:
+            last = self._end(end)
+            self.by_size.remove(min(last - end, _LONG) << _START_BITS | end)
+        free[start:end] = b"\1" * length
+        self.by_size.add(min(last - first, _LONG) << _START_BITS | first)
         self.blocks += length
 
     def remove(self, start: int) -> int:
         """Take the extent that starts at `start` out; return its length."""
-        length = self.at.pop(start)  # may raise KeyError: a bug
-        del self.to[start + length]
-        self.bins[min(length, _LONG)].discard(start)
+        length = self.length_at(start)
+        if length is None:
+            raise KeyError(start)  # no extent starts there: a bug
+        self.by_size.remove(min(length, _LONG) << _START_BITS | start)
+        if start + length == len(self.map):
+            del self.map[start:]
+        else:
+            self.map[start:start + length] = bytes(length)
         self.blocks -= length
         return length
 
     def fitting(self, blocks: int) -> Optional[int]:
         """The start of a smallest extent of at least `blocks` blocks, or None."""
         if self.blocks >= blocks:
-            for length in range(blocks, _LONG + 1):
-                if self.bins[length]:
-                    start = self.bins[length].pop()
-                    self.bins[length].add(start)  # pop() then add(): a cheap peek
-                    return start
+            key = self.by_size.first_from(blocks << _START_BITS)
+            if key is not None:
+                return key & _START_MASK
         return None
+
+    def lowest(self) -> Optional[int]:
+        """The first free block, or None."""
+        block = self.map.find(1)
+        return None if block < 0 else block
+
+    def extents(self) -> list[tuple[int, int]]:
+        """Every extent as (start, length), by start. O(extents)."""
+        found = []
+        for key in self.by_size:
+            start, length = key & _START_MASK, key >> _START_BITS
+            found.append((start, length if length < _LONG else self._end(start) - start))
+        found.sort()
+        return found
 
 
 class _Expiries:
@@ -1778,7 +1887,7 @@ def _write_snapshot(engine: _Engine) -> None:
     store's."""
     engine._sync()  # the records .idx points at, before .idx is trusted
     engine.stamp = int.from_bytes(os.urandom(8), "little") or 1
-    extents = sorted(engine.free.at.items())
+    extents = engine.free.extents()
     exps, places = engine.expiries.dump()
     starts = array("I", [start for start, _ in extents])
     lengths = array("I", [length for _, length in extents])
@@ -2028,7 +2137,7 @@ def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]
     scan found (a free marker, an index table or an older copy, as block
     -> blocks) covers: a torn write, or damage."""
     damage = []
-    for start, length in engine.free.at.items():
+    for start, length in engine.free.extents():
         at, end = start, start + length
         while at < end:
             if at in items:
@@ -2323,9 +2432,9 @@ def _compact(engine: _Engine) -> None:
         engine.index.rebuild(engine.index_room(engine.dat_size))
     except _StoreFull:
         pass  # even so, no room for the pages: it stays as it is
-    if _small_enough(engine) or not engine.free.at:
+    lowest = engine.free.lowest()
+    if _small_enough(engine) or lowest is None:
         return
-    lowest = min(engine.free.at)
     order = sorted(place for place in engine.index.places() if _slot_block(place) > lowest)
     at = 0
     while at < len(order) and not _small_enough(engine):
@@ -2402,8 +2511,8 @@ def _move_down(engine: _Engine, limit: int) -> int:
 
     try:
         while len(moved) < limit:
-            if end in engine.free.to:  # out of the free map: no copy may land there
-                start = engine.free.to[end]
+            start = engine.free.start_before(end)
+            if start is not None:  # out of the free map: no copy may land there
                 passed.append((start, engine.free.remove(start)))
                 end = start
             found = _last_record(engine, end)
@@ -2864,7 +2973,7 @@ class _Engine:
     def _write_record(self, block: int, blocks: int, record: bytes) -> None:
         """Write record at block: into a free extent (splitting off and marking
         the rest first) or at the end of .dat. Memory changes only after."""
-        length = self.free.at.get(block)
+        length = self.free.length_at(block)
         if length is None:  # appending
             try:
                 _write_at(self.dat, record, block * _BLOCK)
@@ -3009,7 +3118,7 @@ class _Engine:
 
     def _trim(self) -> None:
         """Give a free extent at the end of .dat back to the file system."""
-        start = self.free.to.get(_blocks(self.dat_size))
+        start = self.free.start_before(_blocks(self.dat_size))
         if start is not None:
             self.changed = True
             os.ftruncate(self.dat, start * _BLOCK)

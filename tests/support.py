@@ -299,8 +299,9 @@ def assert_files_match_memory(store, trimmed=True):
                        for key, slot in items + engine.stale}
     assert sorted(zip(*engine.expiries.dump())) == sorted(
         (fmt._slot_exp(slot), slot & fmt._SLOT_MASK) for _, slot in items if fmt._slot_exp(slot))
-    for start, length in engine.free.at.items():
+    extents = engine.free.extents()
+    for start, length in extents:
         assert not any(start <= block < start + length for block in on_disk)
-    assert engine.free.blocks == sum(engine.free.at.values())
-    assert not trimmed or fmt._blocks(len(data)) not in engine.free.to
+    assert engine.free.blocks == sum(length for _, length in extents)
+    assert not trimmed or engine.free.start_before(fmt._blocks(len(data))) is None
     assert files_size(store.path) <= counted_size(store) <= store.max_bytes

@@ -5,6 +5,7 @@ does I/O; how the engine uses them is in test_engine.py.
 """
 
 import random
+import tracemalloc
 
 import pytest
 
@@ -28,9 +29,10 @@ def runs(blocks):
 def test_free_extents_merge_with_their_neighbours_and_a_smallest_one_that_fits_is_found():
     rng = random.Random(5)
     free, blocks = _FreeSpace(), set()
+    free.by_size._RUN = 4  # short runs: many splits and emptied runs
     for _ in range(2000):
-        if free.at and rng.random() < 0.4:
-            start = rng.choice(sorted(free.at))
+        if free.blocks and rng.random() < 0.4:
+            start = rng.choice(free.extents())[0]
             length = free.remove(start)
             assert set(range(start, start + length)) <= blocks
             blocks -= set(range(start, start + length))
@@ -41,11 +43,14 @@ def test_free_extents_merge_with_their_neighbours_and_a_smallest_one_that_fits_i
             free.add(start, length)
             blocks |= set(range(start, start + length))
         extents = runs(blocks)
-        assert free.at == extents  # merged with free neighbours: maximal runs
-        assert free.to == {start + length: start for start, length in extents.items()}
+        assert dict(free.extents()) == extents  # merged with free neighbours: maximal runs
         assert free.blocks == len(blocks)
-        assert sorted(start for b in free.bins for start in b) == sorted(extents)
-        assert all(start in free.bins[min(length, _LONG)] for start, length in extents.items())
+        assert free.lowest() == min(blocks, default=None)
+        assert len(list(free.by_size)) == len(extents)
+        for block in range(1, 360):  # found by start and by end, and nothing else
+            assert free.length_at(block) == extents.get(block)
+            ends = {start + length: start for start, length in extents.items()}
+            assert free.start_before(block) == ends.get(block)
         for wanted in range(1, _MAX_BLOCKS + 1):
             found = free.fitting(wanted)
             fitting = [length for length in extents.values() if length >= wanted]
@@ -54,6 +59,20 @@ def test_free_extents_merge_with_their_neighbours_and_a_smallest_one_that_fits_i
             else:  # a smallest one (all of _LONG blocks or more are alike)
                 assert found in extents and extents[found] >= wanted
                 assert min(extents[found], _LONG) == min(min(fitting), _LONG)
+
+
+def test_a_fragmented_free_space_costs_a_byte_a_block_and_a_few_an_extent():
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        free = _FreeSpace()
+        for block in range(1, 100_000, 2):  # every other block: 50,000 extents
+            free.add(block, 1)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert free.blocks == 50_000 and free.fitting(1) == 1 and free.fitting(2) is None
+    assert grown < 100_000 + 12 * 50_000  # (a dict and a set of them took 180 a piece)
 
 
 @pytest.mark.parametrize("loaded", [pytest.param(False, id="added"),

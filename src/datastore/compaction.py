@@ -39,9 +39,9 @@ def _compact(engine: _Engine) -> None:
         engine.index.rebuild(engine.index_room(engine.dat_size))
     except _StoreFull:
         pass  # even so, no room for the pages: it stays as it is
-    if _small_enough(engine) or not engine.free.at:
+    lowest = engine.free.lowest()
+    if _small_enough(engine) or lowest is None:
         return
-    lowest = min(engine.free.at)
     order = sorted(place for place in engine.index.places() if _slot_block(place) > lowest)
     at = 0
     while at < len(order) and not _small_enough(engine):
@@ -118,8 +118,8 @@ def _move_down(engine: _Engine, limit: int) -> int:
 
     try:
         while len(moved) < limit:
-            if end in engine.free.to:  # out of the free map: no copy may land there
-                start = engine.free.to[end]
+            start = engine.free.start_before(end)
+            if start is not None:  # out of the free map: no copy may land there
                 passed.append((start, engine.free.remove(start)))
                 end = start
             found = _last_record(engine, end)

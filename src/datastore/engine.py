@@ -355,7 +355,7 @@ class _Engine:
     def _write_record(self, block: int, blocks: int, record: bytes) -> None:
         """Write record at block: into a free extent (splitting off and marking
         the rest first) or at the end of .dat. Memory changes only after."""
-        length = self.free.at.get(block)
+        length = self.free.length_at(block)
         if length is None:  # appending
             try:
                 _write_at(self.dat, record, block * _BLOCK)
@@ -500,7 +500,7 @@ class _Engine:
 
     def _trim(self) -> None:
         """Give a free extent at the end of .dat back to the file system."""
-        start = self.free.to.get(_blocks(self.dat_size))
+        start = self.free.start_before(_blocks(self.dat_size))
         if start is not None:
             self.changed = True
             os.ftruncate(self.dat, start * _BLOCK)

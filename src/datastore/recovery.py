@@ -208,7 +208,7 @@ def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]
     scan found (a free marker, an index table or an older copy, as block
     -> blocks) covers: a torn write, or damage."""
     damage = []
-    for start, length in engine.free.at.items():
+    for start, length in engine.free.extents():
         at, end = start, start + length
         while at < end:
             if at in items:

@@ -52,7 +52,7 @@ def _write_snapshot(engine: _Engine) -> None:
     store's."""
     engine._sync()  # the records .idx points at, before .idx is trusted
     engine.stamp = int.from_bytes(os.urandom(8), "little") or 1
-    extents = sorted(engine.free.at.items())
+    extents = engine.free.extents()
     exps, places = engine.expiries.dump()
     starts = array("I", [start for start, _ in extents])
     lengths = array("I", [length for _, length in extents])
