@@ -203,9 +203,9 @@ class _Engine:
         Free extents lie between records, so there are at most one more
         than records (indexed, and stale copies): room for that many is kept,
         and a delete never needs more."""
+        spilled = sum(map(len, self.index.spilled.values())) if self.index.spilled else 0
         return _snapshot_room(self.index.count + len(self.stale) + 1 + keys,
-                              self.expiries.count + expiring,
-                              sum(map(len, self.index.spilled.values())) + spill)
+                              self.expiries.count + expiring, spilled + spill)
 
     # --- Writing ---
 
@@ -277,7 +277,7 @@ class _Engine:
             more expiry and free extent to save at close), and the room kept
             for a set(), unless this replaces a record no smaller: that may
             use the room."""
-            grow = self._snapshot_room(old is None, bool(exp), spill) - self._snapshot_room()
+            grow = _snapshot_room(old is None, bool(exp), spill) - _snapshot_room(0, 0)
             if old is None:
                 grow += 0 if spill else self.index.split_cost(h)
             elif blocks <= _blocks(_slot_size(old)) and (not exp or _slot_exp(old)):

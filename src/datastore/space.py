@@ -127,15 +127,20 @@ class _FreeSpace:
         free, end = self.map, start + length
         if end > len(free):
             free.extend(bytes(end - len(free)))
-        first, last = start, end
+        first, last, merged = start, end, []  # (the keys of the neighbours merged)
         if start and free[start - 1]:
             first = free.rfind(0, 0, start) + 1
-            self.by_size.remove(min(start - first, _LONG) << _START_BITS | first)
+            merged.append(min(start - first, _LONG) << _START_BITS | first)
         if end < len(free) and free[end]:
             last = self._end(end)
-            self.by_size.remove(min(last - end, _LONG) << _START_BITS | end)
+            merged.append(min(last - end, _LONG) << _START_BITS | end)
         free[start:end] = b"\1" * length
-        self.by_size.add(min(last - first, _LONG) << _START_BITS | first)
+        key = min(last - first, _LONG) << _START_BITS | first
+        for old in merged:
+            if old != key:  # (a long extent before keeps its key)
+                self.by_size.remove(old)
+        if key not in merged:
+            self.by_size.add(key)
         self.blocks += length
 
     def remove(self, start: int) -> int:
