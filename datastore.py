@@ -118,7 +118,7 @@ import zlib
 import fasteners  # type: ignore[import-untyped]  # it ships no type hints
 
 
-__version__ = "3.0.0"
+__version__ = "3.1.0"
 __all__ = [
     "DataStore", "create", "read", "delete", "get", "keys", "ttl", "close",
     "MAX_KEY_LENGTH", "MAX_VALUE_BYTES", "MAX_VALUE_DEPTH", "MAX_STORE_BYTES",
@@ -906,18 +906,27 @@ class _Sorted:
                 del run[self._RUN:]
         self.count += 1
 
-    def remove(self, value: int) -> None:
+    def discard(self, value: int) -> None:
         i = self._run(value)
         run = self.runs[i] if self.runs else array("Q")
         j = bisect_left(run, value)
         if j == len(run) or run[j] != value:
-            raise KeyError(value)  # not held: a bug
+            return
         del run[j]
         if not run:
             del self.runs[i], self.firsts[i]
         elif j == 0:
             self.firsts[i] = run[0]
         self.count -= 1
+
+    def load(self, values: array[int]) -> None:
+        """Fill an empty instance with `values`, ascending."""
+        self.runs = [values[at:at + self._RUN] for at in range(0, len(values), self._RUN)]
+        self.firsts = array("Q", [run[0] for run in self.runs])
+        self.count = len(values)
+
+    def dump(self) -> array[int]:
+        return array("Q", chain.from_iterable(self.runs))
 
     def first_from(self, value: int) -> Optional[int]:
         """The least value held that is at least `value`, or None."""
@@ -943,7 +952,11 @@ class _FreeSpace:
     C), and neighbours merge by it. ``by_size`` holds each extent's key (its
     length, or _LONG, above its start), so the first key at or above
     ``blocks << 32`` is a smallest extent that fits, the lowest of them.
-    About a byte a block and 8 bytes a free extent, however fragmented.
+    About a byte a block and 8 bytes a free extent, however fragmented; and
+    both are saved and loaded whole (see snapshot), not extent by extent.
+
+    ``map`` decides what is free. A key that does not match it (only a
+    loaded one can: see load) is dropped when the best fit finds it.
     """
 
     def __init__(self) -> None:
@@ -987,7 +1000,7 @@ class _FreeSpace:
         key = min(last - first, _LONG) << _START_BITS | first
         for old in merged:
             if old != key:  # (a long extent before keeps its key)
-                self.by_size.remove(old)
+                self.by_size.discard(old)
         if key not in merged:
             self.by_size.add(key)
         self.blocks += length
@@ -997,7 +1010,7 @@ class _FreeSpace:
         length = self.length_at(start)
         if length is None:
             raise KeyError(start)  # no extent starts there: a bug
-        self.by_size.remove(min(length, _LONG) << _START_BITS | start)
+        self.by_size.discard(min(length, _LONG) << _START_BITS | start)
         if start + length == len(self.map):
             del self.map[start:]
         else:
@@ -1007,11 +1020,34 @@ class _FreeSpace:
 
     def fitting(self, blocks: int) -> Optional[int]:
         """The start of a smallest extent of at least `blocks` blocks, or None."""
-        if self.blocks >= blocks:
+        while self.blocks >= blocks:
             key = self.by_size.first_from(blocks << _START_BITS)
-            if key is not None:
-                return key & _START_MASK
+            if key is None:
+                return None
+            start, length = key & _START_MASK, self.length_at(key & _START_MASK)
+            if length is not None and min(length, _LONG) == key >> _START_BITS:
+                return start
+            self.by_size.discard(key)  # a loaded key that lied: map knows better
         return None
+
+    def load(self, free: bytes, keys: array[int]) -> bool:
+        """Fill an empty instance from what dump() returned. Returns False,
+        loading nothing, if they cannot be: bytes other than 0 and 1, the
+        header's block free, or not one key a run of the map. (The keys are
+        not checked one by one, which would take as long as adding them: a
+        key that does not match its run is dropped as fitting finds it, and
+        one out of order at worst makes a fit less than the best.)"""
+        runs = free.count(b"\0\1")  # (block 0, the header's, is never free)
+        if free.translate(None, b"\0\1") or free[:1] == b"\1" or len(keys) != runs:
+            return False
+        self.map = bytearray(free)
+        self.by_size.load(keys)
+        self.blocks = self.map.count(1)
+        return True
+
+    def dump(self) -> tuple[bytes, array[int]]:
+        """The map, up to its last free block, and the keys (for load)."""
+        return bytes(self.map).rstrip(b"\0"), self.by_size.dump()
 
     def lowest(self) -> Optional[int]:
         """The first free block, or None."""
@@ -1183,7 +1219,8 @@ class _Expiries:
 _PAGE = 4096
 _ENTRIES = 340
 _IDX_HEADER = struct.Struct("<8sBB2xIQQIII")
-_IDX_MAGIC = b"DSidx3\0\0"
+_IDX_MAGIC = b"DSidx4\0\0"
+_IDX_MAGIC_3 = b"DSidx3\0\0"  # 3.0.0's: the same, with an older snapshot in its tail
 
 _HASHES = 4      # a bucket's first hash, in 4-byte words from its start
 _PLACES = 172    # its first place, in 8-byte words from its start
@@ -1234,7 +1271,7 @@ class _Index:
         if size > max_bytes:  # (a sparse file claiming more: not read)
             return None
         fields = _saved_header(self.fd, stamp)
-        if fields is None or not _LITTLE:  # (pages are in the machine's order)
+        if fields is None or fields[0] != _IDX_MAGIC or not _LITTLE:  # (pages: machine order)
             return None
         _, _, depth, pages, count, _, tail, tail_crc, _ = fields
         if (depth > _FULL_DEPTH or pages < 2 or size != pages * _PAGE + tail
@@ -1649,10 +1686,17 @@ def _saved_header(fd: int, stamp: Optional[int] = None) -> Optional[tuple[Any, .
         return None
     fields = _IDX_HEADER.unpack(header)
     magic, state, _, _, _, file_stamp, _, _, crc = fields
-    if magic != _IDX_MAGIC or zlib.crc32(header[:-4]) != crc or (
+    if magic not in (_IDX_MAGIC, _IDX_MAGIC_3) or zlib.crc32(header[:-4]) != crc or (
             stamp is not None and (state != _CLOSED or file_stamp != stamp)):
         return None
     return fields
+
+
+def _saved_by_3_0(fd: int, stamp: int) -> bool:
+    """Whether version 3.0.0 saved the index file at the clean close that
+    left `stamp`: its snapshot's layout is an older one, not damage."""
+    fields = _saved_header(fd, stamp)
+    return fields is not None and fields[0] == _IDX_MAGIC_3
 
 
 def _keys_saved(fd: int, stamp: Optional[int] = None) -> Optional[int]:
@@ -1872,9 +1916,13 @@ def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> No
 #     free extents       4 bytes: how many, n
 #     expiring records   4 bytes: how many, m
 #     spilled entries    4 bytes: how many, s (index entries no bucket took)
+#     free map           4 bytes: its length, b (at most .dat's blocks)
 #     records by blocks  (_MAX_BLOCKS + 1) x 4 bytes: indexed records taking
 #                        0, 1, 2, ... blocks
-#     free extents       n x (4 + 4) bytes: start block and length in blocks
+#     free map           b bytes: 1 for each free block of .dat, else 0
+#     free extents       n x 8 bytes: each one's length (up to _MAX_BLOCKS,
+#                        or _LONG for longer) << 32 | its start block,
+#                        ascending (see space)
 #     expiries           m x 8 bytes: expires_at bits, ascending, then
 #                        m x 8 bytes: each one's place (see format)
 #     spilled entries    s x 4 bytes: hashes, then s x 8 bytes: places
@@ -1882,17 +1930,18 @@ def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> No
 # and only then marks the header of ``.dat`` *closed*. The next open trusts
 # ``.idx`` only if the header says closed and ``.idx`` says it was saved at
 # that very close (see index), and ``.dat`` is the size it was: then it reads
-# the header and the tail, and nothing per key but the expiries. Otherwise
+# the header and the tail, and nothing per key but the expiries; the free
+# space is loaded whole, however many extents (see space). Otherwise
 # it scans ``.dat`` (see recovery). What matches but makes no sense is
 # damage, and is refused.
 
-_SNAPSHOT = struct.Struct(f"<QIII{_MAX_BLOCKS + 1}I")
+_SNAPSHOT = struct.Struct(f"<QIIII{_MAX_BLOCKS + 1}I")
 
 
-def _snapshot_room(extents: int, expiring: int, spilled: int = 0) -> int:
+def _snapshot_room(extents: int, expiring: int, spilled: int = 0, blocks: int = 0) -> int:
     """Bytes of the snapshot with so many free extents, expiring records and
-    spilled index entries."""
-    return _SNAPSHOT.size + 8 * extents + 16 * expiring + 12 * spilled
+    spilled index entries, for a .dat of so many blocks."""
+    return _SNAPSHOT.size + blocks + 8 * extents + 16 * expiring + 12 * spilled
 
 
 def _write_snapshot(engine: _Engine) -> None:
@@ -1902,17 +1951,13 @@ def _write_snapshot(engine: _Engine) -> None:
     store's."""
     engine._sync()  # the records .idx points at, before .idx is trusted
     engine.stamp = int.from_bytes(os.urandom(8), "little") or 1
-    extents = engine.free.extents()
+    free, extents = engine.free.dump()
     exps, places = engine.expiries.dump()
-    starts = array("I", [start for start, _ in extents])
-    lengths = array("I", [length for _, length in extents])
-    pairs = array("I", bytes(8 * len(extents)))
-    pairs[0::2], pairs[1::2] = starts, lengths
     spilled = [(h, place) for h, held in engine.index.spilled.items() for place in held]
     data = b"".join((
-        _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), len(spilled),
+        _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), len(spilled), len(free),
                        *engine.by_blocks),
-        pairs.tobytes(), exps.tobytes(), places.tobytes(),
+        free, extents.tobytes(), exps.tobytes(), places.tobytes(),
         array("I", [h for h, _ in spilled]).tobytes(),
         array("Q", [place for _, place in spilled]).tobytes()))
     engine.index.save(engine.stamp, data)
@@ -1931,33 +1976,28 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
         return False
     if len(data) < _SNAPSHOT.size:
         raise _damaged(engine.idx_path, "its snapshot is cut short")
-    dat_size, extents, expiring, spills, *by_blocks = _SNAPSHOT.unpack_from(data)
+    dat_size, extents, expiring, spills, blocks, *by_blocks = _SNAPSHOT.unpack_from(data)
     if dat_size != engine.dat_size:
         engine.index.forget()
         return False
     at = _SNAPSHOT.size
     index = engine.index
-    if (len(data) != _snapshot_room(extents, expiring, spills)
+    if (len(data) != _snapshot_room(extents, expiring, spills, blocks)
             or sum(by_blocks) != index.count or expiring > index.count
             or index.in_buckets + spills != index.count):
         raise _damaged(engine.idx_path, "its snapshot does not match its index")
-    pairs = array("I", data[at:at + 8 * extents])
-    at += 8 * extents
+    if blocks > _blocks(dat_size) or not engine.free.load(
+            data[at:at + blocks], array("Q", data[at + blocks:at + blocks + 8 * extents])):
+        raise _damaged(engine.idx_path, "its free space makes no sense")
+    at += blocks + 8 * extents
     exps = array("Q", data[at:at + 8 * expiring])
     places = array("Q", data[at + 8 * expiring:at + 16 * expiring])
     at += 16 * expiring
     for h, place in zip(array("I", data[at:at + 4 * spills]),
                         array("Q", data[at + 4 * spills:])):
         index.spilled.setdefault(h, []).append(place)
-    if (pairs and min(pairs[0::2]) < 1) or (exps and max(exps) > _LATEST_EXPIRY_BITS):
+    if exps and max(exps) > _LATEST_EXPIRY_BITS:
         raise _damaged(engine.idx_path, "its snapshot is out of bounds")
-    last = 0  # the end of the extent before: in order, none touching the next
-    for start, length in zip(pairs[0::2], pairs[1::2]):
-        if (start < 1 or start <= last or not length
-                or (start + length) * _BLOCK > _blocks(dat_size) * _BLOCK):
-            raise _damaged(engine.idx_path, "a free extent in it is out of bounds")
-        engine.free.add(start, length)
-        last = start + length
     engine.by_blocks = list(by_blocks)
     engine.largest = max((n for n in range(_MAX_BLOCKS + 1) if by_blocks[n]), default=0)
     engine.expiries.load(exps, places, ordered=True)
@@ -2034,22 +2074,25 @@ def _holds_records(engine: _Engine) -> bool:
                for off in starts if buf.startswith(_MAGIC, off))
 
 
-def _recover(engine: _Engine, header: Optional[_Header], listed: Optional[int] = None) -> None:
+def _recover(engine: _Engine, header: Optional[_Header], listed: Optional[int] = None,
+             by_3_0: bool = False) -> None:
     """Rebuild the index by scanning .dat. If the header says the store was
     closed cleanly, its snapshot did not match .dat: that is damage, not a
     crash, and `listed` is the number of keys the snapshot held, if known
-    (see _report_damage)."""
+    (see _report_damage); unless version 3.0.0 wrote it (`by_3_0`), whose
+    snapshot is laid out otherwise."""
     engine.dat_size = os.fstat(engine.dat).st_size
     found: dict[bytes, int] = {}
     losers, marked, tables, newest = _scan(engine, found)
     engine.seq = max(header.seq if header else 1, newest + 1)
     _index_found(engine, found, losers, marked)
-    closed = header is not None and header.state == _CLOSED and header.version == 3
+    closed = (header is not None and header.state == _CLOSED and header.version == 3
+              and not by_3_0)
     if closed and engine.dat_size <= _BLOCK and not listed:
         return  # a new store, which has no .idx yet
-    if header is not None and header.version == 2:
-        _log.info("datastore %s: converted from version 2 (%d keys)",
-                  engine.dat_path[:-4], engine.index.count)
+    if header is not None and (header.version == 2 or by_3_0):
+        _log.info("datastore %s: converted from version %s (%d keys)", engine.dat_path[:-4],
+                  "3.0.0" if by_3_0 else 2, engine.index.count)
     _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}),
                    closed, listed)
 
@@ -2639,7 +2682,8 @@ def _load(engine: _Engine) -> None:
             _convert_v1(engine, old_dir)
         elif header is None or not _load_snapshot(engine, header):
             listed = _keys_saved(engine.index.fd, header.stamp) if header else None
-            _recover(engine, header, listed)
+            _recover(engine, header, listed,
+                     header is not None and _saved_by_3_0(engine.index.fd, header.stamp))
     finally:
         if gc_was_on:
             gc.enable()
@@ -2835,10 +2879,12 @@ class _Engine:
         """Room for the snapshot, with so many more keys and expiring keys.
         Free extents lie between records, so there are at most one more
         than records (indexed, and stale copies): room for that many is kept,
-        and a delete never needs more."""
+        and a delete never needs more. The free map takes a byte a block of
+        .dat (which an append counts: see _place)."""
         spilled = sum(map(len, self.index.spilled.values())) if self.index.spilled else 0
         return _snapshot_room(self.index.count + len(self.stale) + 1 + keys,
-                              self.expiries.count + expiring, spilled + spill)
+                              self.expiries.count + expiring, spilled + spill,
+                              _blocks(self.dat_size))
 
     # --- Writing ---
 
@@ -2979,11 +3025,12 @@ class _Engine:
 
     def _place(self, size: int) -> tuple[int, int]:
         """(block, bytes used() grows by) for a record of `size` bytes: the
-        start of the smallest free extent it fits, or the end of .dat."""
+        start of the smallest free extent it fits, or the end of .dat (its
+        blocks, and a byte each in the snapshot's free map)."""
         block = self.free.fitting(_blocks(size))
         if block is not None:
             return block, 0
-        return _blocks(self.dat_size), _blocks(size) * _BLOCK
+        return _blocks(self.dat_size), _blocks(size) * (_BLOCK + 1)
 
     def _write_record(self, block: int, blocks: int, record: bytes) -> None:
         """Write record at block: into a free extent (splitting off and marking

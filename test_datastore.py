@@ -2172,6 +2172,25 @@ def test_a_store_written_by_version_1_or_2_is_converted_at_first_open(
         assert live_content(s) == content
 
 
+def test_a_store_closed_by_version_3_0_opens_with_its_index_rebuilt_and_no_warning(
+        path, caplog):
+    # fixtures/store-3.0-closed.{dat,idx}: written by commit 4db529a (3.0.0,
+    # whose snapshot listed free extents, not a free map) with the calls above,
+    # then closed. Its .idx is laid out otherwise: the open scans .dat, as
+    # for a 2.0 store, and says so at level INFO, not as damage.
+    for suffix in (".dat", ".idx"):
+        shutil.copy(ROOT / "fixtures" / f"store-3.0-closed{suffix}", f"{path}{suffix}")
+    caplog.set_level(logging.INFO, logger="datastore")
+    with DataStore(path) as s:
+        assert live_content(s) == V1_CLOSED_CONTENT
+        assert s.check()["lost_keys"] == 0
+    assert "converted from version 3.0.0" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    with DataStore(path) as s:  # and closed by this version: trusted again
+        assert live_content(s) == V1_CLOSED_CONTENT
+    assert Path(f"{path}.idx").read_bytes()[:8] == b"DSidx4\0\0"
+
+
 def test_converting_a_1_0_store_never_takes_the_files_over_max_bytes(tmp_path, monkeypatch):
     path = tmp_path / "store"
     for suffix in (".dat", ".dir"):

@@ -22,19 +22,23 @@ from tests.support import make_store
 
 def rewrite_trusted_snapshot(path, edit):
     """Change the snapshot's fields (a list, see snapshot._SNAPSHOT, then the
-    extents, expiries and places as lists), then make .idx's header match."""
+    free map, the free extents' keys, expiries and places as lists), then
+    make .idx's header match. (No spilled entries.)"""
     data = bytearray(Path(f"{path}.idx").read_bytes())
     header = list(idx._IDX_HEADER.unpack_from(data))
     depth, pages = header[2], header[3]
     at = pages * idx._PAGE + (4 << depth)
     fields = list(snap._SNAPSHOT.unpack_from(data, at))
-    n, m = fields[1], fields[2]
+    n, m, spilled, b = fields[1:5]
+    assert not spilled
     rest = at + snap._SNAPSHOT.size
-    pairs = list(struct.unpack_from(f"<{2 * n}I", data, rest))
+    free = list(data[rest:rest + b])
+    rest += b
+    keys = list(struct.unpack_from(f"<{n}Q", data, rest))
     exps = list(struct.unpack_from(f"<{m}Q", data, rest + 8 * n))
     places = list(struct.unpack_from(f"<{m}Q", data, rest + 8 * n + 8 * m))
-    fields, pairs, exps, places = edit(fields, pairs, exps, places)
-    extra = (snap._SNAPSHOT.pack(*fields) + struct.pack(f"<{len(pairs)}I", *pairs)
+    fields, free, keys, exps, places = edit(fields, free, keys, exps, places)
+    extra = (snap._SNAPSHOT.pack(*fields) + bytes(free) + struct.pack(f"<{len(keys)}Q", *keys)
              + struct.pack(f"<{len(exps)}Q", *exps) + struct.pack(f"<{len(places)}Q", *places))
     tail = bytes(data[pages * idx._PAGE:at]) + extra
     data[pages * idx._PAGE:] = tail
@@ -45,9 +49,19 @@ def rewrite_trusted_snapshot(path, edit):
 
 
 def setting(column, at, value):
-    def edit(fields, pairs, exps, places):
-        columns = [fields, pairs, exps, places]
+    def edit(*columns):
+        columns = list(columns)
         columns[column][at] = value(columns[column][at])
+        return columns
+    return edit
+
+
+def growing(column, more):
+    def edit(*columns):
+        columns = list(columns)
+        columns[column] = columns[column] + more
+        if column == 1:  # the free map: its length too
+            columns[0][4] += len(more)
         return columns
     return edit
 
@@ -61,12 +75,13 @@ def store_with_a_hole_and_ttls(path):
 
 
 @pytest.mark.parametrize("edit", [
-    pytest.param(setting(0, 3, lambda n: n + 1), id="records-by-blocks-too-many"),
-    pytest.param(setting(1, 0, lambda start: 0), id="free-extent-over-the-header"),
-    pytest.param(setting(1, 1, lambda length: 0), id="free-extent-of-no-block"),
-    pytest.param(setting(1, 1, lambda length: 10 ** 6), id="free-extent-past-the-end"),
-    pytest.param(setting(2, 0, lambda exp: 2 ** 63), id="expiry-past-9999"),
-    pytest.param(lambda f, p, e, pl: (f, p, e, pl[:-1]), id="places-cut-short"),
+    pytest.param(setting(0, 6, lambda n: n + 1), id="records-by-blocks-too-many"),
+    pytest.param(setting(1, 0, lambda byte: 1), id="free-block-over-the-header"),
+    pytest.param(setting(1, -1, lambda byte: 2), id="free-map-not-0-or-1"),
+    pytest.param(growing(1, [0] * 10 ** 4), id="free-map-past-the-end"),
+    pytest.param(growing(1, [0, 1]), id="free-map-with-a-run-no-key-has"),
+    pytest.param(setting(3, 0, lambda exp: 2 ** 63), id="expiry-past-9999"),
+    pytest.param(lambda f, fr, k, e, pl: (f, fr, k, e, pl[:-1]), id="places-cut-short"),
 ])
 def test_a_trusted_snapshot_that_makes_no_sense_is_corrupt_store_error(path, edit):
     store_with_a_hole_and_ttls(path)
@@ -101,11 +116,16 @@ def test_the_snapshot_room_counted_is_what_close_appends(path):
     store_with_a_hole_and_ttls(path)
     with DataStore(path) as s:
         engine = s._engine
-        pages = engine.index.pages
-        room = engine.used() - fmt._blocks(engine.dat_size) * fmt._BLOCK
-    # room for a free extent a record and one more: a delete never needs more
-    assert room == pages * idx._PAGE + 4 * 1 + snap._snapshot_room(5 + 1, 3)  # k1, k3, k5
-    assert os.path.getsize(f"{path}.idx") == room - 5 * 8  # one free extent, not six
+        pages, blocks = engine.index.pages, fmt._blocks(engine.dat_size)
+        room = engine.used() - blocks * fmt._BLOCK
+        free_map = engine.free.dump()[0]
+    # room for a free extent a record and one more (a delete never needs more),
+    # and a byte a block of .dat for the free map
+    assert room == (pages * idx._PAGE + 4 * 1
+                    + snap._snapshot_room(5 + 1, 3, 0, blocks))  # k1, k3, k5 expire
+    assert free_map == b"\0\0\0\1"  # the header, k0, k1, then k2's block
+    # one free extent, not six; the map up to its last free block
+    assert os.path.getsize(f"{path}.idx") == room - 5 * 8 - (blocks - 4)
 
 
 def test_a_snapshot_of_another_close_is_not_trusted(path, caplog):
@@ -146,9 +166,9 @@ def test_the_header_of_dat_marks_closed_only_after_idx_is_durable(path, monkeypa
 
 
 @pytest.mark.parametrize("edit", [
-    pytest.param(lambda f, p, e, pl: (f[:1] + [0, 0] + [0] * (len(f) - 3), [], [], []),
+    pytest.param(lambda f, fr, k, e, pl: (f[:1] + [0] * (len(f) - 1), [], [], [], []),
                  id="no-record-counted"),
-    pytest.param(lambda f, p, e, pl: (f[:2] + [99] + f[3:], p, e * 33, pl * 33)[:4],
+    pytest.param(lambda f, fr, k, e, pl: (f[:2] + [99] + f[3:], fr, k, e * 33, pl * 33),
                  id="more-expiring-than-keys"),
 ])
 def test_a_snapshot_that_does_not_add_up_is_corrupt_store_error(path, edit):
@@ -180,9 +200,27 @@ def test_an_expiry_that_the_record_does_not_hold_never_deletes_it(path):
     store_with_a_hole_and_ttls(path)
     with DataStore(path) as s:
         k0 = s._engine.lookup(b"k0")
-    rewrite_trusted_snapshot(path, lambda f, p, e, pl: (
-        f[:2] + [f[2] + 1] + f[3:], p, [1] + e, [k0 & fmt._SLOT_MASK] + pl))
+    rewrite_trusted_snapshot(path, lambda f, fr, k, e, pl: (
+        f[:2] + [f[2] + 1] + f[3:], fr, k, [1] + e, [k0 & fmt._SLOT_MASK] + pl))
     with DataStore(path) as s:
         s.create("new", {})
         assert s.read("k0") == {"i": 0} and s.read("new") == {}
+        assert sorted(s.keys()) == ["k0", "k1", "k3", "k4", "k5", "new"]
+
+
+@pytest.mark.parametrize("where", ["k0", "past-the-end"])
+def test_a_free_extent_that_lies_is_dropped_and_never_written_over(path, where):
+    # A snapshot that lies (CRCs made to match) gives k0's block, or one past
+    # the end of .dat, in place of the free one, as a free extent: the map
+    # says otherwise, so the best fit drops it, and the create goes
+    # elsewhere; k0 stays.
+    store_with_a_hole_and_ttls(path)
+    with DataStore(path) as s:
+        k0 = fmt._slot_block(s._engine.lookup(b"k0"))
+    block = k0 if where == "k0" else 10 ** 6
+    rewrite_trusted_snapshot(path, lambda f, fr, k, e, pl: (f, fr, [1 << 32 | block], e, pl))
+    with DataStore(path) as s:
+        s.create("new", {})
+        assert s.read("k0") == {"i": 0} and s.read("new") == {}
+        assert fmt._slot_block(s._engine.lookup(b"new")) not in (k0, block)
         assert sorted(s.keys()) == ["k0", "k1", "k3", "k4", "k5", "new"]

@@ -6,6 +6,7 @@ does I/O; how the engine uses them is in test_engine.py.
 
 import random
 import tracemalloc
+from array import array
 
 import pytest
 
@@ -43,6 +44,11 @@ def test_free_extents_merge_with_their_neighbours_and_a_smallest_one_that_fits_i
             free.add(start, length)
             blocks |= set(range(start, start + length))
         extents = runs(blocks)
+        if rng.random() < 0.02:  # saved at a close, loaded at the next open
+            loaded = _FreeSpace()
+            loaded.by_size._RUN = 4
+            assert loaded.load(*free.dump())
+            free = loaded
         assert dict(free.extents()) == extents  # merged with free neighbours: maximal runs
         assert free.blocks == len(blocks)
         assert free.lowest() == min(blocks, default=None)
@@ -59,6 +65,23 @@ def test_free_extents_merge_with_their_neighbours_and_a_smallest_one_that_fits_i
             else:  # a smallest one (all of _LONG blocks or more are alike)
                 assert found in extents and extents[found] >= wanted
                 assert min(extents[found], _LONG) == min(min(fitting), _LONG)
+
+
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda free, keys: (free[:3] + b"\2" + free[4:], keys), id="not-0-or-1"),
+    pytest.param(lambda free, keys: (b"\1" + free[1:], keys), id="the-header-free"),
+    pytest.param(lambda free, keys: (free, keys[:1]), id="a-run-with-no-key"),
+    pytest.param(lambda free, keys: (free, keys + keys[:1]), id="a-key-too-many"),
+])
+def test_a_free_space_that_makes_no_sense_is_not_loaded(damage):
+    free = _FreeSpace()
+    free.add(2, 3)
+    free.add(9, 40)
+    assert free.dump() == (b"\0\0" + b"\1" * 3 + b"\0" * 4 + b"\1" * 40,
+                           array("Q", [3 << 32 | 2, _LONG << 32 | 9]))
+    loaded = _FreeSpace()
+    assert not loaded.load(*damage(*free.dump()))
+    assert loaded.blocks == 0 and loaded.fitting(1) is None
 
 
 def test_a_fragmented_free_space_costs_a_byte_a_block_and_a_few_an_extent():

@@ -202,10 +202,12 @@ class _Engine:
         """Room for the snapshot, with so many more keys and expiring keys.
         Free extents lie between records, so there are at most one more
         than records (indexed, and stale copies): room for that many is kept,
-        and a delete never needs more."""
+        and a delete never needs more. The free map takes a byte a block of
+        .dat (which an append counts: see _place)."""
         spilled = sum(map(len, self.index.spilled.values())) if self.index.spilled else 0
         return _snapshot_room(self.index.count + len(self.stale) + 1 + keys,
-                              self.expiries.count + expiring, spilled + spill)
+                              self.expiries.count + expiring, spilled + spill,
+                              _blocks(self.dat_size))
 
     # --- Writing ---
 
@@ -346,11 +348,12 @@ class _Engine:
 
     def _place(self, size: int) -> tuple[int, int]:
         """(block, bytes used() grows by) for a record of `size` bytes: the
-        start of the smallest free extent it fits, or the end of .dat."""
+        start of the smallest free extent it fits, or the end of .dat (its
+        blocks, and a byte each in the snapshot's free map)."""
         block = self.free.fitting(_blocks(size))
         if block is not None:
             return block, 0
-        return _blocks(self.dat_size), _blocks(size) * _BLOCK
+        return _blocks(self.dat_size), _blocks(size) * (_BLOCK + 1)
 
     def _write_record(self, block: int, blocks: int, record: bytes) -> None:
         """Write record at block: into a free extent (splitting off and marking

@@ -72,7 +72,8 @@ from .format import _CLOSED, _OPEN, _fsync, _read_at, _write_at
 _PAGE = 4096
 _ENTRIES = 340
 _IDX_HEADER = struct.Struct("<8sBB2xIQQIII")
-_IDX_MAGIC = b"DSidx3\0\0"
+_IDX_MAGIC = b"DSidx4\0\0"
+_IDX_MAGIC_3 = b"DSidx3\0\0"  # 3.0.0's: the same, with an older snapshot in its tail
 
 _HASHES = 4      # a bucket's first hash, in 4-byte words from its start
 _PLACES = 172    # its first place, in 8-byte words from its start
@@ -123,7 +124,7 @@ class _Index:
         if size > max_bytes:  # (a sparse file claiming more: not read)
             return None
         fields = _saved_header(self.fd, stamp)
-        if fields is None or not _LITTLE:  # (pages are in the machine's order)
+        if fields is None or fields[0] != _IDX_MAGIC or not _LITTLE:  # (pages: machine order)
             return None
         _, _, depth, pages, count, _, tail, tail_crc, _ = fields
         if (depth > _FULL_DEPTH or pages < 2 or size != pages * _PAGE + tail
@@ -538,10 +539,17 @@ def _saved_header(fd: int, stamp: Optional[int] = None) -> Optional[tuple[Any, .
         return None
     fields = _IDX_HEADER.unpack(header)
     magic, state, _, _, _, file_stamp, _, _, crc = fields
-    if magic != _IDX_MAGIC or zlib.crc32(header[:-4]) != crc or (
+    if magic not in (_IDX_MAGIC, _IDX_MAGIC_3) or zlib.crc32(header[:-4]) != crc or (
             stamp is not None and (state != _CLOSED or file_stamp != stamp)):
         return None
     return fields
+
+
+def _saved_by_3_0(fd: int, stamp: int) -> bool:
+    """Whether version 3.0.0 saved the index file at the clean close that
+    left `stamp`: its snapshot's layout is an older one, not damage."""
+    fields = _saved_header(fd, stamp)
+    return fields is not None and fields[0] == _IDX_MAGIC_3
 
 
 def _keys_saved(fd: int, stamp: Optional[int] = None) -> Optional[int]:

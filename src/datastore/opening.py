@@ -21,7 +21,7 @@ from .format import (
     _BLOCK, _HEADER, _LEASE, _OPEN, _Header, _create_data_file, _fsync_folder,
     _open_regular, _read_at, _remove,
 )
-from .index import _keys_saved
+from .index import _keys_saved, _saved_by_3_0
 from .legacy import _convert_v1, _is_v1_header
 from .locks import _engines, _lock_data_file
 from .recovery import _holds_records, _recover
@@ -86,7 +86,8 @@ def _load(engine: _Engine) -> None:
             _convert_v1(engine, old_dir)
         elif header is None or not _load_snapshot(engine, header):
             listed = _keys_saved(engine.index.fd, header.stamp) if header else None
-            _recover(engine, header, listed)
+            _recover(engine, header, listed,
+                     header is not None and _saved_by_3_0(engine.index.fd, header.stamp))
     finally:
         if gc_was_on:
             gc.enable()

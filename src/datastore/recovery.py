@@ -90,22 +90,25 @@ def _holds_records(engine: _Engine) -> bool:
                for off in starts if buf.startswith(_MAGIC, off))
 
 
-def _recover(engine: _Engine, header: Optional[_Header], listed: Optional[int] = None) -> None:
+def _recover(engine: _Engine, header: Optional[_Header], listed: Optional[int] = None,
+             by_3_0: bool = False) -> None:
     """Rebuild the index by scanning .dat. If the header says the store was
     closed cleanly, its snapshot did not match .dat: that is damage, not a
     crash, and `listed` is the number of keys the snapshot held, if known
-    (see _report_damage)."""
+    (see _report_damage); unless version 3.0.0 wrote it (`by_3_0`), whose
+    snapshot is laid out otherwise."""
     engine.dat_size = os.fstat(engine.dat).st_size
     found: dict[bytes, int] = {}
     losers, marked, tables, newest = _scan(engine, found)
     engine.seq = max(header.seq if header else 1, newest + 1)
     _index_found(engine, found, losers, marked)
-    closed = header is not None and header.state == _CLOSED and header.version == 3
+    closed = (header is not None and header.state == _CLOSED and header.version == 3
+              and not by_3_0)
     if closed and engine.dat_size <= _BLOCK and not listed:
         return  # a new store, which has no .idx yet
-    if header is not None and header.version == 2:
-        _log.info("datastore %s: converted from version 2 (%d keys)",
-                  engine.dat_path[:-4], engine.index.count)
+    if header is not None and (header.version == 2 or by_3_0):
+        _log.info("datastore %s: converted from version %s (%d keys)", engine.dat_path[:-4],
+                  "3.0.0" if by_3_0 else 2, engine.index.count)
     _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}),
                    closed, listed)
 

@@ -8,9 +8,13 @@ in its tail after the directory, what the engine keeps in memory besides
     free extents       4 bytes: how many, n
     expiring records   4 bytes: how many, m
     spilled entries    4 bytes: how many, s (index entries no bucket took)
+    free map           4 bytes: its length, b (at most .dat's blocks)
     records by blocks  (_MAX_BLOCKS + 1) x 4 bytes: indexed records taking
                        0, 1, 2, ... blocks
-    free extents       n x (4 + 4) bytes: start block and length in blocks
+    free map           b bytes: 1 for each free block of .dat, else 0
+    free extents       n x 8 bytes: each one's length (up to _MAX_BLOCKS,
+                       or _LONG for longer) << 32 | its start block,
+                       ascending (see space)
     expiries           m x 8 bytes: expires_at bits, ascending, then
                        m x 8 bytes: each one's place (see format)
     spilled entries    s x 4 bytes: hashes, then s x 8 bytes: places
@@ -18,7 +22,8 @@ in its tail after the directory, what the engine keeps in memory besides
 and only then marks the header of ``.dat`` *closed*. The next open trusts
 ``.idx`` only if the header says closed and ``.idx`` says it was saved at
 that very close (see index), and ``.dat`` is the size it was: then it reads
-the header and the tail, and nothing per key but the expiries. Otherwise
+the header and the tail, and nothing per key but the expiries; the free
+space is loaded whole, however many extents (see space). Otherwise
 it scans ``.dat`` (see recovery). What matches but makes no sense is
 damage, and is refused.
 """
@@ -31,18 +36,18 @@ from array import array
 from typing import TYPE_CHECKING
 
 from .errors import _damaged, _StoreFull
-from .format import _BLOCK, _CLOSED, _LATEST_EXPIRY_BITS, _MAX_BLOCKS, _Header, _blocks
+from .format import _CLOSED, _LATEST_EXPIRY_BITS, _MAX_BLOCKS, _Header, _blocks
 
 if TYPE_CHECKING:
     from .engine import _Engine
 
-_SNAPSHOT = struct.Struct(f"<QIII{_MAX_BLOCKS + 1}I")
+_SNAPSHOT = struct.Struct(f"<QIIII{_MAX_BLOCKS + 1}I")
 
 
-def _snapshot_room(extents: int, expiring: int, spilled: int = 0) -> int:
+def _snapshot_room(extents: int, expiring: int, spilled: int = 0, blocks: int = 0) -> int:
     """Bytes of the snapshot with so many free extents, expiring records and
-    spilled index entries."""
-    return _SNAPSHOT.size + 8 * extents + 16 * expiring + 12 * spilled
+    spilled index entries, for a .dat of so many blocks."""
+    return _SNAPSHOT.size + blocks + 8 * extents + 16 * expiring + 12 * spilled
 
 
 def _write_snapshot(engine: _Engine) -> None:
@@ -52,17 +57,13 @@ def _write_snapshot(engine: _Engine) -> None:
     store's."""
     engine._sync()  # the records .idx points at, before .idx is trusted
     engine.stamp = int.from_bytes(os.urandom(8), "little") or 1
-    extents = engine.free.extents()
+    free, extents = engine.free.dump()
     exps, places = engine.expiries.dump()
-    starts = array("I", [start for start, _ in extents])
-    lengths = array("I", [length for _, length in extents])
-    pairs = array("I", bytes(8 * len(extents)))
-    pairs[0::2], pairs[1::2] = starts, lengths
     spilled = [(h, place) for h, held in engine.index.spilled.items() for place in held]
     data = b"".join((
-        _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), len(spilled),
+        _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), len(spilled), len(free),
                        *engine.by_blocks),
-        pairs.tobytes(), exps.tobytes(), places.tobytes(),
+        free, extents.tobytes(), exps.tobytes(), places.tobytes(),
         array("I", [h for h, _ in spilled]).tobytes(),
         array("Q", [place for _, place in spilled]).tobytes()))
     engine.index.save(engine.stamp, data)
@@ -81,33 +82,28 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
         return False
     if len(data) < _SNAPSHOT.size:
         raise _damaged(engine.idx_path, "its snapshot is cut short")
-    dat_size, extents, expiring, spills, *by_blocks = _SNAPSHOT.unpack_from(data)
+    dat_size, extents, expiring, spills, blocks, *by_blocks = _SNAPSHOT.unpack_from(data)
     if dat_size != engine.dat_size:
         engine.index.forget()
         return False
     at = _SNAPSHOT.size
     index = engine.index
-    if (len(data) != _snapshot_room(extents, expiring, spills)
+    if (len(data) != _snapshot_room(extents, expiring, spills, blocks)
             or sum(by_blocks) != index.count or expiring > index.count
             or index.in_buckets + spills != index.count):
         raise _damaged(engine.idx_path, "its snapshot does not match its index")
-    pairs = array("I", data[at:at + 8 * extents])
-    at += 8 * extents
+    if blocks > _blocks(dat_size) or not engine.free.load(
+            data[at:at + blocks], array("Q", data[at + blocks:at + blocks + 8 * extents])):
+        raise _damaged(engine.idx_path, "its free space makes no sense")
+    at += blocks + 8 * extents
     exps = array("Q", data[at:at + 8 * expiring])
     places = array("Q", data[at + 8 * expiring:at + 16 * expiring])
     at += 16 * expiring
     for h, place in zip(array("I", data[at:at + 4 * spills]),
                         array("Q", data[at + 4 * spills:])):
         index.spilled.setdefault(h, []).append(place)
-    if (pairs and min(pairs[0::2]) < 1) or (exps and max(exps) > _LATEST_EXPIRY_BITS):
+    if exps and max(exps) > _LATEST_EXPIRY_BITS:
         raise _damaged(engine.idx_path, "its snapshot is out of bounds")
-    last = 0  # the end of the extent before: in order, none touching the next
-    for start, length in zip(pairs[0::2], pairs[1::2]):
-        if (start < 1 or start <= last or not length
-                or (start + length) * _BLOCK > _blocks(dat_size) * _BLOCK):
-            raise _damaged(engine.idx_path, "a free extent in it is out of bounds")
-        engine.free.add(start, length)
-        last = start + length
     engine.by_blocks = list(by_blocks)
     engine.largest = max((n for n in range(_MAX_BLOCKS + 1) if by_blocks[n]), default=0)
     engine.expiries.load(exps, places, ordered=True)

@@ -57,18 +57,27 @@ class _Sorted:
                 del run[self._RUN:]
         self.count += 1
 
-    def remove(self, value: int) -> None:
+    def discard(self, value: int) -> None:
         i = self._run(value)
         run = self.runs[i] if self.runs else array("Q")
         j = bisect_left(run, value)
         if j == len(run) or run[j] != value:
-            raise KeyError(value)  # not held: a bug
+            return
         del run[j]
         if not run:
             del self.runs[i], self.firsts[i]
         elif j == 0:
             self.firsts[i] = run[0]
         self.count -= 1
+
+    def load(self, values: array[int]) -> None:
+        """Fill an empty instance with `values`, ascending."""
+        self.runs = [values[at:at + self._RUN] for at in range(0, len(values), self._RUN)]
+        self.firsts = array("Q", [run[0] for run in self.runs])
+        self.count = len(values)
+
+    def dump(self) -> array[int]:
+        return array("Q", chain.from_iterable(self.runs))
 
     def first_from(self, value: int) -> Optional[int]:
         """The least value held that is at least `value`, or None."""
@@ -94,7 +103,11 @@ class _FreeSpace:
     C), and neighbours merge by it. ``by_size`` holds each extent's key (its
     length, or _LONG, above its start), so the first key at or above
     ``blocks << 32`` is a smallest extent that fits, the lowest of them.
-    About a byte a block and 8 bytes a free extent, however fragmented.
+    About a byte a block and 8 bytes a free extent, however fragmented; and
+    both are saved and loaded whole (see snapshot), not extent by extent.
+
+    ``map`` decides what is free. A key that does not match it (only a
+    loaded one can: see load) is dropped when the best fit finds it.
     """
 
     def __init__(self) -> None:
@@ -138,7 +151,7 @@ class _FreeSpace:
         key = min(last - first, _LONG) << _START_BITS | first
         for old in merged:
             if old != key:  # (a long extent before keeps its key)
-                self.by_size.remove(old)
+                self.by_size.discard(old)
         if key not in merged:
             self.by_size.add(key)
         self.blocks += length
@@ -148,7 +161,7 @@ class _FreeSpace:
         length = self.length_at(start)
         if length is None:
             raise KeyError(start)  # no extent starts there: a bug
-        self.by_size.remove(min(length, _LONG) << _START_BITS | start)
+        self.by_size.discard(min(length, _LONG) << _START_BITS | start)
         if start + length == len(self.map):
             del self.map[start:]
         else:
@@ -158,11 +171,34 @@ class _FreeSpace:
 
     def fitting(self, blocks: int) -> Optional[int]:
         """The start of a smallest extent of at least `blocks` blocks, or None."""
-        if self.blocks >= blocks:
+        while self.blocks >= blocks:
             key = self.by_size.first_from(blocks << _START_BITS)
-            if key is not None:
-                return key & _START_MASK
+            if key is None:
+                return None
+            start, length = key & _START_MASK, self.length_at(key & _START_MASK)
+            if length is not None and min(length, _LONG) == key >> _START_BITS:
+                return start
+            self.by_size.discard(key)  # a loaded key that lied: map knows better
         return None
+
+    def load(self, free: bytes, keys: array[int]) -> bool:
+        """Fill an empty instance from what dump() returned. Returns False,
+        loading nothing, if they cannot be: bytes other than 0 and 1, the
+        header's block free, or not one key a run of the map. (The keys are
+        not checked one by one, which would take as long as adding them: a
+        key that does not match its run is dropped as fitting finds it, and
+        one out of order at worst makes a fit less than the best.)"""
+        runs = free.count(b"\0\1")  # (block 0, the header's, is never free)
+        if free.translate(None, b"\0\1") or free[:1] == b"\1" or len(keys) != runs:
+            return False
+        self.map = bytearray(free)
+        self.by_size.load(keys)
+        self.blocks = self.map.count(1)
+        return True
+
+    def dump(self) -> tuple[bytes, array[int]]:
+        """The map, up to its last free block, and the keys (for load)."""
+        return bytes(self.map).rstrip(b"\0"), self.by_size.dump()
 
     def lowest(self) -> Optional[int]:
         """The first free block, or None."""
