@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from json.scanner import make_scanner
 from typing import Any, Callable, Iterable, Optional
 
@@ -54,8 +53,9 @@ def _encode_key(key: object) -> tuple[str, bytes]:
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False)
 # encode() itself builds the C encoder afresh at every call, 0.5 µs of its
 # 1.2: it is built once here, with the same settings (where there is one).
-_C_ENCODE = None if c_make_encoder is None else c_make_encoder(
-    None, _JSON.default, encode_basestring, None, ":", ",", False, False, True)
+_C_MAKE_ENCODER = getattr(json.encoder, "c_make_encoder", None)  # (not in typeshed)
+_C_ENCODE = None if _C_MAKE_ENCODER is None else _C_MAKE_ENCODER(
+    None, _JSON.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
 
 
 def _json_text(value: Any) -> str:
