@@ -273,11 +273,12 @@ def _unit(method: _Method) -> _Method:
     two in step. Anything else that cuts it short (KeyboardInterrupt, or
     SystemExit from a signal handler, between any two statements) leaves
     `busy` set, and the store reads its files again, as after a crash,
-    before it does anything more (DataStore._usable). It also sets
-    `changed`: close() then has a snapshot to write."""
+    before it does anything more (DataStore._usable). First it calls
+    `_changing()`: close() then has a snapshot to write."""
     @functools.wraps(method)
     def run(self: Any, *args: Any) -> Any:
-        self.busy = self.changed = True
+        self._changing()  # (may raise OSError: then nothing has changed)
+        self.busy = True
         try:
             result = method(self, *args)
         except (OSError, _StoreFull):
@@ -1031,19 +1032,32 @@ class _FreeSpace:
         return None
 
     def load(self, free: bytes, keys: array[int]) -> bool:
-        """Fill an empty instance from what dump() returned. Returns False,
-        loading nothing, if they cannot be: bytes other than 0 and 1, the
-        header's block free, or not one key a run of the map. (The keys are
-        not checked one by one, which would take as long as adding them: a
-        key that does not match its run is dropped as fitting finds it, and
-        one out of order at worst makes a fit less than the best.)"""
+        """Fill an empty instance from what dump() returned, or from the
+        map alone (no keys: they are made from it, run by run). Returns
+        False, loading nothing, if they cannot be: bytes other than 0 and 1,
+        the header's block free, or not one key a run of the map. (The keys
+        are not checked one by one, which would take as long as adding them:
+        a key that does not match its run is dropped as fitting finds it,
+        and one out of order at worst makes a fit less than the best.)"""
         runs = free.count(b"\0\1")  # (block 0, the header's, is never free)
-        if free.translate(None, b"\0\1") or free[:1] == b"\1" or len(keys) != runs:
+        if free.translate(None, b"\0\1") or free[:1] == b"\1" or len(keys) not in (0, runs):
             return False
+        if runs and not keys:
+            keys = array("Q", sorted(self._keys_of(free)))
         self.map = bytearray(free)
         self.by_size.load(keys)
         self.blocks = self.map.count(1)
         return True
+
+    @staticmethod
+    def _keys_of(free: bytes) -> Iterator[int]:
+        """The key of each run of the map, by start."""
+        start = free.find(1)
+        while start >= 0:
+            end = free.find(0, start)
+            end = len(free) if end < 0 else end
+            yield min(end - start, _LONG) << _START_BITS | start
+            start = free.find(1, end)
 
     def dump(self) -> tuple[bytes, array[int]]:
         """The map, up to its last free block, and the keys (for load)."""
@@ -1409,6 +1423,12 @@ class _Index:
         _fsync(self.fd)
         self.write_header(_CLOSED, stamp, tail)
         _fsync(self.fd)
+
+    def drop_tail(self) -> None:
+        """Cut what a clean close appended after the pages."""
+        if self.saved > self.pages * _PAGE:
+            os.ftruncate(self.fd, self.pages * _PAGE)
+        self.saved = 0
 
     def rebuild(self, room: Optional[int] = None) -> None:
         """Build the file anew from its own entries, in as few pages as
@@ -1922,7 +1942,9 @@ def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> No
 #     free map           b bytes: 1 for each free block of .dat, else 0
 #     free extents       n x 8 bytes: each one's length (up to _MAX_BLOCKS,
 #                        or _LONG for longer) << 32 | its start block,
-#                        ascending (see space)
+#                        ascending (see space); or none (n = 0) if they do
+#                        not fit in max_bytes: the open then finds them in
+#                        the map
 #     expiries           m x 8 bytes: expires_at bits, ascending, then
 #                        m x 8 bytes: each one's place (see format)
 #     spilled entries    s x 4 bytes: hashes, then s x 8 bytes: places
@@ -1954,6 +1976,8 @@ def _write_snapshot(engine: _Engine) -> None:
     free, extents = engine.free.dump()
     exps, places = engine.expiries.dump()
     spilled = [(h, place) for h, held in engine.index.spilled.items() for place in held]
+    if engine.used() + 8 * len(extents) > engine.max_bytes:
+        extents = array("Q")  # (no room is kept for them: see engine._snapshot_room)
     data = b"".join((
         _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), len(spilled), len(free),
                        *engine.by_blocks),
@@ -2106,7 +2130,7 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     last = max(map(and_, slots, repeat(_SLOT_MASK)), default=0)
     end = _slot_block(last) * _BLOCK + _slot_size(last)
     exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))
-    _check_room(engine, end, len(found), sum(map(bool, exps)))
+    _check_room(engine, end, sum(map(bool, exps)))
     if losers:  # older copies of keys: never again valid, once the newer are durable
         _fsync(engine.dat)
     for block, length in losers:
@@ -2114,7 +2138,7 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     _derive_free(engine, slots, marked)
     engine.expiries.load(list(compress(exps, exps)),
                          list(map(and_, compress(slots, exps), repeat(_SLOT_MASK))))
-    room = engine.index_room(end) - (engine._snapshot_room(len(found)) - engine._snapshot_room())
+    room = engine.index_room(end)
     try:  # within max_bytes, spilling what no page has room for (see index)
         engine.index.build(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK)), room)
     except _StoreFull as full:  # (the index alone: with the rest, what it needs)
@@ -2122,15 +2146,15 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     _check_room(engine, end)
 
 
-def _check_room(engine: _Engine, end: int, keys: int = 0, expiring: int = 0) -> None:
+def _check_room(engine: _Engine, end: int, expiring: int = 0) -> None:
     """Refuse, before anything is written, a store that needs more than
     max_bytes (it was filled under a larger one): .dat up to `end`, the
     end of its last record, then .idx (once built: a bulk build takes no
     more pages than the same keys added one by one) and the room the
-    engine keeps for the snapshot, with so many more keys and expiring keys
-    than it holds now (see engine.used)."""
+    engine keeps for the snapshot, with so many more expiring keys than it
+    holds now (see engine.used)."""
     needed = (max(_blocks(end), 1) * _BLOCK + engine.index.room()
-              + engine._snapshot_room(keys, expiring))
+              + engine._snapshot_room(expiring))
     if needed > engine.max_bytes:
         raise _StoreFull(0, needed)
 
@@ -2875,15 +2899,14 @@ class _Engine:
         return self.max_bytes - max(_blocks(end), 1) * _BLOCK - self._snapshot_room() \
             + 12 * spilled
 
-    def _snapshot_room(self, keys: int = 0, expiring: int = 0, spill: int = 0) -> int:
-        """Room for the snapshot, with so many more keys and expiring keys.
-        Free extents lie between records, so there are at most one more
-        than records (indexed, and stale copies): room for that many is kept,
-        and a delete never needs more. The free map takes a byte a block of
-        .dat (which an append counts: see _place)."""
+    def _snapshot_room(self, expiring: int = 0, spill: int = 0) -> int:
+        """Room for the snapshot, with so many more expiring keys and spilled
+        entries. The free map takes a byte a block of .dat (which an append
+        counts: see _place). The free extents' keys take none: a close saves
+        them only if they fit (see snapshot), so a delete, which may add
+        one, never needs room."""
         spilled = sum(map(len, self.index.spilled.values())) if self.index.spilled else 0
-        return _snapshot_room(self.index.count + len(self.stale) + 1 + keys,
-                              self.expiries.count + expiring, spilled + spill,
+        return _snapshot_room(0, self.expiries.count + expiring, spilled + spill,
                               _blocks(self.dat_size))
 
     # --- Writing ---
@@ -2956,7 +2979,7 @@ class _Engine:
             more expiry and free extent to save at close), and the room kept
             for a set(), unless this replaces a record no smaller: that may
             use the room."""
-            grow = _snapshot_room(old is None, bool(exp), spill) - _snapshot_room(0, 0)
+            grow = _snapshot_room(0, bool(exp), spill) - _snapshot_room(0, 0)
             if old is None:
                 grow += 0 if spill else self.index.split_cost(h)
             elif blocks <= _blocks(_slot_size(old)) and (not exp or _slot_exp(old)):
@@ -3182,7 +3205,7 @@ class _Engine:
         """Give a free extent at the end of .dat back to the file system."""
         start = self.free.start_before(_blocks(self.dat_size))
         if start is not None:
-            self.changed = True
+            self._changing()
             os.ftruncate(self.dat, start * _BLOCK)
             self.free.remove(start)
             self.dat_size = start * _BLOCK
@@ -3242,6 +3265,15 @@ class _Engine:
         self.index.close()
         for file in files:
             file.close()
+
+    def _changing(self) -> None:
+        """Before the first write since open: the snapshot in .idx's tail
+        was loaded, and the files no longer match it once this writes, so
+        it goes, and takes no room in max_bytes; close() writes another.
+        (Unchanged, a store closes by marking its header closed again.)"""
+        if not self.changed:
+            self.index.drop_tail()
+            self.changed = True
 
     def _try(self, action: Any, *args: Any) -> None:
         """Best effort, on a path that is already failing."""

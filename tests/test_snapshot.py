@@ -17,7 +17,8 @@ from datastore import CorruptStoreError, DataStore
 from datastore import format as fmt
 from datastore import index as idx
 from datastore import snapshot as snap
-from tests.support import make_store
+from datastore import MIN_STORE_BYTES
+from tests.support import counted_size, files_size, fill, make_store
 
 
 def rewrite_trusted_snapshot(path, edit):
@@ -112,20 +113,40 @@ def test_a_clean_open_reads_the_headers_and_the_snapshot_and_nothing_a_key(path,
     assert len(reads) <= 4 and sum(reads) < 1000, reads  # two headers, the tail
 
 
-def test_the_snapshot_room_counted_is_what_close_appends(path):
+def test_the_snapshot_room_counted_is_what_close_appends_but_the_free_extents(path):
     store_with_a_hole_and_ttls(path)
+    saved = os.path.getsize(f"{path}.idx")
     with DataStore(path) as s:
         engine = s._engine
         pages, blocks = engine.index.pages, fmt._blocks(engine.dat_size)
+        assert engine.used() == blocks * fmt._BLOCK + saved  # as the last close left it
+        engine._changing()  # as the first write does: that snapshot goes
+        assert os.path.getsize(f"{path}.idx") == pages * idx._PAGE
         room = engine.used() - blocks * fmt._BLOCK
         free_map = engine.free.dump()[0]
-    # room for a free extent a record and one more (a delete never needs more),
-    # and a byte a block of .dat for the free map
-    assert room == (pages * idx._PAGE + 4 * 1
-                    + snap._snapshot_room(5 + 1, 3, 0, blocks))  # k1, k3, k5 expire
+    # a byte a block of .dat for the free map, and room for the expiries
+    assert room == pages * idx._PAGE + 4 * 1 + snap._snapshot_room(0, 3, 0, blocks)
     assert free_map == b"\0\0\0\1"  # the header, k0, k1, then k2's block
-    # one free extent, not six; the map up to its last free block
-    assert os.path.getsize(f"{path}.idx") == room - 5 * 8 - (blocks - 4)
+    # the map up to its last free block; the free extent's key, which fitted
+    assert os.path.getsize(f"{path}.idx") == saved == room - (blocks - 4) + 8
+
+
+def test_a_close_with_no_room_for_the_free_extents_leaves_them_to_the_map(path):
+    CAP = MIN_STORE_BYTES * 4  # (enough extents to need more than the room a set() keeps)
+    with DataStore(path, max_bytes=CAP) as s:
+        count = fill(s, "k", size=100)
+        for i in range(0, count, 2):  # an extent a deleted key: no room for their keys
+            s.delete(f"k{i:05d}")
+        assert files_size(path) <= counted_size(s) <= CAP
+        extents = s._engine.free.extents()
+        assert s._engine.used() + 8 * len(extents) > CAP
+    assert files_size(path) <= CAP
+    with DataStore(path, max_bytes=CAP) as s:
+        assert s._engine.free.extents() == extents  # found in the map
+        assert s._engine.free.fitting(1) == extents[0][0]
+        for i in range(0, count, 2):  # each one room for a value of its size again
+            s.create(f"k{i:05d}", {"pad": "y" * 100})
+        assert len(s) == count
 
 
 def test_a_snapshot_of_another_close_is_not_trusted(path, caplog):

@@ -198,15 +198,14 @@ class _Engine:
         return self.max_bytes - max(_blocks(end), 1) * _BLOCK - self._snapshot_room() \
             + 12 * spilled
 
-    def _snapshot_room(self, keys: int = 0, expiring: int = 0, spill: int = 0) -> int:
-        """Room for the snapshot, with so many more keys and expiring keys.
-        Free extents lie between records, so there are at most one more
-        than records (indexed, and stale copies): room for that many is kept,
-        and a delete never needs more. The free map takes a byte a block of
-        .dat (which an append counts: see _place)."""
+    def _snapshot_room(self, expiring: int = 0, spill: int = 0) -> int:
+        """Room for the snapshot, with so many more expiring keys and spilled
+        entries. The free map takes a byte a block of .dat (which an append
+        counts: see _place). The free extents' keys take none: a close saves
+        them only if they fit (see snapshot), so a delete, which may add
+        one, never needs room."""
         spilled = sum(map(len, self.index.spilled.values())) if self.index.spilled else 0
-        return _snapshot_room(self.index.count + len(self.stale) + 1 + keys,
-                              self.expiries.count + expiring, spilled + spill,
+        return _snapshot_room(0, self.expiries.count + expiring, spilled + spill,
                               _blocks(self.dat_size))
 
     # --- Writing ---
@@ -279,7 +278,7 @@ class _Engine:
             more expiry and free extent to save at close), and the room kept
             for a set(), unless this replaces a record no smaller: that may
             use the room."""
-            grow = _snapshot_room(old is None, bool(exp), spill) - _snapshot_room(0, 0)
+            grow = _snapshot_room(0, bool(exp), spill) - _snapshot_room(0, 0)
             if old is None:
                 grow += 0 if spill else self.index.split_cost(h)
             elif blocks <= _blocks(_slot_size(old)) and (not exp or _slot_exp(old)):
@@ -505,7 +504,7 @@ class _Engine:
         """Give a free extent at the end of .dat back to the file system."""
         start = self.free.start_before(_blocks(self.dat_size))
         if start is not None:
-            self.changed = True
+            self._changing()
             os.ftruncate(self.dat, start * _BLOCK)
             self.free.remove(start)
             self.dat_size = start * _BLOCK
@@ -565,6 +564,15 @@ class _Engine:
         self.index.close()
         for file in files:
             file.close()
+
+    def _changing(self) -> None:
+        """Before the first write since open: the snapshot in .idx's tail
+        was loaded, and the files no longer match it once this writes, so
+        it goes, and takes no room in max_bytes; close() writes another.
+        (Unchanged, a store closes by marking its header closed again.)"""
+        if not self.changed:
+            self.index.drop_tail()
+            self.changed = True
 
     def _try(self, action: Any, *args: Any) -> None:
         """Best effort, on a path that is already failing."""

@@ -145,11 +145,12 @@ def _unit(method: _Method) -> _Method:
     two in step. Anything else that cuts it short (KeyboardInterrupt, or
     SystemExit from a signal handler, between any two statements) leaves
     `busy` set, and the store reads its files again, as after a crash,
-    before it does anything more (DataStore._usable). It also sets
-    `changed`: close() then has a snapshot to write."""
+    before it does anything more (DataStore._usable). First it calls
+    `_changing()`: close() then has a snapshot to write."""
     @functools.wraps(method)
     def run(self: Any, *args: Any) -> Any:
-        self.busy = self.changed = True
+        self._changing()  # (may raise OSError: then nothing has changed)
+        self.busy = True
         try:
             result = method(self, *args)
         except (OSError, _StoreFull):

@@ -263,6 +263,12 @@ class _Index:
         self.write_header(_CLOSED, stamp, tail)
         _fsync(self.fd)
 
+    def drop_tail(self) -> None:
+        """Cut what a clean close appended after the pages."""
+        if self.saved > self.pages * _PAGE:
+            os.ftruncate(self.fd, self.pages * _PAGE)
+        self.saved = 0
+
     def rebuild(self, room: Optional[int] = None) -> None:
         """Build the file anew from its own entries, in as few pages as
         they need (the file never shrinks otherwise), within `room` (see

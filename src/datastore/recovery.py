@@ -122,7 +122,7 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     last = max(map(and_, slots, repeat(_SLOT_MASK)), default=0)
     end = _slot_block(last) * _BLOCK + _slot_size(last)
     exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))
-    _check_room(engine, end, len(found), sum(map(bool, exps)))
+    _check_room(engine, end, sum(map(bool, exps)))
     if losers:  # older copies of keys: never again valid, once the newer are durable
         _fsync(engine.dat)
     for block, length in losers:
@@ -130,7 +130,7 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     _derive_free(engine, slots, marked)
     engine.expiries.load(list(compress(exps, exps)),
                          list(map(and_, compress(slots, exps), repeat(_SLOT_MASK))))
-    room = engine.index_room(end) - (engine._snapshot_room(len(found)) - engine._snapshot_room())
+    room = engine.index_room(end)
     try:  # within max_bytes, spilling what no page has room for (see index)
         engine.index.build(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK)), room)
     except _StoreFull as full:  # (the index alone: with the rest, what it needs)
@@ -138,15 +138,15 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     _check_room(engine, end)
 
 
-def _check_room(engine: _Engine, end: int, keys: int = 0, expiring: int = 0) -> None:
+def _check_room(engine: _Engine, end: int, expiring: int = 0) -> None:
     """Refuse, before anything is written, a store that needs more than
     max_bytes (it was filled under a larger one): .dat up to `end`, the
     end of its last record, then .idx (once built: a bulk build takes no
     more pages than the same keys added one by one) and the room the
-    engine keeps for the snapshot, with so many more keys and expiring keys
-    than it holds now (see engine.used)."""
+    engine keeps for the snapshot, with so many more expiring keys than it
+    holds now (see engine.used)."""
     needed = (max(_blocks(end), 1) * _BLOCK + engine.index.room()
-              + engine._snapshot_room(keys, expiring))
+              + engine._snapshot_room(expiring))
     if needed > engine.max_bytes:
         raise _StoreFull(0, needed)
 

@@ -14,7 +14,9 @@ in its tail after the directory, what the engine keeps in memory besides
     free map           b bytes: 1 for each free block of .dat, else 0
     free extents       n x 8 bytes: each one's length (up to _MAX_BLOCKS,
                        or _LONG for longer) << 32 | its start block,
-                       ascending (see space)
+                       ascending (see space); or none (n = 0) if they do
+                       not fit in max_bytes: the open then finds them in
+                       the map
     expiries           m x 8 bytes: expires_at bits, ascending, then
                        m x 8 bytes: each one's place (see format)
     spilled entries    s x 4 bytes: hashes, then s x 8 bytes: places
@@ -60,6 +62,8 @@ def _write_snapshot(engine: _Engine) -> None:
     free, extents = engine.free.dump()
     exps, places = engine.expiries.dump()
     spilled = [(h, place) for h, held in engine.index.spilled.items() for place in held]
+    if engine.used() + 8 * len(extents) > engine.max_bytes:
+        extents = array("Q")  # (no room is kept for them: see engine._snapshot_room)
     data = b"".join((
         _SNAPSHOT.pack(engine.dat_size, len(extents), len(exps), len(spilled), len(free),
                        *engine.by_blocks),

@@ -182,19 +182,32 @@ class _FreeSpace:
         return None
 
     def load(self, free: bytes, keys: array[int]) -> bool:
-        """Fill an empty instance from what dump() returned. Returns False,
-        loading nothing, if they cannot be: bytes other than 0 and 1, the
-        header's block free, or not one key a run of the map. (The keys are
-        not checked one by one, which would take as long as adding them: a
-        key that does not match its run is dropped as fitting finds it, and
-        one out of order at worst makes a fit less than the best.)"""
+        """Fill an empty instance from what dump() returned, or from the
+        map alone (no keys: they are made from it, run by run). Returns
+        False, loading nothing, if they cannot be: bytes other than 0 and 1,
+        the header's block free, or not one key a run of the map. (The keys
+        are not checked one by one, which would take as long as adding them:
+        a key that does not match its run is dropped as fitting finds it,
+        and one out of order at worst makes a fit less than the best.)"""
         runs = free.count(b"\0\1")  # (block 0, the header's, is never free)
-        if free.translate(None, b"\0\1") or free[:1] == b"\1" or len(keys) != runs:
+        if free.translate(None, b"\0\1") or free[:1] == b"\1" or len(keys) not in (0, runs):
             return False
+        if runs and not keys:
+            keys = array("Q", sorted(self._keys_of(free)))
         self.map = bytearray(free)
         self.by_size.load(keys)
         self.blocks = self.map.count(1)
         return True
+
+    @staticmethod
+    def _keys_of(free: bytes) -> Iterator[int]:
+        """The key of each run of the map, by start."""
+        start = free.find(1)
+        while start >= 0:
+            end = free.find(0, start)
+            end = len(free) if end < 0 else end
+            yield min(end - start, _LONG) << _START_BITS | start
+            start = free.find(1, end)
 
     def dump(self) -> tuple[bytes, array[int]]:
         """The map, up to its last free block, and the keys (for load)."""
