@@ -149,7 +149,8 @@ def _unit(method: _Method) -> _Method:
     `_changing()`: close() then has a snapshot to write."""
     @functools.wraps(method)
     def run(self: Any, *args: Any) -> Any:
-        self._changing()  # (may raise OSError: then nothing has changed)
+        if not self.changed:
+            self._changing()  # (may raise OSError: then nothing has changed)
         self.busy = True
         try:
             result = method(self, *args)
