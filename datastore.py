@@ -459,14 +459,19 @@ _SCAN: Callable[[str, int], tuple[Any, int]] = make_scanner(
 
 def _decode_object(body: bytes) -> Optional[dict[str, Any]]:
     """A record's body as the dict read() returns, or None if it is not a
-    JSON object (a CRC-valid record that is not ours): the one JSON value,
-    from the first byte to the last (as written: compact)."""
+    JSON object (a CRC-valid record that is not ours). As json.loads reads
+    it; the scanner alone reads the compact JSON that create writes."""
     try:
         text = body.decode("utf-8")
-        value, end = _SCAN(text, 0)
-    except (ValueError, RecursionError, StopIteration):  # (UnicodeDecodeError too)
+        try:
+            value, end = _SCAN(text, 0)
+        except StopIteration:  # (at 0: leading whitespace, say)
+            end = -1
+        if end != len(text):
+            value = json.loads(text)
+    except (ValueError, RecursionError):  # (UnicodeDecodeError too)
         return None
-    return value if end == len(text) and type(value) is dict else None
+    return value if type(value) is dict else None
 
 
 # --- format.py ---------------------------------------------------------------
@@ -874,6 +879,7 @@ def _fsync(fd: int) -> None:
 _LONG = _MAX_BLOCKS + 1
 _START_BITS = 32
 _START_MASK = (1 << _START_BITS) - 1
+_LIES = 64  # keys loaded that do not match the map, dropped by one fitting()
 
 
 class _Sorted:
@@ -908,18 +914,20 @@ class _Sorted:
                 del run[self._RUN:]
         self.count += 1
 
-    def discard(self, value: int) -> None:
+    def discard(self, value: int) -> bool:
+        """Take `value` out, if it is there; returns whether it was."""
         i = self._run(value)
         run = self.runs[i] if self.runs else array("Q")
         j = bisect_left(run, value)
         if j == len(run) or run[j] != value:
-            return
+            return False
         del run[j]
         if not run:
             del self.runs[i], self.firsts[i]
         elif j == 0:
             self.firsts[i] = run[0]
         self.count -= 1
+        return True
 
     def load(self, values: array[int]) -> None:
         """Fill an empty instance with `values`, ascending."""
@@ -958,13 +966,16 @@ class _FreeSpace:
     both are saved and loaded whole (see snapshot), not extent by extent.
 
     ``map`` decides what is free. A key that does not match it (only a
-    loaded one can: see load) is dropped when the best fit finds it.
+    loaded one can: see load) is dropped when the best fit finds it, and a
+    close then saves keys made from the map (as it does if there are not
+    one a run). One never found only keeps its run's blocks from reuse.
     """
 
     def __init__(self) -> None:
         self.map = bytearray()   # a byte a block: 1 free, 0 held (or past the end)
         self.by_size = _Sorted()
         self.blocks = 0          # free blocks in all
+        self.lied = False        # some key loaded did not match the map
 
     def _end(self, block: int) -> int:
         """The first block at or after `block` that is not free."""
@@ -1021,16 +1032,33 @@ class _FreeSpace:
         return length
 
     def fitting(self, blocks: int) -> Optional[int]:
-        """The start of a smallest extent of at least `blocks` blocks, or None."""
-        while self.blocks >= blocks:
+        """The start of a smallest extent of at least `blocks` blocks, or None.
+        Raises ValueError if the keys lie more than it sets right in passing
+        (a few that do not match the map, in order: see load)."""
+        for _ in range(_LIES):
             key = self.by_size.first_from(blocks << _START_BITS)
-            if key is None:
+            if key is None or self.blocks < blocks:
                 return None
             start, length = key & _START_MASK, self.length_at(key & _START_MASK)
             if length is not None and min(length, _LONG) == key >> _START_BITS:
                 return start
-            self.by_size.discard(key)  # a loaded key that lied: map knows better
-        return None
+            self.lied = True
+            if not self.by_size.discard(key):  # (out of order)
+                break
+        raise ValueError("the free extents' keys do not match the map")
+
+    def take(self, start: int, blocks: int) -> None:
+        """Take the first `blocks` blocks of the extent that starts at
+        `start` (what is left of it stays free), in time for those blocks,
+        not for the extent's."""
+        length = self.length_at(start)
+        if length is None or length < blocks:
+            raise KeyError(start)  # no such extent: a bug
+        self.by_size.discard(min(length, _LONG) << _START_BITS | start)
+        self.map[start:start + blocks] = bytes(blocks)
+        if length > blocks:
+            self.by_size.add(min(length - blocks, _LONG) << _START_BITS | start + blocks)
+        self.blocks -= blocks
 
     def load(self, free: bytes, keys: array[int]) -> bool:
         """Fill an empty instance from what dump() returned, or from the
@@ -1051,7 +1079,7 @@ class _FreeSpace:
         return True
 
     @staticmethod
-    def _keys_of(free: bytes) -> Iterator[int]:
+    def _keys_of(free: bytes | bytearray) -> Iterator[int]:
         """The key of each run of the map, by start."""
         start = free.find(1)
         while start >= 0:
@@ -1061,8 +1089,12 @@ class _FreeSpace:
             start = free.find(1, end)
 
     def dump(self) -> tuple[bytes, array[int]]:
-        """The map, up to its last free block, and the keys (for load)."""
-        return bytes(self.map).rstrip(b"\0"), self.by_size.dump()
+        """The map, up to its last free block, and the keys (for load): made
+        from the map if they are not one a run (loaded keys that lied)."""
+        free = bytes(self.map).rstrip(b"\0")
+        if self.lied or self.by_size.count != free.count(b"\0\1"):
+            return free, array("Q", sorted(self._keys_of(free)))
+        return free, self.by_size.dump()
 
     def lowest(self) -> Optional[int]:
         """The first free block, or None."""
@@ -1070,13 +1102,10 @@ class _FreeSpace:
         return None if block < 0 else block
 
     def extents(self) -> list[tuple[int, int]]:
-        """Every extent as (start, length), by start. O(extents)."""
-        found = []
-        for key in self.by_size:
-            start, length = key & _START_MASK, key >> _START_BITS
-            found.append((start, length if length < _LONG else self._end(start) - start))
-        found.sort()
-        return found
+        """Every extent as (start, length), by start, as the map has them.
+        O(extents)."""
+        return [(key & _START_MASK, self._end(key & _START_MASK) - (key & _START_MASK))
+                for key in self._keys_of(self.map)]
 
 
 class _Expiries:
@@ -2139,7 +2168,7 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     _derive_free(engine, slots, marked)
     engine.expiries.load(list(compress(exps, exps)),
                          list(map(and_, compress(slots, exps), repeat(_SLOT_MASK))))
-    room = engine.index_room(end)
+    room = engine.index_room(end) + _blocks(engine.dat_size)  # (the map: see _check_room)
     try:  # within max_bytes, spilling what no page has room for (see index)
         engine.index.build(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK)), room)
     except _StoreFull as full:  # (the index alone: with the rest, what it needs)
@@ -2153,9 +2182,12 @@ def _check_room(engine: _Engine, end: int, expiring: int = 0) -> None:
     end of its last record, then .idx (once built: a bulk build takes no
     more pages than the same keys added one by one) and the room the
     engine keeps for the snapshot, with so many more expiring keys than it
-    holds now (see engine.used)."""
+    holds now (see engine.used), but for the free map's byte a block. A
+    store that needs those too (3.0.0 did not count them) opens, takes no
+    create until deletes make room, and closes without a snapshot (see
+    engine.close), as a crash does."""
     needed = (max(_blocks(end), 1) * _BLOCK + engine.index.room()
-              + engine._snapshot_room(expiring))
+              + engine._snapshot_room(expiring) - _blocks(engine.dat_size))
     if needed > engine.max_bytes:
         raise _StoreFull(0, needed)
 
@@ -2530,7 +2562,7 @@ def _compact(engine: _Engine) -> None:
             # (a damaged record fails _parse_item, and stays put)
             if (item is not None and item[0] == _VALUE and item[5] == len(record)
                     and slot in engine.index.find(_hash(item[2]))):  # not moved since
-                if engine.used() + _blocks(_slot_size(slot)) * _BLOCK > engine.max_bytes:
+                if engine.used() + engine._growth(_slot_size(slot)) > engine.max_bytes:
                     break  # no room for another copy now: settle this batch first
                 try:
                     batch.append((item[2], engine._copy(
@@ -2603,7 +2635,7 @@ def _move_down(engine: _Engine, limit: int) -> int:
                 break
             key, block, seq, record = found
             blocks = _blocks(len(record))
-            target = engine.free.fitting(blocks)
+            target = engine._fitting(blocks)
             if target is None or target >= block:  # (none is above: passed ones left)
                 break
             moved.append((key, engine._copy(key, record, target, block)))
@@ -3051,10 +3083,25 @@ class _Engine:
         """(block, bytes used() grows by) for a record of `size` bytes: the
         start of the smallest free extent it fits, or the end of .dat (its
         blocks, and a byte each in the snapshot's free map)."""
-        block = self.free.fitting(_blocks(size))
+        block = self._fitting(_blocks(size))
         if block is not None:
             return block, 0
-        return _blocks(self.dat_size), _blocks(size) * (_BLOCK + 1)
+        return _blocks(self.dat_size), self._growth(size)
+
+    @staticmethod
+    def _growth(size: int) -> int:
+        """Bytes used() grows by when a record of `size` bytes is appended."""
+        return _blocks(size) * (_BLOCK + 1)
+
+    def _fitting(self, blocks: int) -> Optional[int]:
+        """free.fitting(blocks); if the free extents loaded from .idx lie
+        past what it can set right in passing, the store reads .dat again."""
+        try:
+            return self.free.fitting(blocks)
+        except ValueError:
+            self.index.damaged = True
+            raise CorruptStoreError(f"{self.idx_path}: its free extents do not match its "
+                                    "map of free blocks", path=self.idx_path) from None
 
     def _write_record(self, block: int, blocks: int, record: bytes) -> None:
         """Write record at block: into a free extent (splitting off and marking
@@ -3076,9 +3123,7 @@ class _Engine:
             self._try(self._write_marker, block, length)  # it may be torn
             raise
         self.dat_size = max(self.dat_size, block * _BLOCK + len(record))  # a tail extent
-        self.free.remove(block)
-        if length > blocks:
-            self.free.add(block + blocks, length - blocks)
+        self.free.take(block, blocks)
 
     def _undo_append(self) -> None:
         """After a failed append, cut .dat back, or count what stayed as free."""
@@ -3251,7 +3296,10 @@ class _Engine:
                 self._check_writable()
                 if self.changed:
                     self._trim()
-                    _write_snapshot(self)
+                    if self.used() <= self.max_bytes:
+                        _write_snapshot(self)
+                    else:  # no room for the free map (see recovery._check_room)
+                        self._sync()  # the next open reads .dat, as after a crash
                 else:  # .idx as the last close left it, trusted at open
                     self._write_header(_CLOSED)
         finally:

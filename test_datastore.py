@@ -2192,6 +2192,26 @@ def test_a_store_closed_by_version_3_0_opens_with_its_index_rebuilt_and_no_warni
     assert Path(f"{path}.idx").read_bytes()[:8] == b"DSidx4\0\0"
 
 
+def test_a_store_short_only_of_room_for_its_free_map_opens_takes_deletes_and_closes(path):
+    # 3.0.0 counted no free map in .idx: a store it filled to its cap needs a
+    # byte a block of .dat more than that cap now. As such a store, one
+    # filled under a cap larger by just that much, left by a crash.
+    with DataStore(path, max_bytes=MIN_STORE_BYTES * 4) as s:
+        count = fill(s, "k", size=100)
+        used, blocks = counted_size(s), s._engine.dat_size // 512 + 1
+        abandon(s)
+    cap = used - blocks // 2
+    with DataStore(path, max_bytes=cap) as s:
+        assert len(s) == count and counted_size(s) > cap  # over it, by the map
+        with pytest.raises(StoreFullError):
+            s.create("more", {})
+        s.delete("k00003")
+        assert files_size(path) <= cap
+    assert files_size(path) <= cap  # that close saved no snapshot: it did not fit
+    with DataStore(path, max_bytes=cap) as s:  # read from .dat again
+        assert len(s) == count - 1 and "k00003" not in s
+
+
 def test_converting_a_1_0_store_never_takes_the_files_over_max_bytes(tmp_path, monkeypatch):
     path = tmp_path / "store"
     for suffix in (".dat", ".dir"):

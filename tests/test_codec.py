@@ -62,3 +62,16 @@ def test_anything_else_goes_through_the_copy(value, monkeypatch):
     else:
         assert json.loads(body) == real(value, 0)
     assert copied
+
+
+@pytest.mark.parametrize("body", [
+    b'{"a":1}', b'{"a": [1, 2.5, "\\u00e9", null, true]}', b' {"a":1}', b'{"a":1}\n',
+    b'\t{"a":{"b":{}}} ', b'{}', b'[1]', b'"s"', b'{"a":1}x', b'{"a":', b'', b'\xff',
+    b'{"a":NaN}', b'[' * 100_000, "{\"ключ\":\"🔑\"}".encode(),
+])
+def test_a_body_decodes_as_json_loads_reads_it(body):
+    try:
+        expected = json.loads(body.decode("utf-8"))
+    except (ValueError, RecursionError):
+        expected = None
+    assert codec._decode_object(body) == (expected if type(expected) is dict else None)

@@ -485,3 +485,39 @@ def test_at_the_cap_a_key_whose_bucket_is_full_waits_beside_it(tmp_path):
         assert not s._engine.index.spilled and s.read(added[-1]) == {"pad": "x" * 100}
     with DataStore(path, max_bytes=cap) as s:
         assert sorted(added[1:]) == sorted(k for k in s.keys() if k.startswith("p"))
+
+
+def test_compact_counts_each_copy_it_appends_as_an_append_does(tmp_path, monkeypatch):
+    # A copy appended by compact()'s sweep takes its blocks in .dat and a byte
+    # each in the snapshot's free map. With max_bytes just short of that for
+    # the 30-block record at the end, the sweep must not copy it.
+    template = tmp_path / "template" / "store"
+    with DataStore(template, max_bytes=1 << 20) as s:
+        for i in range(300):
+            s.create(f"a{i:04d}", {"v": "x" * 100})  # a block each
+        for i in range(300):
+            if i % 3:
+                s.delete(f"a{i:04d}")  # one-block holes, which "big" fits none of
+        s.create("big", {"v": "y" * 15000})
+        blocks = fmt._blocks(s._engine.lookup(b"big") & 0xFFFF)
+    copies, real_copy = [], _Engine._copy
+
+    def copy(engine, key, record, target, block):
+        before = engine.used()
+        slot = real_copy(engine, key, record, target, block)
+        copies.append((key, before, engine.used(), engine.max_bytes))
+        return slot
+    monkeypatch.setattr(_Engine, "_copy", copy)
+    path = tmp_path / "dry" / "store"
+    shutil.copytree(template.parent, path.parent)
+    with DataStore(path, max_bytes=1 << 20) as s:
+        s.compact()
+    before = next(before for key, before, _, _ in copies if key == b"big")
+    path = tmp_path / "tight" / "store"
+    shutil.copytree(template.parent, path.parent)
+    copies.clear()
+    with DataStore(path, max_bytes=before + blocks * fmt._BLOCK) as s:
+        s.compact()
+        assert files_size(path) <= counted_size(s) <= s.max_bytes
+    assert copies and all(after <= cap for _, _, after, cap in copies)
+    assert b"big" in [key for key, _, _, _ in copies]  # (the sweep reached it)

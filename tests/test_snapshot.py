@@ -8,6 +8,7 @@ headers and the snapshot, nothing per key.
 
 import os
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from datastore import format as fmt
 from datastore import index as idx
 from datastore import snapshot as snap
 from datastore import MIN_STORE_BYTES
-from tests.support import counted_size, files_size, fill, make_store
+from tests.support import counted_size, files_size, fill, live_content, make_store
 
 
 def rewrite_trusted_snapshot(path, edit):
@@ -245,3 +246,48 @@ def test_a_free_extent_that_lies_is_dropped_and_never_written_over(path, where):
         assert s.read("k0") == {"i": 0} and s.read("new") == {}
         assert fmt._slot_block(s._engine.lookup(b"new")) not in (k0, block)
         assert sorted(s.keys()) == ["k0", "k1", "k3", "k4", "k5", "new"]
+
+
+def store_with_holes(path):
+    with DataStore(path) as s:
+        for i in range(10):
+            s.create(f"k{i}", {"i": i, "pad": "x" * (600 if i == 7 else 0)})
+        for i in (2, 5, 7):  # free runs of 1, 1 and 2 blocks
+            s.delete(f"k{i}")
+    return {f"k{i}": {"i": i, "pad": "x" * (600 if i == 7 else 0)} for i in (0, 1, 3, 4, 6, 8, 9)}
+
+
+def test_free_extents_out_of_order_never_hang_a_create(path):
+    # Keys made to lie, and out of order, so that a liar cannot be dropped:
+    # the create finds out, the store reads .dat again, and the create goes on.
+    content = store_with_holes(path)
+    rewrite_trusted_snapshot(path, lambda f, fr, k, e, pl: (
+        f, fr, [3 << 32 | 7, 1 << 32 | 3, 1 << 32 | 9], e, pl))
+    done = []
+    with DataStore(path) as s:
+        worker = threading.Thread(target=lambda: done.append(s.create("new", {"v": 1})))
+        worker.start()
+        worker.join(30)
+        assert not worker.is_alive() and done == [None]
+        assert live_content(s) == dict(content, new={"v": 1})
+
+
+def test_a_free_extent_that_lies_and_is_never_met_keeps_only_its_run_from_use(path):
+    content = store_with_holes(path)
+    with DataStore(path) as s:
+        real = s._engine.free.extents()
+    assert [length for _, length in real] == [1, 1, 2]
+    # k2's run has a liar for a key (block 1, which k0 holds); k5's and k7's
+    # keep theirs
+    rewrite_trusted_snapshot(path, lambda f, fr, k, e, pl: (
+        f, fr, [1 << 32 | 1, k[1], k[2]], e, pl))
+    with DataStore(path) as s:
+        s.delete("k6")  # merges k5's and k7's runs
+        s.create("new", {"v": 1})  # into the merged run, never k0's block
+        assert s.read("k0") == {"i": 0, "pad": ""}
+    with DataStore(path) as s:  # not refused
+        del content["k6"]
+        assert live_content(s) == dict(content, new={"v": 1})
+        free = s._engine.free
+        assert free.extents() == [real[0], (real[1][0] + 1, 3)]  # as the map has them
+        assert free.fitting(1) == real[0][0]  # (that close saved keys from the map)

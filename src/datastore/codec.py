@@ -179,11 +179,16 @@ _SCAN: Callable[[str, int], tuple[Any, int]] = make_scanner(
 
 def _decode_object(body: bytes) -> Optional[dict[str, Any]]:
     """A record's body as the dict read() returns, or None if it is not a
-    JSON object (a CRC-valid record that is not ours): the one JSON value,
-    from the first byte to the last (as written: compact)."""
+    JSON object (a CRC-valid record that is not ours). As json.loads reads
+    it; the scanner alone reads the compact JSON that create writes."""
     try:
         text = body.decode("utf-8")
-        value, end = _SCAN(text, 0)
-    except (ValueError, RecursionError, StopIteration):  # (UnicodeDecodeError too)
+        try:
+            value, end = _SCAN(text, 0)
+        except StopIteration:  # (at 0: leading whitespace, say)
+            end = -1
+        if end != len(text):
+            value = json.loads(text)
+    except (ValueError, RecursionError):  # (UnicodeDecodeError too)
         return None
-    return value if end == len(text) and type(value) is dict else None
+    return value if type(value) is dict else None

@@ -54,7 +54,7 @@ def _compact(engine: _Engine) -> None:
             # (a damaged record fails _parse_item, and stays put)
             if (item is not None and item[0] == _VALUE and item[5] == len(record)
                     and slot in engine.index.find(_hash(item[2]))):  # not moved since
-                if engine.used() + _blocks(_slot_size(slot)) * _BLOCK > engine.max_bytes:
+                if engine.used() + engine._growth(_slot_size(slot)) > engine.max_bytes:
                     break  # no room for another copy now: settle this batch first
                 try:
                     batch.append((item[2], engine._copy(
@@ -127,7 +127,7 @@ def _move_down(engine: _Engine, limit: int) -> int:
                 break
             key, block, seq, record = found
             blocks = _blocks(len(record))
-            target = engine.free.fitting(blocks)
+            target = engine._fitting(blocks)
             if target is None or target >= block:  # (none is above: passed ones left)
                 break
             moved.append((key, engine._copy(key, record, target, block)))

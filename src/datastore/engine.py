@@ -349,10 +349,25 @@ class _Engine:
         """(block, bytes used() grows by) for a record of `size` bytes: the
         start of the smallest free extent it fits, or the end of .dat (its
         blocks, and a byte each in the snapshot's free map)."""
-        block = self.free.fitting(_blocks(size))
+        block = self._fitting(_blocks(size))
         if block is not None:
             return block, 0
-        return _blocks(self.dat_size), _blocks(size) * (_BLOCK + 1)
+        return _blocks(self.dat_size), self._growth(size)
+
+    @staticmethod
+    def _growth(size: int) -> int:
+        """Bytes used() grows by when a record of `size` bytes is appended."""
+        return _blocks(size) * (_BLOCK + 1)
+
+    def _fitting(self, blocks: int) -> Optional[int]:
+        """free.fitting(blocks); if the free extents loaded from .idx lie
+        past what it can set right in passing, the store reads .dat again."""
+        try:
+            return self.free.fitting(blocks)
+        except ValueError:
+            self.index.damaged = True
+            raise CorruptStoreError(f"{self.idx_path}: its free extents do not match its "
+                                    "map of free blocks", path=self.idx_path) from None
 
     def _write_record(self, block: int, blocks: int, record: bytes) -> None:
         """Write record at block: into a free extent (splitting off and marking
@@ -374,9 +389,7 @@ class _Engine:
             self._try(self._write_marker, block, length)  # it may be torn
             raise
         self.dat_size = max(self.dat_size, block * _BLOCK + len(record))  # a tail extent
-        self.free.remove(block)
-        if length > blocks:
-            self.free.add(block + blocks, length - blocks)
+        self.free.take(block, blocks)
 
     def _undo_append(self) -> None:
         """After a failed append, cut .dat back, or count what stayed as free."""
@@ -549,7 +562,10 @@ class _Engine:
                 self._check_writable()
                 if self.changed:
                     self._trim()
-                    _write_snapshot(self)
+                    if self.used() <= self.max_bytes:
+                        _write_snapshot(self)
+                    else:  # no room for the free map (see recovery._check_room)
+                        self._sync()  # the next open reads .dat, as after a crash
                 else:  # .idx as the last close left it, trusted at open
                     self._write_header(_CLOSED)
         finally:

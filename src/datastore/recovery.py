@@ -130,7 +130,7 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     _derive_free(engine, slots, marked)
     engine.expiries.load(list(compress(exps, exps)),
                          list(map(and_, compress(slots, exps), repeat(_SLOT_MASK))))
-    room = engine.index_room(end)
+    room = engine.index_room(end) + _blocks(engine.dat_size)  # (the map: see _check_room)
     try:  # within max_bytes, spilling what no page has room for (see index)
         engine.index.build(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK)), room)
     except _StoreFull as full:  # (the index alone: with the rest, what it needs)
@@ -144,9 +144,12 @@ def _check_room(engine: _Engine, end: int, expiring: int = 0) -> None:
     end of its last record, then .idx (once built: a bulk build takes no
     more pages than the same keys added one by one) and the room the
     engine keeps for the snapshot, with so many more expiring keys than it
-    holds now (see engine.used)."""
+    holds now (see engine.used), but for the free map's byte a block. A
+    store that needs those too (3.0.0 did not count them) opens, takes no
+    create until deletes make room, and closes without a snapshot (see
+    engine.close), as a crash does."""
     needed = (max(_blocks(end), 1) * _BLOCK + engine.index.room()
-              + engine._snapshot_room(expiring))
+              + engine._snapshot_room(expiring) - _blocks(engine.dat_size))
     if needed > engine.max_bytes:
         raise _StoreFull(0, needed)
 

@@ -23,6 +23,7 @@ from .format import _MAX_BLOCKS
 _LONG = _MAX_BLOCKS + 1
 _START_BITS = 32
 _START_MASK = (1 << _START_BITS) - 1
+_LIES = 64  # keys loaded that do not match the map, dropped by one fitting()
 
 
 class _Sorted:
@@ -57,18 +58,20 @@ class _Sorted:
                 del run[self._RUN:]
         self.count += 1
 
-    def discard(self, value: int) -> None:
+    def discard(self, value: int) -> bool:
+        """Take `value` out, if it is there; returns whether it was."""
         i = self._run(value)
         run = self.runs[i] if self.runs else array("Q")
         j = bisect_left(run, value)
         if j == len(run) or run[j] != value:
-            return
+            return False
         del run[j]
         if not run:
             del self.runs[i], self.firsts[i]
         elif j == 0:
             self.firsts[i] = run[0]
         self.count -= 1
+        return True
 
     def load(self, values: array[int]) -> None:
         """Fill an empty instance with `values`, ascending."""
@@ -107,13 +110,16 @@ class _FreeSpace:
     both are saved and loaded whole (see snapshot), not extent by extent.
 
     ``map`` decides what is free. A key that does not match it (only a
-    loaded one can: see load) is dropped when the best fit finds it.
+    loaded one can: see load) is dropped when the best fit finds it, and a
+    close then saves keys made from the map (as it does if there are not
+    one a run). One never found only keeps its run's blocks from reuse.
     """
 
     def __init__(self) -> None:
         self.map = bytearray()   # a byte a block: 1 free, 0 held (or past the end)
         self.by_size = _Sorted()
         self.blocks = 0          # free blocks in all
+        self.lied = False        # some key loaded did not match the map
 
     def _end(self, block: int) -> int:
         """The first block at or after `block` that is not free."""
@@ -170,16 +176,33 @@ class _FreeSpace:
         return length
 
     def fitting(self, blocks: int) -> Optional[int]:
-        """The start of a smallest extent of at least `blocks` blocks, or None."""
-        while self.blocks >= blocks:
+        """The start of a smallest extent of at least `blocks` blocks, or None.
+        Raises ValueError if the keys lie more than it sets right in passing
+        (a few that do not match the map, in order: see load)."""
+        for _ in range(_LIES):
             key = self.by_size.first_from(blocks << _START_BITS)
-            if key is None:
+            if key is None or self.blocks < blocks:
                 return None
             start, length = key & _START_MASK, self.length_at(key & _START_MASK)
             if length is not None and min(length, _LONG) == key >> _START_BITS:
                 return start
-            self.by_size.discard(key)  # a loaded key that lied: map knows better
-        return None
+            self.lied = True
+            if not self.by_size.discard(key):  # (out of order)
+                break
+        raise ValueError("the free extents' keys do not match the map")
+
+    def take(self, start: int, blocks: int) -> None:
+        """Take the first `blocks` blocks of the extent that starts at
+        `start` (what is left of it stays free), in time for those blocks,
+        not for the extent's."""
+        length = self.length_at(start)
+        if length is None or length < blocks:
+            raise KeyError(start)  # no such extent: a bug
+        self.by_size.discard(min(length, _LONG) << _START_BITS | start)
+        self.map[start:start + blocks] = bytes(blocks)
+        if length > blocks:
+            self.by_size.add(min(length - blocks, _LONG) << _START_BITS | start + blocks)
+        self.blocks -= blocks
 
     def load(self, free: bytes, keys: array[int]) -> bool:
         """Fill an empty instance from what dump() returned, or from the
@@ -200,7 +223,7 @@ class _FreeSpace:
         return True
 
     @staticmethod
-    def _keys_of(free: bytes) -> Iterator[int]:
+    def _keys_of(free: bytes | bytearray) -> Iterator[int]:
         """The key of each run of the map, by start."""
         start = free.find(1)
         while start >= 0:
@@ -210,8 +233,12 @@ class _FreeSpace:
             start = free.find(1, end)
 
     def dump(self) -> tuple[bytes, array[int]]:
-        """The map, up to its last free block, and the keys (for load)."""
-        return bytes(self.map).rstrip(b"\0"), self.by_size.dump()
+        """The map, up to its last free block, and the keys (for load): made
+        from the map if they are not one a run (loaded keys that lied)."""
+        free = bytes(self.map).rstrip(b"\0")
+        if self.lied or self.by_size.count != free.count(b"\0\1"):
+            return free, array("Q", sorted(self._keys_of(free)))
+        return free, self.by_size.dump()
 
     def lowest(self) -> Optional[int]:
         """The first free block, or None."""
@@ -219,13 +246,10 @@ class _FreeSpace:
         return None if block < 0 else block
 
     def extents(self) -> list[tuple[int, int]]:
-        """Every extent as (start, length), by start. O(extents)."""
-        found = []
-        for key in self.by_size:
-            start, length = key & _START_MASK, key >> _START_BITS
-            found.append((start, length if length < _LONG else self._end(start) - start))
-        found.sort()
-        return found
+        """Every extent as (start, length), by start, as the map has them.
+        O(extents)."""
+        return [(key & _START_MASK, self._end(key & _START_MASK) - (key & _START_MASK))
+                for key in self._keys_of(self.map)]
 
 
 class _Expiries:
