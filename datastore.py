@@ -869,7 +869,8 @@ def _fsync(fd: int) -> None:
 #
 # ``_FreeSpace`` holds the free extents of ``.dat`` (runs of blocks no record
 # holds), merged with their free neighbours, findable by start, by end and by
-# length, in about a byte a block of ``.dat`` and 8 bytes an extent. ``_Expiries`` holds the records that have a ttl (by their place, see
+# length, in about a byte a block of ``.dat`` and 8 bytes an extent.
+# ``_Expiries`` holds the records that have a ttl (by their place, see
 # format), in order of expiry.
 # Neither does I/O: the engine writes the free markers and records first, then
 # tells these.
@@ -936,6 +937,7 @@ class _Sorted:
         self.count = len(values)
 
     def dump(self) -> array[int]:
+        """Every value, ascending (for load)."""
         return array("Q", chain.from_iterable(self.runs))
 
     def first_from(self, value: int) -> Optional[int]:
@@ -948,9 +950,6 @@ class _Sorted:
         if j < len(run):
             return int(run[j])
         return int(self.runs[i + 1][0]) if i + 1 < len(self.runs) else None
-
-    def __iter__(self) -> Iterator[int]:
-        return chain.from_iterable(self.runs)
 
 
 class _FreeSpace:
@@ -1066,34 +1065,39 @@ class _FreeSpace:
         False, loading nothing, if they cannot be: bytes other than 0 and 1,
         the header's block free, or not one key a run of the map. (The keys
         are not checked one by one, which would take as long as adding them:
-        a key that does not match its run is dropped as fitting finds it,
-        and one out of order at worst makes a fit less than the best.)"""
+        see fitting for what it does with one that does not match its run.)"""
         runs = free.count(b"\0\1")  # (block 0, the header's, is never free)
         if free.translate(None, b"\0\1") or free[:1] == b"\1" or len(keys) not in (0, runs):
             return False
         if runs and not keys:
-            keys = array("Q", sorted(self._keys_of(free)))
+            keys = self._keys_of(free)
         self.map = bytearray(free)
         self.by_size.load(keys)
         self.blocks = self.map.count(1)
         return True
 
     @staticmethod
-    def _keys_of(free: bytes | bytearray) -> Iterator[int]:
-        """The key of each run of the map, by start."""
+    def _runs(free: bytes | bytearray) -> Iterator[tuple[int, int]]:
+        """(start, end) of each run of the map, in order. O(runs)."""
         start = free.find(1)
         while start >= 0:
             end = free.find(0, start)
             end = len(free) if end < 0 else end
-            yield min(end - start, _LONG) << _START_BITS | start
+            yield start, end
             start = free.find(1, end)
+
+    @classmethod
+    def _keys_of(cls, free: bytes) -> array[int]:
+        """The keys of the runs of the map, ascending."""
+        return array("Q", sorted(min(end - start, _LONG) << _START_BITS | start
+                                 for start, end in cls._runs(free)))
 
     def dump(self) -> tuple[bytes, array[int]]:
         """The map, up to its last free block, and the keys (for load): made
         from the map if they are not one a run (loaded keys that lied)."""
         free = bytes(self.map).rstrip(b"\0")
         if self.lied or self.by_size.count != free.count(b"\0\1"):
-            return free, array("Q", sorted(self._keys_of(free)))
+            return free, self._keys_of(free)
         return free, self.by_size.dump()
 
     def lowest(self) -> Optional[int]:
@@ -1104,8 +1108,7 @@ class _FreeSpace:
     def extents(self) -> list[tuple[int, int]]:
         """Every extent as (start, length), by start, as the map has them.
         O(extents)."""
-        return [(key & _START_MASK, self._end(key & _START_MASK) - (key & _START_MASK))
-                for key in self._keys_of(self.map)]
+        return [(start, end - start) for start, end in self._runs(self.map)]
 
 
 class _Expiries:
@@ -2526,8 +2529,9 @@ def _convert_v1(engine: _Engine, old_dir: str) -> None:
 # A create that finds no room in the cap moves a few records from the end of
 # ``.dat`` into free extents lower down (``_move_down``), which is all it
 # takes while the free extents are no smaller than the records at the end.
-# When a record at the end fits no free extent (say one 16 KiB value, with free extents of a
-# block or two between small records), moving stops, however much is free.
+# When a record at the end fits no free extent (say one 16 KiB value, with
+# free extents of a block or two between small records), moving stops,
+# however much is free.
 #
 # So after moving what it can that way, ``compact()`` sweeps the records
 # above the lowest free extent, in order of their blocks: a batch at a time,
@@ -2780,8 +2784,8 @@ def _load(engine: _Engine) -> None:
 #   reclaimed key can never come back, even if the clock is set back).
 # * Free space at the end of ``.dat`` is given back by truncating the file.
 #   Free space lower down waits for the creates that fit in it: a delete
-#   moves no records (that cost a delete three times its own work, for a file
-#   that the next creates fill again). A create that finds no room in the cap
+#   moves no records (that cost a delete more than twice its own work, for a
+#   file that the next creates fill again). A create that finds no room in the cap
 #   moves up to 64 records from the end of ``.dat`` into free extents nearer
 #   the start: it writes the copies (with new sequence numbers), then
 #   truncates the originals away. ``compact()`` moves all it can, at once.

@@ -56,7 +56,7 @@ def test_free_extents_merge_with_their_neighbours_and_a_smallest_one_that_fits_i
         assert dict(free.extents()) == extents  # merged with free neighbours: maximal runs
         assert free.blocks == len(blocks)
         assert free.lowest() == min(blocks, default=None)
-        assert len(list(free.by_size)) == len(extents)
+        assert free.by_size.count == len(extents) == len(free.by_size.dump())
         for block in range(1, 360):  # found by start and by end, and nothing else
             assert free.length_at(block) == extents.get(block)
             ends = {start + length: start for start, length in extents.items()}

@@ -3,8 +3,9 @@
 A create that finds no room in the cap moves a few records from the end of
 ``.dat`` into free extents lower down (``_move_down``), which is all it
 takes while the free extents are no smaller than the records at the end.
-When a record at the end fits no free extent (say one 16 KiB value, with free extents of a
-block or two between small records), moving stops, however much is free.
+When a record at the end fits no free extent (say one 16 KiB value, with
+free extents of a block or two between small records), moving stops,
+however much is free.
 
 So after moving what it can that way, ``compact()`` sweeps the records
 above the lowest free extent, in order of their blocks: a batch at a time,

@@ -24,8 +24,8 @@ from .dat (see recovery).
   reclaimed key can never come back, even if the clock is set back).
 * Free space at the end of ``.dat`` is given back by truncating the file.
   Free space lower down waits for the creates that fit in it: a delete
-  moves no records (that cost a delete three times its own work, for a file
-  that the next creates fill again). A create that finds no room in the cap
+  moves no records (that cost a delete more than twice its own work, for a
+  file that the next creates fill again). A create that finds no room in the cap
   moves up to 64 records from the end of ``.dat`` into free extents nearer
   the start: it writes the copies (with new sequence numbers), then
   truncates the originals away. ``compact()`` moves all it can, at once.

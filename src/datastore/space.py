@@ -2,7 +2,8 @@
 
 ``_FreeSpace`` holds the free extents of ``.dat`` (runs of blocks no record
 holds), merged with their free neighbours, findable by start, by end and by
-length, in about a byte a block of ``.dat`` and 8 bytes an extent. ``_Expiries`` holds the records that have a ttl (by their place, see
+length, in about a byte a block of ``.dat`` and 8 bytes an extent.
+``_Expiries`` holds the records that have a ttl (by their place, see
 format), in order of expiry.
 Neither does I/O: the engine writes the free markers and records first, then
 tells these.
@@ -80,6 +81,7 @@ class _Sorted:
         self.count = len(values)
 
     def dump(self) -> array[int]:
+        """Every value, ascending (for load)."""
         return array("Q", chain.from_iterable(self.runs))
 
     def first_from(self, value: int) -> Optional[int]:
@@ -92,9 +94,6 @@ class _Sorted:
         if j < len(run):
             return int(run[j])
         return int(self.runs[i + 1][0]) if i + 1 < len(self.runs) else None
-
-    def __iter__(self) -> Iterator[int]:
-        return chain.from_iterable(self.runs)
 
 
 class _FreeSpace:
@@ -210,34 +209,39 @@ class _FreeSpace:
         False, loading nothing, if they cannot be: bytes other than 0 and 1,
         the header's block free, or not one key a run of the map. (The keys
         are not checked one by one, which would take as long as adding them:
-        a key that does not match its run is dropped as fitting finds it,
-        and one out of order at worst makes a fit less than the best.)"""
+        see fitting for what it does with one that does not match its run.)"""
         runs = free.count(b"\0\1")  # (block 0, the header's, is never free)
         if free.translate(None, b"\0\1") or free[:1] == b"\1" or len(keys) not in (0, runs):
             return False
         if runs and not keys:
-            keys = array("Q", sorted(self._keys_of(free)))
+            keys = self._keys_of(free)
         self.map = bytearray(free)
         self.by_size.load(keys)
         self.blocks = self.map.count(1)
         return True
 
     @staticmethod
-    def _keys_of(free: bytes | bytearray) -> Iterator[int]:
-        """The key of each run of the map, by start."""
+    def _runs(free: bytes | bytearray) -> Iterator[tuple[int, int]]:
+        """(start, end) of each run of the map, in order. O(runs)."""
         start = free.find(1)
         while start >= 0:
             end = free.find(0, start)
             end = len(free) if end < 0 else end
-            yield min(end - start, _LONG) << _START_BITS | start
+            yield start, end
             start = free.find(1, end)
+
+    @classmethod
+    def _keys_of(cls, free: bytes) -> array[int]:
+        """The keys of the runs of the map, ascending."""
+        return array("Q", sorted(min(end - start, _LONG) << _START_BITS | start
+                                 for start, end in cls._runs(free)))
 
     def dump(self) -> tuple[bytes, array[int]]:
         """The map, up to its last free block, and the keys (for load): made
         from the map if they are not one a run (loaded keys that lied)."""
         free = bytes(self.map).rstrip(b"\0")
         if self.lied or self.by_size.count != free.count(b"\0\1"):
-            return free, array("Q", sorted(self._keys_of(free)))
+            return free, self._keys_of(free)
         return free, self.by_size.dump()
 
     def lowest(self) -> Optional[int]:
@@ -248,8 +252,7 @@ class _FreeSpace:
     def extents(self) -> list[tuple[int, int]]:
         """Every extent as (start, length), by start, as the map has them.
         O(extents)."""
-        return [(key & _START_MASK, self._end(key & _START_MASK) - (key & _START_MASK))
-                for key in self._keys_of(self.map)]
+        return [(start, end - start) for start, end in self._runs(self.map)]
 
 
 class _Expiries:
