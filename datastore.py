@@ -278,7 +278,7 @@ def _unit(method: _Method) -> _Method:
     @functools.wraps(method)
     def run(self: Any, *args: Any) -> Any:
         if not self.changed:
-            self._changing()  # (may raise OSError: then nothing has changed)
+            self._changing()  # (may raise OSError: then no key has changed)
         self.busy = True
         try:
             result = method(self, *args)
@@ -2186,9 +2186,9 @@ def _check_room(engine: _Engine, end: int, expiring: int = 0) -> None:
     more pages than the same keys added one by one) and the room the
     engine keeps for the snapshot, with so many more expiring keys than it
     holds now (see engine.used), but for the free map's byte a block. A
-    store that needs those too (3.0.0 did not count them) opens, takes no
-    create until deletes make room, and closes without a snapshot (see
-    engine.close), as a crash does."""
+    store that needs those too (one 3.0.0 filled, which did not count them)
+    opens, takes no create until deletes make room, and closes without a
+    snapshot (see engine.close), as a crash does."""
     needed = (max(_blocks(end), 1) * _BLOCK + engine.index.room()
               + engine._snapshot_room(expiring) - _blocks(engine.dat_size))
     if needed > engine.max_bytes:
@@ -3321,12 +3321,12 @@ class _Engine:
 
     def _changing(self) -> None:
         """Before the first write since open: the snapshot in .idx's tail
-        was loaded, and the files no longer match it once this writes, so
-        it goes, and takes no room in max_bytes; close() writes another.
-        (Unchanged, a store closes by marking its header closed again.)"""
+        no longer matches the files once this writes, so it goes, and takes
+        no room in max_bytes; close() writes another (`changed`, set first,
+        in case the cut is cut short: unchanged, close() reuses it)."""
         if not self.changed:
-            self.index.drop_tail()
             self.changed = True
+            self.index.drop_tail()
 
     def _try(self, action: Any, *args: Any) -> None:
         """Best effort, on a path that is already failing."""

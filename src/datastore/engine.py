@@ -583,12 +583,12 @@ class _Engine:
 
     def _changing(self) -> None:
         """Before the first write since open: the snapshot in .idx's tail
-        was loaded, and the files no longer match it once this writes, so
-        it goes, and takes no room in max_bytes; close() writes another.
-        (Unchanged, a store closes by marking its header closed again.)"""
+        no longer matches the files once this writes, so it goes, and takes
+        no room in max_bytes; close() writes another (`changed`, set first,
+        in case the cut is cut short: unchanged, close() reuses it)."""
         if not self.changed:
-            self.index.drop_tail()
             self.changed = True
+            self.index.drop_tail()
 
     def _try(self, action: Any, *args: Any) -> None:
         """Best effort, on a path that is already failing."""

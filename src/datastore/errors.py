@@ -150,7 +150,7 @@ def _unit(method: _Method) -> _Method:
     @functools.wraps(method)
     def run(self: Any, *args: Any) -> Any:
         if not self.changed:
-            self._changing()  # (may raise OSError: then nothing has changed)
+            self._changing()  # (may raise OSError: then no key has changed)
         self.busy = True
         try:
             result = method(self, *args)

@@ -145,9 +145,9 @@ def _check_room(engine: _Engine, end: int, expiring: int = 0) -> None:
     more pages than the same keys added one by one) and the room the
     engine keeps for the snapshot, with so many more expiring keys than it
     holds now (see engine.used), but for the free map's byte a block. A
-    store that needs those too (3.0.0 did not count them) opens, takes no
-    create until deletes make room, and closes without a snapshot (see
-    engine.close), as a crash does."""
+    store that needs those too (one 3.0.0 filled, which did not count them)
+    opens, takes no create until deletes make room, and closes without a
+    snapshot (see engine.close), as a crash does."""
     needed = (max(_blocks(end), 1) * _BLOCK + engine.index.room()
               + engine._snapshot_room(expiring) - _blocks(engine.dat_size))
     if needed > engine.max_bytes:
