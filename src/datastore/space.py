@@ -27,6 +27,11 @@ _START_MASK = (1 << _START_BITS) - 1
 _LIES = 64  # keys loaded that do not match the map, dropped by one fitting()
 
 
+def _key(length: int, start: int) -> int:
+    """The key in _FreeSpace.by_size of an extent of `length` blocks at `start`."""
+    return min(length, _LONG) << _START_BITS | start
+
+
 class _Sorted:
     """A sorted set of ints below 2**64, in runs of at most 2 * _RUN: adding
     or removing one is a bisection over the runs' first values, one within
@@ -148,12 +153,12 @@ class _FreeSpace:
         first, last, merged = start, end, []  # (the keys of the neighbours merged)
         if start and free[start - 1]:
             first = free.rfind(0, 0, start) + 1
-            merged.append(min(start - first, _LONG) << _START_BITS | first)
+            merged.append(_key(start - first, first))
         if end < len(free) and free[end]:
             last = self._end(end)
-            merged.append(min(last - end, _LONG) << _START_BITS | end)
+            merged.append(_key(last - end, end))
         free[start:end] = b"\1" * length
-        key = min(last - first, _LONG) << _START_BITS | first
+        key = _key(last - first, first)
         for old in merged:
             if old != key:  # (a long extent before keeps its key)
                 self.by_size.discard(old)
@@ -166,7 +171,7 @@ class _FreeSpace:
         length = self.length_at(start)
         if length is None:
             raise KeyError(start)  # no extent starts there: a bug
-        self.by_size.discard(min(length, _LONG) << _START_BITS | start)
+        self.by_size.discard(_key(length, start))
         if start + length == len(self.map):
             del self.map[start:]
         else:
@@ -197,10 +202,10 @@ class _FreeSpace:
         length = self.length_at(start)
         if length is None or length < blocks:
             raise KeyError(start)  # no such extent: a bug
-        self.by_size.discard(min(length, _LONG) << _START_BITS | start)
+        self.by_size.discard(_key(length, start))
         self.map[start:start + blocks] = bytes(blocks)
         if length > blocks:
-            self.by_size.add(min(length - blocks, _LONG) << _START_BITS | start + blocks)
+            self.by_size.add(_key(length - blocks, start + blocks))
         self.blocks -= blocks
 
     def load(self, free: bytes, keys: array[int]) -> bool:
@@ -233,7 +238,7 @@ class _FreeSpace:
     @classmethod
     def _keys_of(cls, free: bytes) -> array[int]:
         """The keys of the runs of the map, ascending."""
-        return array("Q", sorted(min(end - start, _LONG) << _START_BITS | start
+        return array("Q", sorted(_key(end - start, start)
                                  for start, end in cls._runs(free)))
 
     def dump(self) -> tuple[bytes, array[int]]:
