@@ -467,10 +467,10 @@ def cap_key(serial):
 def footprint(key, size, max_bytes):
     """Bytes a live key needs in DataStore's files, from the format described
     in datastore.py: its record (a 32-byte head, the key, the JSON) rounded up
-    to 512-byte blocks, and its entry in .idx (12 bytes, in buckets at least
-    half full: 24)."""
-    record = 32 + len(key.encode()) + size
-    return -(-record // 512) * 512 + 24
+    to 64-byte blocks, a byte a block for the free map, and its entry in .idx
+    (12 bytes, in buckets at least half full: 24)."""
+    blocks = -(-(32 + len(key.encode()) + size) // 64)
+    return blocks * 65 + 24
 
 
 class LiveKeys:
@@ -479,7 +479,7 @@ class LiveKeys:
     is picked and removed in O(1). Arrays and dicts of ints only: nothing the
     cycle collector walks, so its pauses in the timed calls are not ours."""
 
-    HEADER = 512  # .dat's header block
+    HEADER = 64  # .dat's header block
 
     def __init__(self, max_bytes):
         self.max_bytes = max_bytes
@@ -1238,7 +1238,7 @@ def report_cap_intro(args, spreads):
           f"value fit in {TTL_PACE:.0%} of max_bytes.\n")
     print("sqlite3 (no cap) starts from the same live keys and runs the same churn. "
           "Every call is timed with time.perf_counter. Live data: what the live keys "
-          "need in DataStore's files (records in 512-byte blocks and index entries, by "
+          "need in DataStore's files (records in 64-byte blocks and index entries, by "
           "the format in datastore.py). A separate process adds up the sizes of all "
           f"the store's files (os.stat) every {POLL_INTERVAL * 1000:.0f} ms, from "
           "before the store is opened until after it is closed.\n", flush=True)

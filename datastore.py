@@ -84,7 +84,7 @@ from __future__ import annotations
 import argparse
 from array import array
 from bisect import bisect_left, bisect_right
-from collections import Counter
+from collections import Counter, deque
 import contextlib
 import errno
 import functools
@@ -117,7 +117,7 @@ import zlib
 import fasteners  # type: ignore[import-untyped]  # it ships no type hints
 
 
-__version__ = "3.1.0"
+__version__ = "4.0.0"
 __all__ = [
     "DataStore", "create", "read", "delete", "get", "keys", "ttl", "close",
     "MAX_KEY_LENGTH", "MAX_VALUE_BYTES", "MAX_VALUE_DEPTH", "MAX_STORE_BYTES",
@@ -485,43 +485,42 @@ def _decode_object(body: bytes) -> Optional[dict[str, Any]]:
 # 30 bytes a key and a write of every key at each close, and is gone:
 # ``datastore export`` gives a store's content as JSON Lines.
 #
-# ``.dat`` is a sequence of 512-byte blocks. Block 0 holds the *header*
+# ``.dat`` is a sequence of 64-byte blocks. Block 0 holds the *header*
 # (``_HEADER``, little-endian, 48 bytes, within one disk sector)::
 #
-#     magic "DataStr3"   8 bytes ("DataStr2": version 2, converted at open)
+#     magic "DataStr4"   8 bytes ("DataStr3", "DataStr2": versions 3 and 2,
+#                        converted at open, see legacy)
 #     state              1 byte: 0 closed cleanly, 1 open (or killed while open)
 #     (zero)             3 bytes
 #     sequence number    8 bytes: closed, the next one to issue; open, a bound
 #                        that every number issued while open stays below
 #     stamp              8 bytes: closed, a random number the clean close wrote
 #                        into .idx too (see snapshot); open, 0
-#     (zero)             16 bytes (version 2: where its .dir and index table were)
+#     (zero)             16 bytes
 #     CRC-32             4 bytes, of the fields before it
 #
 # Every other block is the first block of a *record*, a block inside one, or
 # free space. A record starts at a block boundary and describes itself with a
 # 32-byte *head* (``_HEAD``, little-endian)::
 #
-#     magic "DSr2"       4 bytes
-#     kind               1 byte: 1 value, 2 free marker, 3 version 2's index table
-#     key length         1 byte: UTF-8 bytes of the key (0 for kinds 2 and 3)
+#     magic "ÿDSr"    4 bytes
+#     kind               1 byte: 1 value, 2 free marker
+#     key length         1 byte: UTF-8 bytes of the key (0 for kind 2)
 #     (zero)             2 bytes
 #     sequence number    8 bytes: which of two copies of a key is newer
 #     expires_at         8 bytes: the bits of a float64 time.time() value,
-#                        0 for never (kinds 2 and 3: 0)
+#                        0 for never (kind 2: 0)
 #     length             4 bytes: kind 1, bytes of the body; kind 2, blocks of
-#                        free space that start here; kind 3, bytes of the body
+#                        free space that start here
 #     CRC-32             4 bytes, of the head before it, the key and the body
 #
 # * kind 1, a *value*: the key (UTF-8) and the body (the value as compact
-#   JSON) follow the head.
+#   JSON, UTF-8) follow the head.
 # * kind 2, a *free marker*: nothing follows the head.
-# * kind 3, version 2's *index table*, base64 text written at close: free
-#   space once a version 2 store is converted.
 #
-# The kind is a byte below 0x20, which JSON and base64 text never contain, and
-# a key starts 32 bytes into its block: so nothing a user stores can look like
-# a head at a block boundary.
+# The magic starts with the byte 0xFF, which UTF-8 never contains: so nothing
+# a user stores, a key or a value, can look like a head at a block boundary,
+# however its bytes fall across blocks.
 #
 # The engine describes a record by a *slot*, one int (see ``_slot``): record
 # size in bytes (16 bits) | block (32 bits) << 16 | expires_at bits << 48.
@@ -529,23 +528,23 @@ def _decode_object(body: bytes) -> Optional[dict[str, Any]]:
 # record's head. The bits of non-negative floats order as the floats do, so
 # expiries compare directly as ints.
 
-# Records start at multiples of this many bytes (a key, 32 bytes into its
-# block, never starts on one: so no byte a user stores can look like a head).
-_BLOCK = 512
+# Records start at multiples of this many bytes (2 ** _BLOCK_BITS).
+_BLOCK, _BLOCK_BITS = 64, 6
 # A record's head, and the same without the CRC that covers it.
 _HEAD = struct.Struct("<4sBBHQQII")
 _FIELDS = struct.Struct("<4sBBHQQI")
-_MAGIC = b"DSr2"
-_VALUE, _FREE, _TABLE = 1, 2, 3
+_MAGIC = b"\xffDSr"
+_VALUE, _FREE = 1, 2
 _MAX_KEY_BYTES = 4 * MAX_KEY_LENGTH
 _MAX_RECORD = _HEAD.size + _MAX_KEY_BYTES + MAX_VALUE_BYTES
-_MAX_BLOCKS = -(-_MAX_RECORD // _BLOCK)  # 33
+_MAX_BLOCKS = -(-_MAX_RECORD // _BLOCK)  # 259
 _MAX_SEQ = 1 << 62  # larger sequence numbers in a file are damage (they would overflow)
 # The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
-_LARGEST_STORE = 1 << 40
+_LARGEST_STORE = 1 << 38
 
 _HEADER = struct.Struct("<8sB3xQQ16xI")
-_HEADER_MAGIC, _V2_MAGIC = b"DataStr3", b"DataStr2"
+_HEADER_MAGICS = {b"DataStr4": 4, b"DataStr3": 3, b"DataStr2": 2}  # -> version
+_HEADER_MAGIC = b"DataStr4"
 _CLOSED, _OPEN = 0, 1
 _LEASE = 1 << 20  # sequence numbers issued while open per write of the header's bound
 
@@ -601,41 +600,40 @@ def _pack_value(seq: int, key: bytes, exp: int, body: bytes) -> bytes:
 
 def _free_marker(length: int) -> bytes:
     """A free marker of `length` blocks (packed once, for the lengths of a record)."""
-    return _FREE_MARKERS[length] if length <= _MAX_BLOCKS else _pack_marker(_FREE, length)
+    return _FREE_MARKERS[length] if length <= _MAX_BLOCKS else _pack_marker(length)
 
 
-def _pack_marker(kind: int, length: int, body: bytes = b"", seq: int = 0) -> bytes:
-    """A free marker (length in blocks) or an index table (its body)."""
-    fields = _FIELDS.pack(_MAGIC, kind, 0, 0, seq, 0, length)
-    return fields + zlib.crc32(body, zlib.crc32(fields)).to_bytes(4, "little") + body
+def _pack_marker(length: int) -> bytes:
+    fields = _FIELDS.pack(_MAGIC, _FREE, 0, 0, 0, 0, length)
+    return fields + zlib.crc32(fields).to_bytes(4, "little")
 
 
-_FREE_MARKERS = tuple(_pack_marker(_FREE, length) for length in range(_MAX_BLOCKS + 1))
+_FREE_MARKERS = tuple(_pack_marker(length) for length in range(_MAX_BLOCKS + 1))
 
 
 # (kind, seq, key, expiry bits, length, total bytes): see _parse_item
 _Item = Tuple[int, int, bytes, int, int, int]
 
 
-def _parse_item(buf: bytes, off: int) -> Optional[_Item]:
+def _parse_item(buf: bytes, off: int, magic: bytes = _MAGIC) -> Optional[_Item]:
     """The valid record or free marker at buf[off:], or None.
 
-    Returns (kind, seq, key, expiry bits, length, total bytes). A table longer
-    than what `buf` holds also gives None: the caller reads it whole. (The
-    scan in recovery makes the same checks in bulk; a test holds the two to
-    the same answers.)
+    Returns (kind, seq, key, expiry bits, length, total bytes). (The scan in
+    recovery makes the same checks in bulk; a test holds the two to the same
+    answers. Versions 2 and 3 wrote the same heads under another magic: see
+    legacy.)
     """
     if len(buf) - off < _HEAD.size:
         return None
-    magic, kind, key_len, zero, seq, exp, length, crc = _HEAD.unpack_from(buf, off)
-    if magic != _MAGIC or zero or exp > _LATEST_EXPIRY_BITS or seq >= _MAX_SEQ:
+    found, kind, key_len, zero, seq, exp, length, crc = _HEAD.unpack_from(buf, off)
+    if found != magic or zero or exp > _LATEST_EXPIRY_BITS or seq >= _MAX_SEQ:
         return None
     if kind == _VALUE:
         if not 0 < key_len <= _MAX_KEY_BYTES or length > MAX_VALUE_BYTES:
             return None
         total = _HEAD.size + key_len + length
-    elif kind in (_FREE, _TABLE) and not key_len and length:
-        total = _HEAD.size + (length if kind == _TABLE else 0)
+    elif kind == _FREE and not key_len and length:
+        total = _HEAD.size
     else:
         return None
     end = off + total
@@ -691,15 +689,15 @@ def _pack_header(state: int, seq: int, stamp: int = 0) -> bytes:
 
 
 class _Header:
-    """The fields of a valid header (version 3, or 2: see `version`)."""
+    """The fields of a valid header (of version 4, 3 or 2: see `version`)."""
 
     def __init__(self, data: bytes) -> None:
         magic, self.state, self.seq, self.stamp, _ = _HEADER.unpack(data)
-        self.version = 3 if magic == _HEADER_MAGIC else 2
+        self.version = _HEADER_MAGICS[magic]
 
     @staticmethod
     def parse(data: bytes) -> Optional[_Header]:
-        if (len(data) < _HEADER.size or not data.startswith((_HEADER_MAGIC, _V2_MAGIC))
+        if (len(data) < _HEADER.size or data[:8] not in _HEADER_MAGICS
                 or zlib.crc32(data[:_HEADER.size - 4])
                 != int.from_bytes(data[_HEADER.size - 4:_HEADER.size], "little")):
             return None
@@ -1232,12 +1230,13 @@ class _Expiries:
 # whole table's, and the file grows a page at a time. When ``max_bytes`` has
 # no room for that page, the entry is *spilled* instead: kept beside the
 # buckets, in memory and in the snapshot a clean close writes (12 bytes,
-# which the record a delete frees always pays for), until the next rebuild.
+# which the engine keeps room for), until a removal makes room in its bucket
+# or the next rebuild takes it in.
 #
 # ``path.idx`` is a sequence of 4096-byte pages. Page 0 is the header
 # (``_IDX_HEADER``, little-endian)::
 #
-#     magic "DSidx3\0\0"  8 bytes
+#     magic "DSidx4\0\0"  8 bytes
 #     state                1 byte: 0 closed cleanly, 1 open (or killed while open)
 #     depth                1 byte: the directory's depth
 #     (zero)               2 bytes
@@ -1272,7 +1271,6 @@ _PAGE = 4096
 _ENTRIES = 340
 _IDX_HEADER = struct.Struct("<8sBB2xIQQIII")
 _IDX_MAGIC = b"DSidx4\0\0"
-_IDX_MAGIC_3 = b"DSidx3\0\0"  # 3.0.0's: the same, with an older snapshot in its tail
 
 _HASHES = 4      # a bucket's first hash, in 4-byte words from its start
 _PLACES = 172    # its first place, in 8-byte words from its start
@@ -1380,19 +1378,21 @@ class _Index:
                 ) -> tuple[list[tuple[int, int, int, int]], list[int]]:
         """The buckets, (prefix, depth, lo, hi) of packed, and the entries
         spilled, of a build (packed: each entry as hash << 48 | place, in
-        order). Raises _StoreFull if they cannot fit in `room`."""
+        order). Raises _StoreFull if they cannot fit in `room`. Buckets split
+        breadth first, so that where `room` runs out, the spilled entries
+        are those of the deepest buckets, the fewest, as one by one."""
         buckets: list[tuple[int, int, int, int]] = []
         spill: list[int] = []
-        stack, deepest = [(0, 0, 0, len(packed))], 0
-        while stack:
-            prefix, depth, lo, hi = stack.pop()
+        queue, deepest = deque([(0, 0, 0, len(packed))]), 0
+        while queue:
+            prefix, depth, lo, hi = queue.popleft()
             if hi - lo > _ENTRIES and depth < _FULL_DEPTH and (room is None or (
-                    len(buckets) + len(stack) + 3) * _PAGE + (4 << max(deepest, depth + 1))
+                    len(buckets) + len(queue) + 3) * _PAGE + (4 << max(deepest, depth + 1))
                     + 12 * len(spill) <= room):  # (header, buckets, the new one)
                 upper = prefix | 1 << (31 - depth)
                 mid = bisect_left(packed, upper << 48, lo, hi)
-                stack.append((upper, depth + 1, mid, hi))
-                stack.append((prefix, depth + 1, lo, mid))
+                queue.append((upper, depth + 1, mid, hi))
+                queue.append((prefix, depth + 1, lo, mid))
                 deepest = max(deepest, depth + 1)
                 continue
             if hi - lo > _ENTRIES:  # no room to split it, or it cannot split
@@ -1660,6 +1660,19 @@ class _Index:
         u64[end - 1] = 0
         u32[base + 1] -= 1 << 16
         self.count -= 1
+        if self.spilled:
+            self._take_back(page)
+
+    def _take_back(self, page: int) -> None:
+        """Move an entry spilled beside `page`, if any, into the room a
+        removal just made in it: so entries spilled at the cap go back into
+        the buckets as deletes make room, and stay few."""
+        for h, places in self.spilled.items():
+            if self.directory[h >> self.shift] == page:
+                place = places[-1]
+                self._unspill(h, place)
+                self.add(h, place)
+                return
 
     def replace(self, h: int, place: int, new: int) -> None:
         if self.spilled and self._unspill(h, place, new):
@@ -1744,17 +1757,10 @@ def _saved_header(fd: int, stamp: Optional[int] = None) -> Optional[tuple[Any, .
         return None
     fields = _IDX_HEADER.unpack(header)
     magic, state, _, _, _, file_stamp, _, _, crc = fields
-    if magic not in (_IDX_MAGIC, _IDX_MAGIC_3) or zlib.crc32(header[:-4]) != crc or (
+    if magic != _IDX_MAGIC or zlib.crc32(header[:-4]) != crc or (
             stamp is not None and (state != _CLOSED or file_stamp != stamp)):
         return None
     return fields
-
-
-def _saved_by_3_0(fd: int, stamp: int) -> bool:
-    """Whether version 3.0.0 saved the index file at the clean close that
-    left `stamp`: its snapshot's layout is an older one, not damage."""
-    fields = _saved_header(fd, stamp)
-    return fields is not None and fields[0] == _IDX_MAGIC_3
 
 
 def _keys_saved(fd: int, stamp: Optional[int] = None) -> Optional[int]:
@@ -2031,7 +2037,7 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
     do not match the header or .dat (then scan .dat). What matches but does
     not make sense raises CorruptStoreError."""
     engine.dat_size = os.fstat(engine.dat).st_size
-    if header.version != 3 or header.state != _CLOSED or not header.stamp:
+    if header.version != 4 or header.state != _CLOSED or not header.stamp:
         return False
     data = engine.index.load(header.stamp, engine.max_bytes)
     if data is None:
@@ -2079,7 +2085,7 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
 # closed cleanly is always scanned:
 #
 # * A record counts only if its CRC-32 matches, so a torn write is never taken
-#   for data. Free markers and the index table are recognised too, so the scan
+#   for data. Free markers are recognised too, so the scan
 #   can tell free space from damage; damage beyond the one record a crash can
 #   tear is logged on the ``datastore`` logger.
 # * Each key has at most one valid record at rest. While a record is being
@@ -2094,8 +2100,8 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
 #   because the kernel may have dropped the pages it could not write.
 #
 # The scan reads ``.dat`` in chunks and checks the value records of a chunk
-# in bulk (``_values``), several times faster than one by one; free markers
-# and tables, which are few, go through ``_parse_item``.
+# in bulk (``_values``), several times faster than one by one; free markers,
+# which are fewer, go through ``_parse_item``.
 
 _SCAN_CHUNK = 1 << 22  # bytes of .dat read at a time by a scan
 
@@ -2109,7 +2115,7 @@ def _derive_free(engine: _Engine, held: Iterable[int], marked: Optional[dict[int
     slots = sorted(map(and_, held, repeat(_SLOT_MASK)))  # by block
     starts = list(map(rshift, slots, repeat(_BLOCK_SHIFT)))
     lengths = list(map(rshift, map(add, map(and_, slots, repeat(_SIZE_MASK)),
-                                   repeat(_BLOCK - 1)), repeat(9)))
+                                   repeat(_BLOCK - 1)), repeat(_BLOCK_BITS)))
     ends = [1] + list(map(add, starts, lengths))  # block 0 is the header
     starts.append(max(_blocks(engine.dat_size), ends[-1]))
     if any(map(lt, starts, ends)):
@@ -2128,35 +2134,37 @@ def _new_free(engine: _Engine, start: int, length: int, marked: Optional[dict[in
     engine.free.add(start, length)
 
 
-def _holds_records(engine: _Engine) -> bool:
-    """Whether .dat holds any valid record or marker of ours (for a file
-    whose header is not valid: damaged, or not a store's)."""
+def _holds_records(engine: _Engine, magic: bytes = _MAGIC, step: int = _BLOCK) -> bool:
+    """Whether .dat holds any valid record or marker under `magic` at a
+    multiple of `step` bytes (for a file whose header is not valid:
+    damaged, or not a store's)."""
     size = os.fstat(engine.dat).st_size
-    return any(_parse_item(buf, off) for _, buf, starts in _chunks(engine.dat, size, _HEAD.size)
-               for off in starts if buf.startswith(_MAGIC, off))
+    return any(_parse_item(buf, off, magic)
+               for _, buf, starts in _chunks(engine.dat, size, _HEAD.size, step)
+               for off in starts if buf.startswith(magic, off))
 
 
 def _recover(engine: _Engine, header: Optional[_Header], listed: Optional[int] = None,
-             by_3_0: bool = False) -> None:
+             converted: Optional[int] = None) -> None:
     """Rebuild the index by scanning .dat. If the header says the store was
     closed cleanly, its snapshot did not match .dat: that is damage, not a
     crash, and `listed` is the number of keys the snapshot held, if known
-    (see _report_damage); unless version 3.0.0 wrote it (`by_3_0`), whose
-    snapshot is laid out otherwise."""
+    (see _report_damage). A store `converted` from version 2 or 3 (see
+    legacy) is not checked for damage: its free space has no marker of
+    this version to explain it."""
     engine.dat_size = os.fstat(engine.dat).st_size
     found: dict[bytes, int] = {}
-    losers, marked, tables, newest = _scan(engine, found)
+    losers, marked, newest = _scan(engine, found)
     engine.seq = max(header.seq if header else 1, newest + 1)
     _index_found(engine, found, losers, marked)
-    closed = (header is not None and header.state == _CLOSED and header.version == 3
-              and not by_3_0)
+    if converted:
+        _log.info("datastore %s: converted from version %d (%d keys)", engine.dat_path[:-4],
+                  converted, engine.index.count)
+        return
+    closed = header is not None and header.state == _CLOSED
     if closed and engine.dat_size <= _BLOCK and not listed:
         return  # a new store, which has no .idx yet
-    if header is not None and (header.version == 2 or by_3_0):
-        _log.info("datastore %s: converted from version %s (%d keys)", engine.dat_path[:-4],
-                  "3.0.0" if by_3_0 else 2, engine.index.count)
-    _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}),
-                   closed, listed)
+    _report_damage(engine, _unexplained(engine, {**marked, **dict(losers)}), closed, listed)
 
 
 def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[int, int]],
@@ -2176,9 +2184,16 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     _derive_free(engine, slots, marked)
     engine.expiries.load(list(compress(exps, exps)),
                          list(map(and_, compress(slots, exps), repeat(_SLOT_MASK))))
-    room = engine.index_room(end) + _blocks(engine.dat_size)  # (the map: see _check_room)
-    try:  # within max_bytes, spilling what no page has room for (see index)
+    def build(room: int) -> None:  # spilling what no page has room for (see index)
         engine.index.build(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK)), room)
+
+    room = engine.index_room(end)
+    try:
+        try:
+            build(room)
+        except _StoreFull:  # over max_bytes, by the free map at most (see _check_room)
+            room += _blocks(engine.dat_size)
+            build(room)
     except _StoreFull as full:  # (the index alone: with the rest, what it needs)
         raise _StoreFull(0, engine.max_bytes - room + full.used) from None
     _check_room(engine, end)
@@ -2191,7 +2206,8 @@ def _check_room(engine: _Engine, end: int, expiring: int = 0) -> None:
     more pages than the same keys added one by one) and the room the
     engine keeps for the snapshot, with so many more expiring keys than it
     holds now (see engine.used), but for the free map's byte a block. A
-    store that needs those too (one 3.0.0 filled, which did not count them)
+    store that needs those too (one that 3.0.0 filled, which did not count
+    them, or any that version 3 filled, whose blocks were 8 times larger)
     opens, takes no create until deletes make room, and closes without a
     snapshot (see engine.close), as a crash does."""
     needed = (max(_blocks(end), 1) * _BLOCK + engine.index.room()
@@ -2201,18 +2217,16 @@ def _check_room(engine: _Engine, end: int, expiring: int = 0) -> None:
 
 
 def _scan(engine: _Engine, index: dict[bytes, int]
-          ) -> tuple[list[tuple[int, int]], dict[int, int], dict[int, int], int]:
+          ) -> tuple[list[tuple[int, int]], dict[int, int], int]:
     """Read every valid item of .dat into `index` (newest copy of each key).
 
-    Returns the older copies (block, blocks), the free markers and the
-    index tables (each as block -> blocks), and the highest sequence
-    number seen. Value records are checked a chunk at a time, in bulk
-    (see _values); free markers and tables one by one.
+    Returns the older copies (block, blocks), the free markers (block ->
+    blocks) and the highest sequence number seen. Value records are checked
+    a chunk at a time, in bulk (see _values); free markers one by one.
     """
     newest = 0
     losers: list[tuple[int, int]] = []
     marked: dict[int, int] = {}
-    tables: dict[int, int] = {}
     for first, buf, starts in _chunks(engine.dat, engine.dat_size, _HEAD.size):
         columns = _head_columns(buf, starts)
         chosen = list(map(_VALUE_WORDS.__contains__, columns[0]))
@@ -2228,19 +2242,11 @@ def _scan(engine: _Engine, index: dict[bytes, int]
                 if other != slot:
                     _choose(engine, index, key, slot, seq, losers)
         newest = max(newest, max(seqs, default=0))
-        for off in compress(starts, map(_MARKER_WORDS.__contains__, columns[0])):
-            block = first + off // _BLOCK
-            kind, length = buf[off + 4], _HEAD.unpack_from(buf, off)[6]
+        for off in compress(starts, map(_MARKER_WORD.__eq__, columns[0])):
             item = _parse_item(buf, off)
-            if (item is None and kind == _TABLE  # a table longer than buf
-                    and block * _BLOCK + _HEAD.size + length <= engine.dat_size
-                    and _HEAD.size + length <= engine.max_bytes // 16):
-                item = _parse_item(_read_at(engine.dat, _HEAD.size + length, block * _BLOCK), 0)
-            if item is not None and kind == _FREE:
-                marked[block] = length
-            elif item is not None:
-                tables[block] = _blocks(_HEAD.size + length)
-    return losers, marked, tables, newest
+            if item is not None:
+                marked[first + off // _BLOCK] = item[4]
+    return losers, marked, newest
 
 
 def _choose(engine: _Engine, index: dict[bytes, int], key: bytes, slot: int, seq: int,
@@ -2257,8 +2263,7 @@ def _choose(engine: _Engine, index: dict[bytes, int], key: bytes, slot: int, seq
 
 def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]]:
     """The regions (block, blocks) of the free extents that no item the
-    scan found (a free marker, an index table or an older copy, as block
-    -> blocks) covers: a torn write, or damage."""
+    scan found (a free marker or an older copy, as block -> blocks) covers: a torn write, or damage."""
     damage = []
     for start, length in engine.free.extents():
         at, end = start, start + length
@@ -2303,16 +2308,18 @@ def _report_damage(engine: _Engine, damage: list[tuple[int, int]], closed: bool,
 
 # --- Reading .dat in bulk: a scan, and the heads the index points at -------
 
-def _chunks(fd: int, size: int, head: int) -> Iterator[tuple[int, bytes, range]]:
+def _chunks(fd: int, size: int, head: int, step: int = _BLOCK
+            ) -> Iterator[tuple[int, bytes, range]]:
     """.dat after the header, a chunk at a time: (block, buffer, starts),
     where the buffer holds the file from that block on, and `starts` are the
-    offsets in it of the chunk's blocks that hold a whole head of `head`
-    bytes. The buffer holds at least _MAX_RECORD bytes from each of those,
-    or up to the end of the file."""
+    offsets in it of the chunk's multiples of `step` bytes in the file
+    (blocks, by default) that hold a whole head of `head` bytes. The buffer
+    holds at least _MAX_RECORD bytes from each of those, or up to the end of
+    the file."""
     pos = _BLOCK
     while pos < size:
         buf = _read_at(fd, min(_SCAN_CHUNK + _MAX_RECORD, size - pos), pos)
-        yield pos // _BLOCK, buf, range(0, min(_SCAN_CHUNK, len(buf) - head + 1), _BLOCK)
+        yield pos // _BLOCK, buf, range(-pos % step, min(_SCAN_CHUNK, len(buf) - head + 1), step)
         pos += _SCAN_CHUNK
 
 
@@ -2339,7 +2346,7 @@ def _head_word(kind: int, key_len: int) -> int:
 
 # What the first column of a valid head can hold (see _head_columns).
 _VALUE_WORDS = frozenset(_head_word(_VALUE, n) for n in range(1, _MAX_KEY_BYTES + 1))
-_MARKER_WORDS = frozenset((_head_word(_FREE, 0), _head_word(_TABLE, 0)))
+_MARKER_WORD = _head_word(_FREE, 0)
 
 
 def _values(first: int, buf: bytes, starts: range, columns: list[Sequence[int]],
@@ -2418,14 +2425,20 @@ def _indexed_heads(engine: _Engine) -> tuple[list[bytes], list[int], list[int]]:
 
 
 # --- legacy.py ---------------------------------------------------------------
-# Stores written by version 1.0, converted in place at their first open.
+# Stores written by versions 1.0 to 3, converted in place at their first open.
+#
+# Versions 2 and 3 wrote this version's records (see format) at 512-byte
+# boundaries, under the magic "DSr2", and 2.0 also its index as a record of
+# kind 3 (base64 text) at each close. Their heads are given this version's
+# magic in place (``_upgrade``), and then the store is read as after a crash.
 #
 # A 1.0 ``.dat`` starts with a header (``_V1_HEADER``: magic "DataStr1",
 # state, sequence number, and two CRC-checked fields) and holds records at
-# 512-byte blocks, each with a head (``_V1_HEAD``): magic "DSr1", kind (1 a
-# value, 2 a tombstone), key length, (unused), expires_at as a float64, body
+# 512-byte boundaries, each with a head (``_V1_HEAD``): magic "DSr1", kind (1
+# a value, 2 a tombstone), key length, (unused), expires_at as a float64, body
 # length, CRC-32 of the head before it, the key and the body. The newest
-# record of a key, the one at the highest offset, is the key's state.
+# record of a key, the one at the highest offset, is the key's state. Each
+# value is copied as a record of this version (``_convert_v1``).
 
 _V1_HEADER = struct.Struct("<8sB3xQII")
 _V1_HEADER_MAGIC = b"DataStr1"
@@ -2433,6 +2446,48 @@ _V1_HEAD = struct.Struct("<4sBBBxdII")
 _V1_MAGIC = b"DSr1"
 # Records copied between fsyncs, before their originals are invalidated.
 _CONVERT_BATCH = 256
+# Where versions 1.0 to 3 started records, and 2 and 3's magic.
+_OLD_BLOCK, _OLD_MAGIC = 512, b"DSr2"
+
+
+def _written_by_2_or_3(engine: _Engine) -> bool:
+    """For a .dat whose header is not valid: whether it holds records of
+    version 2 or 3 and none of this version's."""
+    return _holds_records(engine, _OLD_MAGIC, _OLD_BLOCK) and not _holds_records(engine)
+
+
+def _upgrade(engine: _Engine) -> None:
+    """Give each valid value record of versions 2 and 3 this version's
+    magic, in place, and mark the free blocks after it, up to the next
+    512-byte boundary. Those records are read at 512-byte boundaries only:
+    a key crosses 64-byte ones, and one that holds such a head is no record.
+    Their free markers, and 2.0's index tables, are left as they are: free
+    space, which recovery marks anew. A chunk at a time, the bytes from its
+    first head changed to its last are written at once (the rest as they
+    were). The header stays until the store is read, so a crash here
+    converts again; what this wrote is fsynced first."""
+    size = os.fstat(engine.dat).st_size
+    upgraded = False
+    for first, buf, starts in _chunks(engine.dat, size, _HEAD.size, _OLD_BLOCK):
+        image, lo, hi = bytearray(buf), len(buf), 0
+        for off in starts:
+            item = _parse_item(buf, off, _OLD_MAGIC) if buf.startswith(_OLD_MAGIC, off) else None
+            if item is None or item[0] != _VALUE or not _valid_key(item[2]):
+                continue
+            fields = _MAGIC + buf[off + 4:off + _FIELDS.size]
+            crc = zlib.crc32(buf[off + _HEAD.size:off + item[5]], zlib.crc32(fields))
+            image[off:off + _HEAD.size] = fields + crc.to_bytes(4, "little")
+            lo, hi = min(lo, off), max(hi, off + _HEAD.size)
+            end = off + _blocks(item[5]) * _BLOCK  # (in buf) its blocks' end, and the gap's
+            gap = -(first * _BLOCK + end) % _OLD_BLOCK
+            if gap and end + _HEAD.size <= len(buf) and first * _BLOCK + end + gap <= size:
+                image[end:end + _HEAD.size] = _free_marker(gap // _BLOCK)
+                hi = end + _HEAD.size
+        if hi:
+            _write_at(engine.dat, bytes(image[lo:hi]), first * _BLOCK + lo)
+            upgraded = True
+    if upgraded:
+        _fsync(engine.dat)
 
 
 def _is_v1_header(data: bytes) -> bool:
@@ -2445,9 +2500,9 @@ def _convert_v1(engine: _Engine, old_dir: str) -> None:
     """Convert a store written by version 1.0, in place.
 
     The 1.0 header stays until the end, so a crash here converts again: a
-    key's version 2 record, if any, beats its 1.0 records; else its 1.0
-    record at the highest offset wins, as it did in 1.0 (a tombstone
-    there means deleted). Each 1.0 value is copied as a version 2 record,
+    key's record of a later version, if any, beats its 1.0 records; else its
+    1.0 record at the highest offset wins, as it did in 1.0 (a tombstone
+    there means deleted). Each 1.0 value is copied as a record of this version,
     then invalidated; superseded 1.0 records go before tombstones, which
     until then hide them.
     """
@@ -2461,7 +2516,7 @@ def _convert_v1(engine: _Engine, old_dir: str) -> None:
     engine.dat_size = os.fstat(engine.dat).st_size
     newest: dict[bytes, tuple[int, int, float, Optional[bytes]]] = {}
     older: list[tuple[int, int]] = []
-    for first, buf, starts in _chunks(engine.dat, engine.dat_size, _V1_HEAD.size):
+    for first, buf, starts in _chunks(engine.dat, engine.dat_size, _V1_HEAD.size, _OLD_BLOCK):
         for off in starts:
             if not buf.startswith(_V1_MAGIC, off):
                 continue
@@ -2478,7 +2533,8 @@ def _convert_v1(engine: _Engine, old_dir: str) -> None:
             newest[key] = (block, _blocks(end - off), expires_at,
                            buf[key_at + key_len:end] if kind == 1 else None)
     found: dict[bytes, int] = {}
-    losers, marked, _, seq = _scan(engine, found)  # from a conversion cut short
+    _upgrade(engine)  # the copies of a conversion by 2.0 or 3 cut short
+    losers, marked, seq = _scan(engine, found)  # and of one by this version
     engine.seq = seq + 1
     engine.lease = _MAX_SEQ  # no header write: the 1.0 header stays until the end
     tombstones, convert = [], {}
@@ -2690,8 +2746,8 @@ def _last_record(engine: _Engine, end: int) -> Optional[tuple[bytes, int, int, b
 # then .dat is opened and locked (locks), a creator's leftover temporary file
 # removed, and the index loaded: from .idx after a clean close (snapshot), by
 # a scan after a crash (recovery), or by converting a store written by
-# version 1.0 (legacy) or 2.0 (a scan, as after a crash). Only then is the
-# header marked open, before anything else is written.
+# version 1.0, 2 or 3 (legacy). Only then is the header marked open, before
+# anything else is written.
 
 def _open(engine: _Engine, deadline: Optional[float]) -> None:
     """See _Engine.open."""
@@ -2717,7 +2773,7 @@ def _open(engine: _Engine, deadline: Optional[float]) -> None:
 
 def _load(engine: _Engine) -> None:
     """Read the index: from .idx after a clean close, else by scanning .dat
-    (see recovery); convert a 1.0 or 2.0 store. Then mark the header open,
+    (see recovery); convert a store of version 1.0, 2 or 3. Then mark the header open,
     before anything else is written."""
     size = os.fstat(engine.dat).st_size
     first = _read_at(engine.dat, min(size, _HEADER.size), 0)
@@ -2726,13 +2782,15 @@ def _load(engine: _Engine) -> None:
     old_dir = engine.dat_path[:-4] + ".dir"  # of a 1.0 or 2.0 store: removed once converted
     engine.files.append(_open_regular(engine.idx_path))
     engine.index.fd = engine.files[-1].fileno()
-    # A store that holds no record leaves .dat one header, or one block,
-    # long, zero after the header, beside an index of no key: with the
-    # header torn by a power cut, it is that, not a foreign file.
-    torn = (size in (_HEADER.size, _BLOCK) and _keys_saved(engine.index.fd) in (0, None)
+    # A store that holds no record leaves .dat one header, or one block (of
+    # this version or an older one), long, zero after the header, beside an
+    # index of no key: with the header torn by a power cut, it is that, not
+    # a foreign file.
+    torn = (size in (_HEADER.size, _BLOCK, _OLD_BLOCK) and _keys_saved(engine.index.fd) in (0, None)
             and not os.path.exists(old_dir)
             and not _read_at(engine.dat, size, 0)[_HEADER.size:].strip(b"\0"))
-    if size and header is None and not v1 and not torn and not _holds_records(engine):
+    if (size and header is None and not v1 and not torn and not _holds_records(engine)
+            and not _holds_records(engine, _OLD_MAGIC, _OLD_BLOCK)):
         raise CorruptStoreError(
             f"{engine.dat_path} is not a datastore data file (no valid header "
             "or record); move it away or open a different path",
@@ -2747,9 +2805,11 @@ def _load(engine: _Engine) -> None:
         if v1:
             _convert_v1(engine, old_dir)
         elif header is None or not _load_snapshot(engine, header):
+            version = header.version if header else 3 if _written_by_2_or_3(engine) else 4
+            if version < 4:
+                _upgrade(engine)
             listed = _keys_saved(engine.index.fd, header.stamp) if header else None
-            _recover(engine, header, listed,
-                     header is not None and _saved_by_3_0(engine.index.fd, header.stamp))
+            _recover(engine, header, listed, version if version < 4 else None)
     finally:
         if gc_was_on:
             gc.enable()
@@ -2776,8 +2836,9 @@ def _load(engine: _Engine) -> None:
 # * ``create`` takes the best-fitting free extent, or appends to ``.dat``. If
 #   it splits an extent, it first writes a free marker for the remainder. The
 #   write of the record is the *commit point*: from then on the key exists.
-#   It leaves room in ``max_bytes`` for one copy of the largest record, which
-#   a ``set`` replacing a record with one no larger may use.
+#   It leaves room in ``max_bytes`` for a copy of the largest record, which a
+#   ``set`` replacing a record with one no larger may use, and for 64 spilled
+#   index entries (see index): so at the cap a delete makes room for a create.
 # * ``set`` of a live key writes the new record the same way (its commit
 #   point), then a free marker over the old one. If the old record was
 #   durable (see below), the new one is fsynced first.
@@ -2803,12 +2864,13 @@ def _load(engine: _Engine) -> None:
 # toward the start of .dat (one fsync covers a batch).
 _RECLAIM_BATCH = 16
 _MOVE_FOR_ROOM = 64
+_SPILL_ROOM = 64  # index entries spilled that room is kept for (see index)
 
 
 class _Engine:
     """The files of one store: records and free space in .dat, the index in .idx.
 
-    It deals in bytes keys, records, 512-byte blocks and file descriptors,
+    It deals in bytes keys, records, 64-byte blocks and file descriptors,
     held open for the store's life and never reopened by name; it holds the
     flock on .dat. It knows no threads, clocks or users: the caller serialises
     every call and passes the time where expiry matters. See the module
@@ -2937,19 +2999,18 @@ class _Engine:
     def index_room(self, end: int) -> int:
         """Bytes .idx may take, with 12 a spilled entry (see index.build), if
         .dat ends at `end`."""
-        spilled = sum(map(len, self.index.spilled.values()))
-        return self.max_bytes - max(_blocks(end), 1) * _BLOCK - self._snapshot_room() \
-            + 12 * spilled
+        return (self.max_bytes - max(_blocks(end), 1) * _BLOCK - self._snapshot_room()
+                + 12 * sum(map(len, self.index.spilled.values())))
 
     def _snapshot_room(self, expiring: int = 0, spill: int = 0) -> int:
         """Room for the snapshot, with so many more expiring keys and spilled
-        entries. The free map takes a byte a block of .dat (which an append
+        entries (room is kept for _SPILL_ROOM at least). The free map takes a byte a block of .dat (which an append
         counts: see _place). The free extents' keys take none: a close saves
         them only if they fit (see snapshot), so a delete, which may add
         one, never needs room."""
         spilled = sum(map(len, self.index.spilled.values())) if self.index.spilled else 0
-        return _snapshot_room(0, self.expiries.count + expiring, spilled + spill,
-                              _blocks(self.dat_size))
+        return _snapshot_room(0, self.expiries.count + expiring,
+                              max(spilled + spill, _SPILL_ROOM), _blocks(self.dat_size))
 
     # --- Writing ---
 
@@ -3021,7 +3082,9 @@ class _Engine:
             more expiry and free extent to save at close), and the room kept
             for a set(), unless this replaces a record no smaller: that may
             use the room."""
-            grow = _snapshot_room(0, bool(exp), spill) - _snapshot_room(0, 0)
+            grow = _snapshot_room(0, bool(exp)) - _snapshot_room(0, 0)
+            if spill:
+                grow += self._snapshot_room(0, 1) - self._snapshot_room()
             if old is None:
                 grow += 0 if spill else self.index.split_cost(h)
             elif blocks <= _blocks(_slot_size(old)) and (not exp or _slot_exp(old)):
@@ -3169,12 +3232,9 @@ class _Engine:
         self.free.add(block, _blocks(size))
 
     def _supersede(self, key: bytes, old: int) -> None:
-        """Invalidate key's previous copy, after its new one is written.
-
-        The new copy has already committed, so a failure here is not the
-        caller's: the old copy waits on a list that the next write empties
-        before it does anything else.
-        """
+        """Invalidate key's previous copy, after its new one is written. The
+        new copy has committed, so a failure here is not the caller's: the
+        old copy waits on a list that the next write empties first."""
         try:
             self._invalidate((key, old))
         except OSError:
@@ -3582,7 +3642,7 @@ class DataStore:
         after a crash at any instant the key holds one or the other. Raises
         like ``create``, but never ``KeyExistsError``. Writes leave room in
         ``max_bytes`` for one more copy of the largest value stored, which a
-        ``set`` may use if its value takes no more 512-byte blocks than the
+        ``set`` may use if its value takes no more 64-byte blocks than the
         one it replaces and it adds no ttl; so on a full store of values of
         one size, replacing values with ones of the same size keeps working
         (with several sizes, not always). The value is in the files when

@@ -43,7 +43,7 @@ from datastore import (
     ValueTypeError,
 )
 from tests.support import (
-    CHILD_CWD, OPEN_IN_CHILD, POSIX_ONLY, ROOT, SLOW, abandon, child_env,
+    BLOCK, CHILD_CWD, OPEN_IN_CHILD, POSIX_ONLY, ROOT, SLOW, abandon, child_env,
     cli_command, counted_size, expect_line, files_size, fill, live_content, make_store,
     run_python, run_threads, snapshot, spawn_python, value_records,
 )
@@ -1162,11 +1162,11 @@ def test_the_write_exactly_at_the_cap_fits_and_the_next_does_not(path):
             except StoreFullError:
                 break
             count += 1
-        kept = 512  # room for set() to write a copy of the largest record
+        kept = BLOCK  # room for set() to write a copy of the largest record
         # A record's block, or a page the index would need to split a bucket
         page = 4096
-        assert MIN_STORE_BYTES - counted_size(s) < page + 512 + kept
-    assert MIN_STORE_BYTES - page - 512 - kept < files_size(path) <= MIN_STORE_BYTES
+        assert MIN_STORE_BYTES - counted_size(s) < page + BLOCK + kept
+    assert MIN_STORE_BYTES - page - BLOCK - kept < files_size(path) <= MIN_STORE_BYTES
 
 
 def test_on_a_full_store_each_delete_makes_room_for_one_more_value_of_its_size(path):
@@ -1235,14 +1235,14 @@ def test_space_comes_back_after_reopen_too(path):
 def test_compaction_leaves_no_free_block_and_keeps_live_data(path):
     with DataStore(path) as s:
         for i in range(300):
-            s.create(f"k{i}", {"i": i, "pad": "x" * 600})  # two blocks each
+            s.create(f"k{i}", {"i": i, "pad": "x" * 600})  # eleven blocks each
         s._engine._move = lambda limit: 0  # no upkeep: compact() does it all
         for i in range(0, 300, 2):
             s.delete(f"k{i}")
-        assert files_size(path) > 600 * 512
+        assert files_size(path) > 300 * 11 * BLOCK
         del s._engine._move
         s.compact()
-        assert os.path.getsize(f"{path}.dat") == 512 * (1 + 150 * 2)
+        assert os.path.getsize(f"{path}.dat") == BLOCK * (1 + 150 * 11)
         assert s._engine.free.blocks == 0
         for i in range(300):
             if i % 2:
@@ -1267,7 +1267,7 @@ def test_fill_the_default_one_gib_with_16_kib_values(path):
                 break
             count += 1
         assert files_size(path) <= MAX_STORE_BYTES
-        assert count > 0.95 * MAX_STORE_BYTES / (33 * 512)  # 33 blocks a value
+        assert count > 0.95 * MAX_STORE_BYTES / (257 * BLOCK)  # 257 blocks a value
         assert s.read("0") == value and s.read(str(count - 1)) == value
     assert files_size(path) <= MAX_STORE_BYTES
 
@@ -1542,7 +1542,7 @@ CRASH_AT_STEP = """
                      "rename", "remove", "unlink"):
             setattr(os, name, counted(getattr(os, name)))
 
-    opening = action in ("recover", "convert")
+    opening = action in ("recover", "convert", "convert-3")
     if opening:
         hook()
     store = datastore.DataStore(path, max_bytes=2 ** 20)
@@ -1629,6 +1629,7 @@ CRASH_ACTIONS = {  # what each action may leave, in order, as changes to the sto
     "close": [{}],
     "recover": [{}],
     "convert": [{}],
+    "convert-3": [{}],
 }
 
 
@@ -1637,10 +1638,12 @@ CRASH_ACTIONS = {  # what each action may leave, in order, as changes to the sto
 @pytest.mark.parametrize("action", list(CRASH_ACTIONS))
 def test_kill_9_at_every_file_system_step_then_again_after_deleting(tmp_path, action, clock):
     template = tmp_path / "template" / "store"
-    if action == "convert":
+    if action in ("convert", "convert-3"):
         template.parent.mkdir()
-        for suffix in (".dat", ".dir"):
-            shutil.copy(ROOT / "fixtures" / f"store-1.0-crashed{suffix}", f"{template}{suffix}")
+        fixture, suffixes = ("1.0", ".dir") if action == "convert" else ("3.1", ".idx")
+        for suffix in (".dat", suffixes):
+            shutil.copy(ROOT / "fixtures" / f"store-{fixture}-crashed{suffix}",
+                        f"{template}{suffix}")
         expected, last = dict(V1_CRASHED_CONTENT), None
     else:
         expected, last = prepare_store_for_crash(template, clock)
@@ -1961,7 +1964,8 @@ def test_recovery_warns_of_damage_a_crash_cannot_explain(path, caplog):
     Path(f"{path}.dat").write_bytes(bytes(data))
     with DataStore(path) as s:
         assert len(live_content(s)) == 38
-    assert "recovered 38 keys; skipped 2 damaged region(s) of 2048 bytes" in caplog.text  # 2 blocks each
+    assert (f"recovered 38 keys; skipped 2 damaged region(s) of {2 * 11 * BLOCK} bytes"
+            in caplog.text)  # eleven blocks each
 
 
 def cut_after_a_clean_close(path):
@@ -2166,29 +2170,38 @@ def test_a_store_written_by_version_1_or_2_is_converted_at_first_open(
     names = sorted(p.name for p in path.parent.iterdir())
     leftovers = ["store.bak", "store.compact.dat"] if version == "2.0" else []  # not 2.0's
     assert names == leftovers + ["store.dat", "store.idx", "store.lock"]
-    assert Path(f"{path}.dat").read_bytes()[:8] == b"DataStr3"
+    assert Path(f"{path}.dat").read_bytes()[:8] == b"DataStr4"
     content = dict(content, after={"v": 2})
     del content["k0"]
     with DataStore(path) as s:
         assert live_content(s) == content
 
 
-def test_a_store_closed_by_version_3_0_opens_with_its_index_rebuilt_and_no_warning(
-        path, caplog):
-    # fixtures/store-3.0-closed.{dat,idx}: written by commit 4db529a (3.0.0,
-    # whose snapshot listed free extents, not a free map) with the calls above,
-    # then closed. Its .idx is laid out otherwise: the open scans .dat, as
-    # for a 2.0 store, and says so at level INFO, not as damage.
+@pytest.mark.parametrize("fixture, content", [
+    pytest.param("3.0-closed", V1_CLOSED_CONTENT, id="3.0-closed"),
+    pytest.param("3.1-closed", V1_CLOSED_CONTENT, id="3.1-closed"),
+    pytest.param("3.1-crashed", V1_CRASHED_CONTENT, id="3.1-crashed"),
+])
+def test_a_store_written_by_version_3_is_converted_at_first_open_with_no_warning(
+        path, caplog, fixture, content):
+    # fixtures/store-3.0-closed.{dat,idx}: written by commit 4db529a (3.0.0),
+    # and store-3.1-*.{dat,idx} by commit 2b3d962 (3.1.0), with the calls
+    # above, then closed or left as kill -9 leaves a store. Their records
+    # start at 512-byte blocks, under another magic: the open gives each the
+    # magic of this version, scans .dat, and says so at level INFO.
     for suffix in (".dat", ".idx"):
-        shutil.copy(ROOT / "fixtures" / f"store-3.0-closed{suffix}", f"{path}{suffix}")
+        shutil.copy(ROOT / "fixtures" / f"store-{fixture}{suffix}", f"{path}{suffix}")
     caplog.set_level(logging.INFO, logger="datastore")
     with DataStore(path) as s:
-        assert live_content(s) == V1_CLOSED_CONTENT
+        assert live_content(s) == content
         assert s.check()["lost_keys"] == 0
-    assert "converted from version 3.0.0" in caplog.text
+        s.create("after", {"v": 2})
+    assert "converted from version 3" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    data = Path(f"{path}.dat").read_bytes()
+    assert data[:8] == b"DataStr4" and len(value_records(data)) == len(content) + 1
     with DataStore(path) as s:  # and closed by this version: trusted again
-        assert live_content(s) == V1_CLOSED_CONTENT
+        assert live_content(s) == dict(content, after={"v": 2})
     assert Path(f"{path}.idx").read_bytes()[:8] == b"DSidx4\0\0"
 
 
@@ -2198,7 +2211,7 @@ def test_a_store_short_only_of_room_for_its_free_map_opens_takes_deletes_and_clo
     # filled under a cap larger by just that much, left by a crash.
     with DataStore(path, max_bytes=MIN_STORE_BYTES * 4) as s:
         count = fill(s, "k", size=100)
-        used, blocks = counted_size(s), s._engine.dat_size // 512 + 1
+        used, blocks = counted_size(s), s._engine.dat_size // BLOCK + 1
         abandon(s)
     cap = used - blocks // 2
     with DataStore(path, max_bytes=cap) as s:

@@ -229,13 +229,14 @@ def make_store(path, count=20):
 # --- Records on disk, read by the documented format ------------------------
 #
 # The format module's docstring (and the copy-in file's) describes a record:
-# a 32-byte head "<4sBBHQQII" (magic "DSr2", kind, key length, zero, sequence
+# a 32-byte head "<4sBBHQQII" (magic "\xffDSr", kind, key length, zero, sequence
 # number, expires_at bits, length, CRC-32 of the head before it, the key and
 # the body), then the key, then the body. These helpers read it from that
 # description alone, so the user-level tests need no private name; a
 # white-box test (tests/test_format.py) holds them to _parse_item's answers.
 
 HEAD = struct.Struct("<4sBBHQQII")
+BLOCK = 64  # records start at multiples of this many bytes of .dat
 _LAST_EXPIRY_BITS = struct.unpack("<Q", struct.pack("<d", 253402300799.0))[0]  # 9999-12-31
 
 
@@ -245,7 +246,7 @@ def value_record(data, off=0):
     if len(data) - off < HEAD.size:
         return None
     magic, kind, key_len, zero, seq, exp, length, crc = HEAD.unpack_from(data, off)
-    if (magic != b"DSr2" or kind != 1 or zero or not 0 < key_len <= 4 * 32
+    if (magic != b"\xffDSr" or kind != 1 or zero or not 0 < key_len <= 4 * 32
             or length > MAX_VALUE_BYTES or exp > _LAST_EXPIRY_BITS or seq >= 1 << 62):
         return None
     key_at = off + HEAD.size
@@ -258,8 +259,8 @@ def value_record(data, off=0):
 def value_records(data):
     """Block -> key of every valid value record at a block boundary of a .dat."""
     records = {}
-    for block in range(1, -(-len(data) // 512)):
-        item = value_record(data, block * 512)
+    for block in range(1, -(-len(data) // BLOCK)):
+        item = value_record(data, block * BLOCK)
         if item is not None:
             records[block] = item[1]
     return records
@@ -290,7 +291,7 @@ def assert_files_match_memory(store, trimmed=True):
     assert len(data) == engine.dat_size
     on_disk = {}
     for block in range(1, fmt._blocks(len(data))):
-        item = fmt._parse_item(data, block * 512)
+        item = fmt._parse_item(data, block * fmt._BLOCK)
         if item is not None and item[0] == fmt._VALUE:
             on_disk[block] = item[2]
     items = engine.items()

@@ -98,18 +98,18 @@ def test_set_over_a_durable_value_fsyncs_the_new_one_before_giving_up_the_old(
 
 def test_set_of_the_record_that_making_room_moves_keeps_the_new_value(path):
     with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
-        count = fill(s, "k", size=100)  # one block each; the last one ends .dat
+        count = fill(s, "k", size=100)  # three blocks each; the last one ends .dat
         last = f"k{count - 1:05d}"
         assert max((slot for _, slot in s._engine.items()),
                    key=lambda slot: slot & fmt._SLOT_MASK) == s._engine.lookup(last.encode())
-        for i in (3, 5, 7, 9):  # one-block holes: room for the last records only
+        for i in (3, 5, 7, 9):  # three-block holes: room for the last records only
             s.delete(f"k{i:05d}")
-        s.set(last, {"pad": "x" * 700})  # two blocks: room only once that record moves
+        s.set(last, {"pad": "x" * 250})  # five blocks: room only once that record moves
         assert_files_match_memory(s)
-        assert s.read(last) == {"pad": "x" * 700}
+        assert s.read(last) == {"pad": "x" * 250}
         abandon(s)
     with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
-        assert s.read(last) == {"pad": "x" * 700}
+        assert s.read(last) == {"pad": "x" * 250}
         s.delete(last)
         abandon(s)
     with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
@@ -124,8 +124,9 @@ def test_a_record_written_into_a_free_tail_survives_a_failed_append(path, clock,
     clock.advance(1)
     s.set("b", {"v": "B" * 400})  # into b's extent, past the old end of .dat
     assert_files_match_memory(s)
+    end = fmt._blocks(s._engine.dat_size) * fmt._BLOCK
     real = os.pwrite
-    monkeypatch.setattr(os, "pwrite", lambda fd, data, pos: real(fd, data, pos) if pos < 1024
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, pos: real(fd, data, pos) if pos < end
                         else (_ for _ in ()).throw(OSError(errno.ENOSPC, "injected")))
     with pytest.raises(OSError, match="injected"):
         s.create("c", {"v": "c" * 100})  # an append that fails, and is undone
@@ -359,15 +360,15 @@ def test_each_write_fsync_and_truncate_failing_in_turn(tmp_path, monkeypatch, op
 # --- compact(): the smallest layout --------------------------------------
 
 def make_stuck(store, rounds):
-    """Small records k0, k1, ... between free extents of 28 blocks, then a
+    """Small records k0, k1, ... between free extents of 112 blocks, then a
     16 KiB record, "big", at the end that fits none of them: moving records
     from the end stops at once, and compact() must sweep."""
     store._engine._move = lambda limit: 0  # no upkeep while the holes are made
     for r in range(rounds):
         store.create(f"k{r}", {"v": r})
         for f in range(28):
-            store.create(f"fill{r}-{f}", {"v": f})
-    store.create("big", {"v": "x" * 16000})  # the last record: 33 blocks
+            store.create(f"fill{r}-{f}", {"v": "f" * 200})  # 4 blocks
+    store.create("big", {"v": "x" * 16000})  # the last record: 251 blocks
     for r in range(rounds):
         for f in range(28):
             store.delete(f"fill{r}-{f}")
@@ -380,13 +381,14 @@ def test_compact_packs_records_that_fit_no_free_extent_at_the_end(tmp_path):
         make_stuck(s, 14)
         s.compact()
         report = s.check()
-        assert report["dead_bytes"] < (len(s) + s._engine.largest) * 512
-        assert os.path.getsize(tmp_path / "store.dat") < 20 * 512 + 16 * 1024 + 4096
-        live = 14 * 512 + 33 * 512
+        big = s._engine.largest * fmt._BLOCK
+        assert report["dead_bytes"] < len(s) * fmt._BLOCK + big
+        assert os.path.getsize(tmp_path / "store.dat") < 20 * fmt._BLOCK + 16 * 1024 + 4096
+        live = 14 * fmt._BLOCK + big
         count = 0
-        while live + 33 * 512 <= 0.9 * cap:  # a 16 KiB value fits in 90% of the cap
+        while live + big <= 0.9 * cap:  # a 16 KiB value fits in 90% of the cap
             s.create(f"more{count}", {"v": "y" * 16000})
-            live += 33 * 512
+            live += big
             count += 1
         assert count >= 5
 
@@ -425,7 +427,7 @@ def test_compact_fsyncs_its_copies_before_it_frees_their_originals(tmp_path, mon
         make_stuck(s, 6)
     with DataStore(path) as s:
         end = s._engine.dat_size
-        originals = {fmt._slot_block(slot) * 512 for _, slot in s._engine.items()}
+        originals = {fmt._slot_block(slot) * fmt._BLOCK for _, slot in s._engine.items()}
         real_pwrite, real_fsync, unsynced, checked = os.pwrite, os.fsync, [], []
 
         def pwrite(fd, data, pos):
@@ -478,11 +480,14 @@ def test_at_the_cap_a_key_whose_bucket_is_full_waits_beside_it(tmp_path):
     assert files_size(path) <= counted_size(s) <= cap
     s.close()
     with DataStore(path, max_bytes=cap) as s:  # saved with the snapshot
-        assert s._engine.index.spilled and s.read(added[-1]) == {"pad": "x" * 100}
-        s.delete(added[0])  # and taken out again
-        assert s._engine.index.count == len(s)
-        s.compact()  # a rebuild puts it in a bucket
-        assert not s._engine.index.spilled and s.read(added[-1]) == {"pad": "x" * 100}
+        ix = s._engine.index
+        page = ix.directory[idx._hash(added[0].encode()) >> ix.shift]
+        assert [ix.directory[h >> ix.shift] for h in ix.spilled] == [page]
+        s.delete(added[0])  # room in that bucket: the entry goes back into it
+        assert not ix.spilled and s.read(added[-1]) == {"pad": "x" * 100}
+        assert ix.count == len(s)
+        s.compact()
+        assert not ix.spilled and s.read(added[-1]) == {"pad": "x" * 100}
     with DataStore(path, max_bytes=cap) as s:
         assert sorted(added[1:]) == sorted(k for k in s.keys() if k.startswith("p"))
 

@@ -37,17 +37,17 @@ def test_records_read_by_the_documented_format_are_the_ones_parse_item_accepts(p
         s.delete(f"k{i}")  # free markers among the records
     abandon(s)
     pristine = Path(f"{path}.dat").read_bytes()
-    heads = [block * 512 for block in range(1, fmt._blocks(len(pristine)))
-             if pristine.startswith(b"DSr2", block * 512)]
+    heads = [block * fmt._BLOCK for block in range(1, fmt._blocks(len(pristine)))
+             if pristine.startswith(fmt._MAGIC, block * fmt._BLOCK)]
     accepted = rejected = 0
     for _ in range(20):
         data = bytearray(pristine)
         for _ in range(rng.randrange(0, 8)):  # bits of heads, and anywhere
             at = rng.choice(heads) + rng.randrange(32) if rng.random() < 0.6 else rng.randrange(
-                512, len(data))
+                fmt._BLOCK, len(data))
             data[at] ^= 1 << rng.randrange(8)
         data = bytes(data)
-        for off in range(512, len(data), 512):
+        for off in range(fmt._BLOCK, len(data), fmt._BLOCK):
             item = fmt._parse_item(data, off)
             if item is not None and item[0] == fmt._VALUE:
                 kind, seq, key, exp, length, total = item
@@ -58,6 +58,31 @@ def test_records_read_by_the_documented_format_are_the_ones_parse_item_accepts(p
                 assert value_record(data, off) is None
                 rejected += 1
     assert accepted > 1000 and rejected > 100
+
+
+def test_no_byte_a_user_stores_can_look_like_a_head(path):
+    """A head's magic starts with 0xFF, which UTF-8 never holds: so however a
+    key or a value falls across blocks, every 0xFF in .dat is in a head (its
+    magic, or its numbers), and at a block boundary only a head's magic."""
+    rng = random.Random(7)
+    alphabet = [chr(c) for c in (*range(0, 0x80), 0xFF, 0x7FF, 0xFFFD, 0x1F511, 0x10FFFF)]
+    with DataStore(path) as s:
+        for i in range(300):
+            key = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 33)))
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 400)))
+            s.set(key, {key: text, "i": i})
+        for key in list(s)[::3]:
+            s.delete(key)
+        data = Path(f"{path}.dat").read_bytes()
+    heads = [at for at in range(fmt._BLOCK, len(data), fmt._BLOCK)
+             if fmt._parse_item(data, at) is not None]
+    at, found = data.find(b"\xff", fmt._BLOCK), []
+    while at >= 0:
+        found.append(at)
+        at = data.find(b"\xff", at + 1)
+    assert [at for at in found if at % fmt._BLOCK == 0] == heads and len(heads) >= 300
+    assert {at - at % fmt._BLOCK for at in found} == set(heads)
+    assert all(at % fmt._BLOCK < fmt._HEAD.size for at in found)
 
 
 # --- A new store's files: absent, or a valid header ------------------------

@@ -39,7 +39,7 @@ def one_by_one(data):
     each key, the block of its valid record with the highest sequence number."""
     newest = {}
     for block in range(1, fmt._blocks(len(data))):
-        item = fmt._parse_item(data, block * 512)
+        item = fmt._parse_item(data, block * fmt._BLOCK)
         if item and item[0] == fmt._VALUE and fmt._valid_key(item[2]):
             if item[2] not in newest or item[1] > newest[item[2]][0]:
                 newest[item[2]] = (item[1], block)
@@ -58,17 +58,17 @@ def test_recovery_in_bulk_indexes_what_the_rules_for_one_record_accept(path):
         s.delete(f"k{i}")  # free markers among the records
     engine = s._engine
     bad_key = fmt._pack_value(engine.seq + 1, b"\xff", 0, b"{}")  # a valid CRC
-    fmt._write_at(engine.dat, bad_key, fmt._blocks(engine.dat_size) * 512)
+    fmt._write_at(engine.dat, bad_key, fmt._blocks(engine.dat_size) * fmt._BLOCK)
     abandon(s)
     pristine = Path(f"{path}.dat").read_bytes()
-    heads = [block * 512 for block in range(1, fmt._blocks(len(pristine)))
-             if pristine.startswith(b"DSr2", block * 512)]
+    heads = [block * fmt._BLOCK for block in range(1, fmt._blocks(len(pristine)))
+             if pristine.startswith(fmt._MAGIC, block * fmt._BLOCK)]
     live, damaged = 400 - len(range(0, 400, 9)), 0
     for _ in range(25):
         data = bytearray(pristine)
         for _ in range(rng.randrange(1, 8)):  # bits of heads, and anywhere
             at = rng.choice(heads) + rng.randrange(32) if rng.random() < 0.6 else rng.randrange(
-                512, len(data))
+                fmt._BLOCK, len(data))
             data[at] ^= 1 << rng.randrange(8)
         Path(f"{path}.dat").write_bytes(bytes(data))
         expected = one_by_one(bytes(data))
@@ -80,17 +80,12 @@ def test_recovery_in_bulk_indexes_what_the_rules_for_one_record_accept(path):
     assert damaged > 10  # most rounds damaged a record that was live
 
 
-def test_recovery_reads_records_and_tables_across_chunk_boundaries(path, monkeypatch, caplog):
-    monkeypatch.setattr(recovery, "_SCAN_CHUNK", 8 * 512)  # records span chunks
+def test_recovery_reads_records_across_chunk_boundaries(path, monkeypatch, caplog):
+    monkeypatch.setattr(recovery, "_SCAN_CHUNK", 4096)  # records span chunks
     caplog.set_level(logging.INFO, logger="datastore")
     s = DataStore(path)
     for i in range(3000):
         s.create(f"k{i}", {"pad": "x" * (i % 1300)}, ttl=3600 if i % 2 else None)
-    # version 2's index table, which a converted store may hold: longer than
-    # a chunk and its margin
-    body = b"QUJD" * ((recovery._SCAN_CHUNK + fmt._MAX_RECORD) // 4 + 100)
-    table = fmt._pack_marker(fmt._TABLE, len(body), body)
-    fmt._write_at(s._engine.dat, table, fmt._blocks(s._engine.dat_size) * 512)
     abandon(s)
     data = Path(f"{path}.dat").read_bytes()
     expected = one_by_one(data)
@@ -99,7 +94,7 @@ def test_recovery_reads_records_and_tables_across_chunk_boundaries(path, monkeyp
         assert {key: fmt._slot_block(slot) for key, slot in s._engine.items()} == expected
         assert len(s) == 3000 and s.read("k2999") == {"pad": "x" * (2999 % 1300)}
         assert_files_match_memory(s)
-    assert "recovered 3000 keys after a crash" in caplog.text  # the table is no damage
+    assert "recovered 3000 keys after a crash" in caplog.text
     assert "skipped" not in caplog.text and "damaged" not in caplog.text
 
 
@@ -119,18 +114,18 @@ def test_recovery_skips_a_record_with_a_good_crc_and_a_field_out_of_range(path, 
     fields = {"seq": engine.seq + 1, "exp": 0, "length": 11}
     fields[field] = bad
     body = b'{"p":"' + b"x" * (fields["length"] - 8) + b'"}'
-    head = fmt._FIELDS.pack(b"DSr2", fmt._VALUE, 2, 0, fields["seq"], fields["exp"], len(body))
+    head = fmt._FIELDS.pack(fmt._MAGIC, fmt._VALUE, 2, 0, fields["seq"], fields["exp"], len(body))
     crc = zlib.crc32(body, zlib.crc32(b"k5", zlib.crc32(head)))
     record = head + crc.to_bytes(4, "little") + b"k5" + body
-    fmt._write_at(engine.dat, record, fmt._blocks(engine.dat_size) * 512)
+    fmt._write_at(engine.dat, record, fmt._blocks(engine.dat_size) * fmt._BLOCK)
     abandon(s)  # valid but for that field, and newer than k5's own record
     with DataStore(path) as s:
         assert live_content(s) == {f"k{i}": {"i": i} for i in range(20)}
 
 
 def test_head_columns_are_little_endian_numbers_on_any_machine(monkeypatch):
-    buf = bytes(range(256)) * 4 + b"DSr2"  # two whole blocks and a short one
-    starts = range(0, 1024, 512)
+    buf = bytes(range(256)) * 4 + fmt._MAGIC  # whole blocks, and a short one
+    starts = range(0, 1024, fmt._BLOCK)
     columns = recovery._head_columns(buf, starts)
     assert [list(column) for column in columns] == [
         [struct.unpack_from("<Q", buf, off + 8 * i)[0] for off in starts] for i in range(4)]
@@ -151,7 +146,7 @@ def test_recovery_keeps_the_newest_copy_and_invalidates_the_others(path):
     s.delete("x")  # a free block before "k", so "k" is not at the start of a gap
     engine = s._engine
     newer = fmt._pack_value(engine.seq + 5, b"k", 0, b'{"v":"newer"}')
-    fmt._write_at(engine.dat, newer, fmt._blocks(engine.dat_size) * 512)
+    fmt._write_at(engine.dat, newer, fmt._blocks(engine.dat_size) * fmt._BLOCK)
     abandon(s)  # two valid copies of "k", the newer one after the older
     with DataStore(path) as s:
         assert live_content(s) == {"a": {"v": "a"}, "k": {"v": "newer"}, "b": {"v": "b"}}
@@ -163,7 +158,7 @@ def test_recovery_keeps_the_newest_copy_and_invalidates_the_others(path):
 
 
 @pytest.mark.parametrize("seqs", [(1, 9, 5), (1, 5, 9), (9, 5, 1), (5, 9, 1)])
-@pytest.mark.parametrize("chunk", [recovery._SCAN_CHUNK, 512], ids=["one-chunk", "a-chunk-each"])
+@pytest.mark.parametrize("chunk", [recovery._SCAN_CHUNK, fmt._BLOCK], ids=["one-chunk", "a-chunk-each"])
 def test_recovery_keeps_the_newest_of_three_copies_and_invalidates_both_others(
         path, monkeypatch, seqs, chunk):
     monkeypatch.setattr(recovery, "_SCAN_CHUNK", chunk)
@@ -173,9 +168,9 @@ def test_recovery_keeps_the_newest_of_three_copies_and_invalidates_both_others(
     at = fmt._blocks(engine.dat_size)
     for i, seq in enumerate(seqs):
         copy = fmt._pack_value(engine.seq + seq, b"k", 0, b'{"v":%d}' % seq)
-        fmt._write_at(engine.dat, copy, (at + i) * 512)
+        fmt._write_at(engine.dat, copy, (at + i) * fmt._BLOCK)
     fmt._write_at(engine.dat, fmt._pack_value(engine.seq + 20, b"z", 0, b"{}"),
-                  (at + 3) * 512)  # after them, so no truncation takes them away
+                  (at + 3) * fmt._BLOCK)  # after them, so no truncation takes them away
     abandon(s)
     with DataStore(path) as s:
         assert live_content(s) == {"a": {"v": "a"}, "k": {"v": 9}, "z": {}}
@@ -218,7 +213,7 @@ def test_recovery_fsyncs_the_newer_copy_before_it_invalidates_the_older(tmp_path
     old_block = fmt._slot_block(engine.lookup(b"k"))
     new_block = fmt._blocks(engine.dat_size)
     newer = fmt._pack_value(engine.seq + 5, b"k", 0, b'{"v":"new"}')
-    fmt._write_at(engine.dat, newer, new_block * 512)  # as a set() killed after its write
+    fmt._write_at(engine.dat, newer, new_block * fmt._BLOCK)  # as a set() killed after its write
     abandon(s)
     log = []
     real_fsync, real_pwrite = os.fsync, os.pwrite
@@ -228,5 +223,5 @@ def test_recovery_fsyncs_the_newer_copy_before_it_invalidates_the_older(tmp_path
     with DataStore(path) as s:
         monkeypatch.undo()
         assert s.read("k") == {"v": "new"}
-    invalidation = log.index(("pwrite", old_block * 512))
+    invalidation = log.index(("pwrite", old_block * fmt._BLOCK))
     assert ("fsync",) in log[:invalidation]

@@ -80,8 +80,8 @@ def test_free_extents_merge_with_their_neighbours_and_a_smallest_one_that_fits_i
 def test_a_free_space_that_makes_no_sense_is_not_loaded(damage):
     free = _FreeSpace()
     free.add(2, 3)
-    free.add(9, 40)
-    assert free.dump() == (b"\0\0" + b"\1" * 3 + b"\0" * 4 + b"\1" * 40,
+    free.add(9, _LONG + 40)
+    assert free.dump() == (b"\0\0" + b"\1" * 3 + b"\0" * 4 + b"\1" * (_LONG + 40),
                            array("Q", [3 << 32 | 2, _LONG << 32 | 9]))
     loaded = _FreeSpace()
     assert not loaded.load(*damage(*free.dump()))

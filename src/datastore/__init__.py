@@ -76,7 +76,7 @@ store) and ``cli`` (the command line, with ``export`` and ``import``).
 
 from __future__ import annotations
 
-__version__ = "3.1.0"
+__version__ = "4.0.0"
 __all__ = [
     "DataStore", "create", "read", "delete", "get", "keys", "ttl", "close",
     "MAX_KEY_LENGTH", "MAX_VALUE_BYTES", "MAX_VALUE_DEPTH", "MAX_STORE_BYTES",

@@ -11,8 +11,9 @@ from .dat (see recovery).
 * ``create`` takes the best-fitting free extent, or appends to ``.dat``. If
   it splits an extent, it first writes a free marker for the remainder. The
   write of the record is the *commit point*: from then on the key exists.
-  It leaves room in ``max_bytes`` for one copy of the largest record, which
-  a ``set`` replacing a record with one no larger may use.
+  It leaves room in ``max_bytes`` for a copy of the largest record, which a
+  ``set`` replacing a record with one no larger may use, and for 64 spilled
+  index entries (see index): so at the cap a delete makes room for a create.
 * ``set`` of a live key writes the new record the same way (its commit
   point), then a free marker over the old one. If the old record was
   durable (see below), the new one is fsynced first.
@@ -60,12 +61,13 @@ from .space import _Expiries, _FreeSpace
 # toward the start of .dat (one fsync covers a batch).
 _RECLAIM_BATCH = 16
 _MOVE_FOR_ROOM = 64
+_SPILL_ROOM = 64  # index entries spilled that room is kept for (see index)
 
 
 class _Engine:
     """The files of one store: records and free space in .dat, the index in .idx.
 
-    It deals in bytes keys, records, 512-byte blocks and file descriptors,
+    It deals in bytes keys, records, 64-byte blocks and file descriptors,
     held open for the store's life and never reopened by name; it holds the
     flock on .dat. It knows no threads, clocks or users: the caller serialises
     every call and passes the time where expiry matters. See the module
@@ -194,19 +196,18 @@ class _Engine:
     def index_room(self, end: int) -> int:
         """Bytes .idx may take, with 12 a spilled entry (see index.build), if
         .dat ends at `end`."""
-        spilled = sum(map(len, self.index.spilled.values()))
-        return self.max_bytes - max(_blocks(end), 1) * _BLOCK - self._snapshot_room() \
-            + 12 * spilled
+        return (self.max_bytes - max(_blocks(end), 1) * _BLOCK - self._snapshot_room()
+                + 12 * sum(map(len, self.index.spilled.values())))
 
     def _snapshot_room(self, expiring: int = 0, spill: int = 0) -> int:
         """Room for the snapshot, with so many more expiring keys and spilled
-        entries. The free map takes a byte a block of .dat (which an append
+        entries (room is kept for _SPILL_ROOM at least). The free map takes a byte a block of .dat (which an append
         counts: see _place). The free extents' keys take none: a close saves
         them only if they fit (see snapshot), so a delete, which may add
         one, never needs room."""
         spilled = sum(map(len, self.index.spilled.values())) if self.index.spilled else 0
-        return _snapshot_room(0, self.expiries.count + expiring, spilled + spill,
-                              _blocks(self.dat_size))
+        return _snapshot_room(0, self.expiries.count + expiring,
+                              max(spilled + spill, _SPILL_ROOM), _blocks(self.dat_size))
 
     # --- Writing ---
 
@@ -278,7 +279,9 @@ class _Engine:
             more expiry and free extent to save at close), and the room kept
             for a set(), unless this replaces a record no smaller: that may
             use the room."""
-            grow = _snapshot_room(0, bool(exp), spill) - _snapshot_room(0, 0)
+            grow = _snapshot_room(0, bool(exp)) - _snapshot_room(0, 0)
+            if spill:
+                grow += self._snapshot_room(0, 1) - self._snapshot_room()
             if old is None:
                 grow += 0 if spill else self.index.split_cost(h)
             elif blocks <= _blocks(_slot_size(old)) and (not exp or _slot_exp(old)):
@@ -426,12 +429,9 @@ class _Engine:
         self.free.add(block, _blocks(size))
 
     def _supersede(self, key: bytes, old: int) -> None:
-        """Invalidate key's previous copy, after its new one is written.
-
-        The new copy has already committed, so a failure here is not the
-        caller's: the old copy waits on a list that the next write empties
-        before it does anything else.
-        """
+        """Invalidate key's previous copy, after its new one is written. The
+        new copy has committed, so a failure here is not the caller's: the
+        old copy waits on a list that the next write empties first."""
         try:
             self._invalidate((key, old))
         except OSError:

@@ -8,43 +8,42 @@ kept a ``dbm.dumb``-readable ``path.dir`` instead of ``path.idx``; it cost
 30 bytes a key and a write of every key at each close, and is gone:
 ``datastore export`` gives a store's content as JSON Lines.
 
-``.dat`` is a sequence of 512-byte blocks. Block 0 holds the *header*
+``.dat`` is a sequence of 64-byte blocks. Block 0 holds the *header*
 (``_HEADER``, little-endian, 48 bytes, within one disk sector)::
 
-    magic "DataStr3"   8 bytes ("DataStr2": version 2, converted at open)
+    magic "DataStr4"   8 bytes ("DataStr3", "DataStr2": versions 3 and 2,
+                       converted at open, see legacy)
     state              1 byte: 0 closed cleanly, 1 open (or killed while open)
     (zero)             3 bytes
     sequence number    8 bytes: closed, the next one to issue; open, a bound
                        that every number issued while open stays below
     stamp              8 bytes: closed, a random number the clean close wrote
                        into .idx too (see snapshot); open, 0
-    (zero)             16 bytes (version 2: where its .dir and index table were)
+    (zero)             16 bytes
     CRC-32             4 bytes, of the fields before it
 
 Every other block is the first block of a *record*, a block inside one, or
 free space. A record starts at a block boundary and describes itself with a
 32-byte *head* (``_HEAD``, little-endian)::
 
-    magic "DSr2"       4 bytes
-    kind               1 byte: 1 value, 2 free marker, 3 version 2's index table
-    key length         1 byte: UTF-8 bytes of the key (0 for kinds 2 and 3)
+    magic "\xffDSr"    4 bytes
+    kind               1 byte: 1 value, 2 free marker
+    key length         1 byte: UTF-8 bytes of the key (0 for kind 2)
     (zero)             2 bytes
     sequence number    8 bytes: which of two copies of a key is newer
     expires_at         8 bytes: the bits of a float64 time.time() value,
-                       0 for never (kinds 2 and 3: 0)
+                       0 for never (kind 2: 0)
     length             4 bytes: kind 1, bytes of the body; kind 2, blocks of
-                       free space that start here; kind 3, bytes of the body
+                       free space that start here
     CRC-32             4 bytes, of the head before it, the key and the body
 
 * kind 1, a *value*: the key (UTF-8) and the body (the value as compact
-  JSON) follow the head.
+  JSON, UTF-8) follow the head.
 * kind 2, a *free marker*: nothing follows the head.
-* kind 3, version 2's *index table*, base64 text written at close: free
-  space once a version 2 store is converted.
 
-The kind is a byte below 0x20, which JSON and base64 text never contain, and
-a key starts 32 bytes into its block: so nothing a user stores can look like
-a head at a block boundary.
+The magic starts with the byte 0xFF, which UTF-8 never contains: so nothing
+a user stores, a key or a value, can look like a head at a block boundary,
+however its bytes fall across blocks.
 
 The engine describes a record by a *slot*, one int (see ``_slot``): record
 size in bytes (16 bits) | block (32 bits) << 16 | expires_at bits << 48.
@@ -67,23 +66,23 @@ from typing import Optional, Tuple
 from .codec import _LATEST_EXPIRY, MAX_KEY_LENGTH, MAX_VALUE_BYTES
 from .errors import CorruptStoreError
 
-# Records start at multiples of this many bytes (a key, 32 bytes into its
-# block, never starts on one: so no byte a user stores can look like a head).
-_BLOCK = 512
+# Records start at multiples of this many bytes (2 ** _BLOCK_BITS).
+_BLOCK, _BLOCK_BITS = 64, 6
 # A record's head, and the same without the CRC that covers it.
 _HEAD = struct.Struct("<4sBBHQQII")
 _FIELDS = struct.Struct("<4sBBHQQI")
-_MAGIC = b"DSr2"
-_VALUE, _FREE, _TABLE = 1, 2, 3
+_MAGIC = b"\xffDSr"
+_VALUE, _FREE = 1, 2
 _MAX_KEY_BYTES = 4 * MAX_KEY_LENGTH
 _MAX_RECORD = _HEAD.size + _MAX_KEY_BYTES + MAX_VALUE_BYTES
-_MAX_BLOCKS = -(-_MAX_RECORD // _BLOCK)  # 33
+_MAX_BLOCKS = -(-_MAX_RECORD // _BLOCK)  # 259
 _MAX_SEQ = 1 << 62  # larger sequence numbers in a file are damage (they would overflow)
 # The largest max_bytes: block numbers and free-marker lengths fit 32 bits.
-_LARGEST_STORE = 1 << 40
+_LARGEST_STORE = 1 << 38
 
 _HEADER = struct.Struct("<8sB3xQQ16xI")
-_HEADER_MAGIC, _V2_MAGIC = b"DataStr3", b"DataStr2"
+_HEADER_MAGICS = {b"DataStr4": 4, b"DataStr3": 3, b"DataStr2": 2}  # -> version
+_HEADER_MAGIC = b"DataStr4"
 _CLOSED, _OPEN = 0, 1
 _LEASE = 1 << 20  # sequence numbers issued while open per write of the header's bound
 
@@ -139,41 +138,40 @@ def _pack_value(seq: int, key: bytes, exp: int, body: bytes) -> bytes:
 
 def _free_marker(length: int) -> bytes:
     """A free marker of `length` blocks (packed once, for the lengths of a record)."""
-    return _FREE_MARKERS[length] if length <= _MAX_BLOCKS else _pack_marker(_FREE, length)
+    return _FREE_MARKERS[length] if length <= _MAX_BLOCKS else _pack_marker(length)
 
 
-def _pack_marker(kind: int, length: int, body: bytes = b"", seq: int = 0) -> bytes:
-    """A free marker (length in blocks) or an index table (its body)."""
-    fields = _FIELDS.pack(_MAGIC, kind, 0, 0, seq, 0, length)
-    return fields + zlib.crc32(body, zlib.crc32(fields)).to_bytes(4, "little") + body
+def _pack_marker(length: int) -> bytes:
+    fields = _FIELDS.pack(_MAGIC, _FREE, 0, 0, 0, 0, length)
+    return fields + zlib.crc32(fields).to_bytes(4, "little")
 
 
-_FREE_MARKERS = tuple(_pack_marker(_FREE, length) for length in range(_MAX_BLOCKS + 1))
+_FREE_MARKERS = tuple(_pack_marker(length) for length in range(_MAX_BLOCKS + 1))
 
 
 # (kind, seq, key, expiry bits, length, total bytes): see _parse_item
 _Item = Tuple[int, int, bytes, int, int, int]
 
 
-def _parse_item(buf: bytes, off: int) -> Optional[_Item]:
+def _parse_item(buf: bytes, off: int, magic: bytes = _MAGIC) -> Optional[_Item]:
     """The valid record or free marker at buf[off:], or None.
 
-    Returns (kind, seq, key, expiry bits, length, total bytes). A table longer
-    than what `buf` holds also gives None: the caller reads it whole. (The
-    scan in recovery makes the same checks in bulk; a test holds the two to
-    the same answers.)
+    Returns (kind, seq, key, expiry bits, length, total bytes). (The scan in
+    recovery makes the same checks in bulk; a test holds the two to the same
+    answers. Versions 2 and 3 wrote the same heads under another magic: see
+    legacy.)
     """
     if len(buf) - off < _HEAD.size:
         return None
-    magic, kind, key_len, zero, seq, exp, length, crc = _HEAD.unpack_from(buf, off)
-    if magic != _MAGIC or zero or exp > _LATEST_EXPIRY_BITS or seq >= _MAX_SEQ:
+    found, kind, key_len, zero, seq, exp, length, crc = _HEAD.unpack_from(buf, off)
+    if found != magic or zero or exp > _LATEST_EXPIRY_BITS or seq >= _MAX_SEQ:
         return None
     if kind == _VALUE:
         if not 0 < key_len <= _MAX_KEY_BYTES or length > MAX_VALUE_BYTES:
             return None
         total = _HEAD.size + key_len + length
-    elif kind in (_FREE, _TABLE) and not key_len and length:
-        total = _HEAD.size + (length if kind == _TABLE else 0)
+    elif kind == _FREE and not key_len and length:
+        total = _HEAD.size
     else:
         return None
     end = off + total
@@ -229,15 +227,15 @@ def _pack_header(state: int, seq: int, stamp: int = 0) -> bytes:
 
 
 class _Header:
-    """The fields of a valid header (version 3, or 2: see `version`)."""
+    """The fields of a valid header (of version 4, 3 or 2: see `version`)."""
 
     def __init__(self, data: bytes) -> None:
         magic, self.state, self.seq, self.stamp, _ = _HEADER.unpack(data)
-        self.version = 3 if magic == _HEADER_MAGIC else 2
+        self.version = _HEADER_MAGICS[magic]
 
     @staticmethod
     def parse(data: bytes) -> Optional[_Header]:
-        if (len(data) < _HEADER.size or not data.startswith((_HEADER_MAGIC, _V2_MAGIC))
+        if (len(data) < _HEADER.size or data[:8] not in _HEADER_MAGICS
                 or zlib.crc32(data[:_HEADER.size - 4])
                 != int.from_bytes(data[_HEADER.size - 4:_HEADER.size], "little")):
             return None

@@ -17,12 +17,13 @@ bit: one new page, half the entries moved, and the directory doubled if
 whole table's, and the file grows a page at a time. When ``max_bytes`` has
 no room for that page, the entry is *spilled* instead: kept beside the
 buckets, in memory and in the snapshot a clean close writes (12 bytes,
-which the record a delete frees always pays for), until the next rebuild.
+which the engine keeps room for), until a removal makes room in its bucket
+or the next rebuild takes it in.
 
 ``path.idx`` is a sequence of 4096-byte pages. Page 0 is the header
 (``_IDX_HEADER``, little-endian)::
 
-    magic "DSidx3\\0\\0"  8 bytes
+    magic "DSidx4\\0\\0"  8 bytes
     state                1 byte: 0 closed cleanly, 1 open (or killed while open)
     depth                1 byte: the directory's depth
     (zero)               2 bytes
@@ -62,6 +63,7 @@ import struct
 import zlib
 from array import array
 from bisect import bisect_left, bisect_right
+from collections import deque
 from itertools import repeat
 from operator import and_, lshift, or_, rshift
 from typing import Any, Iterable, Optional
@@ -73,7 +75,6 @@ _PAGE = 4096
 _ENTRIES = 340
 _IDX_HEADER = struct.Struct("<8sBB2xIQQIII")
 _IDX_MAGIC = b"DSidx4\0\0"
-_IDX_MAGIC_3 = b"DSidx3\0\0"  # 3.0.0's: the same, with an older snapshot in its tail
 
 _HASHES = 4      # a bucket's first hash, in 4-byte words from its start
 _PLACES = 172    # its first place, in 8-byte words from its start
@@ -181,19 +182,21 @@ class _Index:
                 ) -> tuple[list[tuple[int, int, int, int]], list[int]]:
         """The buckets, (prefix, depth, lo, hi) of packed, and the entries
         spilled, of a build (packed: each entry as hash << 48 | place, in
-        order). Raises _StoreFull if they cannot fit in `room`."""
+        order). Raises _StoreFull if they cannot fit in `room`. Buckets split
+        breadth first, so that where `room` runs out, the spilled entries
+        are those of the deepest buckets, the fewest, as one by one."""
         buckets: list[tuple[int, int, int, int]] = []
         spill: list[int] = []
-        stack, deepest = [(0, 0, 0, len(packed))], 0
-        while stack:
-            prefix, depth, lo, hi = stack.pop()
+        queue, deepest = deque([(0, 0, 0, len(packed))]), 0
+        while queue:
+            prefix, depth, lo, hi = queue.popleft()
             if hi - lo > _ENTRIES and depth < _FULL_DEPTH and (room is None or (
-                    len(buckets) + len(stack) + 3) * _PAGE + (4 << max(deepest, depth + 1))
+                    len(buckets) + len(queue) + 3) * _PAGE + (4 << max(deepest, depth + 1))
                     + 12 * len(spill) <= room):  # (header, buckets, the new one)
                 upper = prefix | 1 << (31 - depth)
                 mid = bisect_left(packed, upper << 48, lo, hi)
-                stack.append((upper, depth + 1, mid, hi))
-                stack.append((prefix, depth + 1, lo, mid))
+                queue.append((upper, depth + 1, mid, hi))
+                queue.append((prefix, depth + 1, lo, mid))
                 deepest = max(deepest, depth + 1)
                 continue
             if hi - lo > _ENTRIES:  # no room to split it, or it cannot split
@@ -461,6 +464,19 @@ class _Index:
         u64[end - 1] = 0
         u32[base + 1] -= 1 << 16
         self.count -= 1
+        if self.spilled:
+            self._take_back(page)
+
+    def _take_back(self, page: int) -> None:
+        """Move an entry spilled beside `page`, if any, into the room a
+        removal just made in it: so entries spilled at the cap go back into
+        the buckets as deletes make room, and stay few."""
+        for h, places in self.spilled.items():
+            if self.directory[h >> self.shift] == page:
+                place = places[-1]
+                self._unspill(h, place)
+                self.add(h, place)
+                return
 
     def replace(self, h: int, place: int, new: int) -> None:
         if self.spilled and self._unspill(h, place, new):
@@ -545,17 +561,10 @@ def _saved_header(fd: int, stamp: Optional[int] = None) -> Optional[tuple[Any, .
         return None
     fields = _IDX_HEADER.unpack(header)
     magic, state, _, _, _, file_stamp, _, _, crc = fields
-    if magic not in (_IDX_MAGIC, _IDX_MAGIC_3) or zlib.crc32(header[:-4]) != crc or (
+    if magic != _IDX_MAGIC or zlib.crc32(header[:-4]) != crc or (
             stamp is not None and (state != _CLOSED or file_stamp != stamp)):
         return None
     return fields
-
-
-def _saved_by_3_0(fd: int, stamp: int) -> bool:
-    """Whether version 3.0.0 saved the index file at the clean close that
-    left `stamp`: its snapshot's layout is an older one, not damage."""
-    fields = _saved_header(fd, stamp)
-    return fields is not None and fields[0] == _IDX_MAGIC_3
 
 
 def _keys_saved(fd: int, stamp: Optional[int] = None) -> Optional[int]:

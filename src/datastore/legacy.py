@@ -1,11 +1,17 @@
-"""Stores written by version 1.0, converted in place at their first open.
+"""Stores written by versions 1.0 to 3, converted in place at their first open.
+
+Versions 2 and 3 wrote this version's records (see format) at 512-byte
+boundaries, under the magic "DSr2", and 2.0 also its index as a record of
+kind 3 (base64 text) at each close. Their heads are given this version's
+magic in place (``_upgrade``), and then the store is read as after a crash.
 
 A 1.0 ``.dat`` starts with a header (``_V1_HEADER``: magic "DataStr1",
 state, sequence number, and two CRC-checked fields) and holds records at
-512-byte blocks, each with a head (``_V1_HEAD``): magic "DSr1", kind (1 a
-value, 2 a tombstone), key length, (unused), expires_at as a float64, body
+512-byte boundaries, each with a head (``_V1_HEAD``): magic "DSr1", kind (1
+a value, 2 a tombstone), key length, (unused), expires_at as a float64, body
 length, CRC-32 of the head before it, the key and the body. The newest
-record of a key, the one at the highest offset, is the key's state.
+record of a key, the one at the highest offset, is the key's state. Each
+value is copied as a record of this version (``_convert_v1``).
 """
 
 from __future__ import annotations
@@ -17,9 +23,12 @@ from typing import TYPE_CHECKING, Optional
 
 from .codec import _LATEST_EXPIRY, MAX_VALUE_BYTES
 from .errors import _damaged, _StoreFull
-from .format import _BLOCK, _MAX_SEQ, _blocks, _fsync, _remove, _slot, _valid_key
+from .format import (
+    _BLOCK, _FIELDS, _HEAD, _MAGIC, _MAX_SEQ, _VALUE, _blocks, _free_marker, _fsync,
+    _parse_item, _remove, _slot, _valid_key, _write_at,
+)
 from .index import _hash
-from .recovery import _chunks, _index_found, _scan
+from .recovery import _chunks, _holds_records, _index_found, _scan
 
 if TYPE_CHECKING:
     from .engine import _Engine
@@ -30,6 +39,48 @@ _V1_HEAD = struct.Struct("<4sBBBxdII")
 _V1_MAGIC = b"DSr1"
 # Records copied between fsyncs, before their originals are invalidated.
 _CONVERT_BATCH = 256
+# Where versions 1.0 to 3 started records, and 2 and 3's magic.
+_OLD_BLOCK, _OLD_MAGIC = 512, b"DSr2"
+
+
+def _written_by_2_or_3(engine: _Engine) -> bool:
+    """For a .dat whose header is not valid: whether it holds records of
+    version 2 or 3 and none of this version's."""
+    return _holds_records(engine, _OLD_MAGIC, _OLD_BLOCK) and not _holds_records(engine)
+
+
+def _upgrade(engine: _Engine) -> None:
+    """Give each valid value record of versions 2 and 3 this version's
+    magic, in place, and mark the free blocks after it, up to the next
+    512-byte boundary. Those records are read at 512-byte boundaries only:
+    a key crosses 64-byte ones, and one that holds such a head is no record.
+    Their free markers, and 2.0's index tables, are left as they are: free
+    space, which recovery marks anew. A chunk at a time, the bytes from its
+    first head changed to its last are written at once (the rest as they
+    were). The header stays until the store is read, so a crash here
+    converts again; what this wrote is fsynced first."""
+    size = os.fstat(engine.dat).st_size
+    upgraded = False
+    for first, buf, starts in _chunks(engine.dat, size, _HEAD.size, _OLD_BLOCK):
+        image, lo, hi = bytearray(buf), len(buf), 0
+        for off in starts:
+            item = _parse_item(buf, off, _OLD_MAGIC) if buf.startswith(_OLD_MAGIC, off) else None
+            if item is None or item[0] != _VALUE or not _valid_key(item[2]):
+                continue
+            fields = _MAGIC + buf[off + 4:off + _FIELDS.size]
+            crc = zlib.crc32(buf[off + _HEAD.size:off + item[5]], zlib.crc32(fields))
+            image[off:off + _HEAD.size] = fields + crc.to_bytes(4, "little")
+            lo, hi = min(lo, off), max(hi, off + _HEAD.size)
+            end = off + _blocks(item[5]) * _BLOCK  # (in buf) its blocks' end, and the gap's
+            gap = -(first * _BLOCK + end) % _OLD_BLOCK
+            if gap and end + _HEAD.size <= len(buf) and first * _BLOCK + end + gap <= size:
+                image[end:end + _HEAD.size] = _free_marker(gap // _BLOCK)
+                hi = end + _HEAD.size
+        if hi:
+            _write_at(engine.dat, bytes(image[lo:hi]), first * _BLOCK + lo)
+            upgraded = True
+    if upgraded:
+        _fsync(engine.dat)
 
 
 def _is_v1_header(data: bytes) -> bool:
@@ -42,9 +93,9 @@ def _convert_v1(engine: _Engine, old_dir: str) -> None:
     """Convert a store written by version 1.0, in place.
 
     The 1.0 header stays until the end, so a crash here converts again: a
-    key's version 2 record, if any, beats its 1.0 records; else its 1.0
-    record at the highest offset wins, as it did in 1.0 (a tombstone
-    there means deleted). Each 1.0 value is copied as a version 2 record,
+    key's record of a later version, if any, beats its 1.0 records; else its
+    1.0 record at the highest offset wins, as it did in 1.0 (a tombstone
+    there means deleted). Each 1.0 value is copied as a record of this version,
     then invalidated; superseded 1.0 records go before tombstones, which
     until then hide them.
     """
@@ -58,7 +109,7 @@ def _convert_v1(engine: _Engine, old_dir: str) -> None:
     engine.dat_size = os.fstat(engine.dat).st_size
     newest: dict[bytes, tuple[int, int, float, Optional[bytes]]] = {}
     older: list[tuple[int, int]] = []
-    for first, buf, starts in _chunks(engine.dat, engine.dat_size, _V1_HEAD.size):
+    for first, buf, starts in _chunks(engine.dat, engine.dat_size, _V1_HEAD.size, _OLD_BLOCK):
         for off in starts:
             if not buf.startswith(_V1_MAGIC, off):
                 continue
@@ -75,7 +126,8 @@ def _convert_v1(engine: _Engine, old_dir: str) -> None:
             newest[key] = (block, _blocks(end - off), expires_at,
                            buf[key_at + key_len:end] if kind == 1 else None)
     found: dict[bytes, int] = {}
-    losers, marked, _, seq = _scan(engine, found)  # from a conversion cut short
+    _upgrade(engine)  # the copies of a conversion by 2.0 or 3 cut short
+    losers, marked, seq = _scan(engine, found)  # and of one by this version
     engine.seq = seq + 1
     engine.lease = _MAX_SEQ  # no header write: the 1.0 header stays until the end
     tombstones, convert = [], {}

@@ -4,8 +4,8 @@ A new store's .dat is made whole first (see format's _create_data_file);
 then .dat is opened and locked (locks), a creator's leftover temporary file
 removed, and the index loaded: from .idx after a clean close (snapshot), by
 a scan after a crash (recovery), or by converting a store written by
-version 1.0 (legacy) or 2.0 (a scan, as after a crash). Only then is the
-header marked open, before anything else is written.
+version 1.0, 2 or 3 (legacy). Only then is the header marked open, before
+anything else is written.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from .format import (
     _BLOCK, _HEADER, _LEASE, _OPEN, _Header, _create_data_file, _fsync_folder,
     _open_regular, _read_at, _remove,
 )
-from .index import _keys_saved, _saved_by_3_0
-from .legacy import _convert_v1, _is_v1_header
+from .index import _keys_saved
+from .legacy import _OLD_BLOCK, _OLD_MAGIC, _convert_v1, _is_v1_header, _upgrade, _written_by_2_or_3
 from .locks import _engines, _lock_data_file
 from .recovery import _holds_records, _recover
 from .snapshot import _load_snapshot
@@ -55,7 +55,7 @@ def _open(engine: _Engine, deadline: Optional[float]) -> None:
 
 def _load(engine: _Engine) -> None:
     """Read the index: from .idx after a clean close, else by scanning .dat
-    (see recovery); convert a 1.0 or 2.0 store. Then mark the header open,
+    (see recovery); convert a store of version 1.0, 2 or 3. Then mark the header open,
     before anything else is written."""
     size = os.fstat(engine.dat).st_size
     first = _read_at(engine.dat, min(size, _HEADER.size), 0)
@@ -64,13 +64,15 @@ def _load(engine: _Engine) -> None:
     old_dir = engine.dat_path[:-4] + ".dir"  # of a 1.0 or 2.0 store: removed once converted
     engine.files.append(_open_regular(engine.idx_path))
     engine.index.fd = engine.files[-1].fileno()
-    # A store that holds no record leaves .dat one header, or one block,
-    # long, zero after the header, beside an index of no key: with the
-    # header torn by a power cut, it is that, not a foreign file.
-    torn = (size in (_HEADER.size, _BLOCK) and _keys_saved(engine.index.fd) in (0, None)
+    # A store that holds no record leaves .dat one header, or one block (of
+    # this version or an older one), long, zero after the header, beside an
+    # index of no key: with the header torn by a power cut, it is that, not
+    # a foreign file.
+    torn = (size in (_HEADER.size, _BLOCK, _OLD_BLOCK) and _keys_saved(engine.index.fd) in (0, None)
             and not os.path.exists(old_dir)
             and not _read_at(engine.dat, size, 0)[_HEADER.size:].strip(b"\0"))
-    if size and header is None and not v1 and not torn and not _holds_records(engine):
+    if (size and header is None and not v1 and not torn and not _holds_records(engine)
+            and not _holds_records(engine, _OLD_MAGIC, _OLD_BLOCK)):
         raise CorruptStoreError(
             f"{engine.dat_path} is not a datastore data file (no valid header "
             "or record); move it away or open a different path",
@@ -85,9 +87,11 @@ def _load(engine: _Engine) -> None:
         if v1:
             _convert_v1(engine, old_dir)
         elif header is None or not _load_snapshot(engine, header):
+            version = header.version if header else 3 if _written_by_2_or_3(engine) else 4
+            if version < 4:
+                _upgrade(engine)
             listed = _keys_saved(engine.index.fd, header.stamp) if header else None
-            _recover(engine, header, listed,
-                     header is not None and _saved_by_3_0(engine.index.fd, header.stamp))
+            _recover(engine, header, listed, version if version < 4 else None)
     finally:
         if gc_was_on:
             gc.enable()

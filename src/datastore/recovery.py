@@ -6,7 +6,7 @@
 closed cleanly is always scanned:
 
 * A record counts only if its CRC-32 matches, so a torn write is never taken
-  for data. Free markers and the index table are recognised too, so the scan
+  for data. Free markers are recognised too, so the scan
   can tell free space from damage; damage beyond the one record a crash can
   tear is logged on the ``datastore`` logger.
 * Each key has at most one valid record at rest. While a record is being
@@ -21,8 +21,8 @@ closed cleanly is always scanned:
   because the kernel may have dropped the pages it could not write.
 
 The scan reads ``.dat`` in chunks and checks the value records of a chunk
-in bulk (``_values``), several times faster than one by one; free markers
-and tables, which are few, go through ``_parse_item``.
+in bulk (``_values``), several times faster than one by one; free markers,
+which are fewer, go through ``_parse_item``.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 from .codec import MAX_VALUE_BYTES
 from .errors import CorruptStoreError, _damaged, _log, _StoreFull
 from .format import (
-    _BLOCK, _BLOCK_SHIFT, _CLOSED, _EXP_SHIFT, _FIELDS, _FREE, _HEAD, _LATEST_EXPIRY_BITS,
-    _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES, _MAX_RECORD, _MAX_SEQ, _SIZE_MASK, _SLOT_MASK,
-    _TABLE, _VALUE, _Header, _blocks, _fsync, _parse_item, _read_at, _slot_block, _slot_size,
-    _valid_key, _valid_keys,
+    _BLOCK, _BLOCK_BITS, _BLOCK_SHIFT, _CLOSED, _EXP_SHIFT, _FIELDS, _FREE, _HEAD,
+    _LATEST_EXPIRY_BITS, _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES, _MAX_RECORD, _MAX_SEQ, _SIZE_MASK,
+    _SLOT_MASK, _VALUE, _Header, _blocks, _fsync, _parse_item, _read_at, _slot_block,
+    _slot_size, _valid_key, _valid_keys,
 )
 from .index import _hash
 
@@ -63,7 +63,7 @@ def _derive_free(engine: _Engine, held: Iterable[int], marked: Optional[dict[int
     slots = sorted(map(and_, held, repeat(_SLOT_MASK)))  # by block
     starts = list(map(rshift, slots, repeat(_BLOCK_SHIFT)))
     lengths = list(map(rshift, map(add, map(and_, slots, repeat(_SIZE_MASK)),
-                                   repeat(_BLOCK - 1)), repeat(9)))
+                                   repeat(_BLOCK - 1)), repeat(_BLOCK_BITS)))
     ends = [1] + list(map(add, starts, lengths))  # block 0 is the header
     starts.append(max(_blocks(engine.dat_size), ends[-1]))
     if any(map(lt, starts, ends)):
@@ -82,35 +82,37 @@ def _new_free(engine: _Engine, start: int, length: int, marked: Optional[dict[in
     engine.free.add(start, length)
 
 
-def _holds_records(engine: _Engine) -> bool:
-    """Whether .dat holds any valid record or marker of ours (for a file
-    whose header is not valid: damaged, or not a store's)."""
+def _holds_records(engine: _Engine, magic: bytes = _MAGIC, step: int = _BLOCK) -> bool:
+    """Whether .dat holds any valid record or marker under `magic` at a
+    multiple of `step` bytes (for a file whose header is not valid:
+    damaged, or not a store's)."""
     size = os.fstat(engine.dat).st_size
-    return any(_parse_item(buf, off) for _, buf, starts in _chunks(engine.dat, size, _HEAD.size)
-               for off in starts if buf.startswith(_MAGIC, off))
+    return any(_parse_item(buf, off, magic)
+               for _, buf, starts in _chunks(engine.dat, size, _HEAD.size, step)
+               for off in starts if buf.startswith(magic, off))
 
 
 def _recover(engine: _Engine, header: Optional[_Header], listed: Optional[int] = None,
-             by_3_0: bool = False) -> None:
+             converted: Optional[int] = None) -> None:
     """Rebuild the index by scanning .dat. If the header says the store was
     closed cleanly, its snapshot did not match .dat: that is damage, not a
     crash, and `listed` is the number of keys the snapshot held, if known
-    (see _report_damage); unless version 3.0.0 wrote it (`by_3_0`), whose
-    snapshot is laid out otherwise."""
+    (see _report_damage). A store `converted` from version 2 or 3 (see
+    legacy) is not checked for damage: its free space has no marker of
+    this version to explain it."""
     engine.dat_size = os.fstat(engine.dat).st_size
     found: dict[bytes, int] = {}
-    losers, marked, tables, newest = _scan(engine, found)
+    losers, marked, newest = _scan(engine, found)
     engine.seq = max(header.seq if header else 1, newest + 1)
     _index_found(engine, found, losers, marked)
-    closed = (header is not None and header.state == _CLOSED and header.version == 3
-              and not by_3_0)
+    if converted:
+        _log.info("datastore %s: converted from version %d (%d keys)", engine.dat_path[:-4],
+                  converted, engine.index.count)
+        return
+    closed = header is not None and header.state == _CLOSED
     if closed and engine.dat_size <= _BLOCK and not listed:
         return  # a new store, which has no .idx yet
-    if header is not None and (header.version == 2 or by_3_0):
-        _log.info("datastore %s: converted from version %s (%d keys)", engine.dat_path[:-4],
-                  "3.0.0" if by_3_0 else 2, engine.index.count)
-    _report_damage(engine, _unexplained(engine, {**marked, **tables, **dict(losers)}),
-                   closed, listed)
+    _report_damage(engine, _unexplained(engine, {**marked, **dict(losers)}), closed, listed)
 
 
 def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[int, int]],
@@ -130,9 +132,16 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     _derive_free(engine, slots, marked)
     engine.expiries.load(list(compress(exps, exps)),
                          list(map(and_, compress(slots, exps), repeat(_SLOT_MASK))))
-    room = engine.index_room(end) + _blocks(engine.dat_size)  # (the map: see _check_room)
-    try:  # within max_bytes, spilling what no page has room for (see index)
+    def build(room: int) -> None:  # spilling what no page has room for (see index)
         engine.index.build(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK)), room)
+
+    room = engine.index_room(end)
+    try:
+        try:
+            build(room)
+        except _StoreFull:  # over max_bytes, by the free map at most (see _check_room)
+            room += _blocks(engine.dat_size)
+            build(room)
     except _StoreFull as full:  # (the index alone: with the rest, what it needs)
         raise _StoreFull(0, engine.max_bytes - room + full.used) from None
     _check_room(engine, end)
@@ -145,7 +154,8 @@ def _check_room(engine: _Engine, end: int, expiring: int = 0) -> None:
     more pages than the same keys added one by one) and the room the
     engine keeps for the snapshot, with so many more expiring keys than it
     holds now (see engine.used), but for the free map's byte a block. A
-    store that needs those too (one 3.0.0 filled, which did not count them)
+    store that needs those too (one that 3.0.0 filled, which did not count
+    them, or any that version 3 filled, whose blocks were 8 times larger)
     opens, takes no create until deletes make room, and closes without a
     snapshot (see engine.close), as a crash does."""
     needed = (max(_blocks(end), 1) * _BLOCK + engine.index.room()
@@ -155,18 +165,16 @@ def _check_room(engine: _Engine, end: int, expiring: int = 0) -> None:
 
 
 def _scan(engine: _Engine, index: dict[bytes, int]
-          ) -> tuple[list[tuple[int, int]], dict[int, int], dict[int, int], int]:
+          ) -> tuple[list[tuple[int, int]], dict[int, int], int]:
     """Read every valid item of .dat into `index` (newest copy of each key).
 
-    Returns the older copies (block, blocks), the free markers and the
-    index tables (each as block -> blocks), and the highest sequence
-    number seen. Value records are checked a chunk at a time, in bulk
-    (see _values); free markers and tables one by one.
+    Returns the older copies (block, blocks), the free markers (block ->
+    blocks) and the highest sequence number seen. Value records are checked
+    a chunk at a time, in bulk (see _values); free markers one by one.
     """
     newest = 0
     losers: list[tuple[int, int]] = []
     marked: dict[int, int] = {}
-    tables: dict[int, int] = {}
     for first, buf, starts in _chunks(engine.dat, engine.dat_size, _HEAD.size):
         columns = _head_columns(buf, starts)
         chosen = list(map(_VALUE_WORDS.__contains__, columns[0]))
@@ -182,19 +190,11 @@ def _scan(engine: _Engine, index: dict[bytes, int]
                 if other != slot:
                     _choose(engine, index, key, slot, seq, losers)
         newest = max(newest, max(seqs, default=0))
-        for off in compress(starts, map(_MARKER_WORDS.__contains__, columns[0])):
-            block = first + off // _BLOCK
-            kind, length = buf[off + 4], _HEAD.unpack_from(buf, off)[6]
+        for off in compress(starts, map(_MARKER_WORD.__eq__, columns[0])):
             item = _parse_item(buf, off)
-            if (item is None and kind == _TABLE  # a table longer than buf
-                    and block * _BLOCK + _HEAD.size + length <= engine.dat_size
-                    and _HEAD.size + length <= engine.max_bytes // 16):
-                item = _parse_item(_read_at(engine.dat, _HEAD.size + length, block * _BLOCK), 0)
-            if item is not None and kind == _FREE:
-                marked[block] = length
-            elif item is not None:
-                tables[block] = _blocks(_HEAD.size + length)
-    return losers, marked, tables, newest
+            if item is not None:
+                marked[first + off // _BLOCK] = item[4]
+    return losers, marked, newest
 
 
 def _choose(engine: _Engine, index: dict[bytes, int], key: bytes, slot: int, seq: int,
@@ -211,8 +211,7 @@ def _choose(engine: _Engine, index: dict[bytes, int], key: bytes, slot: int, seq
 
 def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]]:
     """The regions (block, blocks) of the free extents that no item the
-    scan found (a free marker, an index table or an older copy, as block
-    -> blocks) covers: a torn write, or damage."""
+    scan found (a free marker or an older copy, as block -> blocks) covers: a torn write, or damage."""
     damage = []
     for start, length in engine.free.extents():
         at, end = start, start + length
@@ -257,16 +256,18 @@ def _report_damage(engine: _Engine, damage: list[tuple[int, int]], closed: bool,
 
 # --- Reading .dat in bulk: a scan, and the heads the index points at -------
 
-def _chunks(fd: int, size: int, head: int) -> Iterator[tuple[int, bytes, range]]:
+def _chunks(fd: int, size: int, head: int, step: int = _BLOCK
+            ) -> Iterator[tuple[int, bytes, range]]:
     """.dat after the header, a chunk at a time: (block, buffer, starts),
     where the buffer holds the file from that block on, and `starts` are the
-    offsets in it of the chunk's blocks that hold a whole head of `head`
-    bytes. The buffer holds at least _MAX_RECORD bytes from each of those,
-    or up to the end of the file."""
+    offsets in it of the chunk's multiples of `step` bytes in the file
+    (blocks, by default) that hold a whole head of `head` bytes. The buffer
+    holds at least _MAX_RECORD bytes from each of those, or up to the end of
+    the file."""
     pos = _BLOCK
     while pos < size:
         buf = _read_at(fd, min(_SCAN_CHUNK + _MAX_RECORD, size - pos), pos)
-        yield pos // _BLOCK, buf, range(0, min(_SCAN_CHUNK, len(buf) - head + 1), _BLOCK)
+        yield pos // _BLOCK, buf, range(-pos % step, min(_SCAN_CHUNK, len(buf) - head + 1), step)
         pos += _SCAN_CHUNK
 
 
@@ -293,7 +294,7 @@ def _head_word(kind: int, key_len: int) -> int:
 
 # What the first column of a valid head can hold (see _head_columns).
 _VALUE_WORDS = frozenset(_head_word(_VALUE, n) for n in range(1, _MAX_KEY_BYTES + 1))
-_MARKER_WORDS = frozenset((_head_word(_FREE, 0), _head_word(_TABLE, 0)))
+_MARKER_WORD = _head_word(_FREE, 0)
 
 
 def _values(first: int, buf: bytes, starts: range, columns: list[Sequence[int]],

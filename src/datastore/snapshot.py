@@ -79,7 +79,7 @@ def _load_snapshot(engine: _Engine, header: _Header) -> bool:
     do not match the header or .dat (then scan .dat). What matches but does
     not make sense raises CorruptStoreError."""
     engine.dat_size = os.fstat(engine.dat).st_size
-    if header.version != 3 or header.state != _CLOSED or not header.stamp:
+    if header.version != 4 or header.state != _CLOSED or not header.stamp:
         return False
     data = engine.index.load(header.stamp, engine.max_bytes)
     if data is None:

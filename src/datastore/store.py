@@ -264,7 +264,7 @@ class DataStore:
         after a crash at any instant the key holds one or the other. Raises
         like ``create``, but never ``KeyExistsError``. Writes leave room in
         ``max_bytes`` for one more copy of the largest value stored, which a
-        ``set`` may use if its value takes no more 512-byte blocks than the
+        ``set`` may use if its value takes no more 64-byte blocks than the
         one it replaces and it adds no ttl; so on a full store of values of
         one size, replacing values with ones of the same size keeps working
         (with several sizes, not always). The value is in the files when
