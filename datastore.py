@@ -503,7 +503,7 @@ def _decode_object(body: bytes) -> Optional[dict[str, Any]]:
 # free space. A record starts at a block boundary and describes itself with a
 # 32-byte *head* (``_HEAD``, little-endian)::
 #
-#     magic "ÿDSr"    4 bytes
+#     magic              4 bytes: 0xFF, then "DSr"
 #     kind               1 byte: 1 value, 2 free marker
 #     key length         1 byte: UTF-8 bytes of the key (0 for kind 2)
 #     (zero)             2 bytes
@@ -2263,7 +2263,8 @@ def _choose(engine: _Engine, index: dict[bytes, int], key: bytes, slot: int, seq
 
 def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]]:
     """The regions (block, blocks) of the free extents that no item the
-    scan found (a free marker or an older copy, as block -> blocks) covers: a torn write, or damage."""
+    scan found (a free marker or an older copy, as block -> blocks)
+    covers: a torn write, or damage."""
     damage = []
     for start, length in engine.free.extents():
         at, end = start, start + length
@@ -2773,8 +2774,8 @@ def _open(engine: _Engine, deadline: Optional[float]) -> None:
 
 def _load(engine: _Engine) -> None:
     """Read the index: from .idx after a clean close, else by scanning .dat
-    (see recovery); convert a store of version 1.0, 2 or 3. Then mark the header open,
-    before anything else is written."""
+    (see recovery); convert a store of version 1.0, 2 or 3. Then mark the
+    header open, before anything else is written."""
     size = os.fstat(engine.dat).st_size
     first = _read_at(engine.dat, min(size, _HEADER.size), 0)
     header = _Header.parse(first)
@@ -2786,8 +2787,8 @@ def _load(engine: _Engine) -> None:
     # this version or an older one), long, zero after the header, beside an
     # index of no key: with the header torn by a power cut, it is that, not
     # a foreign file.
-    torn = (size in (_HEADER.size, _BLOCK, _OLD_BLOCK) and _keys_saved(engine.index.fd) in (0, None)
-            and not os.path.exists(old_dir)
+    torn = (size in (_HEADER.size, _BLOCK, _OLD_BLOCK)
+            and _keys_saved(engine.index.fd) in (0, None) and not os.path.exists(old_dir)
             and not _read_at(engine.dat, size, 0)[_HEADER.size:].strip(b"\0"))
     if (size and header is None and not v1 and not torn and not _holds_records(engine)
             and not _holds_records(engine, _OLD_MAGIC, _OLD_BLOCK)):
@@ -3004,10 +3005,10 @@ class _Engine:
 
     def _snapshot_room(self, expiring: int = 0, spill: int = 0) -> int:
         """Room for the snapshot, with so many more expiring keys and spilled
-        entries (room is kept for _SPILL_ROOM at least). The free map takes a byte a block of .dat (which an append
-        counts: see _place). The free extents' keys take none: a close saves
-        them only if they fit (see snapshot), so a delete, which may add
-        one, never needs room."""
+        entries (room is kept for _SPILL_ROOM at least). The free map takes a
+        byte a block of .dat (which an append counts: see _place). The free
+        extents' keys take none: a close saves them only if they fit (see
+        snapshot), so a delete, which may add one, never needs room."""
         spilled = sum(map(len, self.index.spilled.values())) if self.index.spilled else 0
         return _snapshot_room(0, self.expiries.count + expiring,
                               max(spilled + spill, _SPILL_ROOM), _blocks(self.dat_size))

@@ -201,10 +201,10 @@ class _Engine:
 
     def _snapshot_room(self, expiring: int = 0, spill: int = 0) -> int:
         """Room for the snapshot, with so many more expiring keys and spilled
-        entries (room is kept for _SPILL_ROOM at least). The free map takes a byte a block of .dat (which an append
-        counts: see _place). The free extents' keys take none: a close saves
-        them only if they fit (see snapshot), so a delete, which may add
-        one, never needs room."""
+        entries (room is kept for _SPILL_ROOM at least). The free map takes a
+        byte a block of .dat (which an append counts: see _place). The free
+        extents' keys take none: a close saves them only if they fit (see
+        snapshot), so a delete, which may add one, never needs room."""
         spilled = sum(map(len, self.index.spilled.values())) if self.index.spilled else 0
         return _snapshot_room(0, self.expiries.count + expiring,
                               max(spilled + spill, _SPILL_ROOM), _blocks(self.dat_size))

@@ -26,7 +26,7 @@ Every other block is the first block of a *record*, a block inside one, or
 free space. A record starts at a block boundary and describes itself with a
 32-byte *head* (``_HEAD``, little-endian)::
 
-    magic "\xffDSr"    4 bytes
+    magic              4 bytes: 0xFF, then "DSr"
     kind               1 byte: 1 value, 2 free marker
     key length         1 byte: UTF-8 bytes of the key (0 for kind 2)
     (zero)             2 bytes

@@ -22,7 +22,9 @@ from .format import (
     _open_regular, _read_at, _remove,
 )
 from .index import _keys_saved
-from .legacy import _OLD_BLOCK, _OLD_MAGIC, _convert_v1, _is_v1_header, _upgrade, _written_by_2_or_3
+from .legacy import (
+    _OLD_BLOCK, _OLD_MAGIC, _convert_v1, _is_v1_header, _upgrade, _written_by_2_or_3,
+)
 from .locks import _engines, _lock_data_file
 from .recovery import _holds_records, _recover
 from .snapshot import _load_snapshot
@@ -55,8 +57,8 @@ def _open(engine: _Engine, deadline: Optional[float]) -> None:
 
 def _load(engine: _Engine) -> None:
     """Read the index: from .idx after a clean close, else by scanning .dat
-    (see recovery); convert a store of version 1.0, 2 or 3. Then mark the header open,
-    before anything else is written."""
+    (see recovery); convert a store of version 1.0, 2 or 3. Then mark the
+    header open, before anything else is written."""
     size = os.fstat(engine.dat).st_size
     first = _read_at(engine.dat, min(size, _HEADER.size), 0)
     header = _Header.parse(first)
@@ -68,8 +70,8 @@ def _load(engine: _Engine) -> None:
     # this version or an older one), long, zero after the header, beside an
     # index of no key: with the header torn by a power cut, it is that, not
     # a foreign file.
-    torn = (size in (_HEADER.size, _BLOCK, _OLD_BLOCK) and _keys_saved(engine.index.fd) in (0, None)
-            and not os.path.exists(old_dir)
+    torn = (size in (_HEADER.size, _BLOCK, _OLD_BLOCK)
+            and _keys_saved(engine.index.fd) in (0, None) and not os.path.exists(old_dir)
             and not _read_at(engine.dat, size, 0)[_HEADER.size:].strip(b"\0"))
     if (size and header is None and not v1 and not torn and not _holds_records(engine)
             and not _holds_records(engine, _OLD_MAGIC, _OLD_BLOCK)):

@@ -211,7 +211,8 @@ def _choose(engine: _Engine, index: dict[bytes, int], key: bytes, slot: int, seq
 
 def _unexplained(engine: _Engine, items: dict[int, int]) -> list[tuple[int, int]]:
     """The regions (block, blocks) of the free extents that no item the
-    scan found (a free marker or an older copy, as block -> blocks) covers: a torn write, or damage."""
+    scan found (a free marker or an older copy, as block -> blocks)
+    covers: a torn write, or damage."""
     damage = []
     for start, length in engine.free.extents():
         at, end = start, start + length
