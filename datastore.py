@@ -1271,6 +1271,7 @@ _PAGE = 4096
 _ENTRIES = 340
 _IDX_HEADER = struct.Struct("<8sBB2xIQQIII")
 _IDX_MAGIC = b"DSidx4\0\0"
+_SPILL_ROOM = 64  # spilled entries the engine keeps room for (see engine)
 
 _HASHES = 4      # a bucket's first hash, in 4-byte words from its start
 _PLACES = 172    # its first place, in 8-byte words from its start
@@ -2149,34 +2150,38 @@ def _recover(engine: _Engine, header: Optional[_Header], listed: Optional[int] =
     """Rebuild the index by scanning .dat. If the header says the store was
     closed cleanly, its snapshot did not match .dat: that is damage, not a
     crash, and `listed` is the number of keys the snapshot held, if known
-    (see _report_damage). A store `converted` from version 2 or 3 (see
-    legacy) is not checked for damage: its free space has no marker of
-    this version to explain it."""
+    (see _report_damage). The free space of a store `converted` from
+    version 2 or 3 (see legacy) has no marker of this version to explain
+    it: only keys its index listed and the scan did not find are damage."""
     engine.dat_size = os.fstat(engine.dat).st_size
     found: dict[bytes, int] = {}
     losers, marked, newest = _scan(engine, found)
     engine.seq = max(header.seq if header else 1, newest + 1)
-    _index_found(engine, found, losers, marked)
-    if converted:
-        _log.info("datastore %s: converted from version %d (%d keys)", engine.dat_path[:-4],
-                  converted, engine.index.count)
-        return
+    _index_found(engine, found, losers, marked, bool(converted))
     closed = header is not None and header.state == _CLOSED
+    if converted:
+        engine.lost = max(0, (listed or 0) - engine.index.count) if closed else 0
+        _log.log(logging.WARNING if engine.lost else logging.INFO,
+                 "datastore %s: converted from version %d (%d keys)%s", engine.dat_path[:-4],
+                 converted, engine.index.count, f"; lost {engine.lost} key(s) its index "
+                 "listed: its files were damaged since it was closed" if engine.lost else "")
+        return
     if closed and engine.dat_size <= _BLOCK and not listed:
         return  # a new store, which has no .idx yet
     _report_damage(engine, _unexplained(engine, {**marked, **dict(losers)}), closed, listed)
 
 
 def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[int, int]],
-                 marked: dict[int, int]) -> None:
+                 marked: dict[int, int], converted: bool = False) -> None:
     """From a scan's newest copy of each key (`found`, key -> slot): refuse a
-    store too large for max_bytes, invalidate the older copies (`losers`),
-    derive the free space, list the expiries and build .idx."""
+    store too large for max_bytes (see _check_room), invalidate the older
+    copies (`losers`), derive the free space, list the expiries and build
+    .idx."""
     slots = list(found.values())
     last = max(map(and_, slots, repeat(_SLOT_MASK)), default=0)
     end = _slot_block(last) * _BLOCK + _slot_size(last)
     exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))
-    _check_room(engine, end, sum(map(bool, exps)))
+    _check_room(engine, end, converted, sum(map(bool, exps)))
     if losers:  # older copies of keys: never again valid, once the newer are durable
         _fsync(engine.dat)
     for block, length in losers:
@@ -2191,27 +2196,31 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     try:
         try:
             build(room)
-        except _StoreFull:  # over max_bytes, by the free map at most (see _check_room)
-            room += _blocks(engine.dat_size)
+        except _StoreFull:  # then past what is kept in reserve (see _check_room)
+            room = engine.max_bytes - max(_blocks(end), 1) * _BLOCK
             build(room)
     except _StoreFull as full:  # (the index alone: with the rest, what it needs)
         raise _StoreFull(0, engine.max_bytes - room + full.used) from None
-    _check_room(engine, end)
+    _check_room(engine, end, converted)
 
 
-def _check_room(engine: _Engine, end: int, expiring: int = 0) -> None:
+def _check_room(engine: _Engine, end: int, converted: bool, expiring: int = 0) -> None:
     """Refuse, before anything is written, a store that needs more than
     max_bytes (it was filled under a larger one): .dat up to `end`, the
     end of its last record, then .idx (once built: a bulk build takes no
     more pages than the same keys added one by one) and the room the
     engine keeps for the snapshot, with so many more expiring keys than it
-    holds now (see engine.used), but for the free map's byte a block. A
-    store that needs those too (one that 3.0.0 filled, which did not count
-    them, or any that version 3 filled, whose blocks were 8 times larger)
-    opens, takes no create until deletes make room, and closes without a
-    snapshot (see engine.close), as a crash does."""
-    needed = (max(_blocks(end), 1) * _BLOCK + engine.index.room()
-              + engine._snapshot_room(expiring) - _blocks(engine.dat_size))
+    holds now (see engine.used), but for what it keeps in reserve: the
+    free map's byte a block and room for spilled index entries. A store
+    `converted` from version 2 or 3 needs only its files to fit: they kept
+    no such room, and a full one would not open at its own cap. A store
+    over max_bytes by no more than that opens, takes no create until
+    deletes make room, and closes without a snapshot (see engine.close),
+    as a crash does."""
+    needed = max(_blocks(end), 1) * _BLOCK + engine.index.room()
+    if not converted:
+        needed += (engine._snapshot_room(expiring) - _blocks(engine.dat_size)
+                   - 12 * _SPILL_ROOM)
     if needed > engine.max_bytes:
         raise _StoreFull(0, needed)
 
@@ -2452,9 +2461,22 @@ _OLD_BLOCK, _OLD_MAGIC = 512, b"DSr2"
 
 
 def _written_by_2_or_3(engine: _Engine) -> bool:
-    """For a .dat whose header is not valid: whether it holds records of
-    version 2 or 3 and none of this version's."""
-    return _holds_records(engine, _OLD_MAGIC, _OLD_BLOCK) and not _holds_records(engine)
+    """For a .dat whose header is not valid: whether it holds values of
+    versions 2 or 3, and this version's at 512-byte boundaries only, as a
+    conversion cut short leaves them (this version writes elsewhere too)."""
+    return (any(True for _ in _value_starts(engine, _OLD_MAGIC, _OLD_BLOCK))
+            and not any(pos % _OLD_BLOCK for pos in _value_starts(engine, _MAGIC, _BLOCK)))
+
+
+def _value_starts(engine: _Engine, magic: bytes, step: int) -> Iterator[int]:
+    """Where in .dat the valid value records under `magic` at multiples of
+    `step` bytes start."""
+    size = os.fstat(engine.dat).st_size
+    for first, buf, starts in _chunks(engine.dat, size, _HEAD.size, step):
+        for off in starts:
+            item = _parse_item(buf, off, magic) if buf.startswith(magic, off) else None
+            if item is not None and item[0] == _VALUE:
+                yield first * _BLOCK + off
 
 
 def _upgrade(engine: _Engine) -> None:
@@ -2462,23 +2484,29 @@ def _upgrade(engine: _Engine) -> None:
     magic, in place, and mark the free blocks after it, up to the next
     512-byte boundary. Those records are read at 512-byte boundaries only:
     a key crosses 64-byte ones, and one that holds such a head is no record.
-    Their free markers, and 2.0's index tables, are left as they are: free
-    space, which recovery marks anew. A chunk at a time, the bytes from its
-    first head changed to its last are written at once (the rest as they
-    were). The header stays until the store is read, so a crash here
+    Any other head under their magic (a free marker, 2.0's index table, a
+    torn write: its kind, below 0x20, tells it from a value's JSON text)
+    loses the magic, so that no version 3 finds anything of its own in the
+    store once converted, and none mistakes the store for one of its own.
+    Recovery marks the free space anew. A chunk at a time, the bytes from
+    its first head changed to its last are written at once (the rest as
+    they were). The header stays until the store is read, so a crash here
     converts again; what this wrote is fsynced first."""
     size = os.fstat(engine.dat).st_size
     upgraded = False
     for first, buf, starts in _chunks(engine.dat, size, _HEAD.size, _OLD_BLOCK):
         image, lo, hi = bytearray(buf), len(buf), 0
         for off in starts:
-            item = _parse_item(buf, off, _OLD_MAGIC) if buf.startswith(_OLD_MAGIC, off) else None
+            if not buf.startswith(_OLD_MAGIC, off) or buf[off + 4] >= 0x20:
+                continue  # (a kind is below 0x20, and JSON text never is)
+            lo, hi = min(lo, off), max(hi, off + _HEAD.size)
+            item = _parse_item(buf, off, _OLD_MAGIC)
             if item is None or item[0] != _VALUE or not _valid_key(item[2]):
+                image[off:off + len(_OLD_MAGIC)] = bytes(len(_OLD_MAGIC))
                 continue
             fields = _MAGIC + buf[off + 4:off + _FIELDS.size]
             crc = zlib.crc32(buf[off + _HEAD.size:off + item[5]], zlib.crc32(fields))
             image[off:off + _HEAD.size] = fields + crc.to_bytes(4, "little")
-            lo, hi = min(lo, off), max(hi, off + _HEAD.size)
             end = off + _blocks(item[5]) * _BLOCK  # (in buf) its blocks' end, and the gap's
             gap = -(first * _BLOCK + end) % _OLD_BLOCK
             if gap and end + _HEAD.size <= len(buf) and first * _BLOCK + end + gap <= size:
@@ -2839,7 +2867,8 @@ def _load(engine: _Engine) -> None:
 #   write of the record is the *commit point*: from then on the key exists.
 #   It leaves room in ``max_bytes`` for a copy of the largest record, which a
 #   ``set`` replacing a record with one no larger may use, and for 64 spilled
-#   index entries (see index): so at the cap a delete makes room for a create.
+#   index entries (see index): so at the cap a delete makes room for a create
+#   of its size (while no more are spilled).
 # * ``set`` of a live key writes the new record the same way (its commit
 #   point), then a free marker over the old one. If the old record was
 #   durable (see below), the new one is fsynced first.
@@ -2865,7 +2894,6 @@ def _load(engine: _Engine) -> None:
 # toward the start of .dat (one fsync covers a batch).
 _RECLAIM_BATCH = 16
 _MOVE_FOR_ROOM = 64
-_SPILL_ROOM = 64  # index entries spilled that room is kept for (see index)
 
 
 class _Engine:
@@ -2998,10 +3026,10 @@ class _Engine:
                                                      + self._snapshot_room())
 
     def index_room(self, end: int) -> int:
-        """Bytes .idx may take, with 12 a spilled entry (see index.build), if
-        .dat ends at `end`."""
-        return (self.max_bytes - max(_blocks(end), 1) * _BLOCK - self._snapshot_room()
-                + 12 * sum(map(len, self.index.spilled.values())))
+        """Bytes a rebuilt .idx may take, with 12 a spilled entry (see index.build),
+        if .dat ends at `end`, and room kept for _SPILL_ROOM more besides."""
+        return self.max_bytes - max(_blocks(end), 1) * _BLOCK - _snapshot_room(
+            0, self.expiries.count, _SPILL_ROOM, _blocks(self.dat_size))
 
     def _snapshot_room(self, expiring: int = 0, spill: int = 0) -> int:
         """Room for the snapshot, with so many more expiring keys and spilled

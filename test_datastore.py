@@ -2205,6 +2205,21 @@ def test_a_store_written_by_version_3_is_converted_at_first_open_with_no_warning
     assert Path(f"{path}.idx").read_bytes()[:8] == b"DSidx4\0\0"
 
 
+def test_a_version_3_store_damaged_since_its_clean_close_says_so_when_converted(
+        path, caplog):
+    for suffix in (".dat", ".idx"):
+        shutil.copy(ROOT / "fixtures" / f"store-3.1-closed{suffix}", f"{path}{suffix}")
+    data = bytearray(Path(f"{path}.dat").read_bytes())
+    data[data.index(b'{"i":4') + 3] ^= 1  # k4's value: its CRC no longer matches
+    Path(f"{path}.dat").write_bytes(bytes(data))
+    with DataStore(path) as s:
+        assert live_content(s) == {k: v for k, v in V1_CLOSED_CONTENT.items() if k != "k4"}
+        with pytest.raises(CorruptStoreError, match="lost 1 key"):
+            s.check()
+    assert "converted from version 3" in caplog.text and "lost 1 key(s)" in caplog.text
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
 def test_a_store_short_only_of_room_for_its_free_map_opens_takes_deletes_and_closes(path):
     # 3.0.0 counted no free map in .idx: a store it filled to its cap needs a
     # byte a block of .dat more than that cap now. As such a store, one

@@ -16,7 +16,6 @@ import pytest
 
 from datastore import CorruptStoreError, DataStore
 from datastore import format as fmt
-from datastore import engine as engine_module
 from datastore import index as idx
 from datastore import snapshot as snap
 from datastore import MIN_STORE_BYTES
@@ -128,7 +127,7 @@ def test_the_snapshot_room_counted_is_what_close_appends_but_the_free_extents(pa
         free_map = engine.free.dump()[0]
     # a byte a block of .dat for the free map, and room for the expiries and
     # for entries spilled at the cap
-    kept = 12 * engine_module._SPILL_ROOM
+    kept = 12 * idx._SPILL_ROOM
     assert room == pages * idx._PAGE + 4 * 1 + snap._snapshot_room(0, 3, 0, blocks) + kept
     assert free_map == b"\0\0\0\1"  # the header, k0, k1, then k2's block
     # the map up to its last free block; the free extent's key, which fitted

@@ -13,7 +13,8 @@ from .dat (see recovery).
   write of the record is the *commit point*: from then on the key exists.
   It leaves room in ``max_bytes`` for a copy of the largest record, which a
   ``set`` replacing a record with one no larger may use, and for 64 spilled
-  index entries (see index): so at the cap a delete makes room for a create.
+  index entries (see index): so at the cap a delete makes room for a create
+  of its size (while no more are spilled).
 * ``set`` of a live key writes the new record the same way (its commit
   point), then a free marker over the old one. If the old record was
   durable (see below), the new one is fsynced first.
@@ -50,7 +51,7 @@ from .format import (
     _float_bits, _free_marker, _fsync, _pack_header, _pack_value, _read_at,
     _slot, _slot_block, _slot_exp, _slot_size, _value_body, _with_seq, _write_at,
 )
-from .index import _hash, _Index
+from .index import _SPILL_ROOM, _hash, _Index
 from .opening import _open
 from .recovery import _indexed_heads
 from .snapshot import _snapshot_room, _write_snapshot
@@ -61,7 +62,6 @@ from .space import _Expiries, _FreeSpace
 # toward the start of .dat (one fsync covers a batch).
 _RECLAIM_BATCH = 16
 _MOVE_FOR_ROOM = 64
-_SPILL_ROOM = 64  # index entries spilled that room is kept for (see index)
 
 
 class _Engine:
@@ -194,10 +194,10 @@ class _Engine:
                                                      + self._snapshot_room())
 
     def index_room(self, end: int) -> int:
-        """Bytes .idx may take, with 12 a spilled entry (see index.build), if
-        .dat ends at `end`."""
-        return (self.max_bytes - max(_blocks(end), 1) * _BLOCK - self._snapshot_room()
-                + 12 * sum(map(len, self.index.spilled.values())))
+        """Bytes a rebuilt .idx may take, with 12 a spilled entry (see index.build),
+        if .dat ends at `end`, and room kept for _SPILL_ROOM more besides."""
+        return self.max_bytes - max(_blocks(end), 1) * _BLOCK - _snapshot_room(
+            0, self.expiries.count, _SPILL_ROOM, _blocks(self.dat_size))
 
     def _snapshot_room(self, expiring: int = 0, spill: int = 0) -> int:
         """Room for the snapshot, with so many more expiring keys and spilled

@@ -75,6 +75,7 @@ _PAGE = 4096
 _ENTRIES = 340
 _IDX_HEADER = struct.Struct("<8sBB2xIQQIII")
 _IDX_MAGIC = b"DSidx4\0\0"
+_SPILL_ROOM = 64  # spilled entries the engine keeps room for (see engine)
 
 _HASHES = 4      # a bucket's first hash, in 4-byte words from its start
 _PLACES = 172    # its first place, in 8-byte words from its start

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from .codec import _LATEST_EXPIRY, MAX_VALUE_BYTES
 from .errors import _damaged, _StoreFull
@@ -28,7 +28,7 @@ from .format import (
     _parse_item, _remove, _slot, _valid_key, _write_at,
 )
 from .index import _hash
-from .recovery import _chunks, _holds_records, _index_found, _scan
+from .recovery import _chunks, _index_found, _scan
 
 if TYPE_CHECKING:
     from .engine import _Engine
@@ -44,9 +44,22 @@ _OLD_BLOCK, _OLD_MAGIC = 512, b"DSr2"
 
 
 def _written_by_2_or_3(engine: _Engine) -> bool:
-    """For a .dat whose header is not valid: whether it holds records of
-    version 2 or 3 and none of this version's."""
-    return _holds_records(engine, _OLD_MAGIC, _OLD_BLOCK) and not _holds_records(engine)
+    """For a .dat whose header is not valid: whether it holds values of
+    versions 2 or 3, and this version's at 512-byte boundaries only, as a
+    conversion cut short leaves them (this version writes elsewhere too)."""
+    return (any(True for _ in _value_starts(engine, _OLD_MAGIC, _OLD_BLOCK))
+            and not any(pos % _OLD_BLOCK for pos in _value_starts(engine, _MAGIC, _BLOCK)))
+
+
+def _value_starts(engine: _Engine, magic: bytes, step: int) -> Iterator[int]:
+    """Where in .dat the valid value records under `magic` at multiples of
+    `step` bytes start."""
+    size = os.fstat(engine.dat).st_size
+    for first, buf, starts in _chunks(engine.dat, size, _HEAD.size, step):
+        for off in starts:
+            item = _parse_item(buf, off, magic) if buf.startswith(magic, off) else None
+            if item is not None and item[0] == _VALUE:
+                yield first * _BLOCK + off
 
 
 def _upgrade(engine: _Engine) -> None:
@@ -54,23 +67,29 @@ def _upgrade(engine: _Engine) -> None:
     magic, in place, and mark the free blocks after it, up to the next
     512-byte boundary. Those records are read at 512-byte boundaries only:
     a key crosses 64-byte ones, and one that holds such a head is no record.
-    Their free markers, and 2.0's index tables, are left as they are: free
-    space, which recovery marks anew. A chunk at a time, the bytes from its
-    first head changed to its last are written at once (the rest as they
-    were). The header stays until the store is read, so a crash here
+    Any other head under their magic (a free marker, 2.0's index table, a
+    torn write: its kind, below 0x20, tells it from a value's JSON text)
+    loses the magic, so that no version 3 finds anything of its own in the
+    store once converted, and none mistakes the store for one of its own.
+    Recovery marks the free space anew. A chunk at a time, the bytes from
+    its first head changed to its last are written at once (the rest as
+    they were). The header stays until the store is read, so a crash here
     converts again; what this wrote is fsynced first."""
     size = os.fstat(engine.dat).st_size
     upgraded = False
     for first, buf, starts in _chunks(engine.dat, size, _HEAD.size, _OLD_BLOCK):
         image, lo, hi = bytearray(buf), len(buf), 0
         for off in starts:
-            item = _parse_item(buf, off, _OLD_MAGIC) if buf.startswith(_OLD_MAGIC, off) else None
+            if not buf.startswith(_OLD_MAGIC, off) or buf[off + 4] >= 0x20:
+                continue  # (a kind is below 0x20, and JSON text never is)
+            lo, hi = min(lo, off), max(hi, off + _HEAD.size)
+            item = _parse_item(buf, off, _OLD_MAGIC)
             if item is None or item[0] != _VALUE or not _valid_key(item[2]):
+                image[off:off + len(_OLD_MAGIC)] = bytes(len(_OLD_MAGIC))
                 continue
             fields = _MAGIC + buf[off + 4:off + _FIELDS.size]
             crc = zlib.crc32(buf[off + _HEAD.size:off + item[5]], zlib.crc32(fields))
             image[off:off + _HEAD.size] = fields + crc.to_bytes(4, "little")
-            lo, hi = min(lo, off), max(hi, off + _HEAD.size)
             end = off + _blocks(item[5]) * _BLOCK  # (in buf) its blocks' end, and the gap's
             gap = -(first * _BLOCK + end) % _OLD_BLOCK
             if gap and end + _HEAD.size <= len(buf) and first * _BLOCK + end + gap <= size:

@@ -28,6 +28,7 @@ which are fewer, go through ``_parse_item``.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import struct
 import sys
@@ -46,7 +47,7 @@ from .format import (
     _SLOT_MASK, _VALUE, _Header, _blocks, _fsync, _parse_item, _read_at, _slot_block,
     _slot_size, _valid_key, _valid_keys,
 )
-from .index import _hash
+from .index import _SPILL_ROOM, _hash
 
 if TYPE_CHECKING:
     from .engine import _Engine
@@ -97,34 +98,38 @@ def _recover(engine: _Engine, header: Optional[_Header], listed: Optional[int] =
     """Rebuild the index by scanning .dat. If the header says the store was
     closed cleanly, its snapshot did not match .dat: that is damage, not a
     crash, and `listed` is the number of keys the snapshot held, if known
-    (see _report_damage). A store `converted` from version 2 or 3 (see
-    legacy) is not checked for damage: its free space has no marker of
-    this version to explain it."""
+    (see _report_damage). The free space of a store `converted` from
+    version 2 or 3 (see legacy) has no marker of this version to explain
+    it: only keys its index listed and the scan did not find are damage."""
     engine.dat_size = os.fstat(engine.dat).st_size
     found: dict[bytes, int] = {}
     losers, marked, newest = _scan(engine, found)
     engine.seq = max(header.seq if header else 1, newest + 1)
-    _index_found(engine, found, losers, marked)
-    if converted:
-        _log.info("datastore %s: converted from version %d (%d keys)", engine.dat_path[:-4],
-                  converted, engine.index.count)
-        return
+    _index_found(engine, found, losers, marked, bool(converted))
     closed = header is not None and header.state == _CLOSED
+    if converted:
+        engine.lost = max(0, (listed or 0) - engine.index.count) if closed else 0
+        _log.log(logging.WARNING if engine.lost else logging.INFO,
+                 "datastore %s: converted from version %d (%d keys)%s", engine.dat_path[:-4],
+                 converted, engine.index.count, f"; lost {engine.lost} key(s) its index "
+                 "listed: its files were damaged since it was closed" if engine.lost else "")
+        return
     if closed and engine.dat_size <= _BLOCK and not listed:
         return  # a new store, which has no .idx yet
     _report_damage(engine, _unexplained(engine, {**marked, **dict(losers)}), closed, listed)
 
 
 def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[int, int]],
-                 marked: dict[int, int]) -> None:
+                 marked: dict[int, int], converted: bool = False) -> None:
     """From a scan's newest copy of each key (`found`, key -> slot): refuse a
-    store too large for max_bytes, invalidate the older copies (`losers`),
-    derive the free space, list the expiries and build .idx."""
+    store too large for max_bytes (see _check_room), invalidate the older
+    copies (`losers`), derive the free space, list the expiries and build
+    .idx."""
     slots = list(found.values())
     last = max(map(and_, slots, repeat(_SLOT_MASK)), default=0)
     end = _slot_block(last) * _BLOCK + _slot_size(last)
     exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))
-    _check_room(engine, end, sum(map(bool, exps)))
+    _check_room(engine, end, converted, sum(map(bool, exps)))
     if losers:  # older copies of keys: never again valid, once the newer are durable
         _fsync(engine.dat)
     for block, length in losers:
@@ -139,27 +144,31 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     try:
         try:
             build(room)
-        except _StoreFull:  # over max_bytes, by the free map at most (see _check_room)
-            room += _blocks(engine.dat_size)
+        except _StoreFull:  # then past what is kept in reserve (see _check_room)
+            room = engine.max_bytes - max(_blocks(end), 1) * _BLOCK
             build(room)
     except _StoreFull as full:  # (the index alone: with the rest, what it needs)
         raise _StoreFull(0, engine.max_bytes - room + full.used) from None
-    _check_room(engine, end)
+    _check_room(engine, end, converted)
 
 
-def _check_room(engine: _Engine, end: int, expiring: int = 0) -> None:
+def _check_room(engine: _Engine, end: int, converted: bool, expiring: int = 0) -> None:
     """Refuse, before anything is written, a store that needs more than
     max_bytes (it was filled under a larger one): .dat up to `end`, the
     end of its last record, then .idx (once built: a bulk build takes no
     more pages than the same keys added one by one) and the room the
     engine keeps for the snapshot, with so many more expiring keys than it
-    holds now (see engine.used), but for the free map's byte a block. A
-    store that needs those too (one that 3.0.0 filled, which did not count
-    them, or any that version 3 filled, whose blocks were 8 times larger)
-    opens, takes no create until deletes make room, and closes without a
-    snapshot (see engine.close), as a crash does."""
-    needed = (max(_blocks(end), 1) * _BLOCK + engine.index.room()
-              + engine._snapshot_room(expiring) - _blocks(engine.dat_size))
+    holds now (see engine.used), but for what it keeps in reserve: the
+    free map's byte a block and room for spilled index entries. A store
+    `converted` from version 2 or 3 needs only its files to fit: they kept
+    no such room, and a full one would not open at its own cap. A store
+    over max_bytes by no more than that opens, takes no create until
+    deletes make room, and closes without a snapshot (see engine.close),
+    as a crash does."""
+    needed = max(_blocks(end), 1) * _BLOCK + engine.index.room()
+    if not converted:
+        needed += (engine._snapshot_room(expiring) - _blocks(engine.dat_size)
+                   - 12 * _SPILL_ROOM)
     if needed > engine.max_bytes:
         raise _StoreFull(0, needed)
 
