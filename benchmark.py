@@ -1008,8 +1008,8 @@ def run_largest(args):
                 n += 1
         except StoreFullError:
             times["create"] = (time.perf_counter() - start) / n * 1e6
-        for r in range(rounds):  # room for the key each killed writer creates
-            n -= 1
+        for r in range(64 * rounds):  # room for the key each killed writer creates
+            n -= 1                      # (whatever the rebuild after its kill spills)
             store.delete(f"{n:08x}")
         times["close"] = timed(store.close)
         files = store_files(path)

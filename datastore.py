@@ -2629,8 +2629,8 @@ def _convert_v1(engine: _Engine, old_dir: str) -> None:
 # fsyncs once, and only then marks the originals free, where they join the
 # free extents around them into one; the moves from the end then bring the
 # copies back down into that space. It stops once fewer blocks are free than
-# one for each key plus one largest record, so a store with little to gain
-# costs one pass over the index, and a record is copied at most twice.
+# a sixteenth of .dat's plus one largest record, so a store with little to
+# gain costs one pass over the index, and a record is copied at most twice.
 
 _SWEEP_BATCH = 1024  # records copied to the end between fsyncs
 
@@ -2696,8 +2696,9 @@ def _settle(engine: _Engine) -> None:
 
 
 def _small_enough(engine: _Engine) -> bool:
-    """Fewer free blocks than one a key and one largest record."""
-    return engine.free.blocks < engine.index.count + engine.largest
+    """Fewer free blocks than a sixteenth of .dat's and one largest record.
+    (One a key, as it was, let a store of 64-byte records stay half free.)"""
+    return engine.free.blocks < _blocks(engine.dat_size) // 16 + engine.largest
 
 
 def _move_down(engine: _Engine, limit: int) -> int:

@@ -1254,6 +1254,20 @@ def test_compaction_leaves_no_free_block_and_keeps_live_data(path):
                                                               "store.lock"]
 
 
+def test_compaction_gives_back_the_room_of_deleted_small_values_too(path):
+    with DataStore(path) as s:
+        for i in range(4000):
+            s.create(f"k{i:04d}", {})  # a block each
+        s._engine._move = lambda limit: 0  # no upkeep: compact() does it all
+        for i in range(0, 4000, 2):
+            s.delete(f"k{i:04d}")
+        before = os.path.getsize(f"{path}.dat")
+        del s._engine._move
+        s.compact()
+        assert os.path.getsize(f"{path}.dat") < 0.55 * before
+        assert len(s) == 2000 and s.read("k3999") == {}
+
+
 @SLOW
 def test_fill_the_default_one_gib_with_16_kib_values(path):
     value = value_of_size(MAX_VALUE_BYTES)
