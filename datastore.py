@@ -2139,10 +2139,18 @@ def _holds_records(engine: _Engine, magic: bytes = _MAGIC, step: int = _BLOCK) -
     """Whether .dat holds any valid record or marker under `magic` at a
     multiple of `step` bytes (for a file whose header is not valid:
     damaged, or not a store's)."""
+    return any(True for _ in _items_at(engine, magic, step))
+
+
+def _items_at(engine: _Engine, magic: bytes, step: int) -> Iterator[tuple[int, _Item]]:
+    """(where it starts in .dat, _parse_item's fields) of each valid record
+    or marker under `magic` at a multiple of `step` bytes, one by one."""
     size = os.fstat(engine.dat).st_size
-    return any(_parse_item(buf, off, magic)
-               for _, buf, starts in _chunks(engine.dat, size, _HEAD.size, step)
-               for off in starts if buf.startswith(magic, off))
+    for first, buf, starts in _chunks(engine.dat, size, _HEAD.size, step):
+        for off in starts:
+            item = _parse_item(buf, off, magic) if buf.startswith(magic, off) else None
+            if item is not None:
+                yield first * _BLOCK + off, item
 
 
 def _recover(engine: _Engine, header: Optional[_Header], listed: Optional[int] = None,
@@ -2464,19 +2472,9 @@ def _written_by_2_or_3(engine: _Engine) -> bool:
     """For a .dat whose header is not valid: whether it holds values of
     versions 2 or 3, and this version's at 512-byte boundaries only, as a
     conversion cut short leaves them (this version writes elsewhere too)."""
-    return (any(True for _ in _value_starts(engine, _OLD_MAGIC, _OLD_BLOCK))
-            and not any(pos % _OLD_BLOCK for pos in _value_starts(engine, _MAGIC, _BLOCK)))
-
-
-def _value_starts(engine: _Engine, magic: bytes, step: int) -> Iterator[int]:
-    """Where in .dat the valid value records under `magic` at multiples of
-    `step` bytes start."""
-    size = os.fstat(engine.dat).st_size
-    for first, buf, starts in _chunks(engine.dat, size, _HEAD.size, step):
-        for off in starts:
-            item = _parse_item(buf, off, magic) if buf.startswith(magic, off) else None
-            if item is not None and item[0] == _VALUE:
-                yield first * _BLOCK + off
+    return (any(item[0] == _VALUE for _, item in _items_at(engine, _OLD_MAGIC, _OLD_BLOCK))
+            and not any(pos % _OLD_BLOCK for pos, item in _items_at(engine, _MAGIC, _BLOCK)
+                        if item[0] == _VALUE))
 
 
 def _upgrade(engine: _Engine) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Optional
 
 from .codec import _LATEST_EXPIRY, MAX_VALUE_BYTES
 from .errors import _damaged, _StoreFull
@@ -28,7 +28,7 @@ from .format import (
     _parse_item, _remove, _slot, _valid_key, _write_at,
 )
 from .index import _hash
-from .recovery import _chunks, _index_found, _scan
+from .recovery import _chunks, _index_found, _items_at, _scan
 
 if TYPE_CHECKING:
     from .engine import _Engine
@@ -47,19 +47,9 @@ def _written_by_2_or_3(engine: _Engine) -> bool:
     """For a .dat whose header is not valid: whether it holds values of
     versions 2 or 3, and this version's at 512-byte boundaries only, as a
     conversion cut short leaves them (this version writes elsewhere too)."""
-    return (any(True for _ in _value_starts(engine, _OLD_MAGIC, _OLD_BLOCK))
-            and not any(pos % _OLD_BLOCK for pos in _value_starts(engine, _MAGIC, _BLOCK)))
-
-
-def _value_starts(engine: _Engine, magic: bytes, step: int) -> Iterator[int]:
-    """Where in .dat the valid value records under `magic` at multiples of
-    `step` bytes start."""
-    size = os.fstat(engine.dat).st_size
-    for first, buf, starts in _chunks(engine.dat, size, _HEAD.size, step):
-        for off in starts:
-            item = _parse_item(buf, off, magic) if buf.startswith(magic, off) else None
-            if item is not None and item[0] == _VALUE:
-                yield first * _BLOCK + off
+    return (any(item[0] == _VALUE for _, item in _items_at(engine, _OLD_MAGIC, _OLD_BLOCK))
+            and not any(pos % _OLD_BLOCK for pos, item in _items_at(engine, _MAGIC, _BLOCK)
+                        if item[0] == _VALUE))
 
 
 def _upgrade(engine: _Engine) -> None:

@@ -44,8 +44,8 @@ from .errors import CorruptStoreError, _damaged, _log, _StoreFull
 from .format import (
     _BLOCK, _BLOCK_BITS, _BLOCK_SHIFT, _CLOSED, _EXP_SHIFT, _FIELDS, _FREE, _HEAD,
     _LATEST_EXPIRY_BITS, _MAGIC, _MAX_BLOCKS, _MAX_KEY_BYTES, _MAX_RECORD, _MAX_SEQ, _SIZE_MASK,
-    _SLOT_MASK, _VALUE, _Header, _blocks, _fsync, _parse_item, _read_at, _slot_block,
-    _slot_size, _valid_key, _valid_keys,
+    _SLOT_MASK, _VALUE, _Header, _Item, _blocks, _fsync, _parse_item, _read_at,
+    _slot_block, _slot_size, _valid_key, _valid_keys,
 )
 from .index import _SPILL_ROOM, _hash
 
@@ -87,10 +87,18 @@ def _holds_records(engine: _Engine, magic: bytes = _MAGIC, step: int = _BLOCK) -
     """Whether .dat holds any valid record or marker under `magic` at a
     multiple of `step` bytes (for a file whose header is not valid:
     damaged, or not a store's)."""
+    return any(True for _ in _items_at(engine, magic, step))
+
+
+def _items_at(engine: _Engine, magic: bytes, step: int) -> Iterator[tuple[int, _Item]]:
+    """(where it starts in .dat, _parse_item's fields) of each valid record
+    or marker under `magic` at a multiple of `step` bytes, one by one."""
     size = os.fstat(engine.dat).st_size
-    return any(_parse_item(buf, off, magic)
-               for _, buf, starts in _chunks(engine.dat, size, _HEAD.size, step)
-               for off in starts if buf.startswith(magic, off))
+    for first, buf, starts in _chunks(engine.dat, size, _HEAD.size, step):
+        for off in starts:
+            item = _parse_item(buf, off, magic) if buf.startswith(magic, off) else None
+            if item is not None:
+                yield first * _BLOCK + off, item
 
 
 def _recover(engine: _Engine, header: Optional[_Header], listed: Optional[int] = None,
