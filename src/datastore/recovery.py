@@ -143,8 +143,9 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     for block, length in losers:
         engine._write_marker(block, length)
     _derive_free(engine, slots, marked)
-    engine.expiries.load(list(compress(exps, exps)),
-                         list(map(and_, compress(slots, exps), repeat(_SLOT_MASK))))
+    expiring = sorted(compress(slots, exps))  # by expiry, then place (see format)
+    engine.expiries.load(list(map(rshift, expiring, repeat(_EXP_SHIFT))),
+                         list(map(and_, expiring, repeat(_SLOT_MASK))), ordered=True)
     def build(room: int) -> None:  # spilling what no page has room for (see index)
         engine.index.build(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK)), room)
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
-from itertools import chain, islice
-from operator import gt
+from itertools import chain, repeat
+from operator import and_, lshift, or_, rshift
 from typing import Iterator, Optional, Sequence
 
-from .format import _MAX_BLOCKS
+from .format import _EXP_SHIFT, _MAX_BLOCKS, _SLOT_MASK
 
 # A free extent's key in _FreeSpace.by_size: its length (up to _MAX_BLOCKS;
 # _LONG for any longer, all of which fit any record) above its start block.
@@ -282,9 +282,10 @@ class _Expiries:
         """Fill an empty instance with keys[i] expiring at exps[i]; `ordered`:
         they are in order already (as a clean close saved them; were they not,
         a pair would not be found, and the store reads .dat again: see engine)."""
-        if not ordered and any(map(gt, zip(exps, keys), islice(zip(exps, keys), 1, None))):
-            pairs = sorted(zip(exps, keys))
-            exps, keys = [exp for exp, _ in pairs], [key for _, key in pairs]
+        if not ordered:  # each pair sorted as one int, as a slot holds them: far
+            slots = sorted(map(or_, map(lshift, exps, repeat(_EXP_SHIFT)), keys))  # faster
+            exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))                  # than tuples
+            keys = list(map(and_, slots, repeat(_SLOT_MASK)))
         for at in range(0, len(exps), self._RUN):
             self.firsts.append((exps[at], keys[at]))
             self.exps.append(array("Q", exps[at:at + self._RUN]))
