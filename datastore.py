@@ -91,13 +91,13 @@ import functools
 import gc
 import glob
 import io
-from itertools import chain, compress, islice, repeat
+from itertools import chain, compress, repeat
 import json
 from json.scanner import make_scanner
 import logging
 import math
 import mmap
-from operator import add, and_, gt, lshift, lt, or_, rshift
+from operator import add, and_, lshift, lt, or_, rshift
 import os
 from pathlib import Path
 import re
@@ -1037,9 +1037,11 @@ class _FreeSpace:
         """The start of a smallest extent of at least `blocks` blocks, or None.
         Raises ValueError if the keys lie more than it sets right in passing
         (a few that do not match the map, in order: see load)."""
+        if self.blocks < blocks:
+            return None
         for _ in range(_LIES):
             key = self.by_size.first_from(blocks << _START_BITS)
-            if key is None or self.blocks < blocks:
+            if key is None:
                 return None
             start, length = key & _START_MASK, self.length_at(key & _START_MASK)
             if length is not None and min(length, _LONG) == key >> _START_BITS:
@@ -1136,9 +1138,10 @@ class _Expiries:
         """Fill an empty instance with keys[i] expiring at exps[i]; `ordered`:
         they are in order already (as a clean close saved them; were they not,
         a pair would not be found, and the store reads .dat again: see engine)."""
-        if not ordered and any(map(gt, zip(exps, keys), islice(zip(exps, keys), 1, None))):
-            pairs = sorted(zip(exps, keys))
-            exps, keys = [exp for exp, _ in pairs], [key for _, key in pairs]
+        if not ordered:  # each pair sorted as one int, as a slot holds them: far
+            slots = sorted(map(or_, map(lshift, exps, repeat(_EXP_SHIFT)), keys))  # faster
+            exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))                  # than tuples
+            keys = list(map(and_, slots, repeat(_SLOT_MASK)))
         for at in range(0, len(exps), self._RUN):
             self.firsts.append((exps[at], keys[at]))
             self.exps.append(array("Q", exps[at:at + self._RUN]))
@@ -2008,7 +2011,10 @@ _SNAPSHOT = struct.Struct(f"<QIIII{_MAX_BLOCKS + 1}I")
 def _snapshot_room(extents: int, expiring: int, spilled: int = 0, blocks: int = 0) -> int:
     """Bytes of the snapshot with so many free extents, expiring records and
     spilled index entries, for a .dat of so many blocks."""
-    return _SNAPSHOT.size + blocks + 8 * extents + 16 * expiring + 12 * spilled
+    return _SNAPSHOT.size + blocks + 8 * extents + _PER_EXPIRY * expiring + _PER_SPILLED * spilled
+
+
+_PER_EXPIRY, _PER_SPILLED = 16, 12  # bytes of the snapshot an expiring record, a spilled entry
 
 
 def _write_snapshot(engine: _Engine) -> None:
@@ -2195,8 +2201,9 @@ def _index_found(engine: _Engine, found: dict[bytes, int], losers: list[tuple[in
     for block, length in losers:
         engine._write_marker(block, length)
     _derive_free(engine, slots, marked)
-    engine.expiries.load(list(compress(exps, exps)),
-                         list(map(and_, compress(slots, exps), repeat(_SLOT_MASK))))
+    expiring = sorted(compress(slots, exps))  # by expiry, then place (see format)
+    engine.expiries.load(list(map(rshift, expiring, repeat(_EXP_SHIFT))),
+                         list(map(and_, expiring, repeat(_SLOT_MASK))), ordered=True)
     def build(room: int) -> None:  # spilling what no page has room for (see index)
         engine.index.build(map(_hash, found), map(and_, slots, repeat(_SLOT_MASK)), room)
 
@@ -2922,6 +2929,7 @@ class _Engine:
         self.largest = 0      # blocks of the largest indexed record
         self.lost = 0         # keys a damaged store had that its scan did not find
         self.moves = 0        # records moved so far (see _put_record)
+        self.credit = 0       # room left at the last count of used(), less writes since
         self.busy = False     # a write is running, or was cut short (see _unit)
         self.changed = True   # written to since open: close() saves .idx (see snapshot)
         self.forked = False   # this is a child's copy, made by fork() (see locks)
@@ -2980,11 +2988,6 @@ class _Engine:
         keys, exps, _ = _indexed_heads(self)
         return [key for key, exp in zip(keys, exps) if not exp or exp > now_bits]
 
-    def items(self) -> list[tuple[bytes, int]]:
-        """(key, slot) of every indexed record, expired or not. O(keys)."""
-        keys, exps, places = _indexed_heads(self)
-        return [(key, place | exp << _EXP_SHIFT) for key, exp, place in zip(keys, exps, places)]
-
     def get(self, key: bytes, now: float) -> Optional[bytes]:
         """The body of key's live record, or None. One read of .dat. (The
         checks are _parse_item's, made here at once.)"""
@@ -3011,11 +3014,6 @@ class _Engine:
         for key, place in zip(keys, places):
             yield key, _value_body(_read_at(self.dat, place & 0xFFFF, (place >> 16) * _BLOCK),
                                    key)
-
-    def stats(self, now: float) -> tuple[int, int, int]:
-        """Keys in the index (expired ones not yet reclaimed included), live
-        keys, and bytes of free space inside .dat. No I/O."""
-        return self.index.count, self.count(now), self.free.blocks * _BLOCK
 
     def used(self) -> int:
         """Bytes the files hold or may need at close: .dat (in whole blocks, so
@@ -3106,11 +3104,10 @@ class _Engine:
         exp = _float_bits(expires_at) if expires_at else 0
 
         def extra(block: int) -> int:
-            """Bytes .idx grows by (a bucket split, or a spilled entry; one
-            more expiry and free extent to save at close), and the room kept
-            for a set(), unless this replaces a record no smaller: that may
-            use the room."""
-            grow = _snapshot_room(0, bool(exp)) - _snapshot_room(0, 0)
+            """Bytes .idx grows by (a bucket split or a spilled entry, an
+            expiry to save at close), and room kept for a set(), unless this
+            replaces a record no smaller: that may use the room."""
+            grow = _PER_EXPIRY if exp else 0
             if spill:
                 grow += self._snapshot_room(0, 1) - self._snapshot_room()
             if old is None:
@@ -3122,13 +3119,18 @@ class _Engine:
             return grow + max(self.largest, blocks) * _BLOCK
 
         moves, spill = self.moves, False
-        try:
-            block = self._allocate(size, extra, now)
-        except _StoreFull:
-            if old is not None or not self.index.split_cost(h):
-                raise
-            spill = True  # no room for the page a split takes: the entry waits beside
-            block = self._allocate(size, extra, now)
+        grow = 0 if old is not None or now is None else (  # the most used() grows by
+            self._growth(size) + (_PER_EXPIRY if exp else 0) + self.index.split_cost(h))
+        if grow and self.credit >= grow + _MAX_BLOCKS * _BLOCK:  # (room for a set() kept)
+            block, self.credit = self._place(size)[0], self.credit - grow  # far from the cap
+        else:
+            try:
+                block = self._allocate(size, extra, now)
+            except _StoreFull:
+                if old is not None or not self.index.split_cost(h):
+                    raise
+                spill = True  # no room for the page a split takes: the entry waits beside
+                block = self._allocate(size, extra, now)
         if old is not None and self.moves != moves:  # making room may have moved it
             old = self.lookup(key)
         if old is None and not spill:
@@ -3170,7 +3172,8 @@ class _Engine:
         for attempt in range(3):
             block, growth = self._place(size)
             needed = growth + extra(block)
-            if self.used() + needed <= self.max_bytes:
+            self.credit = self.max_bytes - self.used() - needed
+            if self.credit >= 0:
                 return block
             if attempt == 0 and now is not None:
                 self._reclaim(now, _RECLAIM_BATCH * 4)
@@ -3327,6 +3330,8 @@ class _Engine:
 
     def _reclaim(self, now: float, limit: int) -> None:
         """Free up to `limit` expired keys' records, earliest first."""
+        if not self.expiries.count:
+            return
         now_bits = _float_bits(now)
         for place in self.expiries.due(now_bits, limit):
             head = _read_at(self.dat, _HEAD.size + _MAX_KEY_BYTES, (place >> 16) * _BLOCK)
@@ -3379,6 +3384,7 @@ class _Engine:
         down until little space is left free (see compaction)."""
         self._check_writable()
         self._reclaim(now, self.index.count)
+        self.credit = 0  # (its copies go to the end of .dat: see compaction)
         _compact(self)
 
     # --- Closing ---
@@ -3776,20 +3782,19 @@ class DataStore:
             engine = self._usable()
             damaged = [key for key, body in engine.records()
                        if body is None or _decode_object(body) is None]
-            keys, live_keys, dead_bytes = engine.stats(self._clock())
-            lost = engine.lost
-            report = {"keys": keys, "live_keys": live_keys, "damaged_records": len(damaged),
-                      "dead_bytes": dead_bytes, "lost_keys": lost}
+            report = {"keys": engine.index.count, "live_keys": engine.count(self._clock()),
+                      "damaged_records": len(damaged),
+                      "dead_bytes": engine.free.blocks * _BLOCK, "lost_keys": engine.lost}
         if damaged:
             raise CorruptStoreError(
                 f"store {self.path} has {len(damaged)} damaged record(s), such as "
                 f"{damaged[0].decode('utf-8', 'replace')!r} ({report}); reading those "
                 "keys raises CorruptStoreError: delete them, or restore a backup",
                 path=self.path)
-        if lost:
+        if report["lost_keys"]:
             raise CorruptStoreError(
                 f"store {self.path} was damaged after it was closed cleanly: opening "
-                f"it lost {lost} key(s) ({report}); restore a backup to get them "
+                f"it lost {report['lost_keys']} key(s) ({report}); restore a backup to get them "
                 "back", path=self.path)
         return report
 

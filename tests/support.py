@@ -275,6 +275,14 @@ def record_body(record):
 
 # --- White-box ---------------------------------------------------------------
 
+def indexed(engine):
+    """(key, slot) of every indexed record, expired or not."""
+    from datastore.recovery import _indexed_heads
+
+    keys, exps, places = _indexed_heads(engine)
+    return [(key, place | exp << 48) for key, exp, place in zip(keys, exps, places)]
+
+
 def assert_files_match_memory(store, trimmed=True):
     """What is on disk is what the engine believes: each indexed key has one
     valid record, the one the index names; no free extent holds a record;
@@ -294,7 +302,7 @@ def assert_files_match_memory(store, trimmed=True):
         item = fmt._parse_item(data, block * fmt._BLOCK)
         if item is not None and item[0] == fmt._VALUE:
             on_disk[block] = item[2]
-    items = engine.items()
+    items = indexed(engine)
     assert len(items) == engine.index.count
     assert on_disk == {fmt._slot_block(slot): key  # (stale: known, to go)
                        for key, slot in items + engine.stale}
@@ -306,3 +314,6 @@ def assert_files_match_memory(store, trimmed=True):
     assert engine.free.blocks == sum(length for _, length in extents)
     assert not trimmed or engine.free.start_before(fmt._blocks(len(data))) is None
     assert files_size(store.path) <= counted_size(store) <= store.max_bytes
+    # The room the engine may still take without adding up what it uses
+    # (see engine._put_record) is never more than what is left
+    assert engine.credit <= store.max_bytes - counted_size(store)

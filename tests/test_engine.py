@@ -25,7 +25,8 @@ from datastore import engine as engine_module
 from datastore import format as fmt
 from datastore.engine import _Engine
 from tests.support import (
-    SLOW, abandon, assert_files_match_memory, counted_size, files_size, fill, live_content,
+    SLOW, abandon, assert_files_match_memory, counted_size, files_size, fill, indexed,
+    live_content,
 )
 
 
@@ -46,11 +47,11 @@ def test_expired_keys_are_reclaimed_a_few_per_call(path, clock):
         put(engine, f"k{i}", {"i": i}, clock(), ttl=10)
     clock.advance(10)
     put(engine, "first", {}, clock())
-    reclaimed = 2000 - sum(key.startswith(b"k") for key, _ in engine.items())
+    reclaimed = 2000 - sum(key.startswith(b"k") for key, _ in indexed(engine))
     assert 0 < reclaimed <= engine_module._RECLAIM_BATCH
     for i in range(2000 // engine_module._RECLAIM_BATCH):
         put(engine, f"more{i}", {}, clock())
-    assert not any(key.startswith(b"k") for key, _ in engine.items())
+    assert not any(key.startswith(b"k") for key, _ in indexed(engine))
     engine.close(clock())
 
 
@@ -100,7 +101,7 @@ def test_set_of_the_record_that_making_room_moves_keeps_the_new_value(path):
     with DataStore(path, max_bytes=MIN_STORE_BYTES) as s:
         count = fill(s, "k", size=100)  # three blocks each; the last one ends .dat
         last = f"k{count - 1:05d}"
-        assert max((slot for _, slot in s._engine.items()),
+        assert max((slot for _, slot in indexed(s._engine)),
                    key=lambda slot: slot & fmt._SLOT_MASK) == s._engine.lookup(last.encode())
         for i in (3, 5, 7, 9):  # three-block holes: room for the last records only
             s.delete(f"k{i:05d}")
@@ -230,7 +231,8 @@ def test_a_durable_record_is_moved_only_after_its_copy_is_fsynced(path, monkeypa
                             calls.append(name) or real(*a))
     engine.compact(clock())
     monkeypatch.undo()
-    assert engine.free.blocks == 0 and {key: engine.get(key, clock()) for key, _ in engine.items()} == {
+    assert engine.free.blocks == 0
+    assert {key: engine.get(key, clock()) for key, _ in indexed(engine)} == {
         b"k%d" % i: b'{"i":%d}' % i for i in range(1, 40, 2)}
     engine.close(clock())
     copies = calls.index("pwrite")
@@ -427,7 +429,7 @@ def test_compact_fsyncs_its_copies_before_it_frees_their_originals(tmp_path, mon
         make_stuck(s, 6)
     with DataStore(path) as s:
         end = s._engine.dat_size
-        originals = {fmt._slot_block(slot) * fmt._BLOCK for _, slot in s._engine.items()}
+        originals = {fmt._slot_block(slot) * fmt._BLOCK for _, slot in indexed(s._engine)}
         real_pwrite, real_fsync, unsynced, checked = os.pwrite, os.fsync, [], []
 
         def pwrite(fd, data, pos):
@@ -548,3 +550,38 @@ def test_an_interrupt_as_the_first_write_cuts_the_old_snapshot_never_passes_for_
     with DataStore(path) as s:
         assert len(s) == 50 and "new" not in s
     assert not caplog.records  # trusted: no scan, no warning of damage
+
+
+def test_creates_far_from_the_cap_skip_the_count_yet_never_take_more_than_is_left(
+        tmp_path, monkeypatch, clock):
+    # A create of a new key far from the cap takes its room out of the
+    # engine's credit instead of adding up used(): here most of them do, and
+    # after every call the credit is still no more than the room left, which
+    # an undercounted append, expiry or bucket split would break.
+    counts, real_used = [0], _Engine.used
+
+    def used(engine):
+        counts[0] += 1
+        return real_used(engine)
+    monkeypatch.setattr(_Engine, "used", used)
+    rng = random.Random(5)
+    with DataStore(tmp_path / "s", max_bytes=1 << 20) as s:
+        s._clock = clock
+        creates = 0
+        for i in range(3000):
+            try:
+                if i % 7 == 0 and len(s):
+                    s.delete(rng.choice(s.keys()))
+                else:
+                    s.create(f"k{i}", {"v": "x" * rng.choice([0, 50, 500, 3000])},
+                             ttl=rng.choice([None, 60]))
+                    creates += 1
+            except StoreFullError:
+                break
+            engine = s._engine
+            assert engine.credit <= engine.max_bytes - real_used(engine)
+        else:
+            pytest.fail("never full")
+        assert counts[0] < creates / 4  # (the count, once per create, would be creates)
+        assert files_size(s.path) <= counted_size(s) <= s.max_bytes
+        assert_files_match_memory(s)

@@ -18,7 +18,9 @@ import pytest
 from datastore import MAX_STORE_BYTES, MAX_VALUE_BYTES, DataStore, recovery
 from datastore import format as fmt
 from datastore.engine import _Engine
-from tests.support import abandon, assert_files_match_memory, counted_size, live_content
+from tests.support import (
+    abandon, assert_files_match_memory, counted_size, indexed, live_content,
+)
 
 
 def test_recovery_counts_what_close_will_write_for_any_key(path):
@@ -73,9 +75,9 @@ def test_recovery_in_bulk_indexes_what_the_rules_for_one_record_accept(path):
         Path(f"{path}.dat").write_bytes(bytes(data))
         expected = one_by_one(bytes(data))
         with DataStore(path) as s:
-            indexed = {key: fmt._slot_block(slot) for key, slot in s._engine.items()}
+            found = {key: fmt._slot_block(slot) for key, slot in indexed(s._engine)}
             assert_files_match_memory(s)
-        assert indexed == expected
+        assert found == expected
         damaged += len(expected) < live
     assert damaged > 10  # most rounds damaged a record that was live
 
@@ -91,7 +93,7 @@ def test_recovery_reads_records_across_chunk_boundaries(path, monkeypatch, caplo
     expected = one_by_one(data)
     caplog.clear()
     with DataStore(path) as s:
-        assert {key: fmt._slot_block(slot) for key, slot in s._engine.items()} == expected
+        assert {key: fmt._slot_block(slot) for key, slot in indexed(s._engine)} == expected
         assert len(s) == 3000 and s.read("k2999") == {"pad": "x" * (2999 % 1300)}
         assert_files_match_memory(s)
     assert "recovered 3000 keys after a crash" in caplog.text
@@ -185,7 +187,7 @@ def test_sequence_numbers_keep_rising_across_reopen_and_recovery(path):
     def highest_on_disk(engine):
         return max(fmt._HEAD.unpack(fmt._read_at(
             engine.dat, fmt._HEAD.size, fmt._slot_block(slot) * fmt._BLOCK))[4]
-            for _, slot in engine.items())
+            for _, slot in indexed(engine))
 
     now = time.time()
     engine = _Engine(str(path), MAX_STORE_BYTES).open()

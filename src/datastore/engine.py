@@ -54,7 +54,7 @@ from .format import (
 from .index import _SPILL_ROOM, _hash, _Index
 from .opening import _open
 from .recovery import _indexed_heads
-from .snapshot import _snapshot_room, _write_snapshot
+from .snapshot import _PER_EXPIRY, _snapshot_room, _write_snapshot
 from .space import _Expiries, _FreeSpace
 
 # Work a single call may do besides its own: expired keys reclaimed after a
@@ -91,6 +91,7 @@ class _Engine:
         self.largest = 0      # blocks of the largest indexed record
         self.lost = 0         # keys a damaged store had that its scan did not find
         self.moves = 0        # records moved so far (see _put_record)
+        self.credit = 0       # room left at the last count of used(), less writes since
         self.busy = False     # a write is running, or was cut short (see _unit)
         self.changed = True   # written to since open: close() saves .idx (see snapshot)
         self.forked = False   # this is a child's copy, made by fork() (see locks)
@@ -149,11 +150,6 @@ class _Engine:
         keys, exps, _ = _indexed_heads(self)
         return [key for key, exp in zip(keys, exps) if not exp or exp > now_bits]
 
-    def items(self) -> list[tuple[bytes, int]]:
-        """(key, slot) of every indexed record, expired or not. O(keys)."""
-        keys, exps, places = _indexed_heads(self)
-        return [(key, place | exp << _EXP_SHIFT) for key, exp, place in zip(keys, exps, places)]
-
     def get(self, key: bytes, now: float) -> Optional[bytes]:
         """The body of key's live record, or None. One read of .dat. (The
         checks are _parse_item's, made here at once.)"""
@@ -180,11 +176,6 @@ class _Engine:
         for key, place in zip(keys, places):
             yield key, _value_body(_read_at(self.dat, place & 0xFFFF, (place >> 16) * _BLOCK),
                                    key)
-
-    def stats(self, now: float) -> tuple[int, int, int]:
-        """Keys in the index (expired ones not yet reclaimed included), live
-        keys, and bytes of free space inside .dat. No I/O."""
-        return self.index.count, self.count(now), self.free.blocks * _BLOCK
 
     def used(self) -> int:
         """Bytes the files hold or may need at close: .dat (in whole blocks, so
@@ -275,11 +266,10 @@ class _Engine:
         exp = _float_bits(expires_at) if expires_at else 0
 
         def extra(block: int) -> int:
-            """Bytes .idx grows by (a bucket split, or a spilled entry; one
-            more expiry and free extent to save at close), and the room kept
-            for a set(), unless this replaces a record no smaller: that may
-            use the room."""
-            grow = _snapshot_room(0, bool(exp)) - _snapshot_room(0, 0)
+            """Bytes .idx grows by (a bucket split or a spilled entry, an
+            expiry to save at close), and room kept for a set(), unless this
+            replaces a record no smaller: that may use the room."""
+            grow = _PER_EXPIRY if exp else 0
             if spill:
                 grow += self._snapshot_room(0, 1) - self._snapshot_room()
             if old is None:
@@ -291,13 +281,18 @@ class _Engine:
             return grow + max(self.largest, blocks) * _BLOCK
 
         moves, spill = self.moves, False
-        try:
-            block = self._allocate(size, extra, now)
-        except _StoreFull:
-            if old is not None or not self.index.split_cost(h):
-                raise
-            spill = True  # no room for the page a split takes: the entry waits beside
-            block = self._allocate(size, extra, now)
+        grow = 0 if old is not None or now is None else (  # the most used() grows by
+            self._growth(size) + (_PER_EXPIRY if exp else 0) + self.index.split_cost(h))
+        if grow and self.credit >= grow + _MAX_BLOCKS * _BLOCK:  # (room for a set() kept)
+            block, self.credit = self._place(size)[0], self.credit - grow  # far from the cap
+        else:
+            try:
+                block = self._allocate(size, extra, now)
+            except _StoreFull:
+                if old is not None or not self.index.split_cost(h):
+                    raise
+                spill = True  # no room for the page a split takes: the entry waits beside
+                block = self._allocate(size, extra, now)
         if old is not None and self.moves != moves:  # making room may have moved it
             old = self.lookup(key)
         if old is None and not spill:
@@ -339,7 +334,8 @@ class _Engine:
         for attempt in range(3):
             block, growth = self._place(size)
             needed = growth + extra(block)
-            if self.used() + needed <= self.max_bytes:
+            self.credit = self.max_bytes - self.used() - needed
+            if self.credit >= 0:
                 return block
             if attempt == 0 and now is not None:
                 self._reclaim(now, _RECLAIM_BATCH * 4)
@@ -496,6 +492,8 @@ class _Engine:
 
     def _reclaim(self, now: float, limit: int) -> None:
         """Free up to `limit` expired keys' records, earliest first."""
+        if not self.expiries.count:
+            return
         now_bits = _float_bits(now)
         for place in self.expiries.due(now_bits, limit):
             head = _read_at(self.dat, _HEAD.size + _MAX_KEY_BYTES, (place >> 16) * _BLOCK)
@@ -548,6 +546,7 @@ class _Engine:
         down until little space is left free (see compaction)."""
         self._check_writable()
         self._reclaim(now, self.index.count)
+        self.credit = 0  # (its copies go to the end of .dat: see compaction)
         _compact(self)
 
     # --- Closing ---

@@ -49,7 +49,10 @@ _SNAPSHOT = struct.Struct(f"<QIIII{_MAX_BLOCKS + 1}I")
 def _snapshot_room(extents: int, expiring: int, spilled: int = 0, blocks: int = 0) -> int:
     """Bytes of the snapshot with so many free extents, expiring records and
     spilled index entries, for a .dat of so many blocks."""
-    return _SNAPSHOT.size + blocks + 8 * extents + 16 * expiring + 12 * spilled
+    return _SNAPSHOT.size + blocks + 8 * extents + _PER_EXPIRY * expiring + _PER_SPILLED * spilled
+
+
+_PER_EXPIRY, _PER_SPILLED = 16, 12  # bytes of the snapshot an expiring record, a spilled entry
 
 
 def _write_snapshot(engine: _Engine) -> None:

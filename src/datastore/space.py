@@ -183,9 +183,11 @@ class _FreeSpace:
         """The start of a smallest extent of at least `blocks` blocks, or None.
         Raises ValueError if the keys lie more than it sets right in passing
         (a few that do not match the map, in order: see load)."""
+        if self.blocks < blocks:
+            return None
         for _ in range(_LIES):
             key = self.by_size.first_from(blocks << _START_BITS)
-            if key is None or self.blocks < blocks:
+            if key is None:
                 return None
             start, length = key & _START_MASK, self.length_at(key & _START_MASK)
             if length is not None and min(length, _LONG) == key >> _START_BITS:

@@ -26,7 +26,7 @@ from .errors import (
     KeyExistsError, KeyNotFoundError, StoreClosedError, StoreForkedError,
     StoreFullError, StoreLockedError, _Locked, _log, _StoreFull,
 )
-from .format import _LARGEST_STORE
+from .format import _BLOCK, _LARGEST_STORE
 from .locks import (
     _close_unlocked, _finalize, _hold_data_file, _release, _reserve, _unreserve,
 )
@@ -370,20 +370,19 @@ class DataStore:
             engine = self._usable()
             damaged = [key for key, body in engine.records()
                        if body is None or _decode_object(body) is None]
-            keys, live_keys, dead_bytes = engine.stats(self._clock())
-            lost = engine.lost
-            report = {"keys": keys, "live_keys": live_keys, "damaged_records": len(damaged),
-                      "dead_bytes": dead_bytes, "lost_keys": lost}
+            report = {"keys": engine.index.count, "live_keys": engine.count(self._clock()),
+                      "damaged_records": len(damaged),
+                      "dead_bytes": engine.free.blocks * _BLOCK, "lost_keys": engine.lost}
         if damaged:
             raise CorruptStoreError(
                 f"store {self.path} has {len(damaged)} damaged record(s), such as "
                 f"{damaged[0].decode('utf-8', 'replace')!r} ({report}); reading those "
                 "keys raises CorruptStoreError: delete them, or restore a backup",
                 path=self.path)
-        if lost:
+        if report["lost_keys"]:
             raise CorruptStoreError(
                 f"store {self.path} was damaged after it was closed cleanly: opening "
-                f"it lost {lost} key(s) ({report}); restore a backup to get them "
+                f"it lost {report['lost_keys']} key(s) ({report}); restore a backup to get them "
                 "back", path=self.path)
         return report
 
