@@ -86,6 +86,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections import Counter, deque
 import contextlib
+from contextlib import suppress
 import errno
 import functools
 import gc
@@ -2930,6 +2931,7 @@ class _Engine:
         self.lost = 0         # keys a damaged store had that its scan did not find
         self.moves = 0        # records moved so far (see _put_record)
         self.credit = 0       # room left at the last count of used(), less writes since
+                              # (0 until the first: an open may be over the cap)
         self.busy = False     # a write is running, or was cut short (see _unit)
         self.changed = True   # written to since open: close() saves .idx (see snapshot)
         self.forked = False   # this is a child's copy, made by fork() (see locks)
@@ -3118,11 +3120,13 @@ class _Engine:
                 return grow
             return grow + max(self.largest, blocks) * _BLOCK
 
-        moves, spill = self.moves, False
-        grow = 0 if old is not None or now is None else (  # the most used() grows by
-            self._growth(size) + (_PER_EXPIRY if exp else 0) + self.index.split_cost(h))
-        if grow and self.credit >= grow + _MAX_BLOCKS * _BLOCK:  # (room for a set() kept)
-            block, self.credit = self._place(size)[0], self.credit - grow  # far from the cap
+        moves, spill, far = self.moves, False, False
+        if old is None and now is not None:  # a new key, far from the cap: no need to add
+            block, grow = self._place(size)  # up used(), which grows by `grow` (see credit)
+            grow += (_PER_EXPIRY if exp else 0) + self.index.split_cost(h)
+            far = self.credit >= grow + _MAX_BLOCKS * _BLOCK  # (room for a set() kept)
+        if far:
+            self.credit -= grow
         else:
             try:
                 block = self._allocate(size, extra, now)
@@ -3156,8 +3160,7 @@ class _Engine:
     def _count(self, blocks: int, change: int) -> None:
         """Count an indexed record of `blocks` blocks in (1) or out (-1)."""
         self.by_blocks[blocks] += change
-        if change > 0:
-            self.largest = max(self.largest, blocks)
+        self.largest = max(self.largest, blocks) if change > 0 else self.largest
         while self.largest and not self.by_blocks[self.largest]:
             self.largest -= 1
 
@@ -3429,10 +3432,8 @@ class _Engine:
 
     def _try(self, action: Any, *args: Any) -> None:
         """Best effort, on a path that is already failing."""
-        try:
+        with suppress(OSError):
             action(*args)
-        except OSError:
-            pass
 
 
 # --- store.py ----------------------------------------------------------------

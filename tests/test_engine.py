@@ -585,3 +585,35 @@ def test_creates_far_from_the_cap_skip_the_count_yet_never_take_more_than_is_lef
         assert counts[0] < creates / 4  # (the count, once per create, would be creates)
         assert files_size(s.path) <= counted_size(s) <= s.max_bytes
         assert_files_match_memory(s)
+
+
+def test_a_create_far_from_the_cap_takes_from_the_credit_exactly_what_it_adds(tmp_path):
+    # After one create that counts used(), the credit is the room left less
+    # the block kept for a set() of the largest record; each create after it
+    # takes exactly what it adds (its block and a byte of the free map, its
+    # expiry, the pages of a bucket split), so that stays true, split or not.
+    with DataStore(tmp_path / "s", max_bytes=1 << 20) as s:
+        s.create("k0", {}, ttl=60)
+        engine, pages = s._engine, s._engine.index.pages
+        for i in range(1, 2000):
+            s.create(f"k{i}", {}, ttl=60)
+            assert engine.credit == engine.max_bytes - engine.used() - fmt._BLOCK
+        assert engine.index.pages > pages + 3  # (buckets split on the way)
+
+
+def test_creates_keep_room_for_a_set_of_the_largest_value_until_the_store_is_full(tmp_path):
+    # Values growing to the largest a store takes, created until it is full:
+    # after each, the room kept for a set() of the largest is still free (a
+    # create far from the cap, counting only what it adds, could take it),
+    # and at the end that set works.
+    with DataStore(tmp_path / "s", max_bytes=1 << 20) as s:
+        engine = s._engine
+        for i in itertools.count():
+            value = {"v": "x" * min(200 * i, codec.MAX_VALUE_BYTES - 8)}
+            try:
+                s.create(f"k{i}", value)
+            except StoreFullError:
+                break
+            assert engine.max_bytes - engine.used() >= engine.largest * fmt._BLOCK
+        s.set(f"k{i - 1}", {"v": "y" * len(value["v"])})
+        assert s.read(f"k{i - 1}")["v"][0] == "y"
