@@ -2791,6 +2791,7 @@ def test_benchmark_runs_and_skips_missing_peers_with_a_hint(peers):
     assert "| DataStore |" in result.stdout and "| shelve (dbm.dumb) |" in result.stdout
     assert "| floor (pure Python) |" in result.stdout and "| sqlite3 |" in result.stdout
     assert "DataStore / the pure-Python floor at 300 keys: create" in result.stdout
+    assert "DataStore / sqlite3 at 300 keys, as issue 16 asks besides: create" in result.stdout
     assert "300 keys against 100" in result.stdout
     if peers == "missing":
         assert "skipping diskcache: python -m pip install diskcache" in result.stderr
