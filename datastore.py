@@ -1139,9 +1139,9 @@ class _Expiries:
         """Fill an empty instance with keys[i] expiring at exps[i]; `ordered`:
         they are in order already (as a clean close saved them; were they not,
         a pair would not be found, and the store reads .dat again: see engine)."""
-        if not ordered:  # each pair sorted as one int, as a slot holds them: far
-            slots = sorted(map(or_, map(lshift, exps, repeat(_EXP_SHIFT)), keys))  # faster
-            exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))                  # than tuples
+        if not ordered:  # sorted as ints, exp << 48 | place as in a slot: far faster than tuples
+            slots = sorted(map(or_, map(lshift, exps, repeat(_EXP_SHIFT)), keys))
+            exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))
             keys = list(map(and_, slots, repeat(_SLOT_MASK)))
         for at in range(0, len(exps), self._RUN):
             self.firsts.append((exps[at], keys[at]))
@@ -2007,15 +2007,13 @@ def _finalize(mutex: threading.Lock, engine: _Engine, lock: Any, pid: int) -> No
 # damage, and is refused.
 
 _SNAPSHOT = struct.Struct(f"<QIIII{_MAX_BLOCKS + 1}I")
+_PER_EXPIRY = 16  # bytes of the snapshot an expiring record takes
 
 
 def _snapshot_room(extents: int, expiring: int, spilled: int = 0, blocks: int = 0) -> int:
     """Bytes of the snapshot with so many free extents, expiring records and
     spilled index entries, for a .dat of so many blocks."""
-    return _SNAPSHOT.size + blocks + 8 * extents + _PER_EXPIRY * expiring + _PER_SPILLED * spilled
-
-
-_PER_EXPIRY, _PER_SPILLED = 16, 12  # bytes of the snapshot an expiring record, a spilled entry
+    return _SNAPSHOT.size + blocks + 8 * extents + _PER_EXPIRY * expiring + 12 * spilled
 
 
 def _write_snapshot(engine: _Engine) -> None:
@@ -2930,8 +2928,7 @@ class _Engine:
         self.largest = 0      # blocks of the largest indexed record
         self.lost = 0         # keys a damaged store had that its scan did not find
         self.moves = 0        # records moved so far (see _put_record)
-        self.credit = 0       # room left at the last count of used(), less writes since
-                              # (0 until the first: an open may be over the cap)
+        self.credit = 0       # room at the last count of used(), less writes since (0: none)
         self.busy = False     # a write is running, or was cut short (see _unit)
         self.changed = True   # written to since open: close() saves .idx (see snapshot)
         self.forked = False   # this is a child's copy, made by fork() (see locks)
@@ -3160,7 +3157,8 @@ class _Engine:
     def _count(self, blocks: int, change: int) -> None:
         """Count an indexed record of `blocks` blocks in (1) or out (-1)."""
         self.by_blocks[blocks] += change
-        self.largest = max(self.largest, blocks) if change > 0 else self.largest
+        if change > 0:
+            self.largest = max(self.largest, blocks)
         while self.largest and not self.by_blocks[self.largest]:
             self.largest -= 1
 

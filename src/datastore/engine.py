@@ -92,8 +92,7 @@ class _Engine:
         self.largest = 0      # blocks of the largest indexed record
         self.lost = 0         # keys a damaged store had that its scan did not find
         self.moves = 0        # records moved so far (see _put_record)
-        self.credit = 0       # room left at the last count of used(), less writes since
-                              # (0 until the first: an open may be over the cap)
+        self.credit = 0       # room at the last count of used(), less writes since (0: none)
         self.busy = False     # a write is running, or was cut short (see _unit)
         self.changed = True   # written to since open: close() saves .idx (see snapshot)
         self.forked = False   # this is a child's copy, made by fork() (see locks)
@@ -322,7 +321,8 @@ class _Engine:
     def _count(self, blocks: int, change: int) -> None:
         """Count an indexed record of `blocks` blocks in (1) or out (-1)."""
         self.by_blocks[blocks] += change
-        self.largest = max(self.largest, blocks) if change > 0 else self.largest
+        if change > 0:
+            self.largest = max(self.largest, blocks)
         while self.largest and not self.by_blocks[self.largest]:
             self.largest -= 1
 

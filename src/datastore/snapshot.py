@@ -44,15 +44,13 @@ if TYPE_CHECKING:
     from .engine import _Engine
 
 _SNAPSHOT = struct.Struct(f"<QIIII{_MAX_BLOCKS + 1}I")
+_PER_EXPIRY = 16  # bytes of the snapshot an expiring record takes
 
 
 def _snapshot_room(extents: int, expiring: int, spilled: int = 0, blocks: int = 0) -> int:
     """Bytes of the snapshot with so many free extents, expiring records and
     spilled index entries, for a .dat of so many blocks."""
-    return _SNAPSHOT.size + blocks + 8 * extents + _PER_EXPIRY * expiring + _PER_SPILLED * spilled
-
-
-_PER_EXPIRY, _PER_SPILLED = 16, 12  # bytes of the snapshot an expiring record, a spilled entry
+    return _SNAPSHOT.size + blocks + 8 * extents + _PER_EXPIRY * expiring + 12 * spilled
 
 
 def _write_snapshot(engine: _Engine) -> None:

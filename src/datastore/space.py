@@ -284,9 +284,9 @@ class _Expiries:
         """Fill an empty instance with keys[i] expiring at exps[i]; `ordered`:
         they are in order already (as a clean close saved them; were they not,
         a pair would not be found, and the store reads .dat again: see engine)."""
-        if not ordered:  # each pair sorted as one int, as a slot holds them: far
-            slots = sorted(map(or_, map(lshift, exps, repeat(_EXP_SHIFT)), keys))  # faster
-            exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))                  # than tuples
+        if not ordered:  # sorted as ints, exp << 48 | place as in a slot: far faster than tuples
+            slots = sorted(map(or_, map(lshift, exps, repeat(_EXP_SHIFT)), keys))
+            exps = list(map(rshift, slots, repeat(_EXP_SHIFT)))
             keys = list(map(and_, slots, repeat(_SLOT_MASK)))
         for at in range(0, len(exps), self._RUN):
             self.firsts.append((exps[at], keys[at]))
