@@ -1712,7 +1712,12 @@ class _Index:
         if local == _FULL_DEPTH:
             raise _StoreFull(_PAGE, 0, _crowded())
         new = self.pages
-        _write_at(self.fd, bytes(_PAGE), new * _PAGE)  # blocks, before the map uses them
+        try:
+            _write_at(self.fd, bytes(_PAGE), new * _PAGE)  # blocks, before the map uses them
+        except OSError:  # (a disk filling part-way): what nothing counts goes
+            with suppress(OSError):
+                os.ftruncate(self.fd, new * _PAGE)
+            raise
         try:
             self._unmap()
             self.pages += 1

@@ -186,6 +186,30 @@ def test_a_split_whose_write_fails_leaves_the_index_as_it_was(index, monkeypatch
     assert_holds(index, model)
 
 
+def test_a_split_whose_page_is_written_part_way_leaves_the_file_as_it_was(index, monkeypatch):
+    # The disk fills half-way through the new page: what was written of it
+    # is cut away, as nothing counts it against max_bytes.
+    model = defaultdict(list)
+    h = 0
+    while index.split_cost(h) == 0:
+        add(index, model, h, h + 1)
+        h += 2 ** 20 + 1
+    size, real_pwrite = os.fstat(index.fd).st_size, os.pwrite
+
+    def half_then_full(fd, data, pos):
+        if len(data) < 2:
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, bytes(data)[:len(data) // 2], pos)
+    monkeypatch.setattr(os, "pwrite", half_then_full)
+    with pytest.raises(OSError):
+        index.make_room(h)
+    monkeypatch.undo()
+    assert os.fstat(index.fd).st_size == size == index.pages * idx._PAGE
+    assert_holds(index, model)
+    add(index, model, h, h + 1)
+    assert_holds(index, model)
+
+
 def test_a_file_larger_than_the_cap_is_not_read(index, monkeypatch):
     for place in range(1, 100):
         index.make_room(place << 20)

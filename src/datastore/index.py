@@ -64,6 +64,7 @@ import zlib
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import deque
+from contextlib import suppress
 from itertools import repeat
 from operator import and_, lshift, or_, rshift
 from typing import Any, Iterable, Optional
@@ -512,7 +513,12 @@ class _Index:
         if local == _FULL_DEPTH:
             raise _StoreFull(_PAGE, 0, _crowded())
         new = self.pages
-        _write_at(self.fd, bytes(_PAGE), new * _PAGE)  # blocks, before the map uses them
+        try:
+            _write_at(self.fd, bytes(_PAGE), new * _PAGE)  # blocks, before the map uses them
+        except OSError:  # (a disk filling part-way): what nothing counts goes
+            with suppress(OSError):
+                os.ftruncate(self.fd, new * _PAGE)
+            raise
         try:
             self._unmap()
             self.pages += 1
